@@ -1,0 +1,481 @@
+//! Typed configuration for every Sluice component.
+//!
+//! Layers, later wins: built-in defaults → an optional TOML file → environment
+//! variables `SLUICE__SECTION__KEY` (double underscores separate the path;
+//! a number indexes a list, as in `SLUICE__POOLS__0__BASE_URL`). Unknown keys
+//! are refused, and [`Config::validate`] checks what types cannot. A bad
+//! config is a [`ConfigError`] that names the key; binaries exit with code 64.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+/// Exit code for a bad configuration (`EX_CONFIG` is 78; linkerd and the
+/// BSD `sysexits.h` use 64, `EX_USAGE`, for "the invocation is wrong").
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+impl ConfigError {
+    fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Key { key: key.into(), message: message.into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub database: DatabaseConfig,
+    pub ingress: IngressConfig,
+    pub worker: WorkerConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+    /// Model aliases that clients name in `model`, each served by one upstream.
+    pub pools: Vec<PoolConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    pub url: String,
+    /// Name of the work-queue stream holding jobs.
+    pub jobs_stream: String,
+    /// Name of the stream holding job outcome events for the ledger.
+    pub events_stream: String,
+    /// Stream replicas: 1 in development, 3 in production.
+    pub replicas: usize,
+    /// Upper bound on queued jobs; a submit beyond it is refused with 429.
+    pub max_queued_jobs: i64,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate.
+    pub dedup_window_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Timeout of a JetStream API call or publish acknowledgement.
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: Secret,
+    pub max_connections: u32,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngressConfig {
+    pub listen: SocketAddr,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// How long a synchronous request waits for its answer before 504.
+    pub sync_timeout_ms: u64,
+    /// Synchronous requests waiting at once in one ingress; beyond it, 429.
+    pub max_in_flight: usize,
+    /// How often the API-key cache is reloaded from Postgres; a revoked key
+    /// stops working within this bound.
+    pub auth_refresh_ms: u64,
+    /// Time given to in-flight requests after SIGTERM.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Address of the worker's `/healthz`, `/readyz` and `/metrics`.
+    pub ops_listen: SocketAddr,
+    /// Jobs executed at once by one worker process.
+    pub max_in_flight: usize,
+    /// Name of the durable pull consumer shared by all workers.
+    pub consumer: String,
+    /// JetStream ack wait: a job held this long without an ack or an
+    /// in-progress signal is redelivered to another worker.
+    pub ack_wait_ms: u64,
+    /// Deliveries of one job before it is failed (first try included).
+    pub max_attempts: u32,
+    /// Exponential backoff with jitter between attempts: first delay and cap.
+    pub retry_min_delay_ms: u64,
+    pub retry_max_delay_ms: u64,
+    /// How long one pull request waits on the server for jobs.
+    pub fetch_expires_ms: u64,
+    /// Time given to in-flight calls after SIGTERM.
+    pub shutdown_grace_ms: u64,
+    /// Ledger: most events written to Postgres in one statement.
+    pub ledger_batch: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub connect_timeout_ms: u64,
+    /// Whole-call timeout of one upstream request.
+    pub request_timeout_ms: u64,
+    /// Time allowed until the upstream's response headers arrive.
+    pub response_header_timeout_ms: u64,
+    /// Idle keep-alive connections kept per upstream host.
+    pub pool_max_idle_per_host: usize,
+    pub pool_idle_timeout_ms: u64,
+    pub tcp_keepalive_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `sluice_worker=debug,info`.
+    pub filter: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// OpenAI's API or any compatible server (vLLM, Ollama, the mock provider).
+    Openai,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The model name clients send.
+    pub name: String,
+    #[serde(default = "default_provider")]
+    pub provider: ProviderKind,
+    /// Base URL up to and including `/v1`, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Model name sent upstream; defaults to the pool name.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The upstream API key itself (prefer `api_key_env`).
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// Name of an environment variable holding the upstream API key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+}
+
+fn default_provider() -> ProviderKind {
+    ProviderKind::Openai
+}
+
+impl PoolConfig {
+    pub fn upstream_model(&self) -> &str {
+        self.model.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Subject token for this pool: NATS tokens may not hold `.`, `*`, `>`
+    /// or whitespace, which model names such as `gpt-4.1` do.
+    pub fn subject_token(&self) -> String {
+        crate::envelope::subject_token(&self.name)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats: NatsConfig::default(),
+            database: DatabaseConfig::default(),
+            ingress: IngressConfig::default(),
+            worker: WorkerConfig::default(),
+            upstream: UpstreamConfig::default(),
+            log: LogConfig::default(),
+            pools: Vec::new(),
+        }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            jobs_stream: "JOBS".into(),
+            events_stream: "EVENTS".into(),
+            replicas: 1,
+            max_queued_jobs: 1_000_000,
+            dedup_window_ms: 120_000,
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("postgres://sluice@127.0.0.1:5432/sluice"),
+            max_connections: 8,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 1024 * 1024,
+            sync_timeout_ms: 120_000,
+            max_in_flight: 10_000,
+            auth_refresh_ms: 5_000,
+            shutdown_grace_ms: 25_000,
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            max_in_flight: 256,
+            consumer: "workers".into(),
+            ack_wait_ms: 30_000,
+            max_attempts: 4,
+            retry_min_delay_ms: 200,
+            retry_max_delay_ms: 10_000,
+            fetch_expires_ms: 5_000,
+            shutdown_grace_ms: 25_000,
+            ledger_batch: 500,
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 120_000,
+            response_header_timeout_ms: 30_000,
+            pool_max_idle_per_host: 512,
+            pool_idle_timeout_ms: 90_000,
+            tcp_keepalive_ms: 30_000,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { filter: "info".into(), format: "text".into() }
+    }
+}
+
+pub fn ms(value: u64) -> Duration {
+    Duration::from_millis(value)
+}
+
+impl Config {
+    /// Loads defaults, then `file` if given, then the `SLUICE__…` entries of
+    /// `env`, and validates the result. Tests pass their own `env` instead of
+    /// calling `set_var`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut root = toml::Table::new();
+        if let Some(path) = file {
+            let shown = path.display().to_string();
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+            root = text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Parse { path: shown, message: e.message().to_owned() })?;
+        }
+        for (name, value) in env {
+            let Some(path) = name.strip_prefix("SLUICE__") else { continue };
+            let segments: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+            set_path(&mut root, &segments, env_value(&value))
+                .map_err(|message| ConfigError::key(name.clone(), message))?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(root))
+            .map_err(|e| ConfigError::key(e.path().to_string(), e.inner().message().to_owned()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules that types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("nats.connect_timeout_ms", self.nats.connect_timeout_ms),
+            ("nats.request_timeout_ms", self.nats.request_timeout_ms),
+            ("ingress.sync_timeout_ms", self.ingress.sync_timeout_ms),
+            ("ingress.max_body_bytes", self.ingress.max_body_bytes as u64),
+            ("ingress.max_in_flight", self.ingress.max_in_flight as u64),
+            ("ingress.auth_refresh_ms", self.ingress.auth_refresh_ms),
+            ("worker.max_in_flight", self.worker.max_in_flight as u64),
+            ("worker.ack_wait_ms", self.worker.ack_wait_ms),
+            ("worker.max_attempts", u64::from(self.worker.max_attempts)),
+            ("worker.fetch_expires_ms", self.worker.fetch_expires_ms),
+            ("worker.ledger_batch", self.worker.ledger_batch as u64),
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            ("upstream.request_timeout_ms", self.upstream.request_timeout_ms),
+            ("upstream.response_header_timeout_ms", self.upstream.response_header_timeout_ms),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::key(key, "must be greater than zero"));
+            }
+        }
+        if self.worker.ack_wait_ms < 1_000 {
+            return Err(ConfigError::key("worker.ack_wait_ms", "must be at least 1000"));
+        }
+        if self.worker.retry_min_delay_ms > self.worker.retry_max_delay_ms {
+            return Err(ConfigError::key(
+                "worker.retry_min_delay_ms",
+                "must not exceed worker.retry_max_delay_ms",
+            ));
+        }
+        if !matches!(self.nats.replicas, 1 | 3 | 5) {
+            return Err(ConfigError::key("nats.replicas", "must be 1, 3 or 5"));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::key("log.format", "must be `text` or `json`"));
+        }
+        for name in [&self.nats.jobs_stream, &self.nats.events_stream, &self.worker.consumer] {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(ConfigError::key(
+                    "nats.jobs_stream / nats.events_stream / worker.consumer",
+                    "names may hold only letters, digits, `_` and `-`",
+                ));
+            }
+        }
+        let mut tokens = std::collections::HashSet::new();
+        for (i, pool) in self.pools.iter().enumerate() {
+            let key = |field: &str| format!("pools[{i}].{field}");
+            if pool.name.is_empty() || pool.name.len() > 128 {
+                return Err(ConfigError::key(key("name"), "must be 1 to 128 characters"));
+            }
+            if !tokens.insert(pool.subject_token()) {
+                return Err(ConfigError::key(key("name"), "collides with another pool's name"));
+            }
+            if !(pool.base_url.starts_with("http://") || pool.base_url.starts_with("https://")) {
+                return Err(ConfigError::key(key("base_url"), "must start with http:// or https://"));
+            }
+            if pool.api_key.is_some() && pool.api_key_env.is_some() {
+                return Err(ConfigError::key(key("api_key"), "set api_key or api_key_env, not both"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+/// An env value as TOML would read it (`42`, `true`, `1.5`), else a string.
+fn env_value(raw: &str) -> toml::Value {
+    if let Ok(v) = raw.parse::<i64>() {
+        return toml::Value::Integer(v);
+    }
+    if let Ok(v) = raw.parse::<bool>() {
+        return toml::Value::Boolean(v);
+    }
+    if let Ok(v) = raw.parse::<f64>() {
+        if raw.contains('.') {
+            return toml::Value::Float(v);
+        }
+    }
+    toml::Value::String(raw.to_owned())
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((head, rest)) = path.split_first() else {
+        return Err("empty key".into());
+    };
+    if rest.is_empty() {
+        table.insert(head.clone(), value);
+        return Ok(());
+    }
+    let slot = table.entry(head.clone()).or_insert_with(|| {
+        if rest[0].parse::<usize>().is_ok() {
+            toml::Value::Array(Vec::new())
+        } else {
+            toml::Value::Table(toml::Table::new())
+        }
+    });
+    set_in_value(slot, rest, value)
+}
+
+fn set_in_value(slot: &mut toml::Value, path: &[String], value: toml::Value) -> Result<(), String> {
+    match slot {
+        toml::Value::Table(t) => set_path(t, path, value),
+        toml::Value::Array(items) => {
+            let index: usize = path[0].parse().map_err(|_| format!("`{}` is not a list index", path[0]))?;
+            if index > items.len() {
+                return Err(format!("list index {index} skips entries (list has {})", items.len()));
+            }
+            if index == items.len() {
+                items.push(toml::Value::Table(toml::Table::new()));
+            }
+            let rest = &path[1..];
+            if rest.is_empty() {
+                items[index] = value;
+                return Ok(());
+            }
+            set_in_value(&mut items[index], rest, value)
+        }
+        _ => Err("a plain value cannot hold nested keys".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn env_overrides_nested_keys_and_list_entries() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("SLUICE__INGRESS__SYNC_TIMEOUT_MS", "1500"),
+                ("SLUICE__POOLS__0__NAME", "gpt-4.1"),
+                ("SLUICE__POOLS__0__BASE_URL", "http://127.0.0.1:9/v1"),
+                ("OTHER", "ignored"),
+            ]),
+        );
+        let c = match c {
+            Ok(c) => c,
+            Err(e) => unreachable!("config should load: {e}"),
+        };
+        assert_eq!(c.ingress.sync_timeout_ms, 1500);
+        assert_eq!(c.pools[0].name, "gpt-4.1");
+        assert_eq!(c.pools[0].subject_token(), "gpt-4_1");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::load(None, env(&[("SLUICE__INGRESS__LISTEN_ADDR", "x")]));
+        let msg = err.map(|_| ()).unwrap_err().to_string();
+        assert!(msg.contains("ingress"), "{msg}");
+        assert!(msg.contains("listen_addr"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = Config::load(None, env(&[("SLUICE__WORKER__MAX_IN_FLIGHT", "many")]));
+        let msg = err.map(|_| ()).unwrap_err().to_string();
+        assert!(msg.contains("worker.max_in_flight"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_value_is_named() {
+        let err = Config::load(None, env(&[("SLUICE__WORKER__ACK_WAIT_MS", "10")]));
+        let msg = err.map(|_| ()).unwrap_err().to_string();
+        assert!(msg.contains("worker.ack_wait_ms"), "{msg}");
+    }
+}

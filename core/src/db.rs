@@ -1,0 +1,184 @@
+//! Postgres: the pool, the embedded migrations, tenants and API keys.
+//!
+//! API keys are random 192-bit tokens shown once at creation; only their
+//! SHA-256 digest is stored. A slow password hash would add nothing for keys
+//! of that entropy, and a digest lets the ingress look a key up in memory.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Row, SqlSafeStr};
+use uuid::Uuid;
+
+use crate::config::DatabaseConfig;
+
+/// Prefix of every Sluice API key, so that secret scanners can find leaked ones.
+pub const KEY_PREFIX: &str = "sk-sluice-";
+
+/// The files of `migrations/`, embedded so the binaries carry their schema.
+/// `migration_list_matches_directory` keeps this list honest.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "tenants keys jobs",
+    include_str!("../../migrations/0001_tenants_keys_jobs.sql"),
+)];
+
+pub type KeyDigest = [u8; 32];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("no tenant named {0}")]
+    NoTenant(String),
+    #[error("random source failed: {0}")]
+    Random(String),
+}
+
+pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, DbError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_millis(config.connect_timeout_ms))
+        .connect(config.url.expose())
+        .await?;
+    Ok(pool)
+}
+
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    let migrations = MIGRATIONS
+        .iter()
+        .map(|(version, description, sql)| {
+            Migration::new(*version, Cow::Borrowed(*description), MigrationType::Simple, sql.into_sql_str(), false)
+        })
+        .collect();
+    Migrator::with_migrations(migrations).run(pool).await?;
+    Ok(())
+}
+
+pub fn digest(key: &str) -> KeyDigest {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<KeyDigest> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Creates a tenant, or returns the id of the one with that name.
+pub async fn ensure_tenant(pool: &PgPool, name: &str) -> Result<Uuid, DbError> {
+    let row = sqlx::query(
+        "INSERT INTO tenants (id, name) VALUES ($1, $2)
+         ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
+    )
+    .bind(Uuid::now_v7())
+    .bind(name)
+    .fetch_one(pool)
+    .await?;
+    Ok(row.try_get("id")?)
+}
+
+pub async fn tenant_id(pool: &PgPool, name: &str) -> Result<Uuid, DbError> {
+    let row = sqlx::query("SELECT id FROM tenants WHERE name = $1").bind(name).fetch_optional(pool).await?;
+    match row {
+        Some(row) => Ok(row.try_get("id")?),
+        None => Err(DbError::NoTenant(name.to_owned())),
+    }
+}
+
+/// A key freshly made: the clear text exists only here, to be shown once.
+#[derive(Debug)]
+pub struct NewKey {
+    pub id: Uuid,
+    pub key: crate::secret::Secret,
+    pub prefix: String,
+}
+
+pub async fn create_key(pool: &PgPool, tenant: Uuid) -> Result<NewKey, DbError> {
+    let mut raw = [0u8; 24];
+    getrandom::fill(&mut raw).map_err(|e| DbError::Random(e.to_string()))?;
+    let key = format!("{KEY_PREFIX}{}", hex(&raw));
+    let prefix = key[..KEY_PREFIX.len() + 6].to_owned();
+    let id = Uuid::now_v7();
+    sqlx::query("INSERT INTO api_keys (id, tenant_id, prefix, key_hash) VALUES ($1, $2, $3, $4)")
+        .bind(id)
+        .bind(tenant)
+        .bind(&prefix)
+        .bind(hex(&digest(&key)))
+        .execute(pool)
+        .await?;
+    Ok(NewKey { id, key: crate::secret::Secret::new(key), prefix })
+}
+
+/// Revokes a key by id; returns whether a live key was revoked.
+pub async fn revoke_key(pool: &PgPool, key_id: Uuid) -> Result<bool, DbError> {
+    let done = sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
+        .bind(key_id)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Who a key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyOwner {
+    pub tenant_id: Uuid,
+    pub key_id: Uuid,
+}
+
+/// Every live key, by digest: the ingress's auth cache.
+pub async fn live_keys(pool: &PgPool) -> Result<HashMap<KeyDigest, KeyOwner>, DbError> {
+    let rows = sqlx::query("SELECT id, tenant_id, key_hash FROM api_keys WHERE revoked_at IS NULL")
+        .fetch_all(pool)
+        .await?;
+    let mut keys = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let hash: String = row.try_get("key_hash")?;
+        let Some(digest) = unhex(&hash) else {
+            tracing::warn!(key_id = %row.try_get::<Uuid, _>("id")?, "api key with malformed digest ignored");
+            continue;
+        };
+        keys.insert(digest, KeyOwner { tenant_id: row.try_get("tenant_id")?, key_id: row.try_get("id")? });
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips() {
+        let d = digest("sk-sluice-abc");
+        assert_eq!(unhex(&hex(&d)), Some(d));
+        assert_eq!(unhex("zz"), None);
+    }
+
+    #[test]
+    fn migration_list_matches_directory() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .map(|it| it.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        files.retain(|f| f.ends_with(".sql"));
+        files.sort();
+        let listed: Vec<i64> = MIGRATIONS.iter().map(|m| m.0).collect();
+        let on_disk: Vec<i64> = files.iter().filter_map(|f| f.split('_').next()?.parse().ok()).collect();
+        assert_eq!(listed, on_disk, "every file in migrations/ must be listed in db::MIGRATIONS");
+    }
+}

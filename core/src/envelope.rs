@@ -1,0 +1,200 @@
+//! The job envelope: what the ingress publishes and the worker executes.
+//!
+//! The payload of a job message is the client's request body, byte for byte;
+//! everything else travels in NATS headers, so nothing is re-encoded on the
+//! hot path. `Nats-Msg-Id` carries the job id, which makes a republished job
+//! a duplicate inside the stream's dedup window.
+
+use async_nats::HeaderMap;
+use uuid::Uuid;
+
+pub const H_MSG_ID: &str = "Nats-Msg-Id";
+pub const H_TENANT: &str = "Sluice-Tenant";
+pub const H_POOL: &str = "Sluice-Pool";
+pub const H_ENDPOINT: &str = "Sluice-Endpoint";
+pub const H_REPLY: &str = "Sluice-Reply";
+pub const H_DEADLINE: &str = "Sluice-Deadline-Ms";
+pub const H_SUBMITTED: &str = "Sluice-Submitted-Ms";
+pub const H_REQUEST_ID: &str = "Sluice-Request-Id";
+pub const H_TRACEPARENT: &str = "traceparent";
+/// On a reply: the HTTP status the ingress answers with.
+pub const H_STATUS: &str = "Sluice-Status";
+/// On a reply: seconds the client should wait before retrying.
+pub const H_RETRY_AFTER: &str = "Sluice-Retry-After";
+
+/// Subject prefix of the jobs stream: `jobs.<pool>.<class>.<tenant>`.
+pub const JOBS_SUBJECTS: &str = "jobs.>";
+/// Subject prefix of the events stream: `events.job.<status>`.
+pub const EVENTS_SUBJECTS: &str = "events.job.>";
+
+/// The API a job calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat.completions",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "chat.completions" => Some(Endpoint::ChatCompletions),
+            _ => None,
+        }
+    }
+
+    /// Path under the upstream's base URL.
+    pub fn upstream_path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+        }
+    }
+}
+
+/// Scheduling class of a job; interactive requests come before batch work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Sync,
+}
+
+impl Class {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Sync => "sync",
+        }
+    }
+}
+
+/// A subject-safe form of a name: anything but `[A-Za-z0-9_-]` becomes `_`.
+pub fn subject_token(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect()
+}
+
+pub fn job_subject(pool_token: &str, class: Class, tenant: Uuid) -> String {
+    format!("jobs.{pool_token}.{}.{}", class.as_str(), tenant.simple())
+}
+
+pub fn event_subject(status: &str) -> String {
+    format!("events.job.{status}")
+}
+
+/// Everything a worker needs to know about a job, besides its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub job_id: Uuid,
+    pub tenant: Uuid,
+    pub pool: String,
+    pub endpoint: Endpoint,
+    /// Core-NATS subject on which the waiting ingress expects the answer.
+    pub reply: Option<String>,
+    /// Past this instant (ms since the epoch) nobody waits for the answer.
+    pub deadline_ms: u64,
+    pub submitted_ms: u64,
+    pub request_id: String,
+    pub traceparent: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    #[error("job message has no headers")]
+    NoHeaders,
+    #[error("header {0} is missing")]
+    Missing(&'static str),
+    #[error("header {0} is malformed")]
+    Malformed(&'static str),
+}
+
+impl Envelope {
+    pub fn to_headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let id = self.job_id.to_string();
+        h.insert(H_MSG_ID, id.as_str());
+        h.insert(H_TENANT, self.tenant.to_string().as_str());
+        h.insert(H_POOL, self.pool.as_str());
+        h.insert(H_ENDPOINT, self.endpoint.as_str());
+        if let Some(reply) = &self.reply {
+            h.insert(H_REPLY, reply.as_str());
+        }
+        h.insert(H_DEADLINE, self.deadline_ms.to_string().as_str());
+        h.insert(H_SUBMITTED, self.submitted_ms.to_string().as_str());
+        h.insert(H_REQUEST_ID, self.request_id.as_str());
+        if let Some(tp) = &self.traceparent {
+            h.insert(H_TRACEPARENT, tp.as_str());
+        }
+        h
+    }
+
+    pub fn from_headers(h: Option<&HeaderMap>) -> Result<Self, EnvelopeError> {
+        let h = h.ok_or(EnvelopeError::NoHeaders)?;
+        let get = |name: &'static str| h.get(name).map(|v| v.as_str());
+        let need = |name: &'static str| get(name).ok_or(EnvelopeError::Missing(name));
+        let uuid = |name: &'static str| {
+            need(name)?.parse::<Uuid>().map_err(|_| EnvelopeError::Malformed(name))
+        };
+        let number = |name: &'static str| {
+            need(name)?.parse::<u64>().map_err(|_| EnvelopeError::Malformed(name))
+        };
+        Ok(Self {
+            job_id: uuid(H_MSG_ID)?,
+            tenant: uuid(H_TENANT)?,
+            pool: need(H_POOL)?.to_owned(),
+            endpoint: Endpoint::parse(need(H_ENDPOINT)?).ok_or(EnvelopeError::Malformed(H_ENDPOINT))?,
+            reply: get(H_REPLY).map(str::to_owned),
+            deadline_ms: number(H_DEADLINE)?,
+            submitted_ms: number(H_SUBMITTED)?,
+            request_id: need(H_REQUEST_ID)?.to_owned(),
+            traceparent: get(H_TRACEPARENT).map(str::to_owned),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Envelope {
+        Envelope {
+            job_id: Uuid::now_v7(),
+            tenant: Uuid::new_v4(),
+            pool: "gpt-4.1".into(),
+            endpoint: Endpoint::ChatCompletions,
+            reply: Some("_SLUICE.reply.abc.1".into()),
+            deadline_ms: 1_700_000_000_000,
+            submitted_ms: 1_699_999_999_000,
+            request_id: "req-1".into(),
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips_through_headers() {
+        let e = sample();
+        assert_eq!(Envelope::from_headers(Some(&e.to_headers())), Ok(e));
+    }
+
+    #[test]
+    fn missing_or_bad_headers_are_named() {
+        assert_eq!(Envelope::from_headers(None), Err(EnvelopeError::NoHeaders));
+        let mut h = sample().to_headers();
+        h.insert(H_DEADLINE, "soon");
+        assert_eq!(Envelope::from_headers(Some(&h)), Err(EnvelopeError::Malformed(H_DEADLINE)));
+        let mut h = HeaderMap::new();
+        h.insert(H_MSG_ID, Uuid::new_v4().to_string().as_str());
+        assert_eq!(Envelope::from_headers(Some(&h)), Err(EnvelopeError::Missing(H_TENANT)));
+    }
+
+    #[test]
+    fn subjects_are_safe_tokens() {
+        let t = Uuid::nil();
+        assert_eq!(
+            job_subject(&subject_token("gpt-4.1 mini>*"), Class::Sync, t),
+            format!("jobs.gpt-4_1_mini__.sync.{}", t.simple())
+        );
+    }
+}

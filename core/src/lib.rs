@@ -1,0 +1,30 @@
+//! Sluice's shared library, used by the ingress, the worker and the tests.
+//!
+//! - [`config`]: the typed configuration, layered defaults → file → `SLUICE__…` env.
+//! - [`secret`]: a wrapper that keeps secrets out of logs.
+//! - [`envelope`]: the job envelope carried in NATS headers, and subject names.
+//! - [`event`]: the job outcome events the worker publishes and the ledger writes.
+//! - [`error`]: the one error-code enum, mapped to HTTP status and OpenAI's error body.
+//! - [`nats`]: connecting to NATS and declaring Sluice's JetStream streams.
+//! - [`db`]: Postgres pool, embedded migrations, tenants and API keys.
+//! - [`telemetry`]: logging and the Prometheus recorder.
+//! - [`ops`]: `/healthz`, `/readyz` and `/metrics` for every component.
+//! - [`shutdown`]: SIGTERM/SIGINT into one cancellation token.
+
+pub mod config;
+pub mod db;
+pub mod envelope;
+pub mod error;
+pub mod event;
+pub mod nats;
+pub mod ops;
+pub mod secret;
+pub mod shutdown;
+pub mod telemetry;
+
+/// Milliseconds since the Unix epoch, the time unit of envelopes and events.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

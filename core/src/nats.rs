@@ -1,0 +1,67 @@
+//! Connecting to NATS and declaring Sluice's JetStream streams.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use crate::config::{NatsConfig, ms};
+use crate::envelope::{EVENTS_SUBJECTS, JOBS_SUBJECTS};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect { url: String, source: async_nats::ConnectError },
+    #[error("cannot declare stream {name}: {source}")]
+    Stream { name: String, source: async_nats::jetstream::context::CreateStreamError },
+}
+
+/// Connects with Sluice's options: a name for the server's monitoring, the
+/// configured connect timeout, and reconnects forever.
+pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Client, NatsError> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(ms(config.connect_timeout_ms))
+        .request_timeout(Some(ms(config.request_timeout_ms)))
+        .connect(config.url.as_str())
+        .await
+        .map_err(|source| NatsError::Connect { url: config.url.clone(), source })
+}
+
+pub fn jetstream(client: async_nats::Client, config: &NatsConfig) -> jetstream::Context {
+    let mut js = jetstream::new(client);
+    js.set_timeout(ms(config.request_timeout_ms));
+    js
+}
+
+/// Declares the jobs stream (work queue, file storage, dedup window, bounded)
+/// and the events stream; both calls are idempotent, so every component makes
+/// them at start.
+pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Result<(), NatsError> {
+    let jobs = stream::Config {
+        name: config.jobs_stream.clone(),
+        subjects: vec![JOBS_SUBJECTS.into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        duplicate_window: ms(config.dedup_window_ms),
+        max_messages: config.max_queued_jobs,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    let events = stream::Config {
+        name: config.events_stream.clone(),
+        subjects: vec![EVENTS_SUBJECTS.into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        duplicate_window: ms(config.dedup_window_ms),
+        // Events wait here while Postgres is down; a week bounds the backlog.
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        ..Default::default()
+    };
+    for cfg in [jobs, events] {
+        let name = cfg.name.clone();
+        js.get_or_create_stream(cfg).await.map_err(|source| NatsError::Stream { name, source })?;
+    }
+    Ok(())
+}

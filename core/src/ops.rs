@@ -1,0 +1,53 @@
+//! `/healthz` (the process runs), `/readyz` (its dependencies answer) and
+//! `/metrics` (Prometheus), served by every component.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use sqlx::PgPool;
+
+/// What `/readyz` checks.
+#[derive(Clone)]
+pub struct Readiness {
+    pub nats: Option<async_nats::Client>,
+    pub db: Option<PgPool>,
+}
+
+impl Readiness {
+    /// `Ok` when every dependency answers, else the first one that does not.
+    pub async fn check(&self) -> Result<(), &'static str> {
+        if let Some(client) = &self.nats
+            && client.connection_state() != async_nats::connection::State::Connected
+        {
+            return Err("nats unreachable");
+        }
+        if let Some(db) = &self.db {
+            let ping = sqlx::query("SELECT 1").execute(db);
+            match tokio::time::timeout(Duration::from_secs(2), ping).await {
+                Ok(Ok(_)) => {}
+                _ => return Err("postgres unreachable"),
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn router(readiness: Readiness) -> Router {
+    let handle = crate::telemetry::metrics();
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .with_state(readiness)
+}
+
+async fn readyz(State(readiness): State<Readiness>) -> impl IntoResponse {
+    match readiness.check().await {
+        Ok(()) => (StatusCode::OK, "ready"),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
+    }
+}
