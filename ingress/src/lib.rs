@@ -1,1 +1,25 @@
+//! Sluice's HTTP ingress.
+//!
+//! - [`startup`]: connects NATS and Postgres, builds the app, serves it until
+//!   the shutdown token fires, then drains within the grace period.
+//! - [`auth`]: API keys, checked against an in-memory snapshot of the live
+//!   keys that a background task reloads from Postgres.
+//! - [`replies`]: one wildcard inbox per ingress; answers from workers are
+//!   routed to the request waiting for them.
+//! - [`body`]: content type, size limit and JSON parsing, with OpenAI errors.
+//! - [`routes`]: the OpenAI-compatible endpoints.
+//! - [`admin`]: command-line administration (migrations, tenants, keys).
+//! - [`metrics`]: every metric the ingress records.
+//!
+//! The request path touches NATS only: a JetStream publish that waits for its
+//! acknowledgement, then the worker's answer on core NATS.
 
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod metrics;
+pub mod replies;
+pub mod routes;
+pub mod startup;
+
+pub use startup::Ingress;

@@ -1,1 +1,78 @@
-fn main() {}
+//! `sluice-ingress [--config FILE] [serve | migrate | create-key --tenant NAME | revoke-key KEY_ID]`
+
+use std::process::ExitCode;
+
+use sluice_core::config::{Config, EXIT_BAD_CONFIG};
+use sluice_ingress::{Ingress, admin};
+
+const USAGE: &str = "usage: sluice-ingress [--config FILE] [serve | migrate | create-key --tenant NAME | revoke-key KEY_ID]
+
+  serve        run the HTTP ingress (default)
+  migrate      apply the database migrations
+  create-key   create a tenant if needed and print a new API key for it, once
+  revoke-key   revoke an API key by its id
+
+Configuration: the TOML file named by --config or SLUICE_CONFIG, then SLUICE__SECTION__KEY variables.";
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let mut file = std::env::var("SLUICE_CONFIG").ok();
+    if let Some(i) = args.iter().position(|a| a == "--config") {
+        if i + 1 >= args.len() {
+            eprintln!("sluice-ingress: --config needs a file\n{USAGE}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+        file = Some(args.remove(i + 1));
+        args.remove(i);
+    }
+    let config = match Config::load(file.as_deref().map(std::path::Path::new), std::env::vars()) {
+        Ok(c) => c,
+        Err(error) => {
+            eprintln!("sluice-ingress: bad configuration: {error}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    sluice_core::telemetry::init_logging(&config.log);
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let outcome = match words.as_slice() {
+        [] | ["serve"] => serve(config).await,
+        ["migrate"] => admin::migrate(&config).await.map_err(|e| e.to_string()),
+        ["create-key", "--tenant", tenant] => admin::create_key(&config, tenant).await.map_err(|e| e.to_string()),
+        ["revoke-key", id] => match id.parse() {
+            Ok(id) => match admin::revoke_key(&config, id).await {
+                Ok(true) => Ok(println!("revoked")),
+                Ok(false) => Err(format!("no live key with id {id}")),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(_) => Err(format!("`{id}` is not a key id")),
+        },
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("sluice-ingress: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    let shutdown = sluice_core::shutdown::on_signal();
+    let listen = config.ingress.listen;
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let ingress = Ingress::build(config).await.map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, "ingress listening");
+    ingress.run(listener, shutdown).await.map_err(|e| e.to_string())?;
+    tracing::info!("ingress stopped");
+    Ok(())
+}

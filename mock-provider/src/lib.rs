@@ -1,1 +1,27 @@
+//! A fake OpenAI-compatible LLM provider for Sluice's development, tests and
+//! benchmarks.
+//!
+//! - [`settings`]: latency, token counts and faults, set at start and changed
+//!   at run time through `POST /_mock/faults`.
+//! - [`handlers`]: chat completions, embeddings, models, and the control routes.
+//!
+//! It answers from memory without locks (atomics only), so that it is never
+//! the bottleneck of a benchmark. Replies are deterministic: the content
+//! quotes the last message, so a test can tell whose answer it got.
 
+pub mod handlers;
+pub mod settings;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use settings::{Faults, Settings};
+
+/// Serves the mock on `listener` until `shutdown` is cancelled.
+pub async fn run(listener: TcpListener, settings: Settings, shutdown: CancellationToken) -> std::io::Result<()> {
+    let state = Arc::new(handlers::MockState::new(settings));
+    let app = handlers::router(state);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}

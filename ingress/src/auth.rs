@@ -1,0 +1,99 @@
+//! API-key authentication against an in-memory snapshot of the live keys.
+//!
+//! The snapshot maps SHA-256 digests to their tenant. A background task
+//! reloads it from Postgres every `ingress.auth_refresh_ms`, so a request
+//! never waits on Postgres, a new key works and a revoked key stops working
+//! within that bound. Looking a digest up in a map leaks nothing useful about
+//! a key: an attacker who times it learns about digests of guesses, not about
+//! the keys.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, header};
+use sluice_core::db::{self, KeyDigest, KeyOwner};
+use sluice_core::error::{ApiError, ErrorCode};
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+type Snapshot = Arc<HashMap<KeyDigest, KeyOwner>>;
+
+#[derive(Clone)]
+pub struct KeyCache {
+    keys: watch::Receiver<Snapshot>,
+}
+
+impl KeyCache {
+    /// Loads the live keys once, then keeps reloading them in the background
+    /// until `shutdown` fires.
+    pub async fn start(db: PgPool, every: Duration, shutdown: CancellationToken) -> Result<Self, db::DbError> {
+        let first = Arc::new(db::live_keys(&db).await?);
+        metrics::gauge!(crate::metrics::AUTH_KEYS).set(first.len() as f64);
+        let (tx, rx) = watch::channel(first);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match db::live_keys(&db).await {
+                    Ok(keys) => {
+                        metrics::gauge!(crate::metrics::AUTH_KEYS).set(keys.len() as f64);
+                        tx.send_replace(Arc::new(keys));
+                    }
+                    Err(error) => {
+                        metrics::counter!(crate::metrics::AUTH_REFRESH_FAILURES).increment(1);
+                        tracing::warn!(%error, "api key cache reload failed; keeping the previous keys");
+                    }
+                }
+            }
+        });
+        Ok(Self { keys: rx })
+    }
+
+    /// The tenant behind the request's `Authorization: Bearer …` (or
+    /// Anthropic-style `x-api-key`) header, or 401.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<KeyOwner, ApiError> {
+        let key = bearer(headers).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidApiKey,
+                "missing API key: send `Authorization: Bearer <key>`",
+            )
+        })?;
+        let digest = db::digest(key);
+        self.keys
+            .borrow()
+            .get(&digest)
+            .cloned()
+            .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey, "invalid or revoked API key"))
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty());
+    }
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim).filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer;
+    use axum::http::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn bearer_token_is_read() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert("authorization", HeaderValue::from_static("Bearer sk-sluice-1"));
+        assert_eq!(bearer(&h), Some("sk-sluice-1"));
+        h.insert("authorization", HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+    }
+}

@@ -1,0 +1,32 @@
+//! Every metric the ingress records, described once.
+
+use std::time::Duration;
+
+pub const REQUESTS: &str = "sluice_ingress_requests_total";
+pub const REQUEST_SECONDS: &str = "sluice_ingress_request_duration_seconds";
+pub const PUBLISH_SECONDS: &str = "sluice_ingress_publish_duration_seconds";
+pub const REJECTED: &str = "sluice_ingress_rejected_total";
+pub const IN_FLIGHT: &str = "sluice_ingress_sync_in_flight";
+pub const AUTH_KEYS: &str = "sluice_ingress_auth_keys";
+pub const AUTH_REFRESH_FAILURES: &str = "sluice_ingress_auth_refresh_failures_total";
+pub const ORPHAN_REPLIES: &str = "sluice_ingress_orphan_replies_total";
+
+pub fn describe() {
+    metrics::describe_counter!(REQUESTS, "HTTP requests answered, by route template and status code");
+    metrics::describe_histogram!(REQUEST_SECONDS, metrics::Unit::Seconds, "time to answer, by route template");
+    metrics::describe_histogram!(PUBLISH_SECONDS, metrics::Unit::Seconds, "JetStream publish until acknowledged");
+    metrics::describe_counter!(REJECTED, "requests refused or failed, by error code");
+    metrics::describe_gauge!(IN_FLIGHT, "synchronous requests waiting for their answer");
+    metrics::describe_gauge!(AUTH_KEYS, "live API keys in the auth cache");
+    metrics::describe_counter!(AUTH_REFRESH_FAILURES, "failed reloads of the API-key cache from Postgres");
+    metrics::describe_counter!(ORPHAN_REPLIES, "worker answers that arrived after their request gave up");
+}
+
+pub fn answered(route: &'static str, status: u16, elapsed: Duration) {
+    metrics::counter!(REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
+    metrics::histogram!(REQUEST_SECONDS, "route" => route).record(elapsed.as_secs_f64());
+}
+
+pub fn rejected(code: sluice_core::error::ErrorCode) {
+    metrics::counter!(REJECTED, "reason" => code.as_str()).increment(1);
+}

@@ -1,0 +1,115 @@
+//! Building the ingress from its config and serving it until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use sluice_core::config::{Config, ms};
+use sluice_core::ops::{self, Readiness};
+use sluice_core::{db, nats};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::auth::KeyCache;
+use crate::replies::Replies;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Nats(#[from] nats::NatsError),
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error("cannot subscribe to the reply inbox: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What every request handler shares.
+pub struct AppState {
+    pub config: Config,
+    pub nats: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub keys: KeyCache,
+    pub replies: Replies,
+    /// Bounds the synchronous requests waiting at once (`ingress.max_in_flight`).
+    pub in_flight: Arc<Semaphore>,
+    /// Pool name → subject token, precomputed.
+    pub pool_tokens: std::collections::HashMap<String, String>,
+}
+
+/// A built ingress, ready to serve on any listener.
+pub struct Ingress {
+    state: Arc<AppState>,
+    db: PgPool,
+    background: CancellationToken,
+}
+
+impl Ingress {
+    /// Connects NATS and Postgres, declares the streams, loads the key cache
+    /// and subscribes to the reply inbox.
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        crate::metrics::describe();
+        let ingress_id = Uuid::now_v7().simple().to_string();
+        let client = nats::connect(&config.nats, &format!("sluice-ingress-{ingress_id}")).await?;
+        let js = nats::jetstream(client.clone(), &config.nats);
+        nats::ensure_streams(&js, &config.nats).await?;
+        let db = db::connect(&config.database).await?;
+        let background = CancellationToken::new();
+        let keys = KeyCache::start(db.clone(), ms(config.ingress.auth_refresh_ms), background.clone()).await?;
+        let replies = Replies::start(&client, &ingress_id, background.clone()).await?;
+        let pool_tokens = config.pools.iter().map(|p| (p.name.clone(), p.subject_token())).collect();
+        let state = AppState {
+            in_flight: Arc::new(Semaphore::new(config.ingress.max_in_flight)),
+            config,
+            nats: client,
+            js,
+            keys,
+            replies,
+            pool_tokens,
+        };
+        Ok(Self { state: Arc::new(state), db, background })
+    }
+
+    pub fn router(&self) -> Router {
+        let readiness = Readiness { nats: Some(self.state.nats.clone()), db: Some(self.db.clone()) };
+        crate::routes::router(self.state.clone()).merge(ops::router(readiness))
+    }
+
+    /// Serves on `listener` until `shutdown` fires, then lets in-flight
+    /// requests finish for `ingress.shutdown_grace_ms` before giving up.
+    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
+        let grace = Duration::from_millis(self.state.config.ingress.shutdown_grace_ms);
+        let app = self.router();
+        let stop = shutdown.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await
+        });
+        tokio::pin!(server);
+        let result = tokio::select! {
+            done = &mut server => done,
+            _ = shutdown.cancelled() => {
+                tracing::info!(grace_ms = grace.as_millis() as u64, "draining in-flight requests");
+                match tokio::time::timeout(grace, &mut server).await {
+                    Ok(done) => done,
+                    Err(_) => {
+                        tracing::warn!("grace period ran out with requests still in flight; exiting");
+                        server.abort();
+                        Ok(Ok(()))
+                    }
+                }
+            }
+        };
+        self.background.cancel();
+        if let Err(error) = self.state.nats.flush().await {
+            tracing::warn!(%error, "could not flush NATS on shutdown");
+        }
+        match result {
+            Ok(served) => served.map_err(StartError::Io),
+            Err(join) => Err(StartError::Io(std::io::Error::other(join))),
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The mock's routes. State is atomics only: no lock on the request path.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use crate::settings::{Faults, Settings};
+
+pub struct MockState {
+    started: Instant,
+    latency_ms: AtomicU64,
+    completion_tokens: AtomicU32,
+    embedding_dim: AtomicU64,
+    rpm: AtomicU64,
+    error_rate_bits: AtomicU64,
+    hang_rate_bits: AtomicU64,
+    fail_next: AtomicU64,
+    hang_next: AtomicU64,
+    error_status: AtomicU64,
+    hang_ms: AtomicU64,
+    window_minute: AtomicU64,
+    window_count: AtomicU64,
+    rng: AtomicU64,
+    stats: Stats,
+}
+
+#[derive(Default)]
+struct Stats {
+    requests: AtomicU64,
+    ok: AtomicU64,
+    errors: AtomicU64,
+    rate_limited: AtomicU64,
+    hangs: AtomicU64,
+}
+
+impl MockState {
+    pub fn new(settings: Settings) -> Self {
+        let state = Self {
+            started: Instant::now(),
+            latency_ms: AtomicU64::new(0),
+            completion_tokens: AtomicU32::new(0),
+            embedding_dim: AtomicU64::new(0),
+            rpm: AtomicU64::new(0),
+            error_rate_bits: AtomicU64::new(0),
+            hang_rate_bits: AtomicU64::new(0),
+            fail_next: AtomicU64::new(0),
+            hang_next: AtomicU64::new(0),
+            error_status: AtomicU64::new(500),
+            hang_ms: AtomicU64::new(600_000),
+            window_minute: AtomicU64::new(0),
+            window_count: AtomicU64::new(0),
+            rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
+            stats: Stats::default(),
+        };
+        state.apply(&settings);
+        state
+    }
+
+    fn apply(&self, s: &Settings) {
+        self.latency_ms.store(s.latency_ms, Relaxed);
+        self.completion_tokens.store(s.completion_tokens, Relaxed);
+        self.embedding_dim.store(s.embedding_dim as u64, Relaxed);
+        self.apply_faults(&s.faults);
+    }
+
+    fn apply_faults(&self, f: &Faults) {
+        self.rpm.store(f.rpm, Relaxed);
+        self.error_rate_bits.store(f.error_rate.to_bits(), Relaxed);
+        self.hang_rate_bits.store(f.hang_rate.to_bits(), Relaxed);
+        self.fail_next.store(f.fail_next, Relaxed);
+        self.hang_next.store(f.hang_next, Relaxed);
+        self.error_status.store(if f.error_status == 0 { 500 } else { u64::from(f.error_status) }, Relaxed);
+        self.hang_ms.store(if f.hang_ms == 0 { 600_000 } else { f.hang_ms }, Relaxed);
+    }
+
+    /// A uniform number in [0, 1) from a shared xorshift state.
+    fn random(&self) -> f64 {
+        let mut x = self.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Relaxed);
+        x ^= x >> 30;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 27;
+        x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn take_one(counter: &AtomicU64) -> bool {
+        counter.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok()
+    }
+}
+
+pub fn router(state: Arc<MockState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/_mock/faults", post(set_faults))
+        .route("/_mock/stats", get(stats))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+enum Fault {
+    None,
+    Error(StatusCode),
+    RateLimited { retry_after: u64, limit: u64 },
+}
+
+/// Counts the request, applies latency, and decides which fault (if any) it meets.
+async fn before_answer(state: &MockState) -> Fault {
+    state.stats.requests.fetch_add(1, Relaxed);
+    let rpm = state.rpm.load(Relaxed);
+    if rpm > 0 {
+        let elapsed = state.started.elapsed();
+        let minute = elapsed.as_secs() / 60;
+        if state.window_minute.swap(minute, Relaxed) != minute {
+            state.window_count.store(0, Relaxed);
+        }
+        if state.window_count.fetch_add(1, Relaxed) >= rpm {
+            state.stats.rate_limited.fetch_add(1, Relaxed);
+            let retry_after = 60 - elapsed.as_secs() % 60;
+            return Fault::RateLimited { retry_after, limit: rpm };
+        }
+    }
+    let hang = MockState::take_one(&state.hang_next)
+        || state.random() < f64::from_bits(state.hang_rate_bits.load(Relaxed));
+    if hang {
+        state.stats.hangs.fetch_add(1, Relaxed);
+        tokio::time::sleep(Duration::from_millis(state.hang_ms.load(Relaxed))).await;
+    }
+    let latency = state.latency_ms.load(Relaxed);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    let fail = MockState::take_one(&state.fail_next)
+        || state.random() < f64::from_bits(state.error_rate_bits.load(Relaxed));
+    if fail {
+        state.stats.errors.fetch_add(1, Relaxed);
+        let status = StatusCode::from_u16(state.error_status.load(Relaxed) as u16)
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return Fault::Error(status);
+    }
+    state.stats.ok.fetch_add(1, Relaxed);
+    Fault::None
+}
+
+fn fault_response(fault: Fault) -> Option<Response> {
+    match fault {
+        Fault::None => None,
+        Fault::Error(status) => Some(error(status, "server_error", "injected failure")),
+        Fault::RateLimited { retry_after, limit } => {
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "rate limit reached for requests");
+            let h = r.headers_mut();
+            h.insert("retry-after", HeaderValue::from(retry_after));
+            h.insert("x-ratelimit-limit-requests", HeaderValue::from(limit));
+            h.insert("x-ratelimit-remaining-requests", HeaderValue::from(0u64));
+            if let Ok(v) = HeaderValue::from_str(&format!("{retry_after}s")) {
+                h.insert("x-ratelimit-reset-requests", v);
+            }
+            Some(r)
+        }
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+    (status, Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}}))).into_response()
+}
+
+fn parse(body: &Bytes) -> Result<Value, Response> {
+    serde_json::from_slice::<Value>(body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_json", &format!("invalid JSON: {e}")))
+}
+
+fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts.iter().filter_map(|p| p.get("text")?.as_str()).collect::<Vec<_>>().join(" "),
+        _ => String::new(),
+    }
+}
+
+async fn chat(State(state): State<Arc<MockState>>, _headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(r) = fault_response(before_answer(&state).await) {
+        return r;
+    }
+    let request = match parse(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let model = request.get("model").and_then(Value::as_str).unwrap_or("mock");
+    let Some(messages) = request.get("messages").and_then(Value::as_array) else {
+        return error(StatusCode::BAD_REQUEST, "invalid_request", "`messages` is required");
+    };
+    let prompt_chars: usize = messages.iter().map(|m| m.get("content").map_or(0, |c| text_of(c).len())).sum();
+    let prompt_tokens = (prompt_chars as u64).div_ceil(4).max(1);
+    let last = messages.last().and_then(|m| m.get("content")).map(text_of).unwrap_or_default();
+    let quoted: String = last.chars().take(200).collect();
+    let mut completion_tokens = u64::from(state.completion_tokens.load(Relaxed));
+    if let Some(max) = request.get("max_tokens").or(request.get("max_completion_tokens")).and_then(Value::as_u64) {
+        completion_tokens = completion_tokens.min(max);
+    }
+    let n = state.stats.ok.load(Relaxed);
+    Json(json!({
+        "id": format!("chatcmpl-mock-{n}"),
+        "object": "chat.completion",
+        "created": 1_700_000_000u64,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": format!("mock reply to: {quoted}")},
+            "finish_reason": "stop",
+            "logprobs": null
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens
+        }
+    }))
+    .into_response()
+}
+
+async fn embeddings(State(state): State<Arc<MockState>>, body: Bytes) -> Response {
+    if let Some(r) = fault_response(before_answer(&state).await) {
+        return r;
+    }
+    let request = match parse(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let model = request.get("model").and_then(Value::as_str).unwrap_or("mock-embedding");
+    let inputs: Vec<String> = match request.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items.iter().map(|v| v.as_str().unwrap_or_default().to_owned()).collect(),
+        _ => return error(StatusCode::BAD_REQUEST, "invalid_request", "`input` is required"),
+    };
+    let dim = state.embedding_dim.load(Relaxed) as usize;
+    let mut tokens = 0u64;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            tokens += (text.len() as u64).div_ceil(4).max(1);
+            let seed = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            let vector: Vec<f64> = (0..dim).map(|d| ((seed.rotate_left(d as u32 * 7) % 2000) as f64 / 1000.0) - 1.0).collect();
+            json!({"object": "embedding", "index": i, "embedding": vector})
+        })
+        .collect();
+    Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}
+    }))
+    .into_response()
+}
+
+async fn models() -> Json<Value> {
+    Json(json!({"object": "list", "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "sluice-mock"}]}))
+}
+
+async fn set_faults(State(state): State<Arc<MockState>>, body: Bytes) -> Response {
+    match serde_json::from_slice::<Faults>(&body) {
+        Ok(f) => {
+            state.apply_faults(&f);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, "invalid_faults", &e.to_string()),
+    }
+}
+
+async fn stats(State(state): State<Arc<MockState>>) -> Json<Value> {
+    let s = &state.stats;
+    Json(json!({
+        "requests": s.requests.load(Relaxed),
+        "ok": s.ok.load(Relaxed),
+        "errors": s.errors.load(Relaxed),
+        "rate_limited": s.rate_limited.load(Relaxed),
+        "hangs": s.hangs.load(Relaxed),
+    }))
+}
