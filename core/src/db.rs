@@ -54,7 +54,13 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     let migrations = MIGRATIONS
         .iter()
         .map(|(version, description, sql)| {
-            Migration::new(*version, Cow::Borrowed(*description), MigrationType::Simple, sql.into_sql_str(), false)
+            Migration::new(
+                *version,
+                Cow::Borrowed(*description),
+                MigrationType::Simple,
+                sql.into_sql_str(),
+                false,
+            )
         })
         .collect();
     Migrator::with_migrations(migrations).run(pool).await?;
@@ -94,7 +100,10 @@ pub async fn ensure_tenant(pool: &PgPool, name: &str) -> Result<Uuid, DbError> {
 }
 
 pub async fn tenant_id(pool: &PgPool, name: &str) -> Result<Uuid, DbError> {
-    let row = sqlx::query("SELECT id FROM tenants WHERE name = $1").bind(name).fetch_optional(pool).await?;
+    let row = sqlx::query("SELECT id FROM tenants WHERE name = $1")
+        .bind(name)
+        .fetch_optional(pool)
+        .await?;
     match row {
         Some(row) => Ok(row.try_get("id")?),
         None => Err(DbError::NoTenant(name.to_owned())),
@@ -122,15 +131,20 @@ pub async fn create_key(pool: &PgPool, tenant: Uuid) -> Result<NewKey, DbError> 
         .bind(hex(&digest(&key)))
         .execute(pool)
         .await?;
-    Ok(NewKey { id, key: crate::secret::Secret::new(key), prefix })
+    Ok(NewKey {
+        id,
+        key: crate::secret::Secret::new(key),
+        prefix,
+    })
 }
 
 /// Revokes a key by id; returns whether a live key was revoked.
 pub async fn revoke_key(pool: &PgPool, key_id: Uuid) -> Result<bool, DbError> {
-    let done = sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
-        .bind(key_id)
-        .execute(pool)
-        .await?;
+    let done =
+        sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
+            .bind(key_id)
+            .execute(pool)
+            .await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -153,7 +167,13 @@ pub async fn live_keys(pool: &PgPool) -> Result<HashMap<KeyDigest, KeyOwner>, Db
             tracing::warn!(key_id = %row.try_get::<Uuid, _>("id")?, "api key with malformed digest ignored");
             continue;
         };
-        keys.insert(digest, KeyOwner { tenant_id: row.try_get("tenant_id")?, key_id: row.try_get("id")? });
+        keys.insert(
+            digest,
+            KeyOwner {
+                tenant_id: row.try_get("tenant_id")?,
+                key_id: row.try_get("id")?,
+            },
+        );
     }
     Ok(keys)
 }
@@ -173,12 +193,22 @@ mod tests {
     fn migration_list_matches_directory() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations");
         let mut files: Vec<String> = std::fs::read_dir(dir)
-            .map(|it| it.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|it| {
+                it.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         files.retain(|f| f.ends_with(".sql"));
         files.sort();
         let listed: Vec<i64> = MIGRATIONS.iter().map(|m| m.0).collect();
-        let on_disk: Vec<i64> = files.iter().filter_map(|f| f.split('_').next()?.parse().ok()).collect();
-        assert_eq!(listed, on_disk, "every file in migrations/ must be listed in db::MIGRATIONS");
+        let on_disk: Vec<i64> = files
+            .iter()
+            .filter_map(|f| f.split('_').next()?.parse().ok())
+            .collect();
+        assert_eq!(
+            listed, on_disk,
+            "every file in migrations/ must be listed in db::MIGRATIONS"
+        );
     }
 }

@@ -42,10 +42,15 @@ async fn main() -> ExitCode {
     let outcome = match words.as_slice() {
         [] | ["serve"] => serve(config).await,
         ["migrate"] => admin::migrate(&config).await.map_err(|e| e.to_string()),
-        ["create-key", "--tenant", tenant] => admin::create_key(&config, tenant).await.map_err(|e| e.to_string()),
+        ["create-key", "--tenant", tenant] => admin::create_key(&config, tenant)
+            .await
+            .map_err(|e| e.to_string()),
         ["revoke-key", id] => match id.parse() {
             Ok(id) => match admin::revoke_key(&config, id).await {
-                Ok(true) => Ok(println!("revoked")),
+                Ok(true) => {
+                    println!("revoked");
+                    Ok(())
+                }
                 Ok(false) => Err(format!("no live key with id {id}")),
                 Err(e) => Err(e.to_string()),
             },
@@ -68,11 +73,16 @@ async fn main() -> ExitCode {
 async fn serve(config: Config) -> Result<(), String> {
     let shutdown = sluice_core::shutdown::on_signal();
     let listen = config.ingress.listen;
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let ingress = Ingress::build(config).await.map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%addr, "ingress listening");
-    ingress.run(listener, shutdown).await.map_err(|e| e.to_string())?;
+    ingress
+        .run(listener, shutdown)
+        .await
+        .map_err(|e| e.to_string())?;
     tracing::info!("ingress stopped");
     Ok(())
 }

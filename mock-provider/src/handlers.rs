@@ -77,8 +77,16 @@ impl MockState {
         self.hang_rate_bits.store(f.hang_rate.to_bits(), Relaxed);
         self.fail_next.store(f.fail_next, Relaxed);
         self.hang_next.store(f.hang_next, Relaxed);
-        self.error_status.store(if f.error_status == 0 { 500 } else { u64::from(f.error_status) }, Relaxed);
-        self.hang_ms.store(if f.hang_ms == 0 { 600_000 } else { f.hang_ms }, Relaxed);
+        self.error_status.store(
+            if f.error_status == 0 {
+                500
+            } else {
+                u64::from(f.error_status)
+            },
+            Relaxed,
+        );
+        self.hang_ms
+            .store(if f.hang_ms == 0 { 600_000 } else { f.hang_ms }, Relaxed);
     }
 
     /// A uniform number in [0, 1) from a shared xorshift state.
@@ -93,7 +101,9 @@ impl MockState {
     }
 
     fn take_one(counter: &AtomicU64) -> bool {
-        counter.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok()
+        counter
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
     }
 }
 
@@ -127,7 +137,10 @@ async fn before_answer(state: &MockState) -> Fault {
         if state.window_count.fetch_add(1, Relaxed) >= rpm {
             state.stats.rate_limited.fetch_add(1, Relaxed);
             let retry_after = 60 - elapsed.as_secs() % 60;
-            return Fault::RateLimited { retry_after, limit: rpm };
+            return Fault::RateLimited {
+                retry_after,
+                limit: rpm,
+            };
         }
     }
     let hang = MockState::take_one(&state.hang_next)
@@ -157,7 +170,11 @@ fn fault_response(fault: Fault) -> Option<Response> {
         Fault::None => None,
         Fault::Error(status) => Some(error(status, "server_error", "injected failure")),
         Fault::RateLimited { retry_after, limit } => {
-            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "rate limit reached for requests");
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                "rate limit reached for requests",
+            );
             let h = r.headers_mut();
             h.insert("retry-after", HeaderValue::from(retry_after));
             h.insert("x-ratelimit-limit-requests", HeaderValue::from(limit));
@@ -171,19 +188,36 @@ fn fault_response(fault: Fault) -> Option<Response> {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
-    (status, Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}}))).into_response()
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}})),
+    )
+        .into_response()
 }
 
-fn parse(body: &Bytes) -> Result<Value, Response> {
-    serde_json::from_slice::<Value>(body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_json", &format!("invalid JSON: {e}")))
+fn parse(body: &Bytes) -> Result<Value, Box<Response>> {
+    serde_json::from_slice::<Value>(body).map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            &format!("invalid JSON: {e}"),
+        ))
+    })
 }
 
 fn text_of(content: &Value) -> String {
     match content {
         Value::String(s) => s.clone(),
-        Value::Array(parts) => parts.iter().filter_map(|p| p.get("text")?.as_str()).collect::<Vec<_>>().join(" "),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text")?.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
         _ => String::new(),
     }
 }
@@ -194,18 +228,36 @@ async fn chat(State(state): State<Arc<MockState>>, _headers: HeaderMap, body: By
     }
     let request = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
-    let model = request.get("model").and_then(Value::as_str).unwrap_or("mock");
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock");
     let Some(messages) = request.get("messages").and_then(Value::as_array) else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", "`messages` is required");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "`messages` is required",
+        );
     };
-    let prompt_chars: usize = messages.iter().map(|m| m.get("content").map_or(0, |c| text_of(c).len())).sum();
+    let prompt_chars: usize = messages
+        .iter()
+        .map(|m| m.get("content").map_or(0, |c| text_of(c).len()))
+        .sum();
     let prompt_tokens = (prompt_chars as u64).div_ceil(4).max(1);
-    let last = messages.last().and_then(|m| m.get("content")).map(text_of).unwrap_or_default();
+    let last = messages
+        .last()
+        .and_then(|m| m.get("content"))
+        .map(text_of)
+        .unwrap_or_default();
     let quoted: String = last.chars().take(200).collect();
     let mut completion_tokens = u64::from(state.completion_tokens.load(Relaxed));
-    if let Some(max) = request.get("max_tokens").or(request.get("max_completion_tokens")).and_then(Value::as_u64) {
+    if let Some(max) = request
+        .get("max_tokens")
+        .or(request.get("max_completion_tokens"))
+        .and_then(Value::as_u64)
+    {
         completion_tokens = completion_tokens.min(max);
     }
     let n = state.stats.ok.load(Relaxed);
@@ -235,13 +287,25 @@ async fn embeddings(State(state): State<Arc<MockState>>, body: Bytes) -> Respons
     }
     let request = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
-    let model = request.get("model").and_then(Value::as_str).unwrap_or("mock-embedding");
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-embedding");
     let inputs: Vec<String> = match request.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items.iter().map(|v| v.as_str().unwrap_or_default().to_owned()).collect(),
-        _ => return error(StatusCode::BAD_REQUEST, "invalid_request", "`input` is required"),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().unwrap_or_default().to_owned())
+            .collect(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "`input` is required",
+            );
+        }
     };
     let dim = state.embedding_dim.load(Relaxed) as usize;
     let mut tokens = 0u64;
@@ -250,8 +314,12 @@ async fn embeddings(State(state): State<Arc<MockState>>, body: Bytes) -> Respons
         .enumerate()
         .map(|(i, text)| {
             tokens += (text.len() as u64).div_ceil(4).max(1);
-            let seed = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-            let vector: Vec<f64> = (0..dim).map(|d| ((seed.rotate_left(d as u32 * 7) % 2000) as f64 / 1000.0) - 1.0).collect();
+            let seed = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            });
+            let vector: Vec<f64> = (0..dim)
+                .map(|d| ((seed.rotate_left(d as u32 * 7) % 2000) as f64 / 1000.0) - 1.0)
+                .collect();
             json!({"object": "embedding", "index": i, "embedding": vector})
         })
         .collect();
@@ -265,7 +333,9 @@ async fn embeddings(State(state): State<Arc<MockState>>, body: Bytes) -> Respons
 }
 
 async fn models() -> Json<Value> {
-    Json(json!({"object": "list", "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "sluice-mock"}]}))
+    Json(
+        json!({"object": "list", "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "sluice-mock"}]}),
+    )
 }
 
 async fn set_faults(State(state): State<Arc<MockState>>, body: Bytes) -> Response {

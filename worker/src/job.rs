@@ -1,0 +1,329 @@
+//! One job's life in a worker: decode, check the deadline, call upstream
+//! while telling JetStream the job is in progress, then answer and ack, or
+//! hand the job back with a delay for another attempt.
+//!
+//! Outcome → JetStream acknowledgement:
+//! - answered (success, or a 4xx the request caused): reply, event, `Ack`;
+//! - retryable failure with attempts and time left: `Nak(delay)`, the delay
+//!   from exponential backoff with jitter, at least the upstream's `Retry-After`;
+//! - retryable failure with no attempts or time left, or deadline passed:
+//!   reply with the error, event `failed`, `Ack`;
+//! - undecodable message: `Term` (it can never succeed);
+//! - worker stopping past its grace period: `Nak` at once, so another worker
+//!   takes the job without waiting for `ack_wait`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use serde::Deserialize;
+use sluice_core::envelope::{self, Envelope, H_MSG_ID, H_RETRY_AFTER, H_STATUS};
+use sluice_core::error::{ApiError, ErrorCode};
+use sluice_core::event::{JobEvent, JobStatus, Usage};
+use sluice_core::now_ms;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::metrics as m;
+use crate::upstream::{CallError, Upstreams};
+
+/// What every job task shares.
+pub struct JobContext {
+    pub nats: async_nats::Client,
+    pub js: jetstream::Context,
+    pub upstreams: Upstreams,
+    pub max_attempts: u32,
+    pub ack_wait: Duration,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    /// Fired when the grace period after SIGTERM runs out.
+    pub hard_stop: CancellationToken,
+}
+
+enum Outcome {
+    Answered {
+        status: JobStatus,
+        http_status: u16,
+        body: Bytes,
+        upstream_status: Option<u16>,
+        usage: Usage,
+        error: Option<ApiError>,
+    },
+    Retry {
+        delay: Duration,
+        reason: &'static str,
+    },
+}
+
+pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message) {
+    let env = match Envelope::from_headers(message.headers.as_ref()) {
+        Ok(env) => env,
+        Err(error) => {
+            metrics::counter!(m::POISON).increment(1);
+            tracing::warn!(%error, subject = %message.subject, "undecodable job message terminated");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let attempt = message
+        .info()
+        .map(|i| i.delivered.max(1) as u32)
+        .unwrap_or(1);
+    let span = tracing::info_span!(
+        "job", job_id = %env.job_id, tenant = %env.tenant, pool = %env.pool, attempt,
+        request_id = %env.request_id, traceparent = env.traceparent.as_deref().unwrap_or("")
+    );
+    execute(ctx, message, env, attempt).instrument(span).await;
+}
+
+async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelope, attempt: u32) {
+    let started = Instant::now();
+    let started_ms = now_ms();
+    if attempt == 1 {
+        let waited = started_ms.saturating_sub(env.submitted_ms) as f64 / 1000.0;
+        metrics::histogram!(m::QUEUE_WAIT_SECONDS, "pool" => env.pool.clone()).record(waited);
+    }
+    let remaining = Duration::from_millis(env.deadline_ms.saturating_sub(started_ms));
+    let deadline = started + remaining;
+
+    let outcome = if remaining.is_zero() {
+        failed(
+            ApiError::new(
+                ErrorCode::Timeout,
+                "the request's deadline passed before a worker could run it",
+            ),
+            None,
+        )
+    } else if attempt > ctx.max_attempts {
+        failed(
+            ApiError::new(
+                ErrorCode::UpstreamError,
+                format!("gave up after {} attempts", ctx.max_attempts),
+            ),
+            None,
+        )
+    } else if let Some(upstream) = ctx.upstreams.get(&env.pool) {
+        let body = message.payload.clone();
+        let call = upstream.call(env.endpoint, body, deadline);
+        tokio::pin!(call);
+        let mut progress = tokio::time::interval(ctx.ack_wait / 3);
+        progress.tick().await;
+        let result = loop {
+            tokio::select! {
+                result = &mut call => break result,
+                _ = progress.tick() => {
+                    if let Err(error) = message.ack_with(AckKind::Progress).await {
+                        tracing::debug!(%error, "in-progress ack failed");
+                    }
+                }
+                _ = ctx.hard_stop.cancelled() => {
+                    tracing::warn!("grace period over; handing the job back to the queue");
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                    return;
+                }
+            }
+        };
+        metrics::histogram!(m::UPSTREAM_SECONDS, "pool" => env.pool.clone())
+            .record(started.elapsed().as_secs_f64());
+        classify(&ctx, &env, result, attempt, deadline)
+    } else {
+        failed(
+            ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("this worker serves no pool `{}`", env.pool),
+            ),
+            None,
+        )
+    };
+
+    match outcome {
+        Outcome::Retry { delay, reason } => {
+            metrics::counter!(m::RETRIES, "pool" => env.pool.clone()).increment(1);
+            tracing::info!(
+                reason,
+                delay_ms = delay.as_millis() as u64,
+                "upstream failed; job goes back to the queue"
+            );
+            if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
+                tracing::warn!(%error, "nak failed; the job comes back after ack_wait");
+            }
+        }
+        Outcome::Answered {
+            status,
+            http_status,
+            body,
+            upstream_status,
+            usage,
+            error,
+        } => {
+            if let Some(reply) = &env.reply {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(H_STATUS, http_status.to_string().as_str());
+                if let Some(secs) = error.as_ref().and_then(|e| e.retry_after_secs) {
+                    headers.insert(H_RETRY_AFTER, secs.to_string().as_str());
+                }
+                if let Err(error) = ctx
+                    .nats
+                    .publish_with_headers(reply.clone(), headers, body)
+                    .await
+                {
+                    tracing::warn!(%error, "could not publish the answer to the ingress");
+                }
+            }
+            let mut event = JobEvent::from_envelope(&env, status, attempt as i32);
+            event.upstream_status = upstream_status.map(i32::from);
+            event.usage = usage;
+            event.started_ms = Some(started_ms);
+            event.finished_ms = Some(now_ms());
+            if let Some(e) = &error {
+                event.error_code = Some(e.code.as_str().to_owned());
+                event.error_message = Some(e.message.clone());
+                tracing::info!(code = e.code.as_str(), message = %e.message, "job failed");
+            }
+            if !record(&ctx, &event).await {
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return;
+            }
+            if let Err(error) = message.ack().await {
+                tracing::warn!(%error, "ack failed; the job may run again and the ledger keeps one record");
+            }
+            metrics::counter!(m::JOBS, "pool" => env.pool.clone(), "outcome" => status.as_str())
+                .increment(1);
+            metrics::histogram!(m::JOB_SECONDS, "pool" => env.pool.clone())
+                .record(started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+fn failed(error: ApiError, upstream_status: Option<u16>) -> Outcome {
+    Outcome::Answered {
+        status: JobStatus::Failed,
+        http_status: error.code.status().as_u16(),
+        body: Bytes::from(error.body()),
+        upstream_status,
+        usage: Usage::default(),
+        error: Some(error),
+    }
+}
+
+fn classify(
+    ctx: &JobContext,
+    env: &Envelope,
+    result: Result<crate::upstream::Answer, CallError>,
+    attempt: u32,
+    deadline: Instant,
+) -> Outcome {
+    match result {
+        Ok(answer) => Outcome::Answered {
+            status: JobStatus::Completed,
+            http_status: answer.status,
+            usage: usage_of(&answer.body),
+            upstream_status: Some(answer.status),
+            body: answer.body,
+            error: None,
+        },
+        Err(CallError::Rejected { status, body }) => {
+            let message = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            Outcome::Answered {
+                status: JobStatus::Failed,
+                http_status: status,
+                body,
+                upstream_status: Some(status),
+                usage: Usage::default(),
+                error: Some(ApiError::new(ErrorCode::InvalidRequest, message)),
+            }
+        }
+        Err(CallError::DeadlineExceeded) => {
+            metrics::counter!(m::UPSTREAM_FAILURES, "pool" => env.pool.clone(), "reason" => "deadline").increment(1);
+            failed(
+                ApiError::new(
+                    ErrorCode::Timeout,
+                    "the upstream did not answer before the request's deadline",
+                ),
+                None,
+            )
+        }
+        Err(CallError::Retryable {
+            reason,
+            status,
+            retry_after,
+        }) => {
+            metrics::counter!(m::UPSTREAM_FAILURES, "pool" => env.pool.clone(), "reason" => reason)
+                .increment(1);
+            let backoff = ExponentialBuilder::default()
+                .with_min_delay(ctx.retry_min)
+                .with_max_delay(ctx.retry_max)
+                .with_jitter()
+                .with_max_times(ctx.max_attempts as usize)
+                .build()
+                .nth(attempt.saturating_sub(1) as usize)
+                .unwrap_or(ctx.retry_max);
+            let delay = backoff.max(retry_after.unwrap_or_default());
+            if attempt < ctx.max_attempts && Instant::now() + delay < deadline {
+                return Outcome::Retry { delay, reason };
+            }
+            let error = if status == Some(429) {
+                ApiError::new(
+                    ErrorCode::UpstreamRateLimited,
+                    "the upstream provider is rate limiting; retry later",
+                )
+                .retry_after(retry_after.map_or(1, |d| d.as_secs().max(1)))
+            } else {
+                ApiError::new(
+                    ErrorCode::UpstreamError,
+                    format!("the upstream failed ({reason}) on every attempt"),
+                )
+            };
+            failed(error, status)
+        }
+    }
+}
+
+/// Publishes the job's event and waits for JetStream to store it, retrying
+/// with backoff; `false` if it could not be stored.
+async fn record(ctx: &JobContext, event: &JobEvent) -> bool {
+    let Ok(payload) = serde_json::to_vec(event) else {
+        return false;
+    };
+    let payload = Bytes::from(payload);
+    let subject = envelope::event_subject(event.status.as_str());
+    let msg_id = event.msg_id();
+    let publish = || async {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(H_MSG_ID, msg_id.as_str());
+        ctx.js
+            .publish_with_headers(subject.clone(), headers, payload.clone())
+            .await?
+            .await
+    };
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .with_max_times(5);
+    match publish.retry(policy).await {
+        Ok(_) => true,
+        Err(error) => {
+            metrics::counter!(m::EVENT_PUBLISH_FAILURES).increment(1);
+            tracing::warn!(%error, "could not record the job's outcome; it will run again");
+            false
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    usage: Option<Usage>,
+}
+
+fn usage_of(body: &[u8]) -> Usage {
+    serde_json::from_slice::<WithUsage>(body)
+        .ok()
+        .and_then(|w| w.usage)
+        .unwrap_or_default()
+}

@@ -1,0 +1,214 @@
+//! The ledger loop: job outcome events from the events stream into Postgres,
+//! many per statement. An event is acked only after its batch committed, so
+//! a crash or a Postgres outage delays the ledger but loses nothing.
+//!
+//! Writes are idempotent: one row per job, and a `completed` row is never
+//! overwritten, so a redelivered event or a job that ran twice leaves one
+//! record.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{AckKind, Message};
+use futures::StreamExt;
+use sluice_core::event::{JobEvent, JobStatus};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics as m;
+
+/// Longest a received event waits for more to fill its batch.
+const FLUSH_AFTER: Duration = Duration::from_millis(50);
+
+pub async fn run(
+    consumer: PullConsumer,
+    db: PgPool,
+    batch_size: usize,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = consumer
+            .stream()
+            .max_messages_per_batch(batch_size)
+            .expires(Duration::from_secs(5))
+            .messages();
+        let mut messages = match stream.await {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::warn!(%error, "ledger cannot pull events; retrying in 1 s");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = messages.next() => next,
+            };
+            let first = match first {
+                Some(Ok(m)) => m,
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "ledger pull interrupted");
+                    continue;
+                }
+                None => break,
+            };
+            let mut batch = vec![first];
+            let flush_at = tokio::time::Instant::now() + FLUSH_AFTER;
+            while batch.len() < batch_size {
+                match tokio::time::timeout_at(flush_at, messages.next()).await {
+                    Ok(Some(Ok(m))) => batch.push(m),
+                    Ok(Some(Err(_))) => continue,
+                    _ => break,
+                }
+            }
+            write_batch(&db, batch).await;
+        }
+    }
+}
+
+async fn write_batch(db: &PgPool, batch: Vec<Message>) {
+    let mut events: HashMap<uuid::Uuid, JobEvent> = HashMap::with_capacity(batch.len());
+    let mut valid = Vec::with_capacity(batch.len());
+    for message in batch {
+        match serde_json::from_slice::<JobEvent>(&message.payload) {
+            Ok(event) => {
+                // One row per job in a statement: keep the event that wins.
+                match events.get(&event.job_id) {
+                    Some(kept) if rank(kept) >= rank(&event) => {}
+                    _ => {
+                        events.insert(event.job_id, event);
+                    }
+                }
+                valid.push(message);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "undecodable job event terminated");
+                let _ = message.ack_with(AckKind::Term).await;
+            }
+        }
+    }
+    if events.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let count = events.len();
+    match upsert(db, events.into_values().collect()).await {
+        Ok(()) => {
+            metrics::histogram!(m::LEDGER_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+            metrics::counter!(m::LEDGER_WRITES).increment(count as u64);
+            for message in valid {
+                if let Err(error) = message.ack().await {
+                    tracing::debug!(%error, "ledger ack failed; the event will be written again");
+                }
+            }
+        }
+        Err(error) => {
+            metrics::counter!(m::LEDGER_FAILURES).increment(1);
+            tracing::warn!(%error, events = count, "ledger write failed; events will be retried");
+            for message in valid {
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                    .await;
+            }
+        }
+    }
+}
+
+/// Which of two events about one job the ledger keeps.
+fn rank(e: &JobEvent) -> (u8, i32) {
+    let status = match e.status {
+        JobStatus::Completed => 3,
+        s if s.is_terminal() => 2,
+        JobStatus::InProgress => 1,
+        _ => 0,
+    };
+    (status, e.attempts)
+}
+
+async fn upsert(db: &PgPool, events: Vec<JobEvent>) -> Result<(), sqlx::Error> {
+    let ms = |v: u64| v as i64;
+    let mut ids = Vec::new();
+    let mut tenants = Vec::new();
+    let mut pools = Vec::new();
+    let mut endpoints = Vec::new();
+    let mut statuses = Vec::new();
+    let mut attempts = Vec::new();
+    let mut upstream = Vec::new();
+    let mut prompt = Vec::new();
+    let mut completion = Vec::new();
+    let mut total = Vec::new();
+    let mut codes = Vec::new();
+    let mut messages = Vec::new();
+    let mut request_ids = Vec::new();
+    let mut submitted = Vec::new();
+    let mut started = Vec::new();
+    let mut finished = Vec::new();
+    for e in events {
+        ids.push(e.job_id);
+        tenants.push(e.tenant_id);
+        pools.push(e.pool);
+        endpoints.push(e.endpoint);
+        statuses.push(e.status.as_str().to_owned());
+        attempts.push(e.attempts);
+        upstream.push(e.upstream_status);
+        prompt.push(e.usage.prompt_tokens);
+        completion.push(e.usage.completion_tokens);
+        total.push(e.usage.total_tokens);
+        codes.push(e.error_code);
+        messages.push(e.error_message);
+        request_ids.push(e.request_id);
+        submitted.push(ms(e.submitted_ms));
+        started.push(e.started_ms.map(ms));
+        finished.push(e.finished_ms.map(ms));
+    }
+    sqlx::query(
+        "INSERT INTO jobs (id, tenant_id, pool, endpoint, status, attempts, upstream_status,
+                           prompt_tokens, completion_tokens, total_tokens, error_code, error_message,
+                           request_id, submitted_at, started_at, finished_at)
+         SELECT id, tenant_id, pool, endpoint, status, attempts, upstream_status,
+                prompt_tokens, completion_tokens, total_tokens, error_code, error_message, request_id,
+                to_timestamp(submitted / 1000.0), to_timestamp(started / 1000.0), to_timestamp(finished / 1000.0)
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::int4[],
+                     $8::int4[], $9::int4[], $10::int4[], $11::text[], $12::text[], $13::text[],
+                     $14::int8[], $15::int8[], $16::int8[])
+              AS e(id, tenant_id, pool, endpoint, status, attempts, upstream_status, prompt_tokens,
+                   completion_tokens, total_tokens, error_code, error_message, request_id,
+                   submitted, started, finished)
+         ON CONFLICT (id) DO UPDATE SET
+             status = EXCLUDED.status,
+             attempts = GREATEST(jobs.attempts, EXCLUDED.attempts),
+             upstream_status = EXCLUDED.upstream_status,
+             prompt_tokens = EXCLUDED.prompt_tokens,
+             completion_tokens = EXCLUDED.completion_tokens,
+             total_tokens = EXCLUDED.total_tokens,
+             error_code = EXCLUDED.error_code,
+             error_message = EXCLUDED.error_message,
+             started_at = COALESCE(EXCLUDED.started_at, jobs.started_at),
+             finished_at = EXCLUDED.finished_at,
+             recorded_at = now()
+         WHERE jobs.status <> 'completed'",
+    )
+    .bind(ids)
+    .bind(tenants)
+    .bind(pools)
+    .bind(endpoints)
+    .bind(statuses)
+    .bind(attempts)
+    .bind(upstream)
+    .bind(prompt)
+    .bind(completion)
+    .bind(total)
+    .bind(codes)
+    .bind(messages)
+    .bind(request_ids)
+    .bind(submitted)
+    .bind(started)
+    .bind(finished)
+    .execute(db)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! Every metric the worker records, described once.
+
+pub const JOBS: &str = "sluice_worker_jobs_total";
+pub const JOB_SECONDS: &str = "sluice_worker_job_duration_seconds";
+pub const QUEUE_WAIT_SECONDS: &str = "sluice_worker_queue_wait_seconds";
+pub const UPSTREAM_SECONDS: &str = "sluice_worker_upstream_duration_seconds";
+pub const UPSTREAM_FAILURES: &str = "sluice_worker_upstream_failures_total";
+pub const RETRIES: &str = "sluice_worker_retries_total";
+pub const IN_FLIGHT: &str = "sluice_worker_jobs_in_flight";
+pub const FETCH_ERRORS: &str = "sluice_worker_fetch_errors_total";
+pub const POISON: &str = "sluice_worker_poison_messages_total";
+pub const EVENT_PUBLISH_FAILURES: &str = "sluice_worker_event_publish_failures_total";
+pub const LEDGER_WRITES: &str = "sluice_ledger_events_written_total";
+pub const LEDGER_BATCH_SECONDS: &str = "sluice_ledger_batch_duration_seconds";
+pub const LEDGER_FAILURES: &str = "sluice_ledger_write_failures_total";
+
+pub fn describe() {
+    metrics::describe_counter!(
+        JOBS,
+        "jobs finished, by pool and outcome (completed, failed, expired)"
+    );
+    metrics::describe_histogram!(
+        JOB_SECONDS,
+        metrics::Unit::Seconds,
+        "time a worker spent on a job, by pool"
+    );
+    metrics::describe_histogram!(
+        QUEUE_WAIT_SECONDS,
+        metrics::Unit::Seconds,
+        "submit until a worker took the job, by pool"
+    );
+    metrics::describe_histogram!(
+        UPSTREAM_SECONDS,
+        metrics::Unit::Seconds,
+        "upstream call duration, by pool"
+    );
+    metrics::describe_counter!(
+        UPSTREAM_FAILURES,
+        "failed upstream calls, by pool and reason"
+    );
+    metrics::describe_counter!(
+        RETRIES,
+        "jobs handed back to the queue for another attempt, by pool"
+    );
+    metrics::describe_gauge!(IN_FLIGHT, "jobs this worker is executing");
+    metrics::describe_counter!(FETCH_ERRORS, "failed pull requests to JetStream");
+    metrics::describe_counter!(
+        POISON,
+        "job messages that could not be decoded and were terminated"
+    );
+    metrics::describe_counter!(
+        EVENT_PUBLISH_FAILURES,
+        "job events that could not be published to the events stream"
+    );
+    metrics::describe_counter!(LEDGER_WRITES, "job events written to Postgres");
+    metrics::describe_histogram!(
+        LEDGER_BATCH_SECONDS,
+        metrics::Unit::Seconds,
+        "time to write one ledger batch"
+    );
+    metrics::describe_counter!(
+        LEDGER_FAILURES,
+        "ledger batches that failed to write and were retried"
+    );
+}
