@@ -21,10 +21,7 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("config file {path} is not valid TOML: {message}")]
     Parse { path: String, message: String },
     #[error("config key `{key}`: {message}")]
@@ -33,10 +30,7 @@ pub enum ConfigError {
 
 impl ConfigError {
     fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Key {
-            key: key.into(),
-            message: message.into(),
-        }
+        Self::Key { key: key.into(), message: message.into() }
     }
 }
 
@@ -258,10 +252,7 @@ impl Default for UpstreamConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            filter: "info".into(),
-            format: "text".into(),
-        }
+        Self { filter: "info".into(), format: "text".into() }
     }
 }
 
@@ -273,23 +264,15 @@ impl Config {
     /// Loads defaults, then `file` if given, then the `SLUICE__…` entries of
     /// `env`, and validates the result. Tests pass their own `env` instead of
     /// calling `set_var`.
-    pub fn load(
-        file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let mut root = toml::Table::new();
         if let Some(path) = file {
             let shown = path.display().to_string();
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: shown.clone(),
-                source,
-            })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
             root = text
                 .parse::<toml::Table>()
-                .map_err(|e| ConfigError::Parse {
-                    path: shown,
-                    message: e.message().to_owned(),
-                })?;
+                .map_err(|e| ConfigError::Parse { path: shown, message: e.message().to_owned() })?;
         }
         for (name, value) in env {
             let Some(path) = name.strip_prefix("SLUICE__") else {
@@ -319,18 +302,9 @@ impl Config {
             ("worker.max_attempts", u64::from(self.worker.max_attempts)),
             ("worker.fetch_expires_ms", self.worker.fetch_expires_ms),
             ("worker.ledger_batch", self.worker.ledger_batch as u64),
-            (
-                "upstream.connect_timeout_ms",
-                self.upstream.connect_timeout_ms,
-            ),
-            (
-                "upstream.request_timeout_ms",
-                self.upstream.request_timeout_ms,
-            ),
-            (
-                "upstream.response_header_timeout_ms",
-                self.upstream.response_header_timeout_ms,
-            ),
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            ("upstream.request_timeout_ms", self.upstream.request_timeout_ms),
+            ("upstream.response_header_timeout_ms", self.upstream.response_header_timeout_ms),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -338,16 +312,10 @@ impl Config {
             }
         }
         if self.worker.ack_wait_ms < 1_000 {
-            return Err(ConfigError::key(
-                "worker.ack_wait_ms",
-                "must be at least 1000",
-            ));
+            return Err(ConfigError::key("worker.ack_wait_ms", "must be at least 1000"));
         }
         if self.worker.retry_min_delay_ms > self.worker.retry_max_delay_ms {
-            return Err(ConfigError::key(
-                "worker.retry_min_delay_ms",
-                "must not exceed worker.retry_max_delay_ms",
-            ));
+            return Err(ConfigError::key("worker.retry_min_delay_ms", "must not exceed worker.retry_max_delay_ms"));
         }
         if !matches!(self.nats.replicas, 1 | 3 | 5) {
             return Err(ConfigError::key("nats.replicas", "must be 1, 3 or 5"));
@@ -355,16 +323,8 @@ impl Config {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::key("log.format", "must be `text` or `json`"));
         }
-        for name in [
-            &self.nats.jobs_stream,
-            &self.nats.events_stream,
-            &self.worker.consumer,
-        ] {
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            {
+        for name in [&self.nats.jobs_stream, &self.nats.events_stream, &self.worker.consumer] {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
                 return Err(ConfigError::key(
                     "nats.jobs_stream / nats.events_stream / worker.consumer",
                     "names may hold only letters, digits, `_` and `-`",
@@ -378,22 +338,13 @@ impl Config {
                 return Err(ConfigError::key(key("name"), "must be 1 to 128 characters"));
             }
             if !tokens.insert(pool.subject_token()) {
-                return Err(ConfigError::key(
-                    key("name"),
-                    "collides with another pool's name",
-                ));
+                return Err(ConfigError::key(key("name"), "collides with another pool's name"));
             }
             if !(pool.base_url.starts_with("http://") || pool.base_url.starts_with("https://")) {
-                return Err(ConfigError::key(
-                    key("base_url"),
-                    "must start with http:// or https://",
-                ));
+                return Err(ConfigError::key(key("base_url"), "must start with http:// or https://"));
             }
             if pool.api_key.is_some() && pool.api_key_env.is_some() {
-                return Err(ConfigError::key(
-                    key("api_key"),
-                    "set api_key or api_key_env, not both",
-                ));
+                return Err(ConfigError::key(key("api_key"), "set api_key or api_key_env, not both"));
             }
         }
         Ok(())
@@ -442,14 +393,9 @@ fn set_in_value(slot: &mut toml::Value, path: &[String], value: toml::Value) -> 
     match slot {
         toml::Value::Table(t) => set_path(t, path, value),
         toml::Value::Array(items) => {
-            let index: usize = path[0]
-                .parse()
-                .map_err(|_| format!("`{}` is not a list index", path[0]))?;
+            let index: usize = path[0].parse().map_err(|_| format!("`{}` is not a list index", path[0]))?;
             if index > items.len() {
-                return Err(format!(
-                    "list index {index} skips entries (list has {})",
-                    items.len()
-                ));
+                return Err(format!("list index {index} skips entries (list has {})", items.len()));
             }
             if index == items.len() {
                 items.push(toml::Value::Table(toml::Table::new()));
@@ -470,10 +416,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     #[test]

@@ -21,11 +21,8 @@ pub const KEY_PREFIX: &str = "sk-sluice-";
 
 /// The files of `migrations/`, embedded so the binaries carry their schema.
 /// `migration_list_matches_directory` keeps this list honest.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "tenants keys jobs",
-    include_str!("../../migrations/0001_tenants_keys_jobs.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "tenants keys jobs", include_str!("../../migrations/0001_tenants_keys_jobs.sql"))];
 
 pub type KeyDigest = [u8; 32];
 
@@ -54,13 +51,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     let migrations = MIGRATIONS
         .iter()
         .map(|(version, description, sql)| {
-            Migration::new(
-                *version,
-                Cow::Borrowed(*description),
-                MigrationType::Simple,
-                sql.into_sql_str(),
-                false,
-            )
+            Migration::new(*version, Cow::Borrowed(*description), MigrationType::Simple, sql.into_sql_str(), false)
         })
         .collect();
     Migrator::with_migrations(migrations).run(pool).await?;
@@ -100,10 +91,7 @@ pub async fn ensure_tenant(pool: &PgPool, name: &str) -> Result<Uuid, DbError> {
 }
 
 pub async fn tenant_id(pool: &PgPool, name: &str) -> Result<Uuid, DbError> {
-    let row = sqlx::query("SELECT id FROM tenants WHERE name = $1")
-        .bind(name)
-        .fetch_optional(pool)
-        .await?;
+    let row = sqlx::query("SELECT id FROM tenants WHERE name = $1").bind(name).fetch_optional(pool).await?;
     match row {
         Some(row) => Ok(row.try_get("id")?),
         None => Err(DbError::NoTenant(name.to_owned())),
@@ -131,20 +119,15 @@ pub async fn create_key(pool: &PgPool, tenant: Uuid) -> Result<NewKey, DbError> 
         .bind(hex(&digest(&key)))
         .execute(pool)
         .await?;
-    Ok(NewKey {
-        id,
-        key: crate::secret::Secret::new(key),
-        prefix,
-    })
+    Ok(NewKey { id, key: crate::secret::Secret::new(key), prefix })
 }
 
 /// Revokes a key by id; returns whether a live key was revoked.
 pub async fn revoke_key(pool: &PgPool, key_id: Uuid) -> Result<bool, DbError> {
-    let done =
-        sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
-            .bind(key_id)
-            .execute(pool)
-            .await?;
+    let done = sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
+        .bind(key_id)
+        .execute(pool)
+        .await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -157,9 +140,8 @@ pub struct KeyOwner {
 
 /// Every live key, by digest: the ingress's auth cache.
 pub async fn live_keys(pool: &PgPool) -> Result<HashMap<KeyDigest, KeyOwner>, DbError> {
-    let rows = sqlx::query("SELECT id, tenant_id, key_hash FROM api_keys WHERE revoked_at IS NULL")
-        .fetch_all(pool)
-        .await?;
+    let rows =
+        sqlx::query("SELECT id, tenant_id, key_hash FROM api_keys WHERE revoked_at IS NULL").fetch_all(pool).await?;
     let mut keys = HashMap::with_capacity(rows.len());
     for row in rows {
         let hash: String = row.try_get("key_hash")?;
@@ -167,13 +149,7 @@ pub async fn live_keys(pool: &PgPool) -> Result<HashMap<KeyDigest, KeyOwner>, Db
             tracing::warn!(key_id = %row.try_get::<Uuid, _>("id")?, "api key with malformed digest ignored");
             continue;
         };
-        keys.insert(
-            digest,
-            KeyOwner {
-                tenant_id: row.try_get("tenant_id")?,
-                key_id: row.try_get("id")?,
-            },
-        );
+        keys.insert(digest, KeyOwner { tenant_id: row.try_get("tenant_id")?, key_id: row.try_get("id")? });
     }
     Ok(keys)
 }
@@ -193,22 +169,12 @@ mod tests {
     fn migration_list_matches_directory() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations");
         let mut files: Vec<String> = std::fs::read_dir(dir)
-            .map(|it| {
-                it.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
+            .map(|it| it.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
         files.retain(|f| f.ends_with(".sql"));
         files.sort();
         let listed: Vec<i64> = MIGRATIONS.iter().map(|m| m.0).collect();
-        let on_disk: Vec<i64> = files
-            .iter()
-            .filter_map(|f| f.split('_').next()?.parse().ok())
-            .collect();
-        assert_eq!(
-            listed, on_disk,
-            "every file in migrations/ must be listed in db::MIGRATIONS"
-        );
+        let on_disk: Vec<i64> = files.iter().filter_map(|f| f.split('_').next()?.parse().ok()).collect();
+        assert_eq!(listed, on_disk, "every file in migrations/ must be listed in db::MIGRATIONS");
     }
 }

@@ -71,15 +71,7 @@ impl Class {
 
 /// A subject-safe form of a name: anything but `[A-Za-z0-9_-]` becomes `_`.
 pub fn subject_token(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
 pub fn job_subject(pool_token: &str, class: Class, tenant: Uuid) -> String {
@@ -140,22 +132,13 @@ impl Envelope {
         let h = h.ok_or(EnvelopeError::NoHeaders)?;
         let get = |name: &'static str| h.get(name).map(|v| v.as_str());
         let need = |name: &'static str| get(name).ok_or(EnvelopeError::Missing(name));
-        let uuid = |name: &'static str| {
-            need(name)?
-                .parse::<Uuid>()
-                .map_err(|_| EnvelopeError::Malformed(name))
-        };
-        let number = |name: &'static str| {
-            need(name)?
-                .parse::<u64>()
-                .map_err(|_| EnvelopeError::Malformed(name))
-        };
+        let uuid = |name: &'static str| need(name)?.parse::<Uuid>().map_err(|_| EnvelopeError::Malformed(name));
+        let number = |name: &'static str| need(name)?.parse::<u64>().map_err(|_| EnvelopeError::Malformed(name));
         Ok(Self {
             job_id: uuid(H_MSG_ID)?,
             tenant: uuid(H_TENANT)?,
             pool: need(H_POOL)?.to_owned(),
-            endpoint: Endpoint::parse(need(H_ENDPOINT)?)
-                .ok_or(EnvelopeError::Malformed(H_ENDPOINT))?,
+            endpoint: Endpoint::parse(need(H_ENDPOINT)?).ok_or(EnvelopeError::Malformed(H_ENDPOINT))?,
             reply: get(H_REPLY).map(str::to_owned),
             deadline_ms: number(H_DEADLINE)?,
             submitted_ms: number(H_SUBMITTED)?,
@@ -194,16 +177,10 @@ mod tests {
         assert_eq!(Envelope::from_headers(None), Err(EnvelopeError::NoHeaders));
         let mut h = sample().to_headers();
         h.insert(H_DEADLINE, "soon");
-        assert_eq!(
-            Envelope::from_headers(Some(&h)),
-            Err(EnvelopeError::Malformed(H_DEADLINE))
-        );
+        assert_eq!(Envelope::from_headers(Some(&h)), Err(EnvelopeError::Malformed(H_DEADLINE)));
         let mut h = HeaderMap::new();
         h.insert(H_MSG_ID, Uuid::new_v4().to_string().as_str());
-        assert_eq!(
-            Envelope::from_headers(Some(&h)),
-            Err(EnvelopeError::Missing(H_TENANT))
-        );
+        assert_eq!(Envelope::from_headers(Some(&h)), Err(EnvelopeError::Missing(H_TENANT)));
     }
 
     #[test]

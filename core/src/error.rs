@@ -38,9 +38,7 @@ impl ErrorCode {
             Self::ModelNotFound | Self::NotFound => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Overloaded | Self::QueueFull | Self::UpstreamRateLimited => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            Self::Overloaded | Self::QueueFull | Self::UpstreamRateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::QueueUnavailable | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -59,11 +57,9 @@ impl ErrorCode {
             | Self::UnsupportedMediaType => "invalid_request_error",
             Self::InvalidApiKey => "authentication_error",
             Self::Overloaded | Self::QueueFull | Self::UpstreamRateLimited => "rate_limit_error",
-            Self::UpstreamError
-            | Self::QueueUnavailable
-            | Self::Unavailable
-            | Self::Timeout
-            | Self::Internal => "server_error",
+            Self::UpstreamError | Self::QueueUnavailable | Self::Unavailable | Self::Timeout | Self::Internal => {
+                "server_error"
+            }
         }
     }
 
@@ -118,13 +114,7 @@ struct Body<'a> {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-            param: None,
-            retry_after_secs: None,
-            job_id: None,
-        }
+        Self { code, message: message.into(), param: None, retry_after_secs: None, job_id: None }
     }
 
     pub fn param(mut self, param: &'static str) -> Self {
@@ -161,10 +151,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.code.status(), self.body()).into_response();
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(secs) = self.retry_after_secs {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

@@ -30,10 +30,7 @@ impl JobStatus {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            Self::Completed | Self::Failed | Self::Cancelled | Self::Expired
-        )
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled | Self::Expired)
     }
 }
 

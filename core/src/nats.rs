@@ -10,15 +10,9 @@ use crate::envelope::{EVENTS_SUBJECTS, JOBS_SUBJECTS};
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
     #[error("cannot connect to NATS at {url}: {source}")]
-    Connect {
-        url: String,
-        source: async_nats::ConnectError,
-    },
+    Connect { url: String, source: async_nats::ConnectError },
     #[error("cannot declare stream {name}: {source}")]
-    Stream {
-        name: String,
-        source: async_nats::jetstream::context::CreateStreamError,
-    },
+    Stream { name: String, source: async_nats::jetstream::context::CreateStreamError },
 }
 
 /// Connects with Sluice's options: a name for the server's monitoring, the
@@ -30,10 +24,7 @@ pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Clie
         .request_timeout(Some(ms(config.request_timeout_ms)))
         .connect(config.url.as_str())
         .await
-        .map_err(|source| NatsError::Connect {
-            url: config.url.clone(),
-            source,
-        })
+        .map_err(|source| NatsError::Connect { url: config.url.clone(), source })
 }
 
 pub fn jetstream(client: async_nats::Client, config: &NatsConfig) -> jetstream::Context {
@@ -70,9 +61,7 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Res
     };
     for cfg in [jobs, events] {
         let name = cfg.name.clone();
-        js.get_or_create_stream(cfg)
-            .await
-            .map_err(|source| NatsError::Stream { name, source })?;
+        js.get_or_create_stream(cfg).await.map_err(|source| NatsError::Stream { name, source })?;
     }
     Ok(())
 }

@@ -9,22 +9,16 @@ use crate::config::LogConfig;
 /// Latency buckets (seconds) for every `*_seconds` histogram: fine below a
 /// millisecond, where the gateway's own overhead lives, up to two minutes.
 const SECONDS_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 30.0, 60.0, 120.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0,
 ];
 
 /// Installs the `tracing` subscriber. Safe to call more than once (tests).
 pub fn init_logging(config: &LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true);
-    let _ = if config.format == "json" {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let _ = if config.format == "json" { builder.json().try_init() } else { builder.try_init() };
 }
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();

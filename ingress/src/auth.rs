@@ -28,11 +28,7 @@ pub struct KeyCache {
 impl KeyCache {
     /// Loads the live keys once, then keeps reloading them in the background
     /// until `shutdown` fires.
-    pub async fn start(
-        db: PgPool,
-        every: Duration,
-        shutdown: CancellationToken,
-    ) -> Result<Self, db::DbError> {
+    pub async fn start(db: PgPool, every: Duration, shutdown: CancellationToken) -> Result<Self, db::DbError> {
         let first = Arc::new(db::live_keys(&db).await?);
         metrics::gauge!(crate::metrics::AUTH_KEYS).set(first.len() as f64);
         let (tx, rx) = watch::channel(first);
@@ -64,10 +60,7 @@ impl KeyCache {
     /// Anthropic-style `x-api-key`) header, or 401.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<KeyOwner, ApiError> {
         let key = bearer(headers).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::InvalidApiKey,
-                "missing API key: send `Authorization: Bearer <key>`",
-            )
+            ApiError::new(ErrorCode::InvalidApiKey, "missing API key: send `Authorization: Bearer <key>`")
         })?;
         let digest = db::digest(key);
         self.keys
@@ -79,21 +72,11 @@ impl KeyCache {
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    if let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let (scheme, token) = value.split_once(' ')?;
-        return scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim())
-            .filter(|t| !t.is_empty());
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty());
     }
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim).filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
@@ -105,10 +88,7 @@ mod tests {
     fn bearer_token_is_read() {
         let mut h = HeaderMap::new();
         assert_eq!(bearer(&h), None);
-        h.insert(
-            "authorization",
-            HeaderValue::from_static("Bearer sk-sluice-1"),
-        );
+        h.insert("authorization", HeaderValue::from_static("Bearer sk-sluice-1"));
         assert_eq!(bearer(&h), Some("sk-sluice-1"));
         h.insert("authorization", HeaderValue::from_static("Basic abc"));
         assert_eq!(bearer(&h), None);

@@ -7,15 +7,8 @@ use serde::Deserialize;
 use sluice_core::error::{ApiError, ErrorCode};
 
 /// Checks the content type and reads at most `limit` bytes of the body.
-pub async fn read_json_body(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<Bytes, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+pub async fn read_json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = content_type.split(';').next().unwrap_or("").trim();
     if !mime.eq_ignore_ascii_case("application/json") {
         return Err(ApiError::new(
@@ -23,15 +16,9 @@ pub async fn read_json_body(
             format!("expected `Content-Type: application/json`, got `{content_type}`"),
         ));
     }
-    let too_large = || {
-        ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("request body is larger than the limit of {limit} bytes"),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let too_large =
+        || ApiError::new(ErrorCode::PayloadTooLarge, format!("request body is larger than the limit of {limit} bytes"));
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
@@ -52,16 +39,8 @@ pub async fn read_json_body(
 /// of a type error, the way OpenAI's API does.
 pub fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {
-        let code = if e.is_data() {
-            ErrorCode::InvalidRequest
-        } else {
-            ErrorCode::InvalidJson
-        };
-        let what = if e.is_data() {
-            "invalid request"
-        } else {
-            "request body is not valid JSON"
-        };
+        let code = if e.is_data() { ErrorCode::InvalidRequest } else { ErrorCode::InvalidJson };
+        let what = if e.is_data() { "invalid request" } else { "request body is not valid JSON" };
         ApiError::new(code, format!("{what}: {e}"))
     })
 }

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use sluice_core::config::{Config, EXIT_BAD_CONFIG};
 use sluice_ingress::{Ingress, admin};
 
-const USAGE: &str = "usage: sluice-ingress [--config FILE] [serve | migrate | create-key --tenant NAME | revoke-key KEY_ID]
+const USAGE: &str =
+    "usage: sluice-ingress [--config FILE] [serve | migrate | create-key --tenant NAME | revoke-key KEY_ID]
 
   serve        run the HTTP ingress (default)
   migrate      apply the database migrations
@@ -42,9 +43,7 @@ async fn main() -> ExitCode {
     let outcome = match words.as_slice() {
         [] | ["serve"] => serve(config).await,
         ["migrate"] => admin::migrate(&config).await.map_err(|e| e.to_string()),
-        ["create-key", "--tenant", tenant] => admin::create_key(&config, tenant)
-            .await
-            .map_err(|e| e.to_string()),
+        ["create-key", "--tenant", tenant] => admin::create_key(&config, tenant).await.map_err(|e| e.to_string()),
         ["revoke-key", id] => match id.parse() {
             Ok(id) => match admin::revoke_key(&config, id).await {
                 Ok(true) => {
@@ -73,16 +72,12 @@ async fn main() -> ExitCode {
 async fn serve(config: Config) -> Result<(), String> {
     let shutdown = sluice_core::shutdown::on_signal();
     let listen = config.ingress.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let ingress = Ingress::build(config).await.map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%addr, "ingress listening");
-    ingress
-        .run(listener, shutdown)
-        .await
-        .map_err(|e| e.to_string())?;
+    ingress.run(listener, shutdown).await.map_err(|e| e.to_string())?;
     tracing::info!("ingress stopped");
     Ok(())
 }

@@ -12,31 +12,14 @@ pub const AUTH_REFRESH_FAILURES: &str = "sluice_ingress_auth_refresh_failures_to
 pub const ORPHAN_REPLIES: &str = "sluice_ingress_orphan_replies_total";
 
 pub fn describe() {
-    metrics::describe_counter!(
-        REQUESTS,
-        "HTTP requests answered, by route template and status code"
-    );
-    metrics::describe_histogram!(
-        REQUEST_SECONDS,
-        metrics::Unit::Seconds,
-        "time to answer, by route template"
-    );
-    metrics::describe_histogram!(
-        PUBLISH_SECONDS,
-        metrics::Unit::Seconds,
-        "JetStream publish until acknowledged"
-    );
+    metrics::describe_counter!(REQUESTS, "HTTP requests answered, by route template and status code");
+    metrics::describe_histogram!(REQUEST_SECONDS, metrics::Unit::Seconds, "time to answer, by route template");
+    metrics::describe_histogram!(PUBLISH_SECONDS, metrics::Unit::Seconds, "JetStream publish until acknowledged");
     metrics::describe_counter!(REJECTED, "requests refused or failed, by error code");
     metrics::describe_gauge!(IN_FLIGHT, "synchronous requests waiting for their answer");
     metrics::describe_gauge!(AUTH_KEYS, "live API keys in the auth cache");
-    metrics::describe_counter!(
-        AUTH_REFRESH_FAILURES,
-        "failed reloads of the API-key cache from Postgres"
-    );
-    metrics::describe_counter!(
-        ORPHAN_REPLIES,
-        "worker answers that arrived after their request gave up"
-    );
+    metrics::describe_counter!(AUTH_REFRESH_FAILURES, "failed reloads of the API-key cache from Postgres");
+    metrics::describe_counter!(ORPHAN_REPLIES, "worker answers that arrived after their request gave up");
 }
 
 pub fn answered(route: &'static str, status: u16, elapsed: Duration) {

@@ -83,49 +83,26 @@ impl Replies {
                 }
             }
         });
-        Ok(Self {
-            prefix,
-            next: AtomicU64::new(1),
-            commands: tx,
-        })
+        Ok(Self { prefix, next: AtomicU64::new(1), commands: tx })
     }
 
     pub fn register(&self) -> Waiter {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let _ = self.commands.send(Command::Register(id, tx));
-        Waiter {
-            subject: format!("{}.{id}", self.prefix),
-            id,
-            rx,
-            commands: self.commands.clone(),
-        }
+        Waiter { subject: format!("{}.{id}", self.prefix), id, rx, commands: self.commands.clone() }
     }
 }
 
 fn route(waiting: &mut HashMap<u64, oneshot::Sender<Reply>>, message: async_nats::Message) {
-    let id = message
-        .subject
-        .rsplit('.')
-        .next()
-        .and_then(|t| t.parse::<u64>().ok());
+    let id = message.subject.rsplit('.').next().and_then(|t| t.parse::<u64>().ok());
     let Some(sender) = id.and_then(|id| waiting.remove(&id)) else {
         metrics::counter!(crate::metrics::ORPHAN_REPLIES).increment(1);
         return;
     };
-    let header = |name: &str| {
-        message
-            .headers
-            .as_ref()?
-            .get(name)?
-            .as_str()
-            .parse::<u64>()
-            .ok()
-    };
+    let header = |name: &str| message.headers.as_ref()?.get(name)?.as_str().parse::<u64>().ok();
     let reply = Reply {
-        status: header(H_STATUS)
-            .and_then(|s| u16::try_from(s).ok())
-            .unwrap_or(502),
+        status: header(H_STATUS).and_then(|s| u16::try_from(s).ok()).unwrap_or(502),
         retry_after: header(H_RETRY_AFTER),
         body: message.payload,
     };

@@ -59,18 +59,9 @@ impl Ingress {
         nats::ensure_streams(&js, &config.nats).await?;
         let db = db::connect(&config.database).await?;
         let background = CancellationToken::new();
-        let keys = KeyCache::start(
-            db.clone(),
-            ms(config.ingress.auth_refresh_ms),
-            background.clone(),
-        )
-        .await?;
+        let keys = KeyCache::start(db.clone(), ms(config.ingress.auth_refresh_ms), background.clone()).await?;
         let replies = Replies::start(&client, &ingress_id, background.clone()).await?;
-        let pool_tokens = config
-            .pools
-            .iter()
-            .map(|p| (p.name.clone(), p.subject_token()))
-            .collect();
+        let pool_tokens = config.pools.iter().map(|p| (p.name.clone(), p.subject_token())).collect();
         let state = AppState {
             in_flight: Arc::new(Semaphore::new(config.ingress.max_in_flight)),
             config,
@@ -80,36 +71,24 @@ impl Ingress {
             replies,
             pool_tokens,
         };
-        Ok(Self {
-            state: Arc::new(state),
-            db,
-            background,
-        })
+        Ok(Self { state: Arc::new(state), db, background })
     }
 
     pub fn router(&self) -> Router {
-        let readiness = Readiness {
-            nats: Some(self.state.nats.clone()),
-            db: Some(self.db.clone()),
-        };
+        let readiness = Readiness { nats: Some(self.state.nats.clone()), db: Some(self.db.clone()) };
         crate::routes::router(self.state.clone()).merge(ops::router(readiness))
     }
 
     /// Serves on `listener` until `shutdown` fires, then lets in-flight
     /// requests finish for `ingress.shutdown_grace_ms` before giving up.
-    pub async fn run(
-        self,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-    ) -> Result<(), StartError> {
+    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
         let grace = Duration::from_millis(self.state.config.ingress.shutdown_grace_ms);
         let app = self.router();
         let stop = shutdown.clone();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        });
+        let server =
+            tokio::spawn(
+                async move { axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await },
+            );
         tokio::pin!(server);
         let result = tokio::select! {
             done = &mut server => done,

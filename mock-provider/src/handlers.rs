@@ -77,16 +77,8 @@ impl MockState {
         self.hang_rate_bits.store(f.hang_rate.to_bits(), Relaxed);
         self.fail_next.store(f.fail_next, Relaxed);
         self.hang_next.store(f.hang_next, Relaxed);
-        self.error_status.store(
-            if f.error_status == 0 {
-                500
-            } else {
-                u64::from(f.error_status)
-            },
-            Relaxed,
-        );
-        self.hang_ms
-            .store(if f.hang_ms == 0 { 600_000 } else { f.hang_ms }, Relaxed);
+        self.error_status.store(if f.error_status == 0 { 500 } else { u64::from(f.error_status) }, Relaxed);
+        self.hang_ms.store(if f.hang_ms == 0 { 600_000 } else { f.hang_ms }, Relaxed);
     }
 
     /// A uniform number in [0, 1) from a shared xorshift state.
@@ -101,9 +93,7 @@ impl MockState {
     }
 
     fn take_one(counter: &AtomicU64) -> bool {
-        counter
-            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
-            .is_ok()
+        counter.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok()
     }
 }
 
@@ -137,14 +127,11 @@ async fn before_answer(state: &MockState) -> Fault {
         if state.window_count.fetch_add(1, Relaxed) >= rpm {
             state.stats.rate_limited.fetch_add(1, Relaxed);
             let retry_after = 60 - elapsed.as_secs() % 60;
-            return Fault::RateLimited {
-                retry_after,
-                limit: rpm,
-            };
+            return Fault::RateLimited { retry_after, limit: rpm };
         }
     }
-    let hang = MockState::take_one(&state.hang_next)
-        || state.random() < f64::from_bits(state.hang_rate_bits.load(Relaxed));
+    let hang =
+        MockState::take_one(&state.hang_next) || state.random() < f64::from_bits(state.hang_rate_bits.load(Relaxed));
     if hang {
         state.stats.hangs.fetch_add(1, Relaxed);
         tokio::time::sleep(Duration::from_millis(state.hang_ms.load(Relaxed))).await;
@@ -153,12 +140,12 @@ async fn before_answer(state: &MockState) -> Fault {
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
-    let fail = MockState::take_one(&state.fail_next)
-        || state.random() < f64::from_bits(state.error_rate_bits.load(Relaxed));
+    let fail =
+        MockState::take_one(&state.fail_next) || state.random() < f64::from_bits(state.error_rate_bits.load(Relaxed));
     if fail {
         state.stats.errors.fetch_add(1, Relaxed);
-        let status = StatusCode::from_u16(state.error_status.load(Relaxed) as u16)
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(state.error_status.load(Relaxed) as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Fault::Error(status);
     }
     state.stats.ok.fetch_add(1, Relaxed);
@@ -170,11 +157,7 @@ fn fault_response(fault: Fault) -> Option<Response> {
         Fault::None => None,
         Fault::Error(status) => Some(error(status, "server_error", "injected failure")),
         Fault::RateLimited { retry_after, limit } => {
-            let mut r = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_exceeded",
-                "rate limit reached for requests",
-            );
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "rate limit reached for requests");
             let h = r.headers_mut();
             h.insert("retry-after", HeaderValue::from(retry_after));
             h.insert("x-ratelimit-limit-requests", HeaderValue::from(limit));
@@ -188,36 +171,19 @@ fn fault_response(fault: Fault) -> Option<Response> {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    let kind = if status.is_server_error() {
-        "server_error"
-    } else {
-        "invalid_request_error"
-    };
-    (
-        status,
-        Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}})),
-    )
-        .into_response()
+    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+    (status, Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}}))).into_response()
 }
 
 fn parse(body: &Bytes) -> Result<Value, Box<Response>> {
-    serde_json::from_slice::<Value>(body).map_err(|e| {
-        Box::new(error(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            &format!("invalid JSON: {e}"),
-        ))
-    })
+    serde_json::from_slice::<Value>(body)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, "invalid_json", &format!("invalid JSON: {e}"))))
 }
 
 fn text_of(content: &Value) -> String {
     match content {
         Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text")?.as_str())
-            .collect::<Vec<_>>()
-            .join(" "),
+        Value::Array(parts) => parts.iter().filter_map(|p| p.get("text")?.as_str()).collect::<Vec<_>>().join(" "),
         _ => String::new(),
     }
 }
@@ -230,34 +196,16 @@ async fn chat(State(state): State<Arc<MockState>>, _headers: HeaderMap, body: By
         Ok(v) => v,
         Err(r) => return *r,
     };
-    let model = request
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("mock");
+    let model = request.get("model").and_then(Value::as_str).unwrap_or("mock");
     let Some(messages) = request.get("messages").and_then(Value::as_array) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "`messages` is required",
-        );
+        return error(StatusCode::BAD_REQUEST, "invalid_request", "`messages` is required");
     };
-    let prompt_chars: usize = messages
-        .iter()
-        .map(|m| m.get("content").map_or(0, |c| text_of(c).len()))
-        .sum();
+    let prompt_chars: usize = messages.iter().map(|m| m.get("content").map_or(0, |c| text_of(c).len())).sum();
     let prompt_tokens = (prompt_chars as u64).div_ceil(4).max(1);
-    let last = messages
-        .last()
-        .and_then(|m| m.get("content"))
-        .map(text_of)
-        .unwrap_or_default();
+    let last = messages.last().and_then(|m| m.get("content")).map(text_of).unwrap_or_default();
     let quoted: String = last.chars().take(200).collect();
     let mut completion_tokens = u64::from(state.completion_tokens.load(Relaxed));
-    if let Some(max) = request
-        .get("max_tokens")
-        .or(request.get("max_completion_tokens"))
-        .and_then(Value::as_u64)
-    {
+    if let Some(max) = request.get("max_tokens").or(request.get("max_completion_tokens")).and_then(Value::as_u64) {
         completion_tokens = completion_tokens.min(max);
     }
     let n = state.stats.ok.load(Relaxed);
@@ -289,22 +237,12 @@ async fn embeddings(State(state): State<Arc<MockState>>, body: Bytes) -> Respons
         Ok(v) => v,
         Err(r) => return *r,
     };
-    let model = request
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("mock-embedding");
+    let model = request.get("model").and_then(Value::as_str).unwrap_or("mock-embedding");
     let inputs: Vec<String> = match request.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| v.as_str().unwrap_or_default().to_owned())
-            .collect(),
+        Some(Value::Array(items)) => items.iter().map(|v| v.as_str().unwrap_or_default().to_owned()).collect(),
         _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "`input` is required",
-            );
+            return error(StatusCode::BAD_REQUEST, "invalid_request", "`input` is required");
         }
     };
     let dim = state.embedding_dim.load(Relaxed) as usize;
@@ -314,12 +252,10 @@ async fn embeddings(State(state): State<Arc<MockState>>, body: Bytes) -> Respons
         .enumerate()
         .map(|(i, text)| {
             tokens += (text.len() as u64).div_ceil(4).max(1);
-            let seed = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-            });
-            let vector: Vec<f64> = (0..dim)
-                .map(|d| ((seed.rotate_left(d as u32 * 7) % 2000) as f64 / 1000.0) - 1.0)
-                .collect();
+            let seed =
+                text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            let vector: Vec<f64> =
+                (0..dim).map(|d| ((seed.rotate_left(d as u32 * 7) % 2000) as f64 / 1000.0) - 1.0).collect();
             json!({"object": "embedding", "index": i, "embedding": vector})
         })
         .collect();

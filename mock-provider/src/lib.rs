@@ -20,14 +20,8 @@ use tokio_util::sync::CancellationToken;
 pub use settings::{Faults, Settings};
 
 /// Serves the mock on `listener` until `shutdown` is cancelled.
-pub async fn run(
-    listener: TcpListener,
-    settings: Settings,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
+pub async fn run(listener: TcpListener, settings: Settings, shutdown: CancellationToken) -> std::io::Result<()> {
     let state = Arc::new(handlers::MockState::new(settings));
     let app = handlers::router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }

@@ -11,10 +11,7 @@ async fn main() {
         println!("{USAGE}");
         return;
     }
-    let listen = args
-        .windows(2)
-        .find(|w| w[0] == "--listen")
-        .map_or("127.0.0.1:8090", |w| w[1].as_str());
+    let listen = args.windows(2).find(|w| w[0] == "--listen").map_or("127.0.0.1:8090", |w| w[1].as_str());
     let settings = match Settings::from_args(&args) {
         Ok(s) => s,
         Err(message) => {
@@ -33,8 +30,7 @@ async fn main() {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let term = async {
             match term.as_mut() {
                 Some(t) => t.recv().await,

@@ -37,12 +37,7 @@ pub struct Faults {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self {
-            latency_ms: 0,
-            completion_tokens: 16,
-            embedding_dim: 8,
-            faults: Faults::default(),
-        }
+        Self { latency_ms: 0, completion_tokens: 16, embedding_dim: 8, faults: Faults::default() }
     }
 }
 

@@ -1,1 +1,12 @@
+//! Sluice's end-to-end tests: one test binary, one module per concern, every
+//! test on its own nats-server and its own Postgres database.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a panic in a test is a failed test")]
 
+mod harness;
+
+mod auth;
+mod chat;
+mod config;
+mod failures;
+mod sdk;
+mod validation;

@@ -38,12 +38,7 @@ impl Executor {
                 permits.push(p);
             }
             let wanted = permits.len();
-            let batch = self
-                .consumer
-                .batch()
-                .max_messages(wanted)
-                .expires(self.fetch_expires)
-                .messages();
+            let batch = self.consumer.batch().max_messages(wanted).expires(self.fetch_expires).messages();
             let mut batch = match batch.await {
                 Ok(b) => b,
                 Err(error) => {
@@ -93,8 +88,7 @@ impl Executor {
             Ok(_) => true,
             Err(_) => {
                 self.ctx.hard_stop.cancel();
-                let _ = tokio::time::timeout(Duration::from_secs(2), self.slots.acquire_many(all))
-                    .await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), self.slots.acquire_many(all)).await;
                 false
             }
         }

@@ -68,10 +68,7 @@ pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message) {
             return;
         }
     };
-    let attempt = message
-        .info()
-        .map(|i| i.delivered.max(1) as u32)
-        .unwrap_or(1);
+    let attempt = message.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
     let span = tracing::info_span!(
         "job", job_id = %env.job_id, tenant = %env.tenant, pool = %env.pool, attempt,
         request_id = %env.request_id, traceparent = env.traceparent.as_deref().unwrap_or("")
@@ -90,21 +87,9 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
     let deadline = started + remaining;
 
     let outcome = if remaining.is_zero() {
-        failed(
-            ApiError::new(
-                ErrorCode::Timeout,
-                "the request's deadline passed before a worker could run it",
-            ),
-            None,
-        )
+        failed(ApiError::new(ErrorCode::Timeout, "the request's deadline passed before a worker could run it"), None)
     } else if attempt > ctx.max_attempts {
-        failed(
-            ApiError::new(
-                ErrorCode::UpstreamError,
-                format!("gave up after {} attempts", ctx.max_attempts),
-            ),
-            None,
-        )
+        failed(ApiError::new(ErrorCode::UpstreamError, format!("gave up after {} attempts", ctx.max_attempts)), None)
     } else if let Some(upstream) = ctx.upstreams.get(&env.pool) {
         let body = message.payload.clone();
         let call = upstream.call(env.endpoint, body, deadline);
@@ -126,50 +111,28 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
                 }
             }
         };
-        metrics::histogram!(m::UPSTREAM_SECONDS, "pool" => env.pool.clone())
-            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::UPSTREAM_SECONDS, "pool" => env.pool.clone()).record(started.elapsed().as_secs_f64());
         classify(&ctx, &env, result, attempt, deadline)
     } else {
-        failed(
-            ApiError::new(
-                ErrorCode::ModelNotFound,
-                format!("this worker serves no pool `{}`", env.pool),
-            ),
-            None,
-        )
+        failed(ApiError::new(ErrorCode::ModelNotFound, format!("this worker serves no pool `{}`", env.pool)), None)
     };
 
     match outcome {
         Outcome::Retry { delay, reason } => {
             metrics::counter!(m::RETRIES, "pool" => env.pool.clone()).increment(1);
-            tracing::info!(
-                reason,
-                delay_ms = delay.as_millis() as u64,
-                "upstream failed; job goes back to the queue"
-            );
+            tracing::info!(reason, delay_ms = delay.as_millis() as u64, "upstream failed; job goes back to the queue");
             if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
                 tracing::warn!(%error, "nak failed; the job comes back after ack_wait");
             }
         }
-        Outcome::Answered {
-            status,
-            http_status,
-            body,
-            upstream_status,
-            usage,
-            error,
-        } => {
+        Outcome::Answered { status, http_status, body, upstream_status, usage, error } => {
             if let Some(reply) = &env.reply {
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert(H_STATUS, http_status.to_string().as_str());
                 if let Some(secs) = error.as_ref().and_then(|e| e.retry_after_secs) {
                     headers.insert(H_RETRY_AFTER, secs.to_string().as_str());
                 }
-                if let Err(error) = ctx
-                    .nats
-                    .publish_with_headers(reply.clone(), headers, body)
-                    .await
-                {
+                if let Err(error) = ctx.nats.publish_with_headers(reply.clone(), headers, body).await {
                     tracing::warn!(%error, "could not publish the answer to the ingress");
                 }
             }
@@ -184,18 +147,14 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
                 tracing::info!(code = e.code.as_str(), message = %e.message, "job failed");
             }
             if !record(&ctx, &event).await {
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 return;
             }
             if let Err(error) = message.ack().await {
                 tracing::warn!(%error, "ack failed; the job may run again and the ledger keeps one record");
             }
-            metrics::counter!(m::JOBS, "pool" => env.pool.clone(), "outcome" => status.as_str())
-                .increment(1);
-            metrics::histogram!(m::JOB_SECONDS, "pool" => env.pool.clone())
-                .record(started.elapsed().as_secs_f64());
+            metrics::counter!(m::JOBS, "pool" => env.pool.clone(), "outcome" => status.as_str()).increment(1);
+            metrics::histogram!(m::JOB_SECONDS, "pool" => env.pool.clone()).record(started.elapsed().as_secs_f64());
         }
     }
 }
@@ -240,21 +199,10 @@ fn classify(
         }
         Err(CallError::DeadlineExceeded) => {
             metrics::counter!(m::UPSTREAM_FAILURES, "pool" => env.pool.clone(), "reason" => "deadline").increment(1);
-            failed(
-                ApiError::new(
-                    ErrorCode::Timeout,
-                    "the upstream did not answer before the request's deadline",
-                ),
-                None,
-            )
+            failed(ApiError::new(ErrorCode::Timeout, "the upstream did not answer before the request's deadline"), None)
         }
-        Err(CallError::Retryable {
-            reason,
-            status,
-            retry_after,
-        }) => {
-            metrics::counter!(m::UPSTREAM_FAILURES, "pool" => env.pool.clone(), "reason" => reason)
-                .increment(1);
+        Err(CallError::Retryable { reason, status, retry_after }) => {
+            metrics::counter!(m::UPSTREAM_FAILURES, "pool" => env.pool.clone(), "reason" => reason).increment(1);
             let backoff = ExponentialBuilder::default()
                 .with_min_delay(ctx.retry_min)
                 .with_max_delay(ctx.retry_max)
@@ -268,16 +216,10 @@ fn classify(
                 return Outcome::Retry { delay, reason };
             }
             let error = if status == Some(429) {
-                ApiError::new(
-                    ErrorCode::UpstreamRateLimited,
-                    "the upstream provider is rate limiting; retry later",
-                )
-                .retry_after(retry_after.map_or(1, |d| d.as_secs().max(1)))
+                ApiError::new(ErrorCode::UpstreamRateLimited, "the upstream provider is rate limiting; retry later")
+                    .retry_after(retry_after.map_or(1, |d| d.as_secs().max(1)))
             } else {
-                ApiError::new(
-                    ErrorCode::UpstreamError,
-                    format!("the upstream failed ({reason}) on every attempt"),
-                )
+                ApiError::new(ErrorCode::UpstreamError, format!("the upstream failed ({reason}) on every attempt"))
             };
             failed(error, status)
         }
@@ -296,10 +238,7 @@ async fn record(ctx: &JobContext, event: &JobEvent) -> bool {
     let publish = || async {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(H_MSG_ID, msg_id.as_str());
-        ctx.js
-            .publish_with_headers(subject.clone(), headers, payload.clone())
-            .await?
-            .await
+        ctx.js.publish_with_headers(subject.clone(), headers, payload.clone()).await?.await
     };
     let policy = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
@@ -322,8 +261,5 @@ struct WithUsage {
 }
 
 fn usage_of(body: &[u8]) -> Usage {
-    serde_json::from_slice::<WithUsage>(body)
-        .ok()
-        .and_then(|w| w.usage)
-        .unwrap_or_default()
+    serde_json::from_slice::<WithUsage>(body).ok().and_then(|w| w.usage).unwrap_or_default()
 }

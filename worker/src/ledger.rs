@@ -21,18 +21,9 @@ use crate::metrics as m;
 /// Longest a received event waits for more to fill its batch.
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
 
-pub async fn run(
-    consumer: PullConsumer,
-    db: PgPool,
-    batch_size: usize,
-    shutdown: CancellationToken,
-) {
+pub async fn run(consumer: PullConsumer, db: PgPool, batch_size: usize, shutdown: CancellationToken) {
     loop {
-        let stream = consumer
-            .stream()
-            .max_messages_per_batch(batch_size)
-            .expires(Duration::from_secs(5))
-            .messages();
+        let stream = consumer.stream().max_messages_per_batch(batch_size).expires(Duration::from_secs(5)).messages();
         let mut messages = match stream.await {
             Ok(s) => s,
             Err(error) => {
@@ -110,9 +101,7 @@ async fn write_batch(db: &PgPool, batch: Vec<Message>) {
             metrics::counter!(m::LEDGER_FAILURES).increment(1);
             tracing::warn!(%error, events = count, "ledger write failed; events will be retried");
             for message in valid {
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
-                    .await;
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
             }
         }
     }

@@ -15,51 +15,21 @@ pub const LEDGER_BATCH_SECONDS: &str = "sluice_ledger_batch_duration_seconds";
 pub const LEDGER_FAILURES: &str = "sluice_ledger_write_failures_total";
 
 pub fn describe() {
-    metrics::describe_counter!(
-        JOBS,
-        "jobs finished, by pool and outcome (completed, failed, expired)"
-    );
-    metrics::describe_histogram!(
-        JOB_SECONDS,
-        metrics::Unit::Seconds,
-        "time a worker spent on a job, by pool"
-    );
+    metrics::describe_counter!(JOBS, "jobs finished, by pool and outcome (completed, failed, expired)");
+    metrics::describe_histogram!(JOB_SECONDS, metrics::Unit::Seconds, "time a worker spent on a job, by pool");
     metrics::describe_histogram!(
         QUEUE_WAIT_SECONDS,
         metrics::Unit::Seconds,
         "submit until a worker took the job, by pool"
     );
-    metrics::describe_histogram!(
-        UPSTREAM_SECONDS,
-        metrics::Unit::Seconds,
-        "upstream call duration, by pool"
-    );
-    metrics::describe_counter!(
-        UPSTREAM_FAILURES,
-        "failed upstream calls, by pool and reason"
-    );
-    metrics::describe_counter!(
-        RETRIES,
-        "jobs handed back to the queue for another attempt, by pool"
-    );
+    metrics::describe_histogram!(UPSTREAM_SECONDS, metrics::Unit::Seconds, "upstream call duration, by pool");
+    metrics::describe_counter!(UPSTREAM_FAILURES, "failed upstream calls, by pool and reason");
+    metrics::describe_counter!(RETRIES, "jobs handed back to the queue for another attempt, by pool");
     metrics::describe_gauge!(IN_FLIGHT, "jobs this worker is executing");
     metrics::describe_counter!(FETCH_ERRORS, "failed pull requests to JetStream");
-    metrics::describe_counter!(
-        POISON,
-        "job messages that could not be decoded and were terminated"
-    );
-    metrics::describe_counter!(
-        EVENT_PUBLISH_FAILURES,
-        "job events that could not be published to the events stream"
-    );
+    metrics::describe_counter!(POISON, "job messages that could not be decoded and were terminated");
+    metrics::describe_counter!(EVENT_PUBLISH_FAILURES, "job events that could not be published to the events stream");
     metrics::describe_counter!(LEDGER_WRITES, "job events written to Postgres");
-    metrics::describe_histogram!(
-        LEDGER_BATCH_SECONDS,
-        metrics::Unit::Seconds,
-        "time to write one ledger batch"
-    );
-    metrics::describe_counter!(
-        LEDGER_FAILURES,
-        "ledger batches that failed to write and were retried"
-    );
+    metrics::describe_histogram!(LEDGER_BATCH_SECONDS, metrics::Unit::Seconds, "time to write one ledger batch");
+    metrics::describe_counter!(LEDGER_FAILURES, "ledger batches that failed to write and were retried");
 }

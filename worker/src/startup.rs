@@ -45,10 +45,7 @@ pub struct Worker {
 impl Worker {
     /// Connects NATS and Postgres, declares the streams and consumers, and
     /// builds the upstream clients. `env` resolves `api_key_env` names.
-    pub async fn build(
-        config: Config,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, StartError> {
+    pub async fn build(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, StartError> {
         crate::metrics::describe();
         let upstreams = Upstreams::new(&config.pools, &config.upstream, env)?;
         let client = nats::connect(&config.nats, "sluice-worker").await?;
@@ -61,10 +58,7 @@ impl Worker {
             name: name.to_owned(),
             message: e.to_string(),
         };
-        let jobs = js
-            .get_stream(&config.nats.jobs_stream)
-            .await
-            .map_err(|e| consumer_error(&w.consumer, &e))?;
+        let jobs = js.get_stream(&config.nats.jobs_stream).await.map_err(|e| consumer_error(&w.consumer, &e))?;
         let consumer: PullConsumer = jobs
             .create_consumer(pull::Config {
                 durable_name: Some(w.consumer.clone()),
@@ -80,10 +74,8 @@ impl Worker {
             })
             .await
             .map_err(|e| consumer_error(&w.consumer, &e))?;
-        let events = js
-            .get_stream(&config.nats.events_stream)
-            .await
-            .map_err(|e| consumer_error(LEDGER_CONSUMER, &e))?;
+        let events =
+            js.get_stream(&config.nats.events_stream).await.map_err(|e| consumer_error(LEDGER_CONSUMER, &e))?;
         let ledger: PullConsumer = events
             .create_consumer(pull::Config {
                 durable_name: Some(LEDGER_CONSUMER.into()),
@@ -112,36 +104,20 @@ impl Worker {
             max_in_flight: w.max_in_flight,
             fetch_expires: ms(w.fetch_expires_ms),
         };
-        Ok(Self {
-            config,
-            nats: client,
-            db,
-            executor,
-            ledger,
-        })
+        Ok(Self { config, nats: client, db, executor, ledger })
     }
 
     /// Runs the executor and the ledger (and the ops server on `ops`, if
     /// given) until `shutdown` fires; then stops fetching, lets running jobs
     /// finish within `worker.shutdown_grace_ms`, and hands back the rest.
-    pub async fn run(
-        self,
-        ops: Option<TcpListener>,
-        shutdown: CancellationToken,
-    ) -> Result<(), StartError> {
+    pub async fn run(self, ops: Option<TcpListener>, shutdown: CancellationToken) -> Result<(), StartError> {
         let background = CancellationToken::new();
         if let Some(listener) = ops {
-            let readiness = Readiness {
-                nats: Some(self.nats.clone()),
-                db: Some(self.db.clone()),
-            };
+            let readiness = Readiness { nats: Some(self.nats.clone()), db: Some(self.db.clone()) };
             let app = ops::router(readiness);
             let stop = background.clone();
             tokio::spawn(async move {
-                if let Err(error) = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                {
+                if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
                     tracing::warn!(%error, "ops server stopped");
                 }
             });
@@ -155,10 +131,7 @@ impl Worker {
 
         self.executor.run(shutdown).await;
         let grace = ms(self.config.worker.shutdown_grace_ms);
-        tracing::info!(
-            grace_ms = grace.as_millis() as u64,
-            "stopped fetching; draining running jobs"
-        );
+        tracing::info!(grace_ms = grace.as_millis() as u64, "stopped fetching; draining running jobs");
         if self.executor.drain(grace).await {
             tracing::info!("all running jobs finished");
         } else {

@@ -19,11 +19,7 @@ pub enum CallError {
     /// retrying cannot help, the client gets this answer as is.
     Rejected { status: u16, body: Bytes },
     /// A failure that another attempt may not meet.
-    Retryable {
-        reason: &'static str,
-        status: Option<u16>,
-        retry_after: Option<Duration>,
-    },
+    Retryable { reason: &'static str, status: Option<u16>, retry_after: Option<Duration> },
     /// The job's deadline passed during the call.
     DeadlineExceeded,
 }
@@ -84,19 +80,16 @@ impl Upstreams {
             };
             let authorization = match key {
                 Some(k) => {
-                    let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
-                        ConfigError::Key {
-                            key: format!("pools[{i}].api_key"),
-                            message: "holds characters not allowed in a header".into(),
-                        }
+                    let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| ConfigError::Key {
+                        key: format!("pools[{i}].api_key"),
+                        message: "holds characters not allowed in a header".into(),
                     })?;
                     v.set_sensitive(true);
                     Some(v)
                 }
                 None => None,
             };
-            let rewrite_model =
-                (pool.upstream_model() != pool.name).then(|| pool.upstream_model().to_owned());
+            let rewrite_model = (pool.upstream_model() != pool.name).then(|| pool.upstream_model().to_owned());
             by_pool.insert(
                 pool.name.clone(),
                 Upstream {
@@ -130,12 +123,7 @@ fn build_client(s: &UpstreamConfig) -> reqwest::Result<reqwest::Client> {
 impl Upstream {
     /// Sends `body` to the endpoint, giving up at `deadline` or after the
     /// configured timeouts, whichever comes first.
-    pub async fn call(
-        &self,
-        endpoint: Endpoint,
-        body: Bytes,
-        deadline: Instant,
-    ) -> Result<Answer, CallError> {
+    pub async fn call(&self, endpoint: Endpoint, body: Bytes, deadline: Instant) -> Result<Answer, CallError> {
         let body = match &self.rewrite_model {
             Some(model) => rewrite_model(&body, model).unwrap_or(body),
             None => body,
@@ -148,11 +136,7 @@ impl Upstream {
         let total = self.request_timeout.min(by_deadline);
         let end = now + total;
         let timed_out = || {
-            if end >= deadline {
-                CallError::DeadlineExceeded
-            } else {
-                retryable("timeout", None, None)
-            }
+            if end >= deadline { CallError::DeadlineExceeded } else { retryable("timeout", None, None) }
         };
         let mut request = self
             .client
@@ -192,22 +176,13 @@ impl Upstream {
     }
 }
 
-fn retryable(
-    reason: &'static str,
-    status: Option<u16>,
-    retry_after: Option<Duration>,
-) -> CallError {
-    CallError::Retryable {
-        reason,
-        status,
-        retry_after,
-    }
+fn retryable(reason: &'static str, status: Option<u16>, retry_after: Option<Duration>) -> CallError {
+    CallError::Retryable { reason, status, retry_after }
 }
 
 /// Replaces `model` in a JSON object body; `None` if the body is not one.
 fn rewrite_model(body: &[u8], model: &str) -> Option<Bytes> {
-    let mut object: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(body).ok()?;
+    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
     object.insert("model".into(), serde_json::Value::String(model.to_owned()));
     serde_json::to_vec(&object).ok().map(Bytes::from)
 }
@@ -218,13 +193,8 @@ mod tests {
 
     #[test]
     fn model_is_rewritten_and_other_fields_kept() {
-        let out = rewrite_model(
-            br#"{"model":"alias","messages":[],"temperature":0.2}"#,
-            "gpt-4o-mini",
-        );
-        let v: serde_json::Value = out
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let out = rewrite_model(br#"{"model":"alias","messages":[],"temperature":0.2}"#, "gpt-4o-mini");
+        let v: serde_json::Value = out.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         assert_eq!(v["model"], "gpt-4o-mini");
         assert_eq!(v["temperature"], 0.2);
         assert!(rewrite_model(b"[1]", "m").is_none());

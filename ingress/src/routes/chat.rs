@@ -29,11 +29,7 @@ struct ChatRequest<'a> {
     stream: Option<bool>,
 }
 
-pub async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let job_id = Uuid::now_v7();
     let request_id = request_id(&headers, job_id);
@@ -62,45 +58,30 @@ async fn handle(
     request_id: &str,
 ) -> Result<Response, ApiError> {
     let owner = state.keys.authenticate(headers)?;
-    let bytes =
-        crate::body::read_json_body(headers, body, state.config.ingress.max_body_bytes).await?;
+    let bytes = crate::body::read_json_body(headers, body, state.config.ingress.max_body_bytes).await?;
     let request: ChatRequest<'_> = crate::body::parse(&bytes)?;
     if request.messages.is_empty() {
-        return Err(
-            ApiError::new(ErrorCode::InvalidRequest, "`messages` must not be empty")
-                .param("messages"),
-        );
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "`messages` must not be empty").param("messages"));
     }
     if request.stream == Some(true) {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            "`stream: true` is not supported by this gateway yet",
-        )
-        .param("stream"));
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "`stream: true` is not supported by this gateway yet")
+            .param("stream"));
     }
     let Some(pool_token) = state.pool_tokens.get(request.model.as_ref()) else {
         return Err(ApiError::new(
             ErrorCode::ModelNotFound,
-            format!(
-                "the model `{}` does not exist or you do not have access to it",
-                request.model
-            ),
+            format!("the model `{}` does not exist or you do not have access to it", request.model),
         )
         .param("model"));
     };
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
-        return Err(ApiError::new(
-            ErrorCode::Overloaded,
-            "this gateway has too many requests waiting; retry shortly",
-        )
-        .retry_after(1));
+        return Err(ApiError::new(ErrorCode::Overloaded, "this gateway has too many requests waiting; retry shortly")
+            .retry_after(1));
     };
     if state.nats.connection_state() != async_nats::connection::State::Connected {
-        return Err(ApiError::new(
-            ErrorCode::QueueUnavailable,
-            "the job queue is unreachable; retry shortly",
-        )
-        .retry_after(1));
+        return Err(
+            ApiError::new(ErrorCode::QueueUnavailable, "the job queue is unreachable; retry shortly").retry_after(1)
+        );
     }
 
     let timeout = Duration::from_millis(state.config.ingress.sync_timeout_ms);
@@ -125,24 +106,17 @@ async fn handle(
 
     let publish_started = Instant::now();
     publish(state, subject, &env, bytes).await?;
-    metrics::histogram!(crate::metrics::PUBLISH_SECONDS)
-        .record(publish_started.elapsed().as_secs_f64());
+    metrics::histogram!(crate::metrics::PUBLISH_SECONDS).record(publish_started.elapsed().as_secs_f64());
 
     let reply = match tokio::time::timeout_at(deadline, waiter.recv()).await {
         Ok(Some(reply)) => reply,
         Ok(None) => {
-            return Err(
-                ApiError::new(ErrorCode::Internal, "the reply router stopped")
-                    .job(job_id.to_string()),
-            );
+            return Err(ApiError::new(ErrorCode::Internal, "the reply router stopped").job(job_id.to_string()));
         }
         Err(_) => {
             return Err(ApiError::new(
                 ErrorCode::Timeout,
-                format!(
-                    "no answer within {} ms; the job id is in `error.job_id`",
-                    timeout.as_millis()
-                ),
+                format!("no answer within {} ms; the job id is in `error.job_id`", timeout.as_millis()),
             )
             .job(job_id.to_string()));
         }
@@ -150,10 +124,7 @@ async fn handle(
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut response = (status, reply.body).into_response();
     let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some(secs) = reply.retry_after {
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
@@ -167,19 +138,11 @@ async fn handle(
 }
 
 /// Publishes the job and waits for JetStream's acknowledgement.
-async fn publish(
-    state: &AppState,
-    subject: String,
-    env: &Envelope,
-    body: bytes::Bytes,
-) -> Result<(), ApiError> {
+async fn publish(state: &AppState, subject: String, env: &Envelope, body: bytes::Bytes) -> Result<(), ApiError> {
     use async_nats::jetstream::context::PublishErrorKind;
     let unavailable = |what: &str| {
-        ApiError::new(
-            ErrorCode::QueueUnavailable,
-            format!("the job queue is unavailable ({what}); retry shortly"),
-        )
-        .retry_after(1)
+        ApiError::new(ErrorCode::QueueUnavailable, format!("the job queue is unavailable ({what}); retry shortly"))
+            .retry_after(1)
     };
     let ack = state
         .js
@@ -188,14 +151,8 @@ async fn publish(
         .map_err(|e| unavailable(&e.to_string()))?;
     match ack.await {
         Ok(_) => Ok(()),
-        Err(e)
-            if e.kind() == PublishErrorKind::Other
-                && e.to_string().contains("maximum messages") =>
-        {
-            Err(
-                ApiError::new(ErrorCode::QueueFull, "the job queue is full; retry later")
-                    .retry_after(5),
-            )
+        Err(e) if e.kind() == PublishErrorKind::Other && e.to_string().contains("maximum messages") => {
+            Err(ApiError::new(ErrorCode::QueueFull, "the job queue is full; retry later").retry_after(5))
         }
         Err(e) => Err(unavailable(&e.kind().to_string())),
     }
@@ -226,12 +183,7 @@ fn traceparent(headers: &HeaderMap, job_id: Uuid) -> String {
     if let Some(tp) = given {
         let parts: Vec<&str> = tp.split('-').collect();
         let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-        if parts.len() == 4
-            && hex(parts[0], 2)
-            && hex(parts[1], 32)
-            && hex(parts[2], 16)
-            && hex(parts[3], 2)
-        {
+        if parts.len() == 4 && hex(parts[0], 2) && hex(parts[1], 32) && hex(parts[2], 16) && hex(parts[3], 2) {
             return tp.to_owned();
         }
     }

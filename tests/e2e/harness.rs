@@ -1,0 +1,377 @@
+//! Real servers for the end-to-end tests: a nats-server per test (dynamic
+//! port, own store dir, killed on drop), a fresh Postgres database per test,
+//! the mock provider, and Sluice's ingress and workers in this process.
+//!
+//! Set up by `scripts/test.sh`: `SLUICE_NATS_SERVER` (the nats-server binary)
+//! and `SLUICE_TEST_PG` (an admin URL of a throwaway Postgres cluster).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use sluice_core::config::{Config, PoolConfig, ProviderKind};
+use sluice_core::db;
+use sluice_core::secret::Secret;
+use sqlx::{Executor, PgPool};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const MODEL: &str = "mock-model";
+/// A pool whose upstream model name differs from the alias clients send.
+pub const ALIASED_MODEL: &str = "team.chat-v1";
+
+/// Waits until `check` returns `Some`, polling every 25 ms, for at most `within`.
+pub async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// An HTTP client for tests (reqwest is built without a bundled TLS backend).
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("sluice-{tag}-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A nats-server with JetStream on a dynamic port.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub url: String,
+    _dir: TempDir,
+}
+
+impl NatsServer {
+    pub async fn start() -> Self {
+        let bin = std::env::var("SLUICE_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+        let dir = TempDir::new("nats");
+        let mut child = Command::new(&bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+            .arg(&dir.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} (run the tests with scripts/test.sh): {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let url = tokio::time::timeout(Duration::from_secs(15), async {
+            let mut port = None;
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                    port = rest.trim().rsplit(':').next().map(str::to_owned);
+                }
+                if line.contains("Server is ready") {
+                    break;
+                }
+            }
+            port
+        })
+        .await
+        .expect("nats-server did not get ready within 15 s")
+        .expect("nats-server did not print its port");
+        // Keep draining its log so that the pipe never fills.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child: Some(child), url: format!("nats://127.0.0.1:{url}"), _dir: dir }
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// A fresh database on the test cluster, migrated.
+pub async fn fresh_database() -> (String, PgPool) {
+    let admin_url =
+        std::env::var("SLUICE_TEST_PG").expect("SLUICE_TEST_PG is not set: run the tests with scripts/test.sh");
+    let admin = PgPool::connect(&admin_url).await.unwrap();
+    let name = format!("t_{}", Uuid::new_v4().simple());
+    admin.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await.unwrap();
+    admin.close().await;
+    let (base, _) = admin_url.rsplit_once('/').unwrap();
+    let url = format!("{base}/{name}");
+    let pool = PgPool::connect(&url).await.unwrap();
+    db::migrate(&pool).await.unwrap();
+    (url, pool)
+}
+
+/// The mock provider on a dynamic port.
+pub struct Mock {
+    pub base: String,
+    http: reqwest::Client,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl Mock {
+    pub async fn start(settings: sluice_mock_provider::Settings) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(sluice_mock_provider::run(listener, settings, stop.clone()));
+        Self { base: format!("http://{addr}"), http: http_client(), _stop: stop.drop_guard() }
+    }
+
+    pub async fn faults(&self, faults: serde_json::Value) {
+        let r = self.http.post(format!("{}/_mock/faults", self.base)).json(&faults).send().await.unwrap();
+        assert!(r.status().is_success(), "mock refused faults: {}", r.status());
+    }
+
+    pub async fn stats(&self) -> serde_json::Value {
+        self.http.get(format!("{}/_mock/stats", self.base)).send().await.unwrap().json().await.unwrap()
+    }
+
+    pub async fn requests(&self) -> u64 {
+        self.stats().await["requests"].as_u64().unwrap()
+    }
+}
+
+/// A config for one test: its NATS, its database, the mock as upstream, and
+/// timeouts short enough for tests.
+pub fn test_config(nats_url: &str, db_url: &str, mock_base: &str) -> Config {
+    let mut c = Config::default();
+    c.nats.url = nats_url.to_owned();
+    c.nats.request_timeout_ms = 2_000;
+    c.nats.connect_timeout_ms = 2_000;
+    c.database.url = Secret::new(db_url);
+    c.ingress.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    c.ingress.sync_timeout_ms = 10_000;
+    c.ingress.auth_refresh_ms = 100;
+    c.worker.ack_wait_ms = 1_000;
+    c.worker.retry_min_delay_ms = 50;
+    c.worker.retry_max_delay_ms = 500;
+    c.worker.fetch_expires_ms = 1_000;
+    c.worker.max_in_flight = 16;
+    c.worker.shutdown_grace_ms = 5_000;
+    let pool = |name: &str, model: Option<&str>| PoolConfig {
+        name: name.to_owned(),
+        provider: ProviderKind::Openai,
+        base_url: format!("{mock_base}/v1"),
+        model: model.map(str::to_owned),
+        api_key: Some(Secret::new("sk-upstream-test")),
+        api_key_env: None,
+    };
+    c.pools = vec![pool(MODEL, None), pool(ALIASED_MODEL, Some("mock-upstream-name"))];
+    c.validate().unwrap();
+    c
+}
+
+/// A worker on its own runtime and thread, so that a test can kill it the
+/// way a crash would: every task stops and every socket closes at once.
+pub struct WorkerHandle {
+    stop: CancellationToken,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    pub async fn start(config: Config) -> Self {
+        let stop = CancellationToken::new();
+        let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+        let token = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let worker = sluice_worker::Worker::build(config, |_| None).await.unwrap();
+                let _ = ready_tx.send(());
+                tokio::select! {
+                    done = worker.run(None, token) => done.unwrap(),
+                    _ = kill_rx => {}
+                }
+            });
+            rt.shutdown_background();
+        });
+        ready_rx.await.expect("worker failed to start");
+        Self { stop, kill: Some(kill_tx), thread: Some(thread) }
+    }
+
+    /// Dies at once: no ack, no nak, connections dropped.
+    pub async fn kill(mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        self.join().await;
+    }
+
+    /// SIGTERM-like stop: stop fetching, finish running jobs, exit.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        self.join().await;
+    }
+
+    async fn join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            tokio::task::spawn_blocking(move || thread.join()).await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+    }
+}
+
+/// Everything a test needs, started: NATS, Postgres, mock, ingress, worker.
+pub struct Stack {
+    pub nats: NatsServer,
+    pub db: PgPool,
+    pub mock: Mock,
+    pub config: Config,
+    pub base: String,
+    pub key: String,
+    pub key_id: Uuid,
+    pub http: reqwest::Client,
+    pub worker: Option<WorkerHandle>,
+    _ingress_stop: tokio_util::sync::DropGuard,
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts everything; `adjust` may change the config first.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let nats = NatsServer::start().await;
+        let (db_url, db) = fresh_database().await;
+        let mock = Mock::start(sluice_mock_provider::Settings::default()).await;
+        let mut config = test_config(&nats.url, &db_url, &mock.base);
+        adjust(&mut config);
+        let tenant = db::ensure_tenant(&db, "acme").await.unwrap();
+        let key = db::create_key(&db, tenant).await.unwrap();
+        let base = Self::start_ingress(config.clone()).await;
+        let worker = WorkerHandle::start(config.clone()).await;
+        Self {
+            nats,
+            db,
+            mock,
+            config,
+            base: base.0,
+            key: key.key.expose().to_owned(),
+            key_id: key.id,
+            http: http_client(),
+            worker: Some(worker),
+            _ingress_stop: base.1,
+        }
+    }
+
+    async fn start_ingress(config: Config) -> (String, tokio_util::sync::DropGuard) {
+        let listener = tokio::net::TcpListener::bind(config.ingress.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ingress = sluice_ingress::Ingress::build(config).await.unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(ingress.run(listener, stop.clone()));
+        (format!("http://{addr}"), stop.drop_guard())
+    }
+
+    pub fn chat_body(content: &str) -> serde_json::Value {
+        serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": content}]})
+    }
+
+    /// POSTs a chat completion with this stack's key.
+    pub async fn chat(&self, body: &serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/chat/completions", self.base))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The ledger row of a job once it has `status`, waiting for the ledger loop.
+    pub async fn ledger_row(&self, job_id: Uuid, status: &'static str) -> LedgerRow {
+        let db = self.db.clone();
+        wait_for(&format!("ledger row {job_id} with status {status}"), Duration::from_secs(10), || {
+            let db = db.clone();
+            async move {
+                let row: Option<LedgerRow> = sqlx::query_as::<_, (String, i32, Option<i32>, Option<i32>, Option<String>, Option<i32>)>(
+                    "SELECT status, attempts, prompt_tokens, completion_tokens, error_code, upstream_status FROM jobs WHERE id = $1",
+                )
+                .bind(job_id)
+                .fetch_optional(&db)
+                .await
+                .unwrap()
+                .map(|(status, attempts, prompt, completion, error_code, upstream_status)| LedgerRow {
+                    status,
+                    attempts,
+                    prompt_tokens: prompt,
+                    completion_tokens: completion,
+                    error_code,
+                    upstream_status,
+                });
+                row.filter(|r| r.status == status)
+            }
+        })
+        .await
+    }
+
+    pub async fn ledger_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&self.db).await.unwrap()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LedgerRow {
+    pub status: String,
+    pub attempts: i32,
+    pub prompt_tokens: Option<i32>,
+    pub completion_tokens: Option<i32>,
+    pub error_code: Option<String>,
+    pub upstream_status: Option<i32>,
+}
+
+/// The job id the ingress names in `x-sluice-job-id` or in `error.job_id`.
+pub fn job_id_of(headers: &reqwest::header::HeaderMap, body: &serde_json::Value) -> Uuid {
+    headers
+        .get("x-sluice-job-id")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| body["error"]["job_id"].as_str())
+        .expect("response names no job id")
+        .parse()
+        .unwrap()
+}
+
+/// Path of a binary built by `cargo build` next to this test binary.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|p| p.parent()).unwrap();
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    path
+}
