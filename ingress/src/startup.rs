@@ -28,6 +28,9 @@ pub enum StartError {
     Io(#[from] std::io::Error),
 }
 
+/// Bytes kept free in a NATS message for the envelope's headers.
+const ENVELOPE_HEADROOM: usize = 8 * 1024;
+
 /// What every request handler shares.
 pub struct AppState {
     pub config: Config,
@@ -62,6 +65,18 @@ impl Ingress {
         let keys = KeyCache::start(db.clone(), ms(config.ingress.auth_refresh_ms), background.clone()).await?;
         let replies = Replies::start(&client, &ingress_id, background.clone()).await?;
         let pool_tokens = config.pools.iter().map(|p| (p.name.clone(), p.subject_token())).collect();
+        let mut config = config;
+        // A job is one NATS message: its body plus headers must fit the
+        // server's max_payload, so the body limit is capped below it.
+        let fits = (client.server_info().max_payload as usize).saturating_sub(ENVELOPE_HEADROOM);
+        if config.ingress.max_body_bytes > fits {
+            tracing::warn!(
+                configured = config.ingress.max_body_bytes,
+                effective = fits,
+                "ingress.max_body_bytes exceeds what a NATS message can carry; capped"
+            );
+            config.ingress.max_body_bytes = fits;
+        }
         let state = AppState {
             in_flight: Arc::new(Semaphore::new(config.ingress.max_in_flight)),
             config,

@@ -139,22 +139,23 @@ async fn handle(
 
 /// Publishes the job and waits for JetStream's acknowledgement.
 async fn publish(state: &AppState, subject: String, env: &Envelope, body: bytes::Bytes) -> Result<(), ApiError> {
+    let ack = state.js.publish_with_headers(subject, env.to_headers(), body).await.map_err(publish_error)?;
+    ack.await.map(|_| ()).map_err(publish_error)
+}
+
+fn publish_error(e: async_nats::jetstream::context::PublishError) -> ApiError {
     use async_nats::jetstream::context::PublishErrorKind;
-    let unavailable = |what: &str| {
-        ApiError::new(ErrorCode::QueueUnavailable, format!("the job queue is unavailable ({what}); retry shortly"))
-            .retry_after(1)
-    };
-    let ack = state
-        .js
-        .publish_with_headers(subject, env.to_headers(), body)
-        .await
-        .map_err(|e| unavailable(&e.to_string()))?;
-    match ack.await {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == PublishErrorKind::Other && e.to_string().contains("maximum messages") => {
-            Err(ApiError::new(ErrorCode::QueueFull, "the job queue is full; retry later").retry_after(5))
+    match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded => {
+            ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large for the job queue")
         }
-        Err(e) => Err(unavailable(&e.kind().to_string())),
+        PublishErrorKind::Other if e.to_string().contains("maximum messages") => {
+            ApiError::new(ErrorCode::QueueFull, "the job queue is full; retry later").retry_after(5)
+        }
+        kind => {
+            ApiError::new(ErrorCode::QueueUnavailable, format!("the job queue is unavailable ({kind}); retry shortly"))
+                .retry_after(1)
+        }
     }
 }
 
