@@ -107,3 +107,21 @@ async fn ingress_over_its_in_flight_bound_gets_429() {
     assert_openai_error(&error, "rate_limit_error", "gateway_overloaded");
     assert_eq!(first.status(), 200);
 }
+
+#[tokio::test]
+async fn a_full_queue_gets_429_queue_full() {
+    let mut stack = Stack::start_with(|c| {
+        c.nats.max_queued_jobs = 2;
+        c.ingress.sync_timeout_ms = 300;
+    })
+    .await;
+    // No worker: jobs stay queued.
+    stack.worker.take().unwrap().shutdown().await;
+    assert_eq!(stack.chat(&Stack::chat_body("one")).await.status(), 504);
+    assert_eq!(stack.chat(&Stack::chat_body("two")).await.status(), 504);
+    let third = stack.chat(&Stack::chat_body("three")).await;
+    assert_eq!(third.status(), 429);
+    assert!(third.headers().contains_key("retry-after"));
+    let error: serde_json::Value = third.json().await.unwrap();
+    assert_openai_error(&error, "rate_limit_error", "queue_full");
+}
