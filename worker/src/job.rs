@@ -94,8 +94,10 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
         let body = message.payload.clone();
         let call = upstream.call(env.endpoint, body, deadline);
         tokio::pin!(call);
-        let mut progress = tokio::time::interval(ctx.ack_wait / 3);
-        progress.tick().await;
+        // Not `interval()`: its first tick goes through the timer wheel,
+        // which costs up to a millisecond on every job.
+        let every = ctx.ack_wait / 3;
+        let mut progress = tokio::time::interval_at(Instant::now() + every, every);
         let result = loop {
             tokio::select! {
                 result = &mut call => break result,
@@ -111,7 +113,9 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
                 }
             }
         };
-        metrics::histogram!(m::UPSTREAM_SECONDS, "pool" => env.pool.clone()).record(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        metrics::histogram!(m::UPSTREAM_SECONDS, "pool" => env.pool.clone()).record(took.as_secs_f64());
+        tracing::debug!(upstream_us = took.as_micros() as u64, "upstream answered");
         classify(&ctx, &env, result, attempt, deadline)
     } else {
         failed(ApiError::new(ErrorCode::ModelNotFound, format!("this worker serves no pool `{}`", env.pool)), None)
@@ -146,6 +150,7 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
                 event.error_message = Some(e.message.clone());
                 tracing::info!(code = e.code.as_str(), message = %e.message, "job failed");
             }
+            tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "answer published");
             if !record(&ctx, &event).await {
                 let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 return;
@@ -153,6 +158,7 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
             if let Err(error) = message.ack().await {
                 tracing::warn!(%error, "ack failed; the job may run again and the ledger keeps one record");
             }
+            tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "event recorded and job acked");
             metrics::counter!(m::JOBS, "pool" => env.pool.clone(), "outcome" => status.as_str()).increment(1);
             metrics::histogram!(m::JOB_SECONDS, "pool" => env.pool.clone()).record(started.elapsed().as_secs_f64());
         }
