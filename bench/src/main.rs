@@ -64,7 +64,8 @@ fn parse_args() -> Result<Args, String> {
             "--warmup" => a.warmup = num(&v)?,
             "--repeats" => a.repeats = num(&v)? as usize,
             "--connections" => {
-                a.connections = v.split(',').map(|c| c.parse().map_err(|_| format!("bad count `{c}`"))).collect::<Result<_, _>>()?
+                a.connections =
+                    v.split(',').map(|c| c.parse().map_err(|_| format!("bad count `{c}`"))).collect::<Result<_, _>>()?
             }
             "--pid" => {
                 let (name, pid) = v.split_once('=').ok_or("--pid takes NAME=PID")?;
@@ -140,7 +141,9 @@ async fn measure(url: &str, args: &Args, connections: usize) -> Result<Run, Stri
     let record_from = start + Duration::from_secs(args.warmup);
     let until = record_from + Duration::from_secs(args.seconds);
     let tasks: Vec<_> = (0..connections)
-        .map(|_| tokio::spawn(connection(addr.clone(), path.clone(), args.key.clone(), body.clone(), record_from, until)))
+        .map(|_| {
+            tokio::spawn(connection(addr.clone(), path.clone(), args.key.clone(), body.clone(), record_from, until))
+        })
         .collect();
     let mut all = Vec::new();
     let mut errors = 0;
@@ -150,7 +153,8 @@ async fn measure(url: &str, args: &Args, connections: usize) -> Result<Run, Stri
         errors += err;
     }
     all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct =
+        |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
     Ok(Run {
         rps: all.len() as f64 / args.seconds as f64,
         p50_ms: pct(0.50) as f64 / 1000.0,
@@ -218,8 +222,12 @@ async fn main() {
         }
         let d = summarize(&direct);
         let g = summarize(&gateway);
-        let rss_text: Vec<String> =
-            args.pids.iter().zip(&rss).map(|((name, _), v)| format!("rss_{name}_mb={:.1}", median(v.clone()))).collect();
+        let rss_text: Vec<String> = args
+            .pids
+            .iter()
+            .zip(&rss)
+            .map(|((name, _), v)| format!("rss_{name}_mb={:.1}", median(v.clone())))
+            .collect();
         println!(
             "median direct conns={c} req/s={:.0} p50_ms={:.3} p99_ms={:.3} errors={}",
             d.rps, d.p50_ms, d.p99_ms, d.errors

@@ -112,7 +112,8 @@ pub struct WorkerConfig {
     pub fetch_expires_ms: u64,
     /// Time given to in-flight calls after SIGTERM.
     pub shutdown_grace_ms: u64,
-    /// Ledger: most events written to Postgres in one statement.
+    /// Ledger: most event messages (each a batch of up to 128 job events)
+    /// written to Postgres in one statement.
     pub ledger_batch: usize,
 }
 
@@ -232,7 +233,7 @@ impl Default for WorkerConfig {
             retry_max_delay_ms: 10_000,
             fetch_expires_ms: 5_000,
             shutdown_grace_ms: 25_000,
-            ledger_batch: 500,
+            ledger_batch: 32,
         }
     }
 }

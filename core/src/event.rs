@@ -80,9 +80,4 @@ impl JobEvent {
             finished_ms: None,
         }
     }
-
-    /// Dedup id for the events stream: one event per job, status and attempt.
-    pub fn msg_id(&self) -> String {
-        format!("{}.{}.{}", self.job_id, self.status.as_str(), self.attempts)
-    }
 }

@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use serde::Deserialize;
-use sluice_core::envelope::{self, Envelope, H_MSG_ID, H_RETRY_AFTER, H_STATUS};
+use sluice_core::envelope::{Envelope, H_RETRY_AFTER, H_STATUS};
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::{JobEvent, JobStatus, Usage};
 use sluice_core::now_ms;
@@ -33,7 +33,7 @@ use crate::upstream::{CallError, Upstreams};
 /// What every job task shares.
 pub struct JobContext {
     pub nats: async_nats::Client,
-    pub js: jetstream::Context,
+    pub events: crate::events::EventSink,
     pub upstreams: Upstreams,
     pub max_attempts: u32,
     pub ack_wait: Duration,
@@ -151,7 +151,7 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
                 tracing::info!(code = e.code.as_str(), message = %e.message, "job failed");
             }
             tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "answer published");
-            if !record(&ctx, &event).await {
+            if !ctx.events.record(event).await {
                 let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 return;
             }
@@ -228,35 +228,6 @@ fn classify(
                 ApiError::new(ErrorCode::UpstreamError, format!("the upstream failed ({reason}) on every attempt"))
             };
             failed(error, status)
-        }
-    }
-}
-
-/// Publishes the job's event and waits for JetStream to store it, retrying
-/// with backoff; `false` if it could not be stored.
-async fn record(ctx: &JobContext, event: &JobEvent) -> bool {
-    let Ok(payload) = serde_json::to_vec(event) else {
-        return false;
-    };
-    let payload = Bytes::from(payload);
-    let subject = envelope::event_subject(event.status.as_str());
-    let msg_id = event.msg_id();
-    let publish = || async {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(H_MSG_ID, msg_id.as_str());
-        ctx.js.publish_with_headers(subject.clone(), headers, payload.clone()).await?.await
-    };
-    let policy = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(2))
-        .with_jitter()
-        .with_max_times(5);
-    match publish.retry(policy).await {
-        Ok(_) => true,
-        Err(error) => {
-            metrics::counter!(m::EVENT_PUBLISH_FAILURES).increment(1);
-            tracing::warn!(%error, "could not record the job's outcome; it will run again");
-            false
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The ledger loop: job outcome events from the events stream into Postgres,
-//! many per statement. An event is acked only after its batch committed, so
+//! many per statement. Each message of the stream holds a batch of events. An event is acked only after its batch committed, so
 //! a crash or a Postgres outage delays the ledger but loses nothing.
 //!
 //! Writes are idempotent: one row per job, and a `completed` row is never
@@ -65,13 +65,15 @@ async fn write_batch(db: &PgPool, batch: Vec<Message>) {
     let mut events: HashMap<uuid::Uuid, JobEvent> = HashMap::with_capacity(batch.len());
     let mut valid = Vec::with_capacity(batch.len());
     for message in batch {
-        match serde_json::from_slice::<JobEvent>(&message.payload) {
-            Ok(event) => {
-                // One row per job in a statement: keep the event that wins.
-                match events.get(&event.job_id) {
-                    Some(kept) if rank(kept) >= rank(&event) => {}
-                    _ => {
-                        events.insert(event.job_id, event);
+        match serde_json::from_slice::<Vec<JobEvent>>(&message.payload) {
+            Ok(batch) => {
+                for event in batch {
+                    // One row per job in a statement: keep the event that wins.
+                    match events.get(&event.job_id) {
+                        Some(kept) if rank(kept) >= rank(&event) => {}
+                        _ => {
+                            events.insert(event.job_id, event);
+                        }
                     }
                 }
                 valid.push(message);

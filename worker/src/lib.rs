@@ -5,10 +5,12 @@
 //! - [`executor`]: pulls jobs in batches sized to its free slots, runs them,
 //!   and acks, naks with a delay, or terminates each by its outcome.
 //! - [`job`]: one job's life: deadline, upstream call, retries, answer, event.
+//! - [`events`]: job outcomes batched into the events stream.
 //! - [`upstream`]: the OpenAI-compatible HTTP client of each pool.
 //! - [`ledger`]: writes job outcome events to Postgres in batches.
 //! - [`metrics`]: every metric the worker records.
 
+pub mod events;
 pub mod executor;
 pub mod job;
 pub mod ledger;

@@ -89,7 +89,7 @@ impl Worker {
 
         let ctx = Arc::new(JobContext {
             nats: client.clone(),
-            js,
+            events: crate::events::EventSink::start(js),
             upstreams,
             max_attempts: w.max_attempts,
             ack_wait: ms(w.ack_wait_ms),

@@ -32,7 +32,8 @@ pub struct Answer {
 
 pub struct Upstream {
     client: reqwest::Client,
-    base_url: String,
+    /// `{base_url}/chat/completions`, parsed once.
+    chat_url: reqwest::Url,
     /// Upstream model name when it differs from the pool name.
     rewrite_model: Option<String>,
     authorization: Option<HeaderValue>,
@@ -90,11 +91,16 @@ impl Upstreams {
                 None => None,
             };
             let rewrite_model = (pool.upstream_model() != pool.name).then(|| pool.upstream_model().to_owned());
+            let url = format!("{base_url}{}", Endpoint::ChatCompletions.upstream_path());
+            let chat_url = reqwest::Url::parse(&url).map_err(|e| ConfigError::Key {
+                key: format!("pools[{i}].base_url"),
+                message: format!("`{url}` is not a URL: {e}"),
+            })?;
             by_pool.insert(
                 pool.name.clone(),
                 Upstream {
                     client,
-                    base_url,
+                    chat_url,
                     rewrite_model,
                     authorization,
                     request_timeout: ms(settings.request_timeout_ms),
@@ -121,6 +127,12 @@ fn build_client(s: &UpstreamConfig) -> reqwest::Result<reqwest::Client> {
 }
 
 impl Upstream {
+    fn url(&self, endpoint: Endpoint) -> &reqwest::Url {
+        match endpoint {
+            Endpoint::ChatCompletions => &self.chat_url,
+        }
+    }
+
     /// Sends `body` to the endpoint, giving up at `deadline` or after the
     /// configured timeouts, whichever comes first.
     pub async fn call(&self, endpoint: Endpoint, body: Bytes, deadline: Instant) -> Result<Answer, CallError> {
@@ -140,7 +152,7 @@ impl Upstream {
         };
         let mut request = self
             .client
-            .post(format!("{}{}", self.base_url, endpoint.upstream_path()))
+            .post(self.url(endpoint).clone())
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(body);
         if let Some(auth) = &self.authorization {
