@@ -71,3 +71,39 @@ async fn ops_endpoints_answer() {
     assert!(metrics.contains("sluice_ingress_requests_total"), "{metrics}");
     assert!(metrics.contains("route=\"chat_completions\""), "{metrics}");
 }
+
+#[tokio::test]
+async fn request_id_and_trace_context_travel_to_the_worker_in_nats_headers() {
+    use futures::StreamExt;
+    let stack = Stack::start().await;
+    // A plain subscriber sees what the ingress publishes to the jobs stream.
+    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
+    let mut jobs = nats.subscribe("jobs.>").await.unwrap();
+    nats.flush().await.unwrap();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let response = stack
+        .http
+        .post(format!("{}/v1/chat/completions", stack.base))
+        .bearer_auth(&stack.key)
+        .header("x-request-id", "req-abc-123")
+        .header("traceparent", traceparent)
+        .json(&Stack::chat_body("trace me"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "req-abc-123");
+    let message = tokio::time::timeout(std::time::Duration::from_secs(5), jobs.next()).await.unwrap().unwrap();
+    let headers = message.headers.unwrap();
+    assert_eq!(headers.get("Sluice-Request-Id").unwrap().as_str(), "req-abc-123");
+    assert_eq!(headers.get("traceparent").unwrap().as_str(), traceparent);
+    assert_eq!(message.payload.as_ref(), serde_json::to_vec(&Stack::chat_body("trace me")).unwrap().as_slice());
+    let job_id: uuid::Uuid = headers.get("Nats-Msg-Id").unwrap().as_str().parse().unwrap();
+    stack.ledger_row(job_id, "completed").await;
+    let request_id: String = sqlx::query_scalar("SELECT request_id FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    assert_eq!(request_id, "req-abc-123");
+}

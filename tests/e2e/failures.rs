@@ -129,3 +129,25 @@ async fn worker_shutdown_finishes_the_call_in_flight() {
     assert!(stop_took < Duration::from_secs(5), "shutdown took {stop_took:?}");
     assert_eq!(stack.mock.requests().await, 1, "the job ran once");
 }
+
+#[tokio::test]
+async fn ingress_shutdown_lets_the_request_in_flight_finish() {
+    let stack = Stack::start().await;
+    stack.mock.faults(serde_json::json!({"hang_next": 1, "hang_ms": 1000})).await;
+    let body = Stack::chat_body("drain me");
+    let request = stack.chat(&body);
+    let stop = async {
+        wait_for("the request to be in flight", Duration::from_secs(5), || async {
+            (stack.mock.requests().await == 1).then_some(())
+        })
+        .await;
+        stack.stop_ingress();
+    };
+    let (response, ()) = tokio::join!(request, stop);
+    assert_eq!(response.status(), 200, "the request in flight was cut off");
+    // New connections are refused once the ingress has drained.
+    wait_for("the ingress to stop listening", Duration::from_secs(5), || async {
+        stack.http.get(format!("{}/healthz", stack.base)).send().await.is_err().then_some(())
+    })
+    .await;
+}

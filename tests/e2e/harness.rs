@@ -257,7 +257,8 @@ pub struct Stack {
     pub key_id: Uuid,
     pub http: reqwest::Client,
     pub worker: Option<WorkerHandle>,
-    _ingress_stop: tokio_util::sync::DropGuard,
+    ingress_stop: CancellationToken,
+    _ingress_guard: tokio_util::sync::DropGuard,
 }
 
 impl Stack {
@@ -286,17 +287,23 @@ impl Stack {
             key_id: key.id,
             http: http_client(),
             worker: Some(worker),
-            _ingress_stop: base.1,
+            ingress_stop: base.1.clone(),
+            _ingress_guard: base.1.drop_guard(),
         }
     }
 
-    async fn start_ingress(config: Config) -> (String, tokio_util::sync::DropGuard) {
+    /// Stops the ingress the way SIGTERM does.
+    pub fn stop_ingress(&self) {
+        self.ingress_stop.cancel();
+    }
+
+    async fn start_ingress(config: Config) -> (String, CancellationToken) {
         let listener = tokio::net::TcpListener::bind(config.ingress.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let ingress = sluice_ingress::Ingress::build(config).await.unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(ingress.run(listener, stop.clone()));
-        (format!("http://{addr}"), stop.drop_guard())
+        (format!("http://{addr}"), stop)
     }
 
     pub fn chat_body(content: &str) -> serde_json::Value {
