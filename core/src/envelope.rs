@@ -2,13 +2,19 @@
 //!
 //! The payload of a job message is the client's request body, byte for byte;
 //! everything else travels in NATS headers, so nothing is re-encoded on the
-//! hot path. `Nats-Msg-Id` carries the job id, which makes a republished job
-//! a duplicate inside the stream's dedup window.
+//! hot path.
+//!
+//! `Sluice-Job-Id` carries the job id. `Nats-Msg-Id` (JetStream's duplicate
+//! detection) is set only for submits that must be idempotent: tracking an id
+//! for every synchronous request over the dedup window costs the server memory
+//! and CPU in proportion to the request rate, for submits that are never
+//! republished (the ingress answers 503 instead of retrying a publish).
 
 use async_nats::HeaderMap;
 use uuid::Uuid;
 
 pub const H_MSG_ID: &str = "Nats-Msg-Id";
+pub const H_JOB_ID: &str = "Sluice-Job-Id";
 pub const H_TENANT: &str = "Sluice-Tenant";
 pub const H_POOL: &str = "Sluice-Pool";
 pub const H_ENDPOINT: &str = "Sluice-Endpoint";
@@ -111,8 +117,7 @@ pub enum EnvelopeError {
 impl Envelope {
     pub fn to_headers(&self) -> HeaderMap {
         let mut h = HeaderMap::new();
-        let id = self.job_id.to_string();
-        h.insert(H_MSG_ID, id.as_str());
+        h.insert(H_JOB_ID, self.job_id.to_string().as_str());
         h.insert(H_TENANT, self.tenant.to_string().as_str());
         h.insert(H_POOL, self.pool.as_str());
         h.insert(H_ENDPOINT, self.endpoint.as_str());
@@ -135,7 +140,7 @@ impl Envelope {
         let uuid = |name: &'static str| need(name)?.parse::<Uuid>().map_err(|_| EnvelopeError::Malformed(name));
         let number = |name: &'static str| need(name)?.parse::<u64>().map_err(|_| EnvelopeError::Malformed(name));
         Ok(Self {
-            job_id: uuid(H_MSG_ID)?,
+            job_id: uuid(H_JOB_ID)?,
             tenant: uuid(H_TENANT)?,
             pool: need(H_POOL)?.to_owned(),
             endpoint: Endpoint::parse(need(H_ENDPOINT)?).ok_or(EnvelopeError::Malformed(H_ENDPOINT))?,
@@ -179,7 +184,7 @@ mod tests {
         h.insert(H_DEADLINE, "soon");
         assert_eq!(Envelope::from_headers(Some(&h)), Err(EnvelopeError::Malformed(H_DEADLINE)));
         let mut h = HeaderMap::new();
-        h.insert(H_MSG_ID, Uuid::new_v4().to_string().as_str());
+        h.insert(H_JOB_ID, Uuid::new_v4().to_string().as_str());
         assert_eq!(Envelope::from_headers(Some(&h)), Err(EnvelopeError::Missing(H_TENANT)));
     }
 

@@ -102,7 +102,7 @@ async fn request_id_and_trace_context_travel_to_the_worker_in_nats_headers() {
     assert_eq!(headers.get("Sluice-Request-Id").unwrap().as_str(), "req-abc-123");
     assert_eq!(headers.get("traceparent").unwrap().as_str(), traceparent);
     assert_eq!(message.payload.as_ref(), serde_json::to_vec(&Stack::chat_body("trace me")).unwrap().as_slice());
-    let job_id: uuid::Uuid = headers.get("Nats-Msg-Id").unwrap().as_str().parse().unwrap();
+    let job_id: uuid::Uuid = headers.get("Sluice-Job-Id").unwrap().as_str().parse().unwrap();
     stack.ledger_row(job_id, "completed").await;
     let request_id: String = sqlx::query_scalar("SELECT request_id FROM jobs WHERE id = $1")
         .bind(job_id)
