@@ -151,3 +151,21 @@ async fn ingress_shutdown_lets_the_request_in_flight_finish() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_upstream_rate_limit_past_the_deadline_is_a_429_with_retry_after() {
+    let stack = Stack::start().await;
+    stack.mock.faults(serde_json::json!({"rpm": 1})).await;
+    assert_eq!(stack.chat(&Stack::chat_body("first")).await.status(), 200);
+    // The mock's window resets within a minute, longer than the request may
+    // wait (10 s): the worker does not sit on the job, it answers at once.
+    let started = Instant::now();
+    let r = stack.chat(&Stack::chat_body("second")).await;
+    assert_eq!(r.status(), 429);
+    assert!(started.elapsed() < Duration::from_secs(5), "429 took {:?}", started.elapsed());
+    let retry_after: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "retry-after {retry_after}");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_rate_limited");
+    assert_eq!(stack.mock.stats().await["rate_limited"], 1);
+}
