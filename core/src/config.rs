@@ -42,6 +42,7 @@ pub struct Config {
     pub ingress: IngressConfig,
     pub worker: WorkerConfig,
     pub upstream: UpstreamConfig,
+    pub jobs: JobsConfig,
     pub log: LogConfig,
     /// Model aliases that clients name in `model`, each served by one upstream.
     pub pools: Vec<PoolConfig>,
@@ -129,6 +130,21 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_host: usize,
     pub pool_idle_timeout_ms: u64,
     pub tcp_keepalive_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// JetStream key-value bucket holding the state of asynchronous jobs.
+    pub state_bucket: String,
+    /// How long a job's state and result stay readable after its last
+    /// change; also the window of `Idempotency-Key`.
+    pub retention_ms: u64,
+    /// Expiry of a job that sets no `expires_in`: still queued then, it
+    /// becomes `expired` and never runs.
+    pub default_expiry_ms: u64,
+    /// Largest `expires_in` a client may ask for.
+    pub max_expiry_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -251,6 +267,17 @@ impl Default for UpstreamConfig {
     }
 }
 
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            state_bucket: "JOB_STATE".into(),
+            retention_ms: 7 * 24 * 3600 * 1000,
+            default_expiry_ms: 24 * 3600 * 1000,
+            max_expiry_ms: 7 * 24 * 3600 * 1000,
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         Self { filter: "info".into(), format: "text".into() }
@@ -306,6 +333,9 @@ impl Config {
             ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
             ("upstream.request_timeout_ms", self.upstream.request_timeout_ms),
             ("upstream.response_header_timeout_ms", self.upstream.response_header_timeout_ms),
+            ("jobs.retention_ms", self.jobs.retention_ms),
+            ("jobs.default_expiry_ms", self.jobs.default_expiry_ms),
+            ("jobs.max_expiry_ms", self.jobs.max_expiry_ms),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -318,16 +348,25 @@ impl Config {
         if self.worker.retry_min_delay_ms > self.worker.retry_max_delay_ms {
             return Err(ConfigError::key("worker.retry_min_delay_ms", "must not exceed worker.retry_max_delay_ms"));
         }
+        if self.jobs.max_expiry_ms > self.jobs.retention_ms {
+            return Err(ConfigError::key(
+                "jobs.max_expiry_ms",
+                "must not exceed jobs.retention_ms (a queued job's state would vanish before it runs)",
+            ));
+        }
+        if self.jobs.default_expiry_ms > self.jobs.max_expiry_ms {
+            return Err(ConfigError::key("jobs.default_expiry_ms", "must not exceed jobs.max_expiry_ms"));
+        }
         if !matches!(self.nats.replicas, 1 | 3 | 5) {
             return Err(ConfigError::key("nats.replicas", "must be 1, 3 or 5"));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::key("log.format", "must be `text` or `json`"));
         }
-        for name in [&self.nats.jobs_stream, &self.nats.events_stream, &self.worker.consumer] {
+        for name in [&self.nats.jobs_stream, &self.nats.events_stream, &self.worker.consumer, &self.jobs.state_bucket] {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
                 return Err(ConfigError::key(
-                    "nats.jobs_stream / nats.events_stream / worker.consumer",
+                    "nats.jobs_stream / nats.events_stream / worker.consumer / jobs.state_bucket",
                     "names may hold only letters, digits, `_` and `-`",
                 ));
             }

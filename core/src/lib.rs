@@ -4,6 +4,7 @@
 //! - [`secret`]: a wrapper that keeps secrets out of logs.
 //! - [`envelope`]: the job envelope carried in NATS headers, and subject names.
 //! - [`event`]: the job outcome events the worker publishes and the ledger writes.
+//! - [`jobstate`]: the state of asynchronous jobs, as kept in a key-value bucket.
 //! - [`error`]: the one error-code enum, mapped to HTTP status and OpenAI's error body.
 //! - [`nats`]: connecting to NATS and declaring Sluice's JetStream streams.
 //! - [`db`]: Postgres pool, embedded migrations, tenants and API keys.
@@ -16,6 +17,7 @@ pub mod db;
 pub mod envelope;
 pub mod error;
 pub mod event;
+pub mod jobstate;
 pub mod nats;
 pub mod ops;
 pub mod secret;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 
-use crate::config::{NatsConfig, ms};
+use crate::config::{JobsConfig, NatsConfig, ms};
 use crate::envelope::{EVENTS_SUBJECTS, JOBS_SUBJECTS};
 
 #[derive(Debug, thiserror::Error)]
@@ -13,6 +13,8 @@ pub enum NatsError {
     Connect { url: String, source: async_nats::ConnectError },
     #[error("cannot declare stream {name}: {source}")]
     Stream { name: String, source: async_nats::jetstream::context::CreateStreamError },
+    #[error("cannot open key-value bucket {name}: {message}")]
+    Bucket { name: String, message: String },
 }
 
 /// Connects with Sluice's options: a name for the server's monitoring, the
@@ -64,4 +66,28 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Res
         js.get_or_create_stream(cfg).await.map_err(|source| NatsError::Stream { name, source })?;
     }
     Ok(())
+}
+
+/// Opens the job-state bucket, creating it on first use: one value per key
+/// (no history), file storage, entries removed `jobs.retention_ms` after
+/// their last write.
+pub async fn state_bucket(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    jobs: &JobsConfig,
+) -> Result<jetstream::kv::Store, NatsError> {
+    let name = jobs.state_bucket.clone();
+    if let Ok(store) = js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    js.create_key_value(jetstream::kv::Config {
+        bucket: name.clone(),
+        history: 1,
+        max_age: ms(jobs.retention_ms),
+        storage: stream::StorageType::File,
+        num_replicas: nats.replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| NatsError::Bucket { name, message: e.to_string() })
 }

@@ -1,0 +1,120 @@
+//! The state of asynchronous jobs, kept where polling is cheap: a JetStream
+//! key-value bucket, one key per job (`<tenant>.<job>`), written by the
+//! ingress at submit and by the worker as the job moves on. Entries expire
+//! after `jobs.retention_ms`; the history stays in Postgres.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::event::JobStatus;
+
+/// One job as clients see it on `GET /v1/jobs/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: Uuid,
+    pub object: String,
+    pub endpoint: String,
+    pub model: String,
+    pub status: JobStatus,
+    /// Seconds since the epoch, like OpenAI's `created` fields.
+    pub created_at: u64,
+    pub expires_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
+    /// The provider's answer, as it sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+    /// SHA-256 of the submitted body, to refuse an `Idempotency-Key` reused
+    /// for a different request. Not shown to clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_hash: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobError {
+    pub code: String,
+    pub message: String,
+    /// HTTP status the job's request would have been answered with.
+    pub status: u16,
+}
+
+impl JobRecord {
+    /// The record as clients see it (without internal fields).
+    pub fn public(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(object) = value.as_object_mut() {
+            object.remove("request_hash");
+        }
+        value
+    }
+}
+
+/// KV key of a job: tenant and job id in simple hex form.
+pub fn key(tenant: Uuid, job: Uuid) -> String {
+    format!("{}.{}", tenant.simple(), job.simple())
+}
+
+/// The job id of a submit carrying `Idempotency-Key`: derived from the tenant
+/// and the key, so every ingress replica and every retry finds the same job.
+pub fn idempotent_job_id(tenant: Uuid, idempotency_key: &str) -> Uuid {
+    let mut hash = Sha256::new();
+    hash.update(b"sluice-idempotency\0");
+    hash.update(tenant.as_bytes());
+    hash.update(idempotency_key.as_bytes());
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+pub fn hash_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotent_ids_depend_on_tenant_and_key() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(idempotent_job_id(a, "k1"), idempotent_job_id(a, "k1"));
+        assert_ne!(idempotent_job_id(a, "k1"), idempotent_job_id(a, "k2"));
+        assert_ne!(idempotent_job_id(a, "k1"), idempotent_job_id(b, "k1"));
+    }
+
+    #[test]
+    fn public_view_hides_internal_fields() {
+        let r = JobRecord {
+            id: Uuid::nil(),
+            object: "job".into(),
+            endpoint: "chat.completions".into(),
+            model: "m".into(),
+            status: JobStatus::Queued,
+            created_at: 1,
+            expires_at: 2,
+            started_at: None,
+            finished_at: None,
+            attempts: 0,
+            metadata: None,
+            priority: None,
+            result: None,
+            error: None,
+            request_hash: Some("abc".into()),
+        };
+        let v = r.public();
+        assert_eq!(v["status"], "queued");
+        assert!(v.get("request_hash").is_none());
+    }
+}
