@@ -46,9 +46,10 @@ impl Endpoint {
         }
     }
 
+    /// Reads `chat.completions`, or the path `/v1/chat/completions`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
-            "chat.completions" => Some(Endpoint::ChatCompletions),
+            "chat.completions" | "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
             _ => None,
         }
     }
@@ -64,13 +65,17 @@ impl Endpoint {
 /// Scheduling class of a job; interactive requests come before batch work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
+    /// A client waits on the HTTP call.
     Sync,
+    /// Submitted with `POST /v1/jobs`; the answer is polled or delivered later.
+    Async,
 }
 
 impl Class {
     pub fn as_str(self) -> &'static str {
         match self {
             Class::Sync => "sync",
+            Class::Async => "async",
         }
     }
 }

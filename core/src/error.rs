@@ -12,6 +12,8 @@ pub enum ErrorCode {
     InvalidApiKey,
     ModelNotFound,
     NotFound,
+    /// The request conflicts with the resource's state (409).
+    Conflict,
     PayloadTooLarge,
     UnsupportedMediaType,
     /// This ingress has too many requests waiting.
@@ -36,6 +38,7 @@ impl ErrorCode {
             Self::InvalidJson | Self::InvalidRequest => StatusCode::BAD_REQUEST,
             Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Conflict => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Overloaded | Self::QueueFull | Self::UpstreamRateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -53,6 +56,7 @@ impl ErrorCode {
             | Self::InvalidRequest
             | Self::ModelNotFound
             | Self::NotFound
+            | Self::Conflict
             | Self::PayloadTooLarge
             | Self::UnsupportedMediaType => "invalid_request_error",
             Self::InvalidApiKey => "authentication_error",
@@ -71,6 +75,7 @@ impl ErrorCode {
             Self::InvalidApiKey => "invalid_api_key",
             Self::ModelNotFound => "model_not_found",
             Self::NotFound => "not_found",
+            Self::Conflict => "conflict",
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::Overloaded => "gateway_overloaded",

@@ -36,6 +36,8 @@ pub struct AppState {
     pub config: Config,
     pub nats: async_nats::Client,
     pub js: async_nats::jetstream::Context,
+    /// State of asynchronous jobs.
+    pub job_state: async_nats::jetstream::kv::Store,
     pub keys: KeyCache,
     pub replies: Replies,
     /// Bounds the synchronous requests waiting at once (`ingress.max_in_flight`).
@@ -60,6 +62,7 @@ impl Ingress {
         let client = nats::connect(&config.nats, &format!("sluice-ingress-{ingress_id}")).await?;
         let js = nats::jetstream(client.clone(), &config.nats);
         nats::ensure_streams(&js, &config.nats).await?;
+        let job_state = nats::state_bucket(&js, &config.nats, &config.jobs).await?;
         let db = db::connect(&config.database).await?;
         let background = CancellationToken::new();
         let keys = KeyCache::start(db.clone(), ms(config.ingress.auth_refresh_ms), background.clone()).await?;
@@ -82,6 +85,7 @@ impl Ingress {
             config,
             nats: client,
             js,
+            job_state,
             keys,
             replies,
             pool_tokens,

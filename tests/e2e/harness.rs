@@ -348,6 +348,50 @@ impl Stack {
         .await
     }
 
+    /// A key of another tenant, for isolation tests.
+    pub async fn key_of(&self, tenant: &str) -> String {
+        let id = db::ensure_tenant(&self.db, tenant).await.unwrap();
+        let key = db::create_key(&self.db, id).await.unwrap().key.expose().to_owned();
+        // The ingress reloads keys every 100 ms in tests.
+        wait_for("the new key to be accepted", Duration::from_secs(5), || async {
+            let r = self.http.get(format!("{}/v1/models", self.base)).bearer_auth(&key).send().await.unwrap();
+            (r.status() == 200).then_some(())
+        })
+        .await;
+        key
+    }
+
+    /// POSTs `/v1/jobs` with `key`, and an `Idempotency-Key` if given.
+    pub async fn submit_job(
+        &self,
+        key: &str,
+        body: &serde_json::Value,
+        idempotency: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = self.http.post(format!("{}/v1/jobs", self.base)).bearer_auth(key).json(body);
+        if let Some(k) = idempotency {
+            request = request.header("idempotency-key", k);
+        }
+        request.send().await.unwrap()
+    }
+
+    pub async fn get_job(&self, key: &str, id: &str) -> reqwest::Response {
+        self.http.get(format!("{}/v1/jobs/{id}", self.base)).bearer_auth(key).send().await.unwrap()
+    }
+
+    /// Polls `GET /v1/jobs/{id}` until the job has `status`.
+    pub async fn job_with_status(&self, id: &str, status: &str) -> serde_json::Value {
+        wait_for(&format!("job {id} to be {status}"), Duration::from_secs(10), || async {
+            let job: serde_json::Value = self.get_job(&self.key, id).await.json().await.unwrap();
+            (job["status"] == status).then_some(job)
+        })
+        .await
+    }
+
+    pub fn job_body(content: &str) -> serde_json::Value {
+        serde_json::json!({"endpoint": "chat.completions", "body": Self::chat_body(content)})
+    }
+
     pub async fn ledger_count(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&self.db).await.unwrap()
     }

@@ -8,5 +8,6 @@ mod auth;
 mod chat;
 mod config;
 mod failures;
+mod jobs;
 mod sdk;
 mod validation;

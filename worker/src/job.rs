@@ -28,12 +28,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics as m;
+use crate::state::{self, Begin};
 use crate::upstream::{CallError, Upstreams};
 
 /// What every job task shares.
 pub struct JobContext {
     pub nats: async_nats::Client,
     pub events: crate::events::EventSink,
+    /// State of asynchronous jobs.
+    pub job_state: async_nats::jetstream::kv::Store,
     pub upstreams: Upstreams,
     pub max_attempts: u32,
     pub ack_wait: Duration,
@@ -86,6 +89,35 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
     let remaining = Duration::from_millis(env.deadline_ms.saturating_sub(started_ms));
     let deadline = started + remaining;
 
+    // An asynchronous job moves through its stored state: it runs only from
+    // `queued` (or `in_progress` on a redelivery), never once cancelled.
+    let mut record = None;
+    if env.reply.is_none() {
+        match state::begin(&ctx.job_state, &env, attempt, remaining.is_zero()).await {
+            Ok(Begin::Run(r)) => record = Some(*r),
+            Ok(Begin::Expired) => return conclude(&ctx, message, &env, JobStatus::Expired, attempt).await,
+            Ok(Begin::Skip(JobStatus::Cancelled)) => {
+                return conclude(&ctx, message, &env, JobStatus::Cancelled, attempt).await;
+            }
+            Ok(Begin::Skip(status)) => {
+                tracing::info!(status = status.as_str(), "job already handled elsewhere; message dropped");
+                let _ = message.ack().await;
+                return;
+            }
+            Ok(Begin::Missing) => {
+                metrics::counter!(m::POISON).increment(1);
+                tracing::warn!("asynchronous job without stored state; dropped");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the job's state; retrying in 1 s");
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                return;
+            }
+        }
+    }
+
     let outcome = if remaining.is_zero() {
         failed(ApiError::new(ErrorCode::Timeout, "the request's deadline passed before a worker could run it"), None)
     } else if attempt > ctx.max_attempts {
@@ -136,7 +168,7 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
                 if let Some(secs) = error.as_ref().and_then(|e| e.retry_after_secs) {
                     headers.insert(H_RETRY_AFTER, secs.to_string().as_str());
                 }
-                if let Err(error) = ctx.nats.publish_with_headers(reply.clone(), headers, body).await {
+                if let Err(error) = ctx.nats.publish_with_headers(reply.clone(), headers, body.clone()).await {
                     tracing::warn!(%error, "could not publish the answer to the ingress");
                 }
             }
@@ -149,6 +181,14 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
                 event.error_code = Some(e.code.as_str().to_owned());
                 event.error_message = Some(e.message.clone());
                 tracing::info!(code = e.code.as_str(), message = %e.message, "job failed");
+            }
+            if let Some(record) = record {
+                let error = error.as_ref().map(|e| (e.code.as_str(), e.message.as_str()));
+                if let Err(e) = state::finish(&ctx.job_state, &env, record, status, http_status, &body, error).await {
+                    tracing::warn!(error = %e, "cannot store the job's outcome; retrying in 1 s");
+                    let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    return;
+                }
             }
             tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "answer published");
             if !ctx.events.record(event).await {
@@ -163,6 +203,19 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
             metrics::histogram!(m::JOB_SECONDS, "pool" => env.pool.clone()).record(started.elapsed().as_secs_f64());
         }
     }
+}
+
+/// Records a job that ends without a call (cancelled, expired) and acks it.
+async fn conclude(ctx: &JobContext, message: jetstream::Message, env: &Envelope, status: JobStatus, attempt: u32) {
+    let mut event = JobEvent::from_envelope(env, status, attempt as i32);
+    event.finished_ms = Some(now_ms());
+    if !ctx.events.record(event).await {
+        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        return;
+    }
+    let _ = message.ack().await;
+    tracing::info!(status = status.as_str(), "job ended without running");
+    metrics::counter!(m::JOBS, "pool" => env.pool.clone(), "outcome" => status.as_str()).increment(1);
 }
 
 fn failed(error: ApiError, upstream_status: Option<u16>) -> Outcome {

@@ -6,6 +6,7 @@
 //!   and acks, naks with a delay, or terminates each by its outcome.
 //! - [`job`]: one job's life: deadline, upstream call, retries, answer, event.
 //! - [`events`]: job outcomes batched into the events stream.
+//! - [`state`]: an asynchronous job's stored state as the worker moves it on.
 //! - [`upstream`]: the OpenAI-compatible HTTP client of each pool.
 //! - [`ledger`]: writes job outcome events to Postgres in batches.
 //! - [`metrics`]: every metric the worker records.
@@ -16,6 +17,7 @@ pub mod job;
 pub mod ledger;
 pub mod metrics;
 pub mod startup;
+pub mod state;
 pub mod upstream;
 
 pub use startup::Worker;

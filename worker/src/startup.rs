@@ -51,6 +51,7 @@ impl Worker {
         let client = nats::connect(&config.nats, "sluice-worker").await?;
         let js = nats::jetstream(client.clone(), &config.nats);
         nats::ensure_streams(&js, &config.nats).await?;
+        let job_state = nats::state_bucket(&js, &config.nats, &config.jobs).await?;
         let db = db::connect(&config.database).await?;
 
         let w = &config.worker;
@@ -90,6 +91,7 @@ impl Worker {
         let ctx = Arc::new(JobContext {
             nats: client.clone(),
             events: crate::events::EventSink::start(js),
+            job_state,
             upstreams,
             max_attempts: w.max_attempts,
             ack_wait: ms(w.ack_wait_ms),

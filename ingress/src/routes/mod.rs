@@ -1,7 +1,9 @@
 //! The OpenAI-compatible routes.
 
 mod chat;
+mod jobs;
 mod models;
+mod submit;
 
 use std::sync::Arc;
 
@@ -14,5 +16,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(models::list))
+        .route("/v1/jobs", post(jobs::submit))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .with_state(state)
 }

@@ -1,0 +1,280 @@
+//! Asynchronous jobs: `POST /v1/jobs`, `GET /v1/jobs/{id}`,
+//! `POST /v1/jobs/{id}/cancel`.
+//!
+//! A submit writes the job's state to the key-value bucket (one JetStream
+//! write, which also claims an `Idempotency-Key`), then publishes the job and
+//! answers 202: from then on `GET` finds it. Every key holds the tenant, so
+//! another tenant's job id is simply not found.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_nats::jetstream::kv;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use sluice_core::envelope::{self, Class, Endpoint, Envelope};
+use sluice_core::error::{ApiError, ErrorCode};
+use sluice_core::event::JobStatus;
+use sluice_core::jobstate::{self, JobRecord};
+use sluice_core::now_ms;
+use uuid::Uuid;
+
+use super::submit;
+use crate::startup::AppState;
+
+const MAX_METADATA_KEYS: usize = 16;
+const MAX_METADATA_VALUE: usize = 512;
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobRequest {
+    endpoint: String,
+    body: Box<RawValue>,
+    #[serde(default)]
+    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    priority: Option<String>,
+    /// Seconds the job may wait in the queue before it expires.
+    #[serde(default)]
+    expires_in: Option<u64>,
+    #[serde(default)]
+    webhook: Option<serde_json::Value>,
+}
+
+fn finish(route: &'static str, started: Instant, result: Result<Response, ApiError>) -> Response {
+    let response = result.unwrap_or_else(|error| {
+        crate::metrics::rejected(error.code);
+        error.into_response()
+    });
+    crate::metrics::answered(route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+pub async fn submit(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    finish("jobs_submit", started, handle_submit(&state, &headers, body).await)
+}
+
+pub async fn get(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let owner = state.keys.authenticate(&headers)?;
+        let (record, _) = load(&state.job_state, owner.tenant_id, &id).await?;
+        Ok(Json(record.public()).into_response())
+    };
+    finish("jobs_get", started, result.await)
+}
+
+pub async fn cancel(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let owner = state.keys.authenticate(&headers)?;
+        // A worker may take the job between our read and our write: the
+        // write is conditional on the revision read, and a lost race is
+        // read again.
+        for _ in 0..3 {
+            let (mut record, revision) = load(&state.job_state, owner.tenant_id, &id).await?;
+            match record.status {
+                JobStatus::Queued => {}
+                JobStatus::InProgress => {
+                    return Err(ApiError::new(
+                        ErrorCode::Conflict,
+                        "the job is already running and cannot be cancelled",
+                    ));
+                }
+                done => {
+                    return Err(ApiError::new(ErrorCode::Conflict, format!("the job is already {}", done.as_str())));
+                }
+            }
+            record.status = JobStatus::Cancelled;
+            record.finished_at = Some(now_ms() / 1000);
+            let key = jobstate::key(owner.tenant_id, record.id);
+            match state.job_state.update(&key, to_bytes(&record)?, revision).await {
+                Ok(_) => return Ok(Json(record.public()).into_response()),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(unavailable(&e)),
+            }
+        }
+        Err(ApiError::new(ErrorCode::Conflict, "the job changed while cancelling; retry"))
+    };
+    finish("jobs_cancel", started, result.await)
+}
+
+async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let owner = state.keys.authenticate(headers)?;
+    let bytes = crate::body::read_json_body(headers, body, state.config.ingress.max_body_bytes).await?;
+    let request: JobRequest = crate::body::parse(&bytes)?;
+    if request.webhook.is_some() {
+        return Err(
+            ApiError::new(ErrorCode::InvalidRequest, "webhooks are not supported by this gateway yet").param("webhook")
+        );
+    }
+    let Some(endpoint) = Endpoint::parse(&request.endpoint) else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("unknown endpoint `{}`; supported: chat.completions", request.endpoint),
+        )
+        .param("endpoint"));
+    };
+    let inner = Bytes::copy_from_slice(request.body.get().as_bytes());
+    let (model, pool_token) = match endpoint {
+        Endpoint::ChatCompletions => submit::validate_chat(state, &inner)?,
+    };
+    check_metadata(request.metadata.as_ref())?;
+    if let Some(p) = &request.priority
+        && !matches!(p.as_str(), "interactive" | "normal" | "batch")
+    {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "`priority` must be interactive, normal or batch")
+            .param("priority"));
+    }
+    let jobs = &state.config.jobs;
+    let expiry_ms = match request.expires_in {
+        Some(0) => {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "`expires_in` must be positive").param("expires_in"));
+        }
+        Some(secs) if secs.saturating_mul(1000) > jobs.max_expiry_ms => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("`expires_in` may be at most {} seconds", jobs.max_expiry_ms / 1000),
+            )
+            .param("expires_in"));
+        }
+        Some(secs) => secs * 1000,
+        None => jobs.default_expiry_ms,
+    };
+
+    let idempotency_key = idempotency_key(headers)?;
+    let job_id = match idempotency_key {
+        Some(key) => jobstate::idempotent_job_id(owner.tenant_id, key),
+        None => Uuid::now_v7(),
+    };
+    let submitted_ms = now_ms();
+    let record = JobRecord {
+        id: job_id,
+        object: "job".into(),
+        endpoint: endpoint.as_str().into(),
+        model: model.clone(),
+        status: JobStatus::Queued,
+        created_at: submitted_ms / 1000,
+        expires_at: (submitted_ms + expiry_ms) / 1000,
+        started_at: None,
+        finished_at: None,
+        attempts: 0,
+        metadata: request.metadata,
+        priority: request.priority,
+        result: None,
+        error: None,
+        request_hash: idempotency_key.map(|_| jobstate::hash_hex(&bytes)),
+    };
+    let key = jobstate::key(owner.tenant_id, job_id);
+    let request_id = submit::request_id(headers, job_id);
+    let env = Envelope {
+        job_id,
+        tenant: owner.tenant_id,
+        pool: model,
+        endpoint,
+        reply: None,
+        deadline_ms: submitted_ms + expiry_ms,
+        submitted_ms,
+        request_id: request_id.clone(),
+        traceparent: Some(submit::traceparent(headers, job_id)),
+    };
+    let subject = envelope::job_subject(pool_token, Class::Async, owner.tenant_id);
+
+    let (record, replayed) = match state.job_state.create(&key, to_bytes(&record)?).await {
+        Ok(_) => (record, false),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists && idempotency_key.is_some() => {
+            let (existing, _) = load(&state.job_state, owner.tenant_id, &job_id.to_string()).await?;
+            if existing.request_hash != record.request_hash {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    "this Idempotency-Key was used for a different request",
+                ));
+            }
+            (existing, true)
+        }
+        Err(e) => return Err(unavailable(&e)),
+    };
+    // A replayed submit publishes again while the job is still queued: its
+    // first publish may have been lost with the crash that made the client
+    // retry. The stream drops the copy as a duplicate inside its dedup
+    // window, and a worker runs a job only from `queued`, so it runs once.
+    if (!replayed || record.status == JobStatus::Queued)
+        && let Err(error) = submit::publish(state, subject, &env, inner, idempotency_key.is_some()).await
+    {
+        if !replayed {
+            // Nothing was queued: take the job back so it is not visible.
+            let _ = state.job_state.purge(&key).await;
+        }
+        return Err(error);
+    }
+    let mut response = (StatusCode::ACCEPTED, Json(record.public())).into_response();
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{job_id}")) {
+        h.insert(header::LOCATION, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        h.insert("x-request-id", v);
+    }
+    if replayed {
+        h.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// The job's record and its revision, or 404 (also for another tenant's job).
+async fn load(store: &kv::Store, tenant: Uuid, id: &str) -> Result<(JobRecord, u64), ApiError> {
+    let not_found = || ApiError::new(ErrorCode::NotFound, format!("no job with id `{id}`"));
+    let job: Uuid = id.parse().map_err(|_| not_found())?;
+    let entry = store.entry(jobstate::key(tenant, job)).await.map_err(|e| unavailable(&e))?;
+    let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+        return Err(not_found());
+    };
+    let record: JobRecord = serde_json::from_slice(&entry.value)
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "the job's stored state is unreadable"))?;
+    Ok((record, entry.revision))
+}
+
+fn to_bytes(record: &JobRecord) -> Result<Bytes, ApiError> {
+    serde_json::to_vec(record)
+        .map(Bytes::from)
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "cannot encode the job's state"))
+}
+
+fn unavailable(error: &dyn std::fmt::Display) -> ApiError {
+    tracing::warn!(%error, "job state store failed");
+    ApiError::new(ErrorCode::QueueUnavailable, "the job store is unavailable; retry shortly").retry_after(1)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    match value.to_str() {
+        Ok(key) if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY => Ok(Some(key)),
+        _ => Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("`Idempotency-Key` must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+        )),
+    }
+}
+
+fn check_metadata(metadata: Option<&serde_json::Map<String, serde_json::Value>>) -> Result<(), ApiError> {
+    let Some(map) = metadata else { return Ok(()) };
+    let bad = |message: String| Err(ApiError::new(ErrorCode::InvalidRequest, message).param("metadata"));
+    if map.len() > MAX_METADATA_KEYS {
+        return bad(format!("`metadata` may hold at most {MAX_METADATA_KEYS} keys"));
+    }
+    for (key, value) in map {
+        match value.as_str() {
+            Some(s) if s.len() <= MAX_METADATA_VALUE && key.len() <= 64 => {}
+            _ => return bad(format!("`metadata.{key}` must be a string of at most {MAX_METADATA_VALUE} characters")),
+        }
+    }
+    Ok(())
+}

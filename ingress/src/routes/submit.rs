@@ -1,0 +1,113 @@
+//! What every submit path shares: validating an endpoint's body, publishing
+//! a job to JetStream, request ids and trace context.
+
+use std::borrow::Cow;
+
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use sluice_core::envelope::Envelope;
+use sluice_core::error::{ApiError, ErrorCode};
+use uuid::Uuid;
+
+use crate::startup::AppState;
+
+/// The fields of a chat completion the ingress checks; the rest of the body
+/// is passed on as is.
+#[derive(Deserialize)]
+struct ChatRequest<'a> {
+    #[serde(borrow)]
+    model: Cow<'a, str>,
+    messages: Vec<serde::de::IgnoredAny>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+/// Checks a chat completion body; returns its pool and the pool's subject token.
+pub fn validate_chat<'s>(state: &'s AppState, bytes: &[u8]) -> Result<(String, &'s str), ApiError> {
+    let request: ChatRequest<'_> = crate::body::parse(bytes)?;
+    if request.messages.is_empty() {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "`messages` must not be empty").param("messages"));
+    }
+    if request.stream == Some(true) {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "`stream: true` is not supported by this gateway yet")
+            .param("stream"));
+    }
+    let Some(pool_token) = state.pool_tokens.get(request.model.as_ref()) else {
+        return Err(ApiError::new(
+            ErrorCode::ModelNotFound,
+            format!("the model `{}` does not exist or you do not have access to it", request.model),
+        )
+        .param("model"));
+    };
+    Ok((request.model.into_owned(), pool_token.as_str()))
+}
+
+/// Publishes the job and waits for JetStream's acknowledgement. `dedup`
+/// sets `Nats-Msg-Id` to the job id, for submits that may be repeated.
+pub async fn publish(
+    state: &AppState,
+    subject: String,
+    env: &Envelope,
+    body: bytes::Bytes,
+    dedup: bool,
+) -> Result<(), ApiError> {
+    let mut headers = env.to_headers();
+    if dedup {
+        headers.insert(sluice_core::envelope::H_MSG_ID, env.job_id.to_string().as_str());
+    }
+    let ack = state.js.publish_with_headers(subject, headers, body).await.map_err(publish_error)?;
+    ack.await.map(|_| ()).map_err(publish_error)
+}
+
+pub fn publish_error(e: async_nats::jetstream::context::PublishError) -> ApiError {
+    use async_nats::jetstream::context::PublishErrorKind;
+    match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded => {
+            ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large for the job queue")
+        }
+        PublishErrorKind::Other if e.to_string().contains("maximum messages") => {
+            ApiError::new(ErrorCode::QueueFull, "the job queue is full; retry later").retry_after(5)
+        }
+        kind => {
+            ApiError::new(ErrorCode::QueueUnavailable, format!("the job queue is unavailable ({kind}); retry shortly"))
+                .retry_after(1)
+        }
+    }
+}
+
+/// The client's `x-request-id` when it is sane, else the job id.
+pub fn request_id(headers: &HeaderMap, job_id: Uuid) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| job_id.to_string(), str::to_owned)
+}
+
+/// The client's W3C `traceparent` when well-formed, else a new trace rooted
+/// at this request (trace id from the job id).
+pub fn traceparent(headers: &HeaderMap, job_id: Uuid) -> String {
+    let given = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    if let Some(tp) = given {
+        let parts: Vec<&str> = tp.split('-').collect();
+        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if parts.len() == 4 && hex(parts[0], 2) && hex(parts[1], 32) && hex(parts[2], 16) && hex(parts[3], 2) {
+            return tp.to_owned();
+        }
+    }
+    let id = job_id.simple().to_string();
+    format!("00-{id}-{}-01", &id[16..])
+}
+
+/// Runs `f` when dropped, whichever way the handler returns.
+pub fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

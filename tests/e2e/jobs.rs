@@ -1,0 +1,155 @@
+//! Asynchronous jobs: submit, poll, cancel, expiry, idempotency, isolation.
+
+use std::time::Duration;
+
+use crate::harness::{Stack, WorkerHandle, wait_for};
+
+#[tokio::test]
+async fn a_submitted_job_is_visible_at_once_and_completes_with_the_result() {
+    let stack = Stack::start().await;
+    let mut body = Stack::job_body("async hello");
+    body["metadata"] = serde_json::json!({"batch": "nightly-7"});
+    let r = stack.submit_job(&stack.key, &body, None).await;
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let job: serde_json::Value = r.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("/v1/jobs/{id}"));
+    assert_eq!(job["object"], "job");
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["metadata"]["batch"], "nightly-7");
+
+    let done = stack.job_with_status(&id, "completed").await;
+    assert_eq!(done["result"]["choices"][0]["message"]["content"], "mock reply to: async hello");
+    assert!(done["result"]["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(done["attempts"], 1);
+    assert!(done["started_at"].as_u64().is_some() && done["finished_at"].as_u64().is_some());
+    let row = stack.ledger_row(id.parse().unwrap(), "completed").await;
+    assert_eq!(row.attempts, 1);
+}
+
+#[tokio::test]
+async fn another_tenants_job_is_a_404_on_every_route() {
+    let stack = Stack::start().await;
+    let job: serde_json::Value =
+        stack.submit_job(&stack.key, &Stack::job_body("mine"), None).await.json().await.unwrap();
+    let id = job["id"].as_str().unwrap();
+    let other = stack.key_of("intruder").await;
+    assert_eq!(stack.get_job(&other, id).await.status(), 404);
+    let cancel =
+        stack.http.post(format!("{}/v1/jobs/{id}/cancel", stack.base)).bearer_auth(&other).send().await.unwrap();
+    assert_eq!(cancel.status(), 404);
+    assert_eq!(stack.get_job(&stack.key, id).await.status(), 200);
+    assert_eq!(stack.get_job(&stack.key, "not-a-job-id").await.status(), 404);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_same_job_and_runs_it_once() {
+    let stack = Stack::start().await;
+    let body = Stack::job_body("exactly once");
+    let first = stack.submit_job(&stack.key, &body, Some("order-42")).await;
+    assert_eq!(first.status(), 202);
+    let first: serde_json::Value = first.json().await.unwrap();
+    let id = first["id"].as_str().unwrap().to_owned();
+    stack.job_with_status(&id, "completed").await;
+
+    let again = stack.submit_job(&stack.key, &body, Some("order-42")).await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(again["status"], "completed");
+
+    let reused = stack.submit_job(&stack.key, &Stack::job_body("something else"), Some("order-42")).await;
+    assert_eq!(reused.status(), 409);
+    // Another tenant's identical key is another job.
+    let other = stack.key_of("other").await;
+    let theirs: serde_json::Value = stack.submit_job(&other, &body, Some("order-42")).await.json().await.unwrap();
+    assert_ne!(theirs["id"], first["id"]);
+    stack.ledger_row(theirs["id"].as_str().unwrap().parse().unwrap(), "completed").await;
+    assert_eq!(stack.mock.requests().await, 2, "each tenant's job ran once");
+    assert_eq!(stack.ledger_count().await, 2);
+}
+
+#[tokio::test]
+async fn a_cancelled_job_never_runs() {
+    let mut stack = Stack::start().await;
+    stack.worker.take().unwrap().shutdown().await;
+    let job: serde_json::Value =
+        stack.submit_job(&stack.key, &Stack::job_body("never"), None).await.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let cancel = |key: String| {
+        let url = format!("{}/v1/jobs/{id}/cancel", stack.base);
+        let http = stack.http.clone();
+        async move { http.post(url).bearer_auth(key).send().await.unwrap() }
+    };
+    let r = cancel(stack.key.clone()).await;
+    assert_eq!(r.status(), 200);
+    let cancelled: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(cancelled["status"], "cancelled");
+    assert_eq!(cancel(stack.key.clone()).await.status(), 409, "a cancelled job cannot be cancelled again");
+
+    let _worker = WorkerHandle::start(stack.config.clone()).await;
+    stack.ledger_row(id.parse().unwrap(), "cancelled").await;
+    assert_eq!(stack.mock.requests().await, 0);
+    let job: serde_json::Value = stack.get_job(&stack.key, &id).await.json().await.unwrap();
+    assert_eq!(job["status"], "cancelled");
+}
+
+#[tokio::test]
+async fn a_job_still_queued_at_its_deadline_expires_and_never_runs() {
+    let mut stack = Stack::start().await;
+    stack.worker.take().unwrap().shutdown().await;
+    let mut body = Stack::job_body("too late");
+    body["expires_in"] = serde_json::json!(1);
+    let job: serde_json::Value = stack.submit_job(&stack.key, &body, None).await.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let expires_at_ms = job["expires_at"].as_u64().unwrap() * 1000 + 1000;
+    wait_for("the job's deadline to pass", Duration::from_secs(5), || async {
+        (sluice_core::now_ms() > expires_at_ms).then_some(())
+    })
+    .await;
+
+    let _worker = WorkerHandle::start(stack.config.clone()).await;
+    stack.ledger_row(id.parse().unwrap(), "expired").await;
+    assert_eq!(stack.job_with_status(&id, "expired").await["status"], "expired");
+    assert_eq!(stack.mock.requests().await, 0);
+}
+
+#[tokio::test]
+async fn bad_job_submissions_get_400_and_404() {
+    let stack = Stack::start().await;
+    let cases = [
+        (serde_json::json!({"endpoint": "images.generate", "body": {}}), 400, "endpoint"),
+        (serde_json::json!({"endpoint": "chat.completions"}), 400, ""),
+        (
+            serde_json::json!({"endpoint": "chat.completions", "body": Stack::chat_body("x"), "webhook": {"url": "http://127.0.0.1:9/x"}}),
+            400,
+            "webhook",
+        ),
+        (
+            serde_json::json!({"endpoint": "chat.completions", "body": Stack::chat_body("x"), "metadata": {"n": 1}}),
+            400,
+            "metadata",
+        ),
+        (
+            serde_json::json!({"endpoint": "chat.completions", "body": Stack::chat_body("x"), "expires_in": 0}),
+            400,
+            "expires_in",
+        ),
+        (
+            serde_json::json!({"endpoint": "chat.completions", "body": {"model": "nope", "messages": [{"role": "user", "content": "x"}]}}),
+            404,
+            "model",
+        ),
+    ];
+    for (body, status, param) in cases {
+        let r = stack.submit_job(&stack.key, &body, None).await;
+        assert_eq!(r.status().as_u16(), status, "{body}");
+        let error: serde_json::Value = r.json().await.unwrap();
+        if !param.is_empty() {
+            assert_eq!(error["error"]["param"], param, "{body}");
+        }
+    }
+    assert_eq!(stack.mock.requests().await, 0);
+}

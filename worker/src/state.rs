@@ -1,0 +1,101 @@
+//! An asynchronous job's state in the key-value bucket, as the worker moves
+//! it on: `queued → in_progress` before the call (conditional on the revision
+//! read, so a cancel and a worker cannot both win), then the outcome.
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use sluice_core::envelope::Envelope;
+use sluice_core::event::JobStatus;
+use sluice_core::jobstate::{self, JobError, JobRecord};
+use sluice_core::now_ms;
+
+/// What the worker may do with an asynchronous job.
+pub enum Begin {
+    /// The job is now `in_progress`, owned by this delivery.
+    Run(Box<JobRecord>),
+    /// Its deadline passed while it was queued: now `expired`.
+    Expired,
+    /// Someone else decided: cancelled, finished, or a duplicate message of a
+    /// job another delivery runs.
+    Skip(JobStatus),
+    /// No state (retention passed, or the submit was taken back).
+    Missing,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("job state store: {0}")]
+pub struct StateError(String);
+
+fn err(e: impl std::fmt::Display) -> StateError {
+    StateError(e.to_string())
+}
+
+pub async fn begin(store: &kv::Store, env: &Envelope, attempt: u32, expired: bool) -> Result<Begin, StateError> {
+    let key = jobstate::key(env.tenant, env.job_id);
+    for _ in 0..3 {
+        let Some(entry) = store.entry(&key).await.map_err(err)?.filter(|e| e.operation == kv::Operation::Put) else {
+            return Ok(Begin::Missing);
+        };
+        let mut record: JobRecord = serde_json::from_slice(&entry.value).map_err(err)?;
+        match record.status {
+            JobStatus::Queued => {}
+            // A redelivery after a worker died mid-call: carry on.
+            JobStatus::InProgress if attempt > 1 && !expired => {}
+            other => return Ok(Begin::Skip(other)),
+        }
+        let now = now_ms() / 1000;
+        let next = if expired && record.status == JobStatus::Queued {
+            record.status = JobStatus::Expired;
+            record.finished_at = Some(now);
+            Begin::Expired
+        } else if expired {
+            return Ok(Begin::Skip(JobStatus::InProgress));
+        } else {
+            record.status = JobStatus::InProgress;
+            record.started_at.get_or_insert(now);
+            record.attempts = attempt;
+            Begin::Run(Box::new(record.clone()))
+        };
+        let value = serde_json::to_vec(&record).map_err(err)?;
+        match store.update(&key, Bytes::from(value), entry.revision).await {
+            Ok(_) => return Ok(next),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Err(StateError("the job's state kept changing".into()))
+}
+
+/// Stores the outcome: the provider's answer, or the error.
+pub async fn finish(
+    store: &kv::Store,
+    env: &Envelope,
+    mut record: JobRecord,
+    status: JobStatus,
+    http_status: u16,
+    body: &[u8],
+    error: Option<(&str, &str)>,
+) -> Result<(), StateError> {
+    record.status = status;
+    record.finished_at = Some(now_ms() / 1000);
+    if status == JobStatus::Completed {
+        let text = String::from_utf8_lossy(body).into_owned();
+        match RawValue::from_string(text) {
+            Ok(raw) => record.result = Some(raw),
+            Err(_) => {
+                record.status = JobStatus::Failed;
+                record.error = Some(JobError {
+                    code: "upstream_error".into(),
+                    message: "the provider's answer was not JSON".into(),
+                    status: 502,
+                });
+            }
+        }
+    } else if let Some((code, message)) = error {
+        record.error = Some(JobError { code: code.into(), message: message.into(), status: http_status });
+    }
+    let value = serde_json::to_vec(&record).map_err(err)?;
+    store.put(jobstate::key(env.tenant, env.job_id), Bytes::from(value)).await.map_err(err)?;
+    Ok(())
+}
