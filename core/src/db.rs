@@ -21,8 +21,10 @@ pub const KEY_PREFIX: &str = "sk-sluice-";
 
 /// The files of `migrations/`, embedded so the binaries carry their schema.
 /// `migration_list_matches_directory` keeps this list honest.
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "tenants keys jobs", include_str!("../../migrations/0001_tenants_keys_jobs.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "tenants keys jobs", include_str!("../../migrations/0001_tenants_keys_jobs.sql")),
+    (2, "job metadata and status rank", include_str!("../../migrations/0002_job_metadata_and_status_rank.sql")),
+];
 
 pub type KeyDigest = [u8; 32];
 

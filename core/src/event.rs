@@ -59,6 +59,11 @@ pub struct JobEvent {
     pub submitted_ms: u64,
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
+    /// Client metadata of an asynchronous job, as JSON text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
 }
 
 impl JobEvent {
@@ -78,6 +83,8 @@ impl JobEvent {
             submitted_ms: env.submitted_ms,
             started_ms: None,
             finished_ms: None,
+            metadata: None,
+            expires_ms: None,
         }
     }
 }

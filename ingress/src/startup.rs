@@ -38,6 +38,8 @@ pub struct AppState {
     pub js: async_nats::jetstream::Context,
     /// State of asynchronous jobs.
     pub job_state: async_nats::jetstream::kv::Store,
+    /// Postgres, for the job history behind `GET /v1/jobs` (never on the submit path).
+    pub db: PgPool,
     pub keys: KeyCache,
     pub replies: Replies,
     /// Bounds the synchronous requests waiting at once (`ingress.max_in_flight`).
@@ -86,6 +88,7 @@ impl Ingress {
             nats: client,
             js,
             job_state,
+            db: db.clone(),
             keys,
             replies,
             pool_tokens,

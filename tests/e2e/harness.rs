@@ -197,6 +197,10 @@ pub struct WorkerHandle {
 
 impl WorkerHandle {
     pub async fn start(config: Config) -> Self {
+        // SLUICE_TEST_LOG=sluice_worker=debug shows the components' logs.
+        if let Ok(filter) = std::env::var("SLUICE_TEST_LOG") {
+            sluice_core::telemetry::init_logging(&sluice_core::config::LogConfig { filter, format: "text".into() });
+        }
         let stop = CancellationToken::new();
         let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();

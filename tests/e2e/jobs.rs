@@ -153,3 +153,59 @@ async fn bad_job_submissions_get_400_and_404() {
     }
     assert_eq!(stack.mock.requests().await, 0);
 }
+
+#[tokio::test]
+async fn the_job_list_is_paged_newest_first_filtered_and_per_tenant() {
+    let stack = Stack::start().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let mut body = Stack::job_body(&format!("list {i}"));
+        body["metadata"] = serde_json::json!({"n": i.to_string()});
+        let job: serde_json::Value = stack.submit_job(&stack.key, &body, None).await.json().await.unwrap();
+        ids.push(job["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        stack.ledger_row(id.parse().unwrap(), "completed").await;
+    }
+    let list = |query: &'static str, key: String| {
+        let url = format!("{}/v1/jobs{query}", stack.base);
+        let http = stack.http.clone();
+        async move {
+            let r = http.get(url).bearer_auth(key).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let page = list("?limit=2", stack.key.clone()).await;
+    assert_eq!(page["object"], "list");
+    let got: Vec<&str> = page["data"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    assert_eq!(got, vec![ids[2].as_str(), ids[1].as_str()], "newest first");
+    assert_eq!(page["has_more"], true);
+    assert_eq!(page["data"][0]["metadata"]["n"], "2");
+
+    let url = format!("{}/v1/jobs?limit=2&after={}", stack.base, page["last_id"].as_str().unwrap());
+    let next: serde_json::Value =
+        stack.http.get(url).bearer_auth(&stack.key).send().await.unwrap().json().await.unwrap();
+    let got: Vec<&str> = next["data"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    assert_eq!(got, vec![ids[0].as_str()]);
+    assert_eq!(next["has_more"], false);
+
+    assert_eq!(list("?status=completed", stack.key.clone()).await["data"].as_array().unwrap().len(), 3);
+    assert_eq!(list("?status=queued", stack.key.clone()).await["data"].as_array().unwrap().len(), 0);
+    let other = stack.key_of("someone-else").await;
+    assert_eq!(list("", other).await["data"].as_array().unwrap().len(), 0);
+    let bad = stack.http.get(format!("{}/v1/jobs?limit=1000", stack.base)).bearer_auth(&stack.key).send().await;
+    assert_eq!(bad.unwrap().status(), 400);
+}
+
+#[tokio::test]
+async fn a_queued_job_reaches_the_ledger_before_it_runs() {
+    let stack = Stack::start().await;
+    // The first call hangs, so the job stays in progress while we look.
+    stack.mock.faults(serde_json::json!({"hang_next": 1, "hang_ms": 2000})).await;
+    let job: serde_json::Value =
+        stack.submit_job(&stack.key, &Stack::job_body("watch me"), None).await.json().await.unwrap();
+    let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    stack.ledger_row(id, "in_progress").await;
+    stack.ledger_row(id, "completed").await;
+}

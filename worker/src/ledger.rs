@@ -13,6 +13,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
 use sluice_core::event::{JobEvent, JobStatus};
+use sluice_core::jobstate::JobRecord;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +22,54 @@ use crate::metrics as m;
 /// Longest a received event waits for more to fill its batch.
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
 
-pub async fn run(consumer: PullConsumer, db: PgPool, batch_size: usize, shutdown: CancellationToken) {
+/// Turns one stream message into the job rows it speaks of.
+pub type Decode = fn(&Message) -> Result<Vec<JobEvent>, String>;
+
+/// Outcome events, as the worker's event sink publishes them: a batch each.
+pub fn decode_events(message: &Message) -> Result<Vec<JobEvent>, String> {
+    serde_json::from_slice(&message.payload).map_err(|e| e.to_string())
+}
+
+/// Job-state changes of asynchronous jobs, from the key-value bucket's
+/// stream (`$KV.<bucket>.<tenant>.<job>`): the ledger learns of a job when it
+/// is queued, not only when it ends.
+pub fn decode_state(message: &Message) -> Result<Vec<JobEvent>, String> {
+    let deleted = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("KV-Operation"))
+        .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+    if deleted {
+        return Ok(Vec::new());
+    }
+    let mut tokens = message.subject.rsplitn(3, '.');
+    let job = tokens.next().and_then(|t| uuid::Uuid::parse_str(t).ok()).ok_or("bad job id in subject")?;
+    let tenant = tokens.next().and_then(|t| uuid::Uuid::parse_str(t).ok()).ok_or("bad tenant in subject")?;
+    let record: JobRecord = serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
+    if record.id != job {
+        return Err("job id in subject and record differ".into());
+    }
+    Ok(vec![JobEvent {
+        job_id: job,
+        tenant_id: tenant,
+        pool: record.model,
+        endpoint: record.endpoint,
+        status: record.status,
+        attempts: record.attempts as i32,
+        upstream_status: None,
+        usage: Default::default(),
+        error_code: record.error.as_ref().map(|e| e.code.clone()),
+        error_message: record.error.as_ref().map(|e| e.message.clone()),
+        request_id: String::new(),
+        submitted_ms: record.created_at * 1000,
+        started_ms: record.started_at.map(|s| s * 1000),
+        finished_ms: record.finished_at.map(|s| s * 1000),
+        metadata: record.metadata.and_then(|m| serde_json::to_string(&m).ok()),
+        expires_ms: Some(record.expires_at * 1000),
+    }])
+}
+
+pub async fn run(consumer: PullConsumer, db: PgPool, batch_size: usize, decode: Decode, shutdown: CancellationToken) {
     loop {
         let stream = consumer.stream().max_messages_per_batch(batch_size).expires(Duration::from_secs(5)).messages();
         let mut messages = match stream.await {
@@ -56,16 +104,16 @@ pub async fn run(consumer: PullConsumer, db: PgPool, batch_size: usize, shutdown
                     _ => break,
                 }
             }
-            write_batch(&db, batch).await;
+            write_batch(&db, batch, decode).await;
         }
     }
 }
 
-async fn write_batch(db: &PgPool, batch: Vec<Message>) {
+async fn write_batch(db: &PgPool, batch: Vec<Message>, decode: Decode) {
     let mut events: HashMap<uuid::Uuid, JobEvent> = HashMap::with_capacity(batch.len());
     let mut valid = Vec::with_capacity(batch.len());
     for message in batch {
-        match serde_json::from_slice::<Vec<JobEvent>>(&message.payload) {
+        match decode(&message) {
             Ok(batch) => {
                 for event in batch {
                     // One row per job in a statement: keep the event that wins.
@@ -138,6 +186,8 @@ async fn upsert(db: &PgPool, events: Vec<JobEvent>) -> Result<(), sqlx::Error> {
     let mut submitted = Vec::new();
     let mut started = Vec::new();
     let mut finished = Vec::new();
+    let mut metadata = Vec::new();
+    let mut expires = Vec::new();
     for e in events {
         ids.push(e.job_id);
         tenants.push(e.tenant_id);
@@ -155,33 +205,40 @@ async fn upsert(db: &PgPool, events: Vec<JobEvent>) -> Result<(), sqlx::Error> {
         submitted.push(ms(e.submitted_ms));
         started.push(e.started_ms.map(ms));
         finished.push(e.finished_ms.map(ms));
+        metadata.push(e.metadata);
+        expires.push(e.expires_ms.map(ms));
     }
     sqlx::query(
         "INSERT INTO jobs (id, tenant_id, pool, endpoint, status, attempts, upstream_status,
                            prompt_tokens, completion_tokens, total_tokens, error_code, error_message,
-                           request_id, submitted_at, started_at, finished_at)
+                           request_id, submitted_at, started_at, finished_at, metadata, expires_at)
          SELECT id, tenant_id, pool, endpoint, status, attempts, upstream_status,
                 prompt_tokens, completion_tokens, total_tokens, error_code, error_message, request_id,
-                to_timestamp(submitted / 1000.0), to_timestamp(started / 1000.0), to_timestamp(finished / 1000.0)
+                to_timestamp(submitted / 1000.0), to_timestamp(started / 1000.0), to_timestamp(finished / 1000.0),
+                metadata::jsonb, to_timestamp(expires / 1000.0)
          FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::int4[],
                      $8::int4[], $9::int4[], $10::int4[], $11::text[], $12::text[], $13::text[],
-                     $14::int8[], $15::int8[], $16::int8[])
+                     $14::int8[], $15::int8[], $16::int8[], $17::text[], $18::int8[])
               AS e(id, tenant_id, pool, endpoint, status, attempts, upstream_status, prompt_tokens,
                    completion_tokens, total_tokens, error_code, error_message, request_id,
-                   submitted, started, finished)
+                   submitted, started, finished, metadata, expires)
          ON CONFLICT (id) DO UPDATE SET
              status = EXCLUDED.status,
              attempts = GREATEST(jobs.attempts, EXCLUDED.attempts),
-             upstream_status = EXCLUDED.upstream_status,
-             prompt_tokens = EXCLUDED.prompt_tokens,
-             completion_tokens = EXCLUDED.completion_tokens,
-             total_tokens = EXCLUDED.total_tokens,
-             error_code = EXCLUDED.error_code,
-             error_message = EXCLUDED.error_message,
+             upstream_status = COALESCE(EXCLUDED.upstream_status, jobs.upstream_status),
+             prompt_tokens = COALESCE(EXCLUDED.prompt_tokens, jobs.prompt_tokens),
+             completion_tokens = COALESCE(EXCLUDED.completion_tokens, jobs.completion_tokens),
+             total_tokens = COALESCE(EXCLUDED.total_tokens, jobs.total_tokens),
+             error_code = COALESCE(EXCLUDED.error_code, jobs.error_code),
+             error_message = COALESCE(EXCLUDED.error_message, jobs.error_message),
+             request_id = COALESCE(NULLIF(jobs.request_id, ''), EXCLUDED.request_id),
              started_at = COALESCE(EXCLUDED.started_at, jobs.started_at),
-             finished_at = EXCLUDED.finished_at,
+             finished_at = COALESCE(EXCLUDED.finished_at, jobs.finished_at),
+             metadata = COALESCE(EXCLUDED.metadata, jobs.metadata),
+             expires_at = COALESCE(EXCLUDED.expires_at, jobs.expires_at),
              recorded_at = now()
-         WHERE jobs.status <> 'completed'",
+         WHERE jobs.status <> 'completed'
+           AND job_status_rank(EXCLUDED.status) >= job_status_rank(jobs.status)",
     )
     .bind(ids)
     .bind(tenants)
@@ -199,6 +256,8 @@ async fn upsert(db: &PgPool, events: Vec<JobEvent>) -> Result<(), sqlx::Error> {
     .bind(submitted)
     .bind(started)
     .bind(finished)
+    .bind(metadata)
+    .bind(expires)
     .execute(db)
     .await?;
     Ok(())

@@ -17,8 +17,10 @@ use crate::executor::Executor;
 use crate::job::JobContext;
 use crate::upstream::Upstreams;
 
-/// Name of the durable consumer that feeds the ledger.
+/// Name of the durable consumer that feeds the ledger with outcome events.
 pub const LEDGER_CONSUMER: &str = "ledger";
+/// Name of the durable consumer that feeds the ledger with job-state changes.
+pub const LEDGER_STATE_CONSUMER: &str = "ledger-state";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -40,6 +42,7 @@ pub struct Worker {
     db: PgPool,
     executor: Executor,
     ledger: PullConsumer,
+    ledger_state: PullConsumer,
 }
 
 impl Worker {
@@ -88,6 +91,19 @@ impl Worker {
             .await
             .map_err(|e| consumer_error(LEDGER_CONSUMER, &e))?;
 
+        let state_stream = format!("KV_{}", config.jobs.state_bucket);
+        let states = js.get_stream(&state_stream).await.map_err(|e| consumer_error(LEDGER_STATE_CONSUMER, &e))?;
+        let ledger_state: PullConsumer = states
+            .create_consumer(pull::Config {
+                durable_name: Some(LEDGER_STATE_CONSUMER.into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_deliver: -1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| consumer_error(LEDGER_STATE_CONSUMER, &e))?;
+
         let ctx = Arc::new(JobContext {
             nats: client.clone(),
             events: crate::events::EventSink::start(js),
@@ -106,7 +122,7 @@ impl Worker {
             max_in_flight: w.max_in_flight,
             fetch_expires: ms(w.fetch_expires_ms),
         };
-        Ok(Self { config, nats: client, db, executor, ledger })
+        Ok(Self { config, nats: client, db, executor, ledger, ledger_state })
     }
 
     /// Runs the executor and the ledger (and the ops server on `ops`, if
@@ -128,6 +144,14 @@ impl Worker {
             self.ledger.clone(),
             self.db.clone(),
             self.config.worker.ledger_batch,
+            crate::ledger::decode_events,
+            background.clone(),
+        ));
+        let ledger_state = tokio::spawn(crate::ledger::run(
+            self.ledger_state.clone(),
+            self.db.clone(),
+            self.config.worker.ledger_batch,
+            crate::ledger::decode_state,
             background.clone(),
         ));
 
@@ -141,6 +165,7 @@ impl Worker {
         }
         background.cancel();
         let _ = ledger.await;
+        let _ = ledger_state.await;
         if let Err(error) = self.nats.flush().await {
             tracing::warn!(%error, "could not flush NATS on shutdown");
         }

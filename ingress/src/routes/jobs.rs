@@ -1,5 +1,6 @@
 //! Asynchronous jobs: `POST /v1/jobs`, `GET /v1/jobs/{id}`,
-//! `POST /v1/jobs/{id}/cancel`.
+//! `POST /v1/jobs/{id}/cancel`, and `GET /v1/jobs` (the tenant's job
+//! history from the ledger, newest first, paged by cursor).
 //!
 //! A submit writes the job's state to the key-value bucket (one JetStream
 //! write, which also claims an `Idempotency-Key`), then publishes the job and
@@ -12,7 +13,7 @@ use std::time::Instant;
 use async_nats::jetstream::kv;
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -70,6 +71,103 @@ pub async fn get(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id
         Ok(Json(record.public()).into_response())
     };
     finish("jobs_get", started, result.await)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    #[serde(default)]
+    limit: Option<i64>,
+    /// Cursor: the id of the last job of the previous page.
+    #[serde(default)]
+    after: Option<Uuid>,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+const STATUSES: &[&str] = &["queued", "in_progress", "completed", "failed", "cancelled", "expired"];
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let owner = state.keys.authenticate(&headers)?;
+        let Query(query) = query.map_err(|e| {
+            ApiError::new(ErrorCode::InvalidRequest, format!("bad query ({e}); parameters: limit, after, status"))
+        })?;
+        let limit = query.limit.unwrap_or(20);
+        if !(1..=100).contains(&limit) {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "`limit` must be 1 to 100").param("limit"));
+        }
+        if let Some(s) = &query.status
+            && !STATUSES.contains(&s.as_str())
+        {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, format!("`status` must be one of {STATUSES:?}"))
+                .param("status"));
+        }
+        let rows = history(&state.db, owner.tenant_id, query.after, query.status.as_deref(), limit + 1).await.map_err(
+            |e| {
+                tracing::warn!(error = %e, "job history query failed");
+                ApiError::new(ErrorCode::Unavailable, "the job history is unavailable; retry shortly").retry_after(1)
+            },
+        )?;
+        let has_more = rows.len() as i64 > limit;
+        let data: Vec<_> = rows.into_iter().take(limit as usize).collect();
+        let last = data.last().and_then(|j| j.get("id").cloned());
+        Ok(Json(serde_json::json!({"object": "list", "data": data, "has_more": has_more, "last_id": last}))
+            .into_response())
+    };
+    finish("jobs_list", started, result.await)
+}
+
+/// The tenant's jobs from the ledger, newest first, after the cursor job.
+async fn history(
+    db: &sqlx::PgPool,
+    tenant: Uuid,
+    after: Option<Uuid>,
+    status: Option<&str>,
+    limit: i64,
+) -> Result<Vec<serde_json::Value>, sqlx::Error> {
+    use sqlx::Row;
+    let rows = sqlx::query(
+        "SELECT id, endpoint, pool, status, attempts,
+                extract(epoch FROM submitted_at)::int8 AS created_at,
+                extract(epoch FROM finished_at)::int8 AS finished_at,
+                metadata::text AS metadata, error_code
+         FROM jobs
+         WHERE tenant_id = $1
+           AND ($2::text IS NULL OR status = $2)
+           AND ($3::uuid IS NULL OR (submitted_at, id) <
+                (SELECT submitted_at, id FROM jobs WHERE id = $3 AND tenant_id = $1))
+         ORDER BY submitted_at DESC, id DESC
+         LIMIT $4",
+    )
+    .bind(tenant)
+    .bind(status)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let metadata: Option<String> = r.try_get("metadata")?;
+            Ok(serde_json::json!({
+                "id": r.try_get::<Uuid, _>("id")?,
+                "object": "job",
+                "endpoint": r.try_get::<String, _>("endpoint")?,
+                "model": r.try_get::<String, _>("pool")?,
+                "status": r.try_get::<String, _>("status")?,
+                "attempts": r.try_get::<i32, _>("attempts")?,
+                "created_at": r.try_get::<i64, _>("created_at")?,
+                "finished_at": r.try_get::<Option<i64>, _>("finished_at")?,
+                "metadata": metadata.and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok()),
+                "error_code": r.try_get::<Option<String>, _>("error_code")?,
+            }))
+        })
+        .collect()
 }
 
 pub async fn cancel(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
