@@ -27,6 +27,8 @@ pub const H_TRACEPARENT: &str = "traceparent";
 pub const H_STATUS: &str = "Sluice-Status";
 /// On a reply: seconds the client should wait before retrying.
 pub const H_RETRY_AFTER: &str = "Sluice-Retry-After";
+/// On a reply: deliveries the job took.
+pub const H_ATTEMPTS: &str = "Sluice-Attempts";
 
 /// Subject prefix of the jobs stream: `jobs.<pool>.<class>.<tenant>`.
 pub const JOBS_SUBJECTS: &str = "jobs.>";

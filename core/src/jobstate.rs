@@ -60,6 +60,69 @@ impl JobRecord {
     }
 }
 
+impl JobRecord {
+    /// A job as first stored: queued, nothing known yet but what it asks for.
+    pub fn queued(id: Uuid, endpoint: &str, model: &str, submitted_ms: u64, expiry_ms: u64) -> Self {
+        Self {
+            id,
+            object: "job".into(),
+            endpoint: endpoint.into(),
+            model: model.into(),
+            status: JobStatus::Queued,
+            created_at: submitted_ms / 1000,
+            expires_at: (submitted_ms + expiry_ms) / 1000,
+            started_at: None,
+            finished_at: None,
+            attempts: 0,
+            metadata: None,
+            priority: None,
+            result: None,
+            error: None,
+            request_hash: None,
+        }
+    }
+
+    /// Sets the outcome: the provider's answer as `result` when `status` is
+    /// `completed` (a body that is not JSON makes the job `failed`), else the
+    /// error from the OpenAI error envelope in `body`.
+    pub fn conclude(&mut self, status: JobStatus, http_status: u16, body: &[u8], now_s: u64) {
+        self.status = status;
+        self.finished_at = Some(now_s);
+        if status == JobStatus::Completed {
+            match RawValue::from_string(String::from_utf8_lossy(body).into_owned()) {
+                Ok(raw) => self.result = Some(raw),
+                Err(_) => {
+                    self.status = JobStatus::Failed;
+                    self.error = Some(JobError {
+                        code: "upstream_error".into(),
+                        message: "the provider's answer was not JSON".into(),
+                        status: 502,
+                    });
+                }
+            }
+            return;
+        }
+        #[derive(Deserialize)]
+        struct Envelope {
+            error: Inner,
+        }
+        #[derive(Deserialize)]
+        struct Inner {
+            #[serde(default)]
+            message: Option<String>,
+            #[serde(default)]
+            code: Option<serde_json::Value>,
+        }
+        let parsed = serde_json::from_slice::<Envelope>(body).ok();
+        let code = parsed
+            .as_ref()
+            .and_then(|e| e.error.code.as_ref())
+            .map_or_else(|| "upstream_error".to_owned(), |c| c.as_str().map_or_else(|| c.to_string(), str::to_owned));
+        let message = parsed.and_then(|e| e.error.message).unwrap_or_else(|| "the job failed".into());
+        self.error = Some(JobError { code, message, status: http_status });
+    }
+}
+
 /// KV key of a job: tenant and job id in simple hex form.
 pub fn key(tenant: Uuid, job: Uuid) -> String {
     format!("{}.{}", tenant.simple(), job.simple())

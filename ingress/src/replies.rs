@@ -4,15 +4,24 @@
 //! registers a numbered slot before it publishes its job and names the slot's
 //! subject in the envelope. One task owns the slot table and hands each
 //! answer to its waiter, so there is no per-request subscription and no lock.
+//!
+//! An answer whose request is gone (the client timed out or disconnected)
+//! is not lost: it is stored as the job's state, where
+//! `GET /v1/jobs/{id}` finds it with the job id the 504 named.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
-use sluice_core::envelope::{H_RETRY_AFTER, H_STATUS};
+use sluice_core::envelope::{H_ATTEMPTS, H_DEADLINE, H_JOB_ID, H_POOL, H_RETRY_AFTER, H_STATUS, H_SUBMITTED, H_TENANT};
+use sluice_core::event::JobStatus;
+use sluice_core::jobstate::{self, JobRecord};
+use sluice_core::now_ms;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// A worker's answer: the HTTP status and body to give the client.
 #[derive(Debug)]
@@ -59,6 +68,7 @@ impl Replies {
     pub async fn start(
         client: &async_nats::Client,
         ingress_id: &str,
+        job_state: kv::Store,
         shutdown: CancellationToken,
     ) -> Result<Self, async_nats::SubscribeError> {
         let prefix = format!("_SLUICE.reply.{ingress_id}");
@@ -78,7 +88,9 @@ impl Replies {
                     },
                     message = subscription.next() => {
                         let Some(message) = message else { return };
-                        route(&mut waiting, message);
+                        if let Some(orphan) = route(&mut waiting, message) {
+                            tokio::spawn(store_orphan(job_state.clone(), orphan));
+                        }
                     }
                 }
             }
@@ -94,11 +106,15 @@ impl Replies {
     }
 }
 
-fn route(waiting: &mut HashMap<u64, oneshot::Sender<Reply>>, message: async_nats::Message) {
+/// An answer nobody waits for any more: its body and headers.
+type Orphan = (Bytes, Option<async_nats::HeaderMap>);
+
+/// Hands the answer to its waiter; returns it when nobody waits any more.
+fn route(waiting: &mut HashMap<u64, oneshot::Sender<Reply>>, message: async_nats::Message) -> Option<Orphan> {
     let id = message.subject.rsplit('.').next().and_then(|t| t.parse::<u64>().ok());
     let Some(sender) = id.and_then(|id| waiting.remove(&id)) else {
         metrics::counter!(crate::metrics::ORPHAN_REPLIES).increment(1);
-        return;
+        return Some((message.payload, message.headers));
     };
     let header = |name: &str| message.headers.as_ref()?.get(name)?.as_str().parse::<u64>().ok();
     let reply = Reply {
@@ -106,5 +122,38 @@ fn route(waiting: &mut HashMap<u64, oneshot::Sender<Reply>>, message: async_nats
         retry_after: header(H_RETRY_AFTER),
         body: message.payload,
     };
-    let _ = sender.send(reply);
+    let headers = message.headers;
+    match sender.send(reply) {
+        Ok(()) => None,
+        Err(reply) => {
+            // The waiter gave up between our lookup and now.
+            metrics::counter!(crate::metrics::ORPHAN_REPLIES).increment(1);
+            Some((reply.body, headers))
+        }
+    }
+}
+
+/// Stores an answer nobody waits for as the job's final state.
+async fn store_orphan(job_state: kv::Store, (payload, headers): Orphan) {
+    let Some(h) = headers.as_ref() else { return };
+    let text = |name: &str| h.get(name).map(|v| v.as_str().to_owned());
+    let number = |name: &str| text(name).and_then(|v| v.parse::<u64>().ok());
+    let (Some(job), Some(tenant), Some(pool)) = (
+        text(H_JOB_ID).and_then(|v| v.parse::<Uuid>().ok()),
+        text(H_TENANT).and_then(|v| v.parse::<Uuid>().ok()),
+        text(H_POOL),
+    ) else {
+        return;
+    };
+    let status = number(H_STATUS).and_then(|s| u16::try_from(s).ok()).unwrap_or(502);
+    let submitted = number(H_SUBMITTED).unwrap_or_else(now_ms);
+    let deadline = number(H_DEADLINE).unwrap_or(submitted);
+    let mut record = JobRecord::queued(job, "chat.completions", &pool, submitted, deadline.saturating_sub(submitted));
+    record.attempts = number(H_ATTEMPTS).unwrap_or(1) as u32;
+    let outcome = if (200..300).contains(&status) { JobStatus::Completed } else { JobStatus::Failed };
+    record.conclude(outcome, status, &payload, now_ms() / 1000);
+    let Ok(value) = serde_json::to_vec(&record) else { return };
+    if let Err(error) = job_state.put(jobstate::key(tenant, job), value.into()).await {
+        tracing::warn!(%error, job_id = %job, "could not store an answer whose client left");
+    }
 }

@@ -68,7 +68,7 @@ impl Ingress {
         let db = db::connect(&config.database).await?;
         let background = CancellationToken::new();
         let keys = KeyCache::start(db.clone(), ms(config.ingress.auth_refresh_ms), background.clone()).await?;
-        let replies = Replies::start(&client, &ingress_id, background.clone()).await?;
+        let replies = Replies::start(&client, &ingress_id, job_state.clone(), background.clone()).await?;
         let pool_tokens = config.pools.iter().map(|p| (p.name.clone(), p.subject_token())).collect();
         let mut config = config;
         // A job is one NATS message: its body plus headers must fit the

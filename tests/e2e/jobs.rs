@@ -209,3 +209,19 @@ async fn a_queued_job_reaches_the_ledger_before_it_runs() {
     stack.ledger_row(id, "in_progress").await;
     stack.ledger_row(id, "completed").await;
 }
+
+#[tokio::test]
+async fn a_sync_request_that_outlives_its_wait_goes_on_as_a_job() {
+    let stack = Stack::start_with(|c| c.ingress.sync_timeout_ms = 1_000).await;
+    stack.mock.faults(serde_json::json!({"hang_next": 1, "hang_ms": 2000})).await;
+    let r = stack.chat(&Stack::chat_body("slow sync")).await;
+    assert_eq!(r.status(), 504);
+    let error: serde_json::Value = r.json().await.unwrap();
+    let id = error["error"]["job_id"].as_str().unwrap().to_owned();
+    // Visible at once, then with the answer the client did not wait for.
+    assert_eq!(stack.get_job(&stack.key, &id).await.status(), 200);
+    let job = stack.job_with_status(&id, "completed").await;
+    assert_eq!(job["result"]["choices"][0]["message"]["content"], "mock reply to: slow sync");
+    assert_eq!(stack.mock.requests().await, 1, "it ran once");
+    stack.ledger_row(id.parse().unwrap(), "completed").await;
+}

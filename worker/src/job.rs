@@ -19,7 +19,9 @@ use async_nats::jetstream::{self, AckKind};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use serde::Deserialize;
-use sluice_core::envelope::{Envelope, H_RETRY_AFTER, H_STATUS};
+use sluice_core::envelope::{
+    Envelope, H_ATTEMPTS, H_DEADLINE, H_JOB_ID, H_POOL, H_RETRY_AFTER, H_STATUS, H_SUBMITTED, H_TENANT,
+};
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::{JobEvent, JobStatus, Usage};
 use sluice_core::now_ms;
@@ -165,6 +167,13 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
             if let Some(reply) = &env.reply {
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert(H_STATUS, http_status.to_string().as_str());
+                // Enough for an ingress whose client left to store the outcome.
+                headers.insert(H_JOB_ID, env.job_id.to_string().as_str());
+                headers.insert(H_TENANT, env.tenant.to_string().as_str());
+                headers.insert(H_POOL, env.pool.as_str());
+                headers.insert(H_SUBMITTED, env.submitted_ms.to_string().as_str());
+                headers.insert(H_DEADLINE, env.deadline_ms.to_string().as_str());
+                headers.insert(H_ATTEMPTS, attempt.to_string().as_str());
                 if let Some(secs) = error.as_ref().and_then(|e| e.retry_after_secs) {
                     headers.insert(H_RETRY_AFTER, secs.to_string().as_str());
                 }
@@ -182,13 +191,12 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
                 event.error_message = Some(e.message.clone());
                 tracing::info!(code = e.code.as_str(), message = %e.message, "job failed");
             }
-            if let Some(record) = record {
-                let error = error.as_ref().map(|e| (e.code.as_str(), e.message.as_str()));
-                if let Err(e) = state::finish(&ctx.job_state, &env, record, status, http_status, &body, error).await {
-                    tracing::warn!(error = %e, "cannot store the job's outcome; retrying in 1 s");
-                    let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                    return;
-                }
+            if let Some(record) = record
+                && let Err(e) = state::finish(&ctx.job_state, &env, record, status, http_status, &body).await
+            {
+                tracing::warn!(error = %e, "cannot store the job's outcome; retrying in 1 s");
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                return;
             }
             tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "answer published");
             if !ctx.events.record(event).await {

@@ -4,10 +4,9 @@
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use serde_json::value::RawValue;
 use sluice_core::envelope::Envelope;
 use sluice_core::event::JobStatus;
-use sluice_core::jobstate::{self, JobError, JobRecord};
+use sluice_core::jobstate::{self, JobRecord};
 use sluice_core::now_ms;
 
 /// What the worker may do with an asynchronous job.
@@ -75,26 +74,8 @@ pub async fn finish(
     status: JobStatus,
     http_status: u16,
     body: &[u8],
-    error: Option<(&str, &str)>,
 ) -> Result<(), StateError> {
-    record.status = status;
-    record.finished_at = Some(now_ms() / 1000);
-    if status == JobStatus::Completed {
-        let text = String::from_utf8_lossy(body).into_owned();
-        match RawValue::from_string(text) {
-            Ok(raw) => record.result = Some(raw),
-            Err(_) => {
-                record.status = JobStatus::Failed;
-                record.error = Some(JobError {
-                    code: "upstream_error".into(),
-                    message: "the provider's answer was not JSON".into(),
-                    status: 502,
-                });
-            }
-        }
-    } else if let Some((code, message)) = error {
-        record.error = Some(JobError { code: code.into(), message: message.into(), status: http_status });
-    }
+    record.conclude(status, http_status, body, now_ms() / 1000);
     let value = serde_json::to_vec(&record).map_err(err)?;
     store.put(jobstate::key(env.tenant, env.job_id), Bytes::from(value)).await.map_err(err)?;
     Ok(())

@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sluice_core::envelope::{self, Class, Endpoint, Envelope};
 use sluice_core::error::{ApiError, ErrorCode};
+use sluice_core::jobstate::{self, JobRecord};
 use sluice_core::now_ms;
 use uuid::Uuid;
 
@@ -70,7 +71,9 @@ async fn handle(
         pool: model,
         endpoint: Endpoint::ChatCompletions,
         reply: Some(waiter.subject.clone()),
-        deadline_ms: submitted_ms + timeout.as_millis() as u64,
+        // Past the wait the job keeps running, for the client to fetch; a
+        // job still queued after the jobs expiry never runs.
+        deadline_ms: submitted_ms + state.config.jobs.default_expiry_ms,
         submitted_ms,
         request_id: request_id.to_owned(),
         traceparent: Some(submit::traceparent(headers, job_id)),
@@ -90,9 +93,13 @@ async fn handle(
             return Err(ApiError::new(ErrorCode::Internal, "the reply router stopped").job(job_id.to_string()));
         }
         Err(_) => {
+            detach(state, &env).await;
             return Err(ApiError::new(
                 ErrorCode::Timeout,
-                format!("no answer within {} ms; the job id is in `error.job_id`", timeout.as_millis()),
+                format!(
+                    "no answer within {} ms; the request goes on as a job: GET /v1/jobs/{job_id}",
+                    timeout.as_millis()
+                ),
             )
             .job(job_id.to_string()));
         }
@@ -111,6 +118,25 @@ async fn handle(
         crate::metrics::rejected(upstream_code(status));
     }
     Ok(response)
+}
+
+/// Makes a synchronous request whose wait ran out visible as a job. `create`
+/// never overwrites: if the answer arrived meanwhile, it stays.
+async fn detach(state: &AppState, env: &Envelope) {
+    let record = JobRecord::queued(
+        env.job_id,
+        env.endpoint.as_str(),
+        &env.pool,
+        env.submitted_ms,
+        env.deadline_ms.saturating_sub(env.submitted_ms),
+    );
+    let Ok(value) = serde_json::to_vec(&record) else { return };
+    let key = jobstate::key(env.tenant, env.job_id);
+    if let Err(error) = state.job_state.create(&key, value.into()).await
+        && error.kind() != async_nats::jetstream::kv::CreateErrorKind::AlreadyExists
+    {
+        tracing::warn!(%error, job_id = %env.job_id, "could not record a timed-out request as a job");
+    }
 }
 
 fn upstream_code(status: StatusCode) -> ErrorCode {
