@@ -225,3 +225,22 @@ async fn a_sync_request_that_outlives_its_wait_goes_on_as_a_job() {
     assert_eq!(stack.mock.requests().await, 1, "it ran once");
     stack.ledger_row(id.parse().unwrap(), "completed").await;
 }
+
+#[tokio::test]
+async fn results_leave_the_hot_store_after_retention_and_stay_in_the_ledger() {
+    let stack = Stack::start_with(|c| {
+        c.jobs.retention_ms = 1_000;
+        c.jobs.max_expiry_ms = 1_000;
+        c.jobs.default_expiry_ms = 1_000;
+    })
+    .await;
+    let job: serde_json::Value =
+        stack.submit_job(&stack.key, &Stack::job_body("short-lived"), None).await.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    stack.job_with_status(&id, "completed").await;
+    wait_for("the job's state to expire", Duration::from_secs(10), || async {
+        (stack.get_job(&stack.key, &id).await.status() == 404).then_some(())
+    })
+    .await;
+    stack.ledger_row(id.parse().unwrap(), "completed").await;
+}
