@@ -10,6 +10,7 @@
 //! - [`db`]: Postgres pool, embedded migrations, tenants and API keys.
 //! - [`telemetry`]: logging and the Prometheus recorder.
 //! - [`ops`]: `/healthz`, `/readyz` and `/metrics` for every component.
+//! - [`webhook`]: Standard Webhooks signatures and the webhook target guard.
 //! - [`shutdown`]: SIGTERM/SIGINT into one cancellation token.
 
 pub mod config;
@@ -23,6 +24,7 @@ pub mod ops;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
+pub mod webhook;
 
 /// Milliseconds since the Unix epoch, the time unit of envelopes and events.
 pub fn now_ms() -> u64 {
