@@ -43,6 +43,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub upstream: UpstreamConfig,
     pub jobs: JobsConfig,
+    pub webhooks: WebhooksConfig,
     pub log: LogConfig,
     /// Model aliases that clients name in `model`, each served by one upstream.
     pub pools: Vec<PoolConfig>,
@@ -145,6 +146,25 @@ pub struct JobsConfig {
     pub default_expiry_ms: u64,
     /// Largest `expires_in` a client may ask for.
     pub max_expiry_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Allow targets on private networks (10/8, 172.16/12, 192.168/16,
+    /// link-local, unique-local). Off by default: SSRF.
+    pub allow_private_targets: bool,
+    /// Allow loopback targets (127/8, ::1). On in the development config.
+    pub allow_loopback_targets: bool,
+    /// Delay before each retry; its length is the number of retries. Each
+    /// delay gets ±10 % jitter and is at least the receiver's `Retry-After`.
+    pub retry_schedule_ms: Vec<u64>,
+    /// Timeout of one delivery attempt.
+    pub timeout_ms: u64,
+    /// Deliveries in flight at once per worker process.
+    pub max_concurrency: usize,
+    /// How often the delivery loop looks for due deliveries.
+    pub poll_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -278,6 +298,29 @@ impl Default for JobsConfig {
     }
 }
 
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            allow_private_targets: false,
+            allow_loopback_targets: false,
+            // 5 s, 1 min, 5 min, 30 min, 2 h, 5 h, 10 h: about 17 hours in all.
+            retry_schedule_ms: vec![5_000, 60_000, 300_000, 1_800_000, 7_200_000, 18_000_000, 36_000_000],
+            timeout_ms: 10_000,
+            max_concurrency: 32,
+            poll_ms: 200,
+        }
+    }
+}
+
+impl WebhooksConfig {
+    pub fn policy(&self) -> crate::webhook::TargetPolicy {
+        crate::webhook::TargetPolicy {
+            allow_private: self.allow_private_targets,
+            allow_loopback: self.allow_loopback_targets,
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         Self { filter: "info".into(), format: "text".into() }
@@ -336,6 +379,9 @@ impl Config {
             ("jobs.retention_ms", self.jobs.retention_ms),
             ("jobs.default_expiry_ms", self.jobs.default_expiry_ms),
             ("jobs.max_expiry_ms", self.jobs.max_expiry_ms),
+            ("webhooks.timeout_ms", self.webhooks.timeout_ms),
+            ("webhooks.max_concurrency", self.webhooks.max_concurrency as u64),
+            ("webhooks.poll_ms", self.webhooks.poll_ms),
         ];
         for (key, value) in positive {
             if value == 0 {

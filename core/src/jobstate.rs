@@ -35,10 +35,20 @@ pub struct JobRecord {
     pub result: Option<Box<RawValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
+    /// Where the job's outcome is delivered (else the tenant's default endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookTarget>,
     /// SHA-256 of the submitted body, to refuse an `Idempotency-Key` reused
     /// for a different request. Not shown to clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_hash: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WebhookTarget {
+    pub url: String,
+    /// `whsec_…`; never shown after the submit's answer.
+    pub secret: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -55,6 +65,9 @@ impl JobRecord {
         let mut value = serde_json::to_value(self).unwrap_or_default();
         if let Some(object) = value.as_object_mut() {
             object.remove("request_hash");
+            if let Some(hook) = object.get_mut("webhook").and_then(|w| w.as_object_mut()) {
+                hook.remove("secret");
+            }
         }
         value
     }
@@ -78,6 +91,7 @@ impl JobRecord {
             priority: None,
             result: None,
             error: None,
+            webhook: None,
             request_hash: None,
         }
     }
@@ -174,10 +188,13 @@ mod tests {
             priority: None,
             result: None,
             error: None,
+            webhook: Some(WebhookTarget { url: "https://example.com/h".into(), secret: "whsec_x".into() }),
             request_hash: Some("abc".into()),
         };
         let v = r.public();
         assert_eq!(v["status"], "queued");
         assert!(v.get("request_hash").is_none());
+        assert_eq!(v["webhook"]["url"], "https://example.com/h");
+        assert!(v["webhook"].get("secret").is_none());
     }
 }

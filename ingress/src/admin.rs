@@ -1,4 +1,5 @@
-//! Command-line administration: `migrate`, `create-key`, `revoke-key`.
+//! Command-line administration: `migrate`, `create-key`, `revoke-key`,
+//! `set-webhook`.
 
 use sluice_core::config::Config;
 use sluice_core::db;
@@ -26,4 +27,27 @@ pub async fn create_key(config: &Config, tenant: &str) -> Result<(), db::DbError
 pub async fn revoke_key(config: &Config, key_id: Uuid) -> Result<bool, db::DbError> {
     let pool = db::connect(&config.database).await?;
     db::revoke_key(&pool, key_id).await
+}
+
+/// Sets the tenant's default webhook endpoint with a new secret, printed once.
+pub async fn set_webhook(config: &Config, tenant: &str, url: &str) -> Result<(), String> {
+    sluice_core::webhook::check_target(url, config.webhooks.policy()).await.map_err(|e| e.to_string())?;
+    let secret = sluice_core::webhook::new_secret().map_err(|e| e.to_string())?;
+    let pool = db::connect(&config.database).await.map_err(|e| e.to_string())?;
+    let tenant_id = db::tenant_id(&pool, tenant).await.map_err(|e| e.to_string())?;
+    sqlx::query(
+        "INSERT INTO webhook_endpoints (tenant_id, url, secret) VALUES ($1, $2, $3)
+         ON CONFLICT (tenant_id) DO UPDATE SET url = EXCLUDED.url, secret = EXCLUDED.secret, disabled_at = NULL",
+    )
+    .bind(tenant_id)
+    .bind(url)
+    .bind(&secret)
+    .execute(&pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    println!("tenant:  {tenant}");
+    println!("url:     {url}");
+    println!("secret:  {secret}");
+    println!("(the secret is shown only now; deliveries are signed with it)");
+    Ok(())
 }

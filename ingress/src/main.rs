@@ -1,4 +1,4 @@
-//! `sluice-ingress [--config FILE] [serve | migrate | create-key --tenant NAME | revoke-key KEY_ID]`
+//! `sluice-ingress [--config FILE] [serve | migrate | create-key --tenant NAME | revoke-key KEY_ID | set-webhook …]`
 
 use std::process::ExitCode;
 
@@ -12,6 +12,7 @@ const USAGE: &str =
   migrate      apply the database migrations
   create-key   create a tenant if needed and print a new API key for it, once
   revoke-key   revoke an API key by its id
+  set-webhook  set a tenant's default webhook endpoint; prints its signing secret, once
 
 Configuration: the TOML file named by --config or SLUICE_CONFIG, then SLUICE__SECTION__KEY variables.";
 
@@ -44,6 +45,7 @@ async fn main() -> ExitCode {
         [] | ["serve"] => serve(config).await,
         ["migrate"] => admin::migrate(&config).await.map_err(|e| e.to_string()),
         ["create-key", "--tenant", tenant] => admin::create_key(&config, tenant).await.map_err(|e| e.to_string()),
+        ["set-webhook", "--tenant", tenant, "--url", url] => admin::set_webhook(&config, tenant, url).await,
         ["revoke-key", id] => match id.parse() {
             Ok(id) => match admin::revoke_key(&config, id).await {
                 Ok(true) => {

@@ -22,6 +22,26 @@ use crate::metrics as m;
 /// Longest a received event waits for more to fill its batch.
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
 
+/// A job-state message: its tenant and record; `None` for a deletion.
+pub fn parse_state(message: &Message) -> Result<Option<(uuid::Uuid, JobRecord)>, String> {
+    let deleted = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("KV-Operation"))
+        .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+    if deleted {
+        return Ok(None);
+    }
+    let mut tokens = message.subject.rsplitn(3, '.');
+    let job = tokens.next().and_then(|t| uuid::Uuid::parse_str(t).ok()).ok_or("bad job id in subject")?;
+    let tenant = tokens.next().and_then(|t| uuid::Uuid::parse_str(t).ok()).ok_or("bad tenant in subject")?;
+    let record: JobRecord = serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
+    if record.id != job {
+        return Err("job id in subject and record differ".into());
+    }
+    Ok(Some((tenant, record)))
+}
+
 /// Turns one stream message into the job rows it speaks of.
 pub type Decode = fn(&Message) -> Result<Vec<JobEvent>, String>;
 
@@ -34,21 +54,8 @@ pub fn decode_events(message: &Message) -> Result<Vec<JobEvent>, String> {
 /// stream (`$KV.<bucket>.<tenant>.<job>`): the ledger learns of a job when it
 /// is queued, not only when it ends.
 pub fn decode_state(message: &Message) -> Result<Vec<JobEvent>, String> {
-    let deleted = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("KV-Operation"))
-        .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
-    if deleted {
-        return Ok(Vec::new());
-    }
-    let mut tokens = message.subject.rsplitn(3, '.');
-    let job = tokens.next().and_then(|t| uuid::Uuid::parse_str(t).ok()).ok_or("bad job id in subject")?;
-    let tenant = tokens.next().and_then(|t| uuid::Uuid::parse_str(t).ok()).ok_or("bad tenant in subject")?;
-    let record: JobRecord = serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
-    if record.id != job {
-        return Err("job id in subject and record differ".into());
-    }
+    let Some((tenant, record)) = parse_state(message)? else { return Ok(Vec::new()) };
+    let job = record.id;
     Ok(vec![JobEvent {
         job_id: job,
         tenant_id: tenant,

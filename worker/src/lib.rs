@@ -9,6 +9,7 @@
 //! - [`state`]: an asynchronous job's stored state as the worker moves it on.
 //! - [`upstream`]: the OpenAI-compatible HTTP client of each pool.
 //! - [`ledger`]: writes job outcome events to Postgres in batches.
+//! - [`webhooks`]: webhook deliveries recorded and sent, with retries.
 //! - [`metrics`]: every metric the worker records.
 
 pub mod events;
@@ -19,5 +20,6 @@ pub mod metrics;
 pub mod startup;
 pub mod state;
 pub mod upstream;
+pub mod webhooks;
 
 pub use startup::Worker;

@@ -21,6 +21,8 @@ use crate::upstream::Upstreams;
 pub const LEDGER_CONSUMER: &str = "ledger";
 /// Name of the durable consumer that feeds the ledger with job-state changes.
 pub const LEDGER_STATE_CONSUMER: &str = "ledger-state";
+/// Name of the durable consumer that turns finished jobs into webhook deliveries.
+pub const WEBHOOK_CONSUMER: &str = "webhooks";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -43,6 +45,7 @@ pub struct Worker {
     executor: Executor,
     ledger: PullConsumer,
     ledger_state: PullConsumer,
+    webhooks: PullConsumer,
 }
 
 impl Worker {
@@ -104,6 +107,17 @@ impl Worker {
             .await
             .map_err(|e| consumer_error(LEDGER_STATE_CONSUMER, &e))?;
 
+        let webhooks: PullConsumer = states
+            .create_consumer(pull::Config {
+                durable_name: Some(WEBHOOK_CONSUMER.into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_deliver: -1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| consumer_error(WEBHOOK_CONSUMER, &e))?;
+
         let ctx = Arc::new(JobContext {
             nats: client.clone(),
             events: crate::events::EventSink::start(js),
@@ -122,7 +136,7 @@ impl Worker {
             max_in_flight: w.max_in_flight,
             fetch_expires: ms(w.fetch_expires_ms),
         };
-        Ok(Self { config, nats: client, db, executor, ledger, ledger_state })
+        Ok(Self { config, nats: client, db, executor, ledger, ledger_state, webhooks })
     }
 
     /// Runs the executor and the ledger (and the ops server on `ops`, if
@@ -155,6 +169,13 @@ impl Worker {
             background.clone(),
         ));
 
+        let enqueue = tokio::spawn(crate::webhooks::enqueue(self.webhooks.clone(), self.db.clone(), background.clone()));
+        let deliver = tokio::spawn(crate::webhooks::deliver(
+            self.db.clone(),
+            self.config.webhooks.clone(),
+            background.clone(),
+        ));
+
         self.executor.run(shutdown).await;
         let grace = ms(self.config.worker.shutdown_grace_ms);
         tracing::info!(grace_ms = grace.as_millis() as u64, "stopped fetching; draining running jobs");
@@ -166,6 +187,8 @@ impl Worker {
         background.cancel();
         let _ = ledger.await;
         let _ = ledger_state.await;
+        let _ = enqueue.await;
+        let _ = deliver.await;
         if let Err(error) = self.nats.flush().await {
             tracing::warn!(%error, "could not flush NATS on shutdown");
         }

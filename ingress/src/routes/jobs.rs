@@ -22,7 +22,8 @@ use serde_json::value::RawValue;
 use sluice_core::envelope::{self, Class, Endpoint, Envelope};
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::JobStatus;
-use sluice_core::jobstate::{self, JobRecord};
+use sluice_core::jobstate::{self, JobRecord, WebhookTarget};
+use sluice_core::webhook;
 use sluice_core::now_ms;
 use uuid::Uuid;
 
@@ -46,7 +47,16 @@ struct JobRequest {
     #[serde(default)]
     expires_in: Option<u64>,
     #[serde(default)]
-    webhook: Option<serde_json::Value>,
+    webhook: Option<WebhookRequest>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookRequest {
+    url: String,
+    /// `whsec_…`; one is made (and shown once, in the 202) when absent.
+    #[serde(default)]
+    secret: Option<String>,
 }
 
 fn finish(route: &'static str, started: Instant, result: Result<Response, ApiError>) -> Response {
@@ -248,6 +258,10 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         None => jobs.default_expiry_ms,
     };
 
+    let webhook = match request.webhook {
+        Some(hook) => Some(check_webhook(state, hook).await?),
+        None => None,
+    };
     let idempotency_key = idempotency_key(headers)?;
     let job_id = match idempotency_key {
         Some(key) => jobstate::idempotent_job_id(owner.tenant_id, key),
@@ -269,6 +283,7 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         priority: request.priority,
         result: None,
         error: None,
+        webhook,
         request_hash: idempotency_key.map(|_| jobstate::hash_hex(&bytes)),
     };
     let key = jobstate::key(owner.tenant_id, job_id);
@@ -313,7 +328,12 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         }
         return Err(error);
     }
-    let mut response = (StatusCode::ACCEPTED, Json(record.public())).into_response();
+    let mut shown = record.public();
+    // The webhook secret is shown once, on the submit that set it.
+    if !replayed && let (Some(hook), Some(out)) = (&record.webhook, shown.get_mut("webhook")) {
+        out["secret"] = serde_json::Value::String(hook.secret.clone());
+    }
+    let mut response = (StatusCode::ACCEPTED, Json(shown)).into_response();
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{job_id}")) {
         h.insert(header::LOCATION, v);
@@ -349,6 +369,50 @@ fn to_bytes(record: &JobRecord) -> Result<Bytes, ApiError> {
 fn unavailable(error: &dyn std::fmt::Display) -> ApiError {
     tracing::warn!(%error, "job state store failed");
     ApiError::new(ErrorCode::QueueUnavailable, "the job store is unavailable; retry shortly").retry_after(1)
+}
+
+async fn check_webhook(state: &AppState, hook: WebhookRequest) -> Result<WebhookTarget, ApiError> {
+    let bad = |message: String| ApiError::new(ErrorCode::InvalidRequest, message).param("webhook");
+    if hook.url.len() > 2048 {
+        return Err(bad("`webhook.url` is longer than 2048 characters".into()));
+    }
+    webhook::check_target(&hook.url, state.config.webhooks.policy()).await.map_err(|e| bad(e.to_string()))?;
+    let secret = match hook.secret {
+        Some(secret) => {
+            webhook::check_secret(&secret).map_err(|e| bad(e.to_string()))?;
+            secret
+        }
+        None => webhook::new_secret().map_err(|_| ApiError::new(ErrorCode::Internal, "cannot make a secret"))?,
+    };
+    Ok(WebhookTarget { url: hook.url, secret })
+}
+
+/// `POST /v1/jobs/{id}/webhook/redeliver`: sends the job's webhook again,
+/// from a fresh retry schedule, with the same `webhook-id`.
+pub async fn redeliver(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let owner = state.keys.authenticate(&headers)?;
+        let not_found = || ApiError::new(ErrorCode::NotFound, format!("no webhook delivery for job `{id}`"));
+        let job: Uuid = id.parse().map_err(|_| not_found())?;
+        let done = sqlx::query(
+            "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = now()
+             WHERE job_id = $1 AND tenant_id = $2",
+        )
+        .bind(job)
+        .bind(owner.tenant_id)
+        .execute(&state.db)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "redeliver failed");
+            ApiError::new(ErrorCode::Unavailable, "the webhook store is unavailable; retry shortly").retry_after(1)
+        })?;
+        if done.rows_affected() == 0 {
+            return Err(not_found());
+        }
+        Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"id": job, "redelivery": "scheduled"}))).into_response())
+    };
+    finish("jobs_redeliver", started, result.await)
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {

@@ -19,5 +19,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/webhook/redeliver", post(jobs::redeliver))
         .with_state(state)
 }

@@ -1,0 +1,326 @@
+//! Webhook delivery, in two loops that never touch job execution:
+//!
+//! - **enqueue**: follows the job-state stream; when an asynchronous job
+//!   reaches a final status and has a webhook (its own, or its tenant's
+//!   default endpoint), it records one delivery in Postgres — its id is the
+//!   `webhook-id` of every attempt — and only then acks the state message.
+//! - **deliver**: claims due deliveries (`FOR UPDATE SKIP LOCKED`, with a
+//!   lease, so several workers share the work), posts them signed per
+//!   Standard Webhooks with bounded concurrency, records every attempt, and
+//!   schedules the next from `webhooks.retry_schedule_ms` (±10 % jitter, at
+//!   least the receiver's `Retry-After`). A 2xx delivers; a 410 stops the
+//!   delivery and disables a tenant endpoint; the target is checked against
+//!   private addresses again, after DNS resolution, before every attempt.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::AckKind;
+use futures::StreamExt;
+use sluice_core::config::WebhooksConfig;
+use sluice_core::event::JobStatus;
+use sluice_core::jobstate::JobRecord;
+use sluice_core::webhook;
+use sqlx::{PgPool, Row};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::metrics as m;
+
+/// How long a claimed delivery is reserved for the worker that claimed it.
+const LEASE: &str = "5 minutes";
+
+pub async fn enqueue(consumer: PullConsumer, db: PgPool, shutdown: CancellationToken) {
+    loop {
+        let mut messages = match consumer.stream().max_messages_per_batch(64).messages().await {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::warn!(%error, "webhook enqueue cannot pull job states; retrying in 1 s");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = messages.next() => next,
+            };
+            let message = match next {
+                Some(Ok(m)) => m,
+                Some(Err(_)) => continue,
+                None => break,
+            };
+            let outcome = match crate::ledger::parse_state(&message) {
+                Ok(Some((tenant, record))) => record_delivery(&db, tenant, &record).await,
+                Ok(None) => Ok(()),
+                Err(error) => {
+                    tracing::warn!(%error, "undecodable job state skipped by webhook enqueue");
+                    Ok(())
+                }
+            };
+            match outcome {
+                Ok(()) => {
+                    let _ = message.ack().await;
+                }
+                Err(error) => {
+                    metrics::counter!(m::WEBHOOK_FAILURES, "reason" => "enqueue").increment(1);
+                    tracing::warn!(%error, "cannot record a webhook delivery; retrying in 2 s");
+                    let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
+                }
+            }
+        }
+    }
+}
+
+fn event_type(status: JobStatus) -> Option<&'static str> {
+    match status {
+        JobStatus::Completed => Some("job.completed"),
+        JobStatus::Failed => Some("job.failed"),
+        JobStatus::Cancelled => Some("job.cancelled"),
+        JobStatus::Expired => Some("job.expired"),
+        JobStatus::Queued | JobStatus::InProgress => None,
+    }
+}
+
+async fn record_delivery(db: &PgPool, tenant: Uuid, record: &JobRecord) -> Result<(), sqlx::Error> {
+    let Some(kind) = event_type(record.status) else { return Ok(()) };
+    let (url, secret, tenant_endpoint) = match &record.webhook {
+        Some(hook) => (hook.url.clone(), hook.secret.clone(), false),
+        None => {
+            let row = sqlx::query(
+                "SELECT url, secret FROM webhook_endpoints WHERE tenant_id = $1 AND disabled_at IS NULL",
+            )
+            .bind(tenant)
+            .fetch_optional(db)
+            .await?;
+            match row {
+                Some(row) => (row.try_get("url")?, row.try_get("secret")?, true),
+                None => return Ok(()),
+            }
+        }
+    };
+    let timestamp = sluice_core::now_ms() / 1000;
+    let payload = serde_json::json!({"type": kind, "timestamp": timestamp, "data": record.public()});
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (id, job_id, tenant_id, event_type, url, secret, tenant_endpoint, payload, status)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending')
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(format!("msg_{}_{}", record.id.simple(), record.status.as_str()))
+    .bind(record.id)
+    .bind(tenant)
+    .bind(kind)
+    .bind(url)
+    .bind(secret)
+    .bind(tenant_endpoint)
+    .bind(payload.to_string())
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+struct Due {
+    id: String,
+    tenant_id: Uuid,
+    url: String,
+    secret: String,
+    payload: String,
+    attempts: i32,
+    tenant_endpoint: bool,
+}
+
+pub async fn deliver(db: PgPool, config: WebhooksConfig, shutdown: CancellationToken) {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_millis(config.timeout_ms))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+    {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::error!(%error, "cannot build the webhook HTTP client; webhooks are not delivered");
+            return;
+        }
+    };
+    let slots = Arc::new(Semaphore::new(config.max_concurrency));
+    let config = Arc::new(config);
+    let mut tick = tokio::time::interval(Duration::from_millis(config.poll_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let free = slots.available_permits();
+        if free == 0 {
+            continue;
+        }
+        let due = match claim(&db, free as i64).await {
+            Ok(d) => d,
+            Err(error) => {
+                tracing::warn!(%error, "cannot claim webhook deliveries");
+                continue;
+            }
+        };
+        for delivery in due {
+            let Ok(permit) = slots.clone().acquire_owned().await else { return };
+            let (db, client, config) = (db.clone(), client.clone(), config.clone());
+            tokio::spawn(async move {
+                attempt(&db, &client, &config, delivery).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn claim(db: &PgPool, limit: i64) -> Result<Vec<Due>, sqlx::Error> {
+    let rows = sqlx::query(
+        "UPDATE webhook_deliveries SET next_attempt_at = now() + $2::interval
+         WHERE id IN (SELECT id FROM webhook_deliveries
+                      WHERE status = 'pending' AND next_attempt_at <= now()
+                      ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+         RETURNING id, tenant_id, url, secret, payload, attempts, tenant_endpoint",
+    )
+    .bind(limit)
+    .bind(LEASE)
+    .fetch_all(db)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Due {
+                id: r.try_get("id")?,
+                tenant_id: r.try_get("tenant_id")?,
+                url: r.try_get("url")?,
+                secret: r.try_get("secret")?,
+                payload: r.try_get("payload")?,
+                attempts: r.try_get("attempts")?,
+                tenant_endpoint: r.try_get("tenant_endpoint")?,
+            })
+        })
+        .collect()
+}
+
+enum Attempt {
+    Delivered(u16),
+    Gone(u16),
+    Retry { status: Option<u16>, error: Option<String>, retry_after: Option<Duration> },
+    Refused(String),
+}
+
+async fn attempt(db: &PgPool, client: &reqwest::Client, config: &WebhooksConfig, d: Due) {
+    let started = Instant::now();
+    let attempt_no = d.attempts + 1;
+    let result = send(client, config, &d).await;
+    let latency_ms = started.elapsed().as_millis() as i32;
+    let (status_code, error) = match &result {
+        Attempt::Delivered(s) | Attempt::Gone(s) => (Some(i32::from(*s)), None),
+        Attempt::Retry { status, error, .. } => (status.map(i32::from), error.clone()),
+        Attempt::Refused(e) => (None, Some(e.clone())),
+    };
+    // Next attempt, if any: the schedule's delay for this retry, ±10 %.
+    let next = match &result {
+        Attempt::Retry { retry_after, .. } => config.retry_schedule_ms.get(d.attempts as usize).map(|ms| {
+            let jitter = 0.9 + 0.2 * fastrand_unit();
+            Duration::from_millis((*ms as f64 * jitter) as u64).max(retry_after.unwrap_or_default())
+        }),
+        _ => None,
+    };
+    let status = match (&result, next) {
+        (Attempt::Delivered(_), _) => "delivered",
+        (Attempt::Gone(_), _) => "gone",
+        (Attempt::Retry { .. }, Some(_)) => "pending",
+        _ => "failed",
+    };
+    metrics::counter!(m::WEBHOOK_ATTEMPTS, "outcome" => status).increment(1);
+    if let Some(e) = &error {
+        tracing::info!(delivery = %d.id, attempt = attempt_no, error = %e, "webhook attempt failed");
+    }
+    let next_ms = next.map(|n| n.as_millis() as i64);
+    let write = async {
+        let mut tx = db.begin().await?;
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_id, attempt, response_status, error, latency_ms, next_attempt_at)
+             VALUES ($1, $2, $3, $4, $5, now() + $6 * interval '1 millisecond')",
+        )
+        .bind(&d.id)
+        .bind(attempt_no)
+        .bind(status_code)
+        .bind(&error)
+        .bind(latency_ms)
+        .bind(next_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = $2, attempts = $3, last_status = $4,
+                 next_attempt_at = COALESCE(now() + $5 * interval '1 millisecond', next_attempt_at),
+                 delivered_at = CASE WHEN $2 = 'delivered' THEN now() ELSE delivered_at END
+             WHERE id = $1",
+        )
+        .bind(&d.id)
+        .bind(status)
+        .bind(attempt_no)
+        .bind(status_code)
+        .bind(next_ms)
+        .execute(&mut *tx)
+        .await?;
+        if matches!(result, Attempt::Gone(_)) && d.tenant_endpoint {
+            sqlx::query("UPDATE webhook_endpoints SET disabled_at = now() WHERE tenant_id = $1 AND url = $2")
+                .bind(d.tenant_id)
+                .bind(&d.url)
+                .execute(&mut *tx)
+                .await?;
+            tracing::warn!(tenant = %d.tenant_id, "webhook endpoint answered 410 Gone; disabled");
+        }
+        tx.commit().await
+    };
+    if let Err(error) = write.await {
+        metrics::counter!(m::WEBHOOK_FAILURES, "reason" => "record").increment(1);
+        tracing::warn!(%error, delivery = %d.id, "cannot record a webhook attempt; it will be retried after its lease");
+    }
+}
+
+async fn send(client: &reqwest::Client, config: &WebhooksConfig, d: &Due) -> Attempt {
+    if let Err(e) = webhook::check_target(&d.url, config.policy()).await {
+        return Attempt::Refused(e.to_string());
+    }
+    let timestamp = sluice_core::now_ms() / 1000;
+    let signature = match webhook::sign(&d.secret, &d.id, timestamp, d.payload.as_bytes()) {
+        Ok(s) => s,
+        Err(e) => return Attempt::Refused(e.to_string()),
+    };
+    let response = client
+        .post(&d.url)
+        .header("content-type", "application/json")
+        .header("webhook-id", &d.id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature)
+        .body(d.payload.clone())
+        .send()
+        .await;
+    match response {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let retry_after = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            match status {
+                200..=299 => Attempt::Delivered(status),
+                410 => Attempt::Gone(status),
+                _ => Attempt::Retry { status: Some(status), error: None, retry_after },
+            }
+        }
+        Err(e) => Attempt::Retry { status: None, error: Some(e.to_string()), retry_after: None },
+    }
+}
+
+/// A number in [0, 1) for jitter, from the OS's random source.
+fn fastrand_unit() -> f64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
