@@ -174,6 +174,9 @@ pub fn test_config(nats_url: &str, db_url: &str, mock_base: &str) -> Config {
     c.worker.fetch_expires_ms = 1_000;
     c.worker.max_in_flight = 16;
     c.worker.shutdown_grace_ms = 5_000;
+    c.webhooks.allow_loopback_targets = true;
+    c.webhooks.poll_ms = 50;
+    c.webhooks.retry_schedule_ms = vec![100, 100, 100];
     let pool = |name: &str, model: Option<&str>| PoolConfig {
         name: name.to_owned(),
         provider: ProviderKind::Openai,

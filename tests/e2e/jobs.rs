@@ -123,7 +123,7 @@ async fn bad_job_submissions_get_400_and_404() {
         (serde_json::json!({"endpoint": "images.generate", "body": {}}), 400, "endpoint"),
         (serde_json::json!({"endpoint": "chat.completions"}), 400, ""),
         (
-            serde_json::json!({"endpoint": "chat.completions", "body": Stack::chat_body("x"), "webhook": {"url": "http://127.0.0.1:9/x"}}),
+            serde_json::json!({"endpoint": "chat.completions", "body": Stack::chat_body("x"), "webhook": {"url": "http://10.0.0.1/x"}}),
             400,
             "webhook",
         ),

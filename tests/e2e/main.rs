@@ -11,3 +11,4 @@ mod failures;
 mod jobs;
 mod sdk;
 mod validation;
+mod webhooks;

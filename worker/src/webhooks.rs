@@ -15,8 +15,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
 use sluice_core::config::WebhooksConfig;
 use sluice_core::event::JobStatus;
@@ -91,12 +91,11 @@ async fn record_delivery(db: &PgPool, tenant: Uuid, record: &JobRecord) -> Resul
     let (url, secret, tenant_endpoint) = match &record.webhook {
         Some(hook) => (hook.url.clone(), hook.secret.clone(), false),
         None => {
-            let row = sqlx::query(
-                "SELECT url, secret FROM webhook_endpoints WHERE tenant_id = $1 AND disabled_at IS NULL",
-            )
-            .bind(tenant)
-            .fetch_optional(db)
-            .await?;
+            let row =
+                sqlx::query("SELECT url, secret FROM webhook_endpoints WHERE tenant_id = $1 AND disabled_at IS NULL")
+                    .bind(tenant)
+                    .fetch_optional(db)
+                    .await?;
             match row {
                 Some(row) => (row.try_get("url")?, row.try_get("secret")?, true),
                 None => return Ok(()),

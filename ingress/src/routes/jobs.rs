@@ -23,8 +23,8 @@ use sluice_core::envelope::{self, Class, Endpoint, Envelope};
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::JobStatus;
 use sluice_core::jobstate::{self, JobRecord, WebhookTarget};
-use sluice_core::webhook;
 use sluice_core::now_ms;
+use sluice_core::webhook;
 use uuid::Uuid;
 
 use super::submit;
@@ -219,11 +219,6 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     let owner = state.keys.authenticate(headers)?;
     let bytes = crate::body::read_json_body(headers, body, state.config.ingress.max_body_bytes).await?;
     let request: JobRequest = crate::body::parse(&bytes)?;
-    if request.webhook.is_some() {
-        return Err(
-            ApiError::new(ErrorCode::InvalidRequest, "webhooks are not supported by this gateway yet").param("webhook")
-        );
-    }
     let Some(endpoint) = Endpoint::parse(&request.endpoint) else {
         return Err(ApiError::new(
             ErrorCode::InvalidRequest,
@@ -395,20 +390,33 @@ pub async fn redeliver(State(state): State<Arc<AppState>>, headers: HeaderMap, P
         let owner = state.keys.authenticate(&headers)?;
         let not_found = || ApiError::new(ErrorCode::NotFound, format!("no webhook delivery for job `{id}`"));
         let job: Uuid = id.parse().map_err(|_| not_found())?;
-        let done = sqlx::query(
-            "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = now()
-             WHERE job_id = $1 AND tenant_id = $2",
+        let unavailable = |e: sqlx::Error| {
+            tracing::warn!(error = %e, "redeliver failed");
+            ApiError::new(ErrorCode::Unavailable, "the webhook store is unavailable; retry shortly").retry_after(1)
+        };
+        // A delivery still being attempted is left alone: its own retries
+        // carry on, and resetting it under an attempt in flight would lose
+        // the reset.
+        let statuses: Vec<String> = sqlx::query_scalar(
+            "WITH reset AS (
+                 UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = now()
+                 WHERE job_id = $1 AND tenant_id = $2 AND status <> 'pending' RETURNING id)
+             SELECT CASE WHEN id IN (SELECT id FROM reset) THEN 'reset' ELSE status END
+             FROM webhook_deliveries WHERE job_id = $1 AND tenant_id = $2",
         )
         .bind(job)
         .bind(owner.tenant_id)
-        .execute(&state.db)
+        .fetch_all(&state.db)
         .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "redeliver failed");
-            ApiError::new(ErrorCode::Unavailable, "the webhook store is unavailable; retry shortly").retry_after(1)
-        })?;
-        if done.rows_affected() == 0 {
+        .map_err(unavailable)?;
+        if statuses.is_empty() {
             return Err(not_found());
+        }
+        if !statuses.iter().any(|s| s == "reset") {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "the webhook is still being delivered; retries are scheduled",
+            ));
         }
         Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"id": job, "redelivery": "scheduled"}))).into_response())
     };

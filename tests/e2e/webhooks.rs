@@ -1,0 +1,218 @@
+//! Webhooks: Standard Webhooks signatures, retries with the same id, every
+//! attempt recorded, 410, tenant default endpoints, the SSRF guard.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use base64::Engine;
+use hmac::{KeyInit, Mac};
+use tokio::sync::mpsc;
+
+use crate::harness::{Stack, wait_for};
+
+/// One request the receiver got.
+struct Received {
+    headers: HeaderMap,
+    body: String,
+}
+
+/// A webhook receiver on a dynamic loopback port; answers with the queued
+/// statuses, then 200.
+struct Receiver {
+    url: String,
+    rx: mpsc::UnboundedReceiver<Received>,
+}
+
+type Shared = (mpsc::UnboundedSender<Received>, Arc<Mutex<VecDeque<u16>>>);
+
+impl Receiver {
+    async fn start(statuses: &[u16]) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(Mutex::new(statuses.iter().copied().collect::<VecDeque<u16>>()));
+        let app = axum::Router::new()
+            .route(
+                "/hook",
+                axum::routing::post(|State((tx, queue)): State<Shared>, headers: HeaderMap, body: String| async move {
+                    let _ = tx.send(Received { headers, body });
+                    let status = queue.lock().unwrap().pop_front().unwrap_or(200);
+                    StatusCode::from_u16(status).unwrap()
+                }),
+            )
+            .with_state((tx, queue));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { url: format!("http://{addr}/hook"), rx }
+    }
+
+    async fn next(&mut self) -> Received {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.recv()).await.expect("no webhook within 10 s").unwrap()
+    }
+}
+
+/// Verifies a Standard Webhooks signature independently of Sluice's code.
+fn verify(secret: &str, r: &Received) {
+    let id = r.headers["webhook-id"].to_str().unwrap();
+    let ts = r.headers["webhook-timestamp"].to_str().unwrap();
+    let key = base64::engine::general_purpose::STANDARD.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{ts}.{}", r.body).as_bytes());
+    let expected = format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()));
+    let given = r.headers["webhook-signature"].to_str().unwrap();
+    assert!(given.split(' ').any(|s| s == expected), "signature {given} is not {expected}");
+    let now = sluice_core::now_ms() / 1000;
+    assert!(ts.parse::<u64>().unwrap().abs_diff(now) < 60, "timestamp {ts} is not now");
+}
+
+async fn attempts(stack: &Stack, delivery: &str) -> Vec<Option<i32>> {
+    sqlx::query_scalar("SELECT response_status FROM webhook_attempts WHERE delivery_id = $1 ORDER BY attempt")
+        .bind(delivery)
+        .fetch_all(&stack.db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_finished_job_is_delivered_signed_and_the_attempt_recorded() {
+    let stack = Stack::start().await;
+    let mut receiver = Receiver::start(&[]).await;
+    let secret = sluice_core::webhook::new_secret().unwrap();
+    let mut body = Stack::job_body("hook me");
+    body["webhook"] = serde_json::json!({"url": receiver.url, "secret": secret});
+    let r = stack.submit_job(&stack.key, &body, None).await;
+    let status = r.status();
+    let job: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["webhook"]["url"], receiver.url.as_str());
+    let id = job["id"].as_str().unwrap().to_owned();
+
+    let got = receiver.next().await;
+    verify(&secret, &got);
+    let event: serde_json::Value = serde_json::from_str(&got.body).unwrap();
+    assert_eq!(event["type"], "job.completed");
+    assert_eq!(event["data"]["id"], id.as_str());
+    assert_eq!(event["data"]["result"]["choices"][0]["message"]["content"], "mock reply to: hook me");
+    assert!(event["data"]["webhook"].get("secret").is_none(), "the secret never travels");
+    let delivery = got.headers["webhook-id"].to_str().unwrap().to_owned();
+    wait_for("the attempt to be recorded", Duration::from_secs(5), || async {
+        (attempts(&stack, &delivery).await == vec![Some(200)]).then_some(())
+    })
+    .await;
+    // GET never shows the secret either.
+    let job: serde_json::Value = stack.get_job(&stack.key, &id).await.json().await.unwrap();
+    assert!(job["webhook"].get("secret").is_none());
+}
+
+#[tokio::test]
+async fn a_failing_receiver_gets_retries_with_the_same_webhook_id() {
+    let stack = Stack::start().await;
+    let mut receiver = Receiver::start(&[500, 503]).await;
+    let mut body = Stack::job_body("retry the hook");
+    body["webhook"] = serde_json::json!({"url": receiver.url});
+    let job: serde_json::Value = stack.submit_job(&stack.key, &body, None).await.json().await.unwrap();
+    // No secret given: one was made and shown once.
+    let secret = job["webhook"]["secret"].as_str().unwrap().to_owned();
+    let first = receiver.next().await;
+    let second = receiver.next().await;
+    let third = receiver.next().await;
+    let id = first.headers["webhook-id"].to_str().unwrap().to_owned();
+    assert_eq!(second.headers["webhook-id"], id.as_str());
+    assert_eq!(third.headers["webhook-id"], id.as_str());
+    verify(&secret, &third);
+    wait_for("three attempts recorded", Duration::from_secs(5), || async {
+        (attempts(&stack, &id).await == vec![Some(500), Some(503), Some(200)]).then_some(())
+    })
+    .await;
+    let status: String = sqlx::query_scalar("SELECT status FROM webhook_deliveries WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    assert_eq!(status, "delivered");
+}
+
+#[tokio::test]
+async fn a_410_disables_the_tenant_endpoint_and_cancelled_jobs_are_announced() {
+    let mut stack = Stack::start().await;
+    let mut receiver = Receiver::start(&[410]).await;
+    let secret = sluice_core::webhook::new_secret().unwrap();
+    let tenant = sluice_core::db::tenant_id(&stack.db, "acme").await.unwrap();
+    sqlx::query("INSERT INTO webhook_endpoints (tenant_id, url, secret) VALUES ($1, $2, $3)")
+        .bind(tenant)
+        .bind(&receiver.url)
+        .bind(&secret)
+        .execute(&stack.db)
+        .await
+        .unwrap();
+    // A job cancelled while queued is announced as job.cancelled.
+    stack.worker.take().unwrap().shutdown().await;
+    let job: serde_json::Value =
+        stack.submit_job(&stack.key, &Stack::job_body("cancel me"), None).await.json().await.unwrap();
+    let id = job["id"].as_str().unwrap();
+    let cancel = stack.http.post(format!("{}/v1/jobs/{id}/cancel", stack.base)).bearer_auth(&stack.key).send();
+    assert_eq!(cancel.await.unwrap().status(), 200);
+    let _worker = crate::harness::WorkerHandle::start(stack.config.clone()).await;
+
+    let got = receiver.next().await;
+    verify(&secret, &got);
+    let event: serde_json::Value = serde_json::from_str(&got.body).unwrap();
+    assert_eq!(event["type"], "job.cancelled");
+    wait_for("the endpoint to be disabled", Duration::from_secs(5), || async {
+        let disabled: Option<bool> =
+            sqlx::query_scalar("SELECT disabled_at IS NOT NULL FROM webhook_endpoints WHERE tenant_id = $1")
+                .bind(tenant)
+                .fetch_optional(&stack.db)
+                .await
+                .unwrap();
+        (disabled == Some(true)).then_some(())
+    })
+    .await;
+    let status: String = sqlx::query_scalar("SELECT status FROM webhook_deliveries WHERE job_id = $1::uuid")
+        .bind(id)
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    assert_eq!(status, "gone");
+}
+
+#[tokio::test]
+async fn private_webhook_targets_are_refused() {
+    let stack = Stack::start().await;
+    for url in ["http://10.0.0.7/hook", "http://169.254.169.254/latest", "http://192.168.1.1/x", "ftp://example.com/"] {
+        let mut body = Stack::job_body("no");
+        body["webhook"] = serde_json::json!({"url": url});
+        let r = stack.submit_job(&stack.key, &body, None).await;
+        assert_eq!(r.status(), 400, "{url}");
+        let error: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(error["error"]["param"], "webhook", "{url}");
+    }
+    let mut body = Stack::job_body("no");
+    body["webhook"] = serde_json::json!({"url": "http://127.0.0.1:9/hook", "secret": "not-a-secret"});
+    assert_eq!(stack.submit_job(&stack.key, &body, None).await.status(), 400);
+    assert_eq!(stack.mock.requests().await, 0);
+}
+
+#[tokio::test]
+async fn redeliver_sends_the_webhook_again_with_the_same_id() {
+    let stack = Stack::start().await;
+    let mut receiver = Receiver::start(&[]).await;
+    let mut body = Stack::job_body("again");
+    body["webhook"] = serde_json::json!({"url": receiver.url});
+    let job: serde_json::Value = stack.submit_job(&stack.key, &body, None).await.json().await.unwrap();
+    let id = job["id"].as_str().unwrap();
+    let first = receiver.next().await;
+    let url = format!("{}/v1/jobs/{id}/webhook/redeliver", stack.base);
+    let delivery = first.headers["webhook-id"].to_str().unwrap().to_owned();
+    wait_for("the first delivery to be recorded", Duration::from_secs(5), || async {
+        (attempts(&stack, &delivery).await == vec![Some(200)]).then_some(())
+    })
+    .await;
+    assert_eq!(stack.http.post(&url).bearer_auth(&stack.key).send().await.unwrap().status(), 202);
+    let again = receiver.next().await;
+    assert_eq!(again.headers["webhook-id"], first.headers["webhook-id"]);
+    let other = stack.key_of("stranger").await;
+    assert_eq!(stack.http.post(&url).bearer_auth(&other).send().await.unwrap().status(), 404);
+}
