@@ -30,6 +30,10 @@ type Shared = (mpsc::UnboundedSender<Received>, Arc<Mutex<VecDeque<u16>>>);
 
 impl Receiver {
     async fn start(statuses: &[u16]) -> Self {
+        Self::start_on("127.0.0.1:0", statuses).await
+    }
+
+    async fn start_on(addr: &str, statuses: &[u16]) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(Mutex::new(statuses.iter().copied().collect::<VecDeque<u16>>()));
         let app = axum::Router::new()
@@ -42,7 +46,7 @@ impl Receiver {
                 }),
             )
             .with_state((tx, queue));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self { url: format!("http://{addr}/hook"), rx }
@@ -53,8 +57,38 @@ impl Receiver {
     }
 }
 
-/// Verifies a Standard Webhooks signature independently of Sluice's code.
-fn verify(secret: &str, r: &Received) {
+/// Verifies a Standard Webhooks signature twice, both independently of
+/// Sluice's code: by hand here, and with the Standard Webhooks reference
+/// library (PyPI `standardwebhooks`, installed by the test set-up).
+async fn verify(secret: &str, r: &Received) {
+    verify_by_hand(secret, r);
+    let python = std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON is not set: run scripts/test.sh");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/verify_webhook.py");
+    let header = |name: &str| r.headers[name].to_str().unwrap().to_owned();
+    let mut child = tokio::process::Command::new(python)
+        .arg(script)
+        .env("WEBHOOK_SECRET", secret)
+        .env("WEBHOOK_ID", header("webhook-id"))
+        .env("WEBHOOK_TIMESTAMP", header("webhook-timestamp"))
+        .env("WEBHOOK_SIGNATURE", header("webhook-signature"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, r.body.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("verified"),
+        "the reference library refused the signature: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn verify_by_hand(secret: &str, r: &Received) {
     let id = r.headers["webhook-id"].to_str().unwrap();
     let ts = r.headers["webhook-timestamp"].to_str().unwrap();
     let key = base64::engine::general_purpose::STANDARD.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
@@ -90,7 +124,7 @@ async fn a_finished_job_is_delivered_signed_and_the_attempt_recorded() {
     let id = job["id"].as_str().unwrap().to_owned();
 
     let got = receiver.next().await;
-    verify(&secret, &got);
+    verify(&secret, &got).await;
     let event: serde_json::Value = serde_json::from_str(&got.body).unwrap();
     assert_eq!(event["type"], "job.completed");
     assert_eq!(event["data"]["id"], id.as_str());
@@ -121,7 +155,7 @@ async fn a_failing_receiver_gets_retries_with_the_same_webhook_id() {
     let id = first.headers["webhook-id"].to_str().unwrap().to_owned();
     assert_eq!(second.headers["webhook-id"], id.as_str());
     assert_eq!(third.headers["webhook-id"], id.as_str());
-    verify(&secret, &third);
+    verify(&secret, &third).await;
     wait_for("three attempts recorded", Duration::from_secs(5), || async {
         (attempts(&stack, &id).await == vec![Some(500), Some(503), Some(200)]).then_some(())
     })
@@ -157,7 +191,7 @@ async fn a_410_disables_the_tenant_endpoint_and_cancelled_jobs_are_announced() {
     let _worker = crate::harness::WorkerHandle::start(stack.config.clone()).await;
 
     let got = receiver.next().await;
-    verify(&secret, &got);
+    verify(&secret, &got).await;
     let event: serde_json::Value = serde_json::from_str(&got.body).unwrap();
     assert_eq!(event["type"], "job.cancelled");
     wait_for("the endpoint to be disabled", Duration::from_secs(5), || async {
@@ -215,4 +249,74 @@ async fn redeliver_sends_the_webhook_again_with_the_same_id() {
     assert_eq!(again.headers["webhook-id"], first.headers["webhook-id"]);
     let other = stack.key_of("stranger").await;
     assert_eq!(stack.http.post(&url).bearer_auth(&other).send().await.unwrap().status(), 404);
+}
+
+#[tokio::test]
+async fn a_receiver_that_is_down_at_first_gets_the_event_when_it_comes_up() {
+    let stack = Stack::start_with(|c| c.webhooks.retry_schedule_ms = vec![300; 8]).await;
+    // A port with nothing listening: connections are refused.
+    let port = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let mut body = Stack::job_body("wait for me");
+    body["webhook"] = serde_json::json!({"url": url});
+    let job: serde_json::Value = stack.submit_job(&stack.key, &body, None).await.json().await.unwrap();
+    let secret = job["webhook"]["secret"].as_str().unwrap().to_owned();
+    let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    wait_for("an attempt to fail against the closed port", Duration::from_secs(10), || async {
+        let failed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id
+             WHERE d.job_id = $1 AND a.error IS NOT NULL",
+        )
+        .bind(id)
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+        (failed >= 1).then_some(())
+    })
+    .await;
+    let mut receiver = Receiver::start_on(&format!("127.0.0.1:{port}"), &[]).await;
+    let got = receiver.next().await;
+    verify(&secret, &got).await;
+    let event: serde_json::Value = serde_json::from_str(&got.body).unwrap();
+    assert_eq!(event["type"], "job.completed");
+}
+
+#[tokio::test]
+async fn a_worker_killed_after_the_call_still_delivers_one_webhook_and_one_result() {
+    let mut stack = Stack::start().await;
+    let mut receiver = Receiver::start(&[]).await;
+    stack.mock.faults(serde_json::json!({"hang_next": 1, "hang_ms": 300})).await;
+    let mut body = Stack::job_body("kill after the call");
+    body["webhook"] = serde_json::json!({"url": receiver.url});
+    let job: serde_json::Value = stack.submit_job(&stack.key, &body, None).await.json().await.unwrap();
+    let secret = job["webhook"]["secret"].as_str().unwrap().to_owned();
+    let id = job["id"].as_str().unwrap().to_owned();
+    // The moment the provider has answered, the worker dies.
+    wait_for("the provider to answer", Duration::from_secs(10), || async {
+        (stack.mock.stats().await["ok"] == 1).then_some(())
+    })
+    .await;
+    stack.worker.take().unwrap().kill().await;
+    let _replacement = crate::harness::WorkerHandle::start(stack.config.clone()).await;
+
+    let got = receiver.next().await;
+    verify(&secret, &got).await;
+    let event: serde_json::Value = serde_json::from_str(&got.body).unwrap();
+    assert_eq!(event["data"]["id"], id.as_str());
+    let delivery = got.headers["webhook-id"].to_str().unwrap().to_owned();
+    wait_for("the delivery to be recorded", Duration::from_secs(5), || async {
+        (attempts(&stack, &delivery).await == vec![Some(200)]).then_some(())
+    })
+    .await;
+    let deliveries: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE job_id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    assert_eq!(deliveries, 1, "one webhook for the job");
+    assert!(receiver.rx.try_recv().is_err(), "the receiver got the event once");
+    let job = stack.job_with_status(&id, "completed").await;
+    assert_eq!(job["result"]["choices"][0]["message"]["content"], "mock reply to: kill after the call");
+    stack.ledger_row(id.parse().unwrap(), "completed").await;
+    assert_eq!(stack.ledger_count().await, 1);
 }

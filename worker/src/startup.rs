@@ -1,7 +1,6 @@
 //! Building the worker from its config and running it until shutdown.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use sluice_core::config::{Config, ConfigError, ms};
@@ -87,7 +86,7 @@ impl Worker {
             .create_consumer(pull::Config {
                 durable_name: Some(LEDGER_CONSUMER.into()),
                 ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
+                ack_wait: ms(w.ack_wait_ms),
                 max_deliver: -1,
                 ..Default::default()
             })
@@ -100,7 +99,7 @@ impl Worker {
             .create_consumer(pull::Config {
                 durable_name: Some(LEDGER_STATE_CONSUMER.into()),
                 ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
+                ack_wait: ms(w.ack_wait_ms),
                 max_deliver: -1,
                 ..Default::default()
             })
@@ -111,7 +110,7 @@ impl Worker {
             .create_consumer(pull::Config {
                 durable_name: Some(WEBHOOK_CONSUMER.into()),
                 ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
+                ack_wait: ms(w.ack_wait_ms),
                 max_deliver: -1,
                 ..Default::default()
             })
