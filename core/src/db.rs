@@ -25,6 +25,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "tenants keys jobs", include_str!("../../migrations/0001_tenants_keys_jobs.sql")),
     (2, "job metadata and status rank", include_str!("../../migrations/0002_job_metadata_and_status_rank.sql")),
     (3, "webhooks", include_str!("../../migrations/0003_webhooks.sql")),
+    (4, "webhook secret rotation", include_str!("../../migrations/0004_webhook_secret_rotation.sql")),
 ];
 
 pub type KeyDigest = [u8; 32];

@@ -58,6 +58,18 @@ pub fn sign(secret: &str, msg_id: &str, timestamp: u64, body: &[u8]) -> Result<S
     Ok(format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes())))
 }
 
+/// The `webhook-signature` value for every secret in `secrets` (separated by
+/// spaces, as during a rotation), space-separated as the standard has it.
+pub fn sign_all(secrets: &str, msg_id: &str, timestamp: u64, body: &[u8]) -> Result<String, WebhookError> {
+    let signatures: Result<Vec<String>, WebhookError> =
+        secrets.split_whitespace().map(|s| sign(s, msg_id, timestamp, body)).collect();
+    let signatures = signatures?;
+    if signatures.is_empty() {
+        return Err(WebhookError::BadSecret);
+    }
+    Ok(signatures.join(" "))
+}
+
 /// Which targets a deployment allows besides public addresses.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TargetPolicy {
@@ -136,6 +148,15 @@ mod tests {
         let body = br#"{"test": 2432232314}"#;
         let sig = sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body).unwrap();
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn rotation_signs_with_every_secret() {
+        let (a, b) = (new_secret().unwrap(), new_secret().unwrap());
+        let both = sign_all(&format!("{a} {b}"), "msg_1", 5, b"{}").unwrap();
+        let parts: Vec<&str> = both.split(' ').collect();
+        assert_eq!(parts, vec![sign(&a, "msg_1", 5, b"{}").unwrap(), sign(&b, "msg_1", 5, b"{}").unwrap()]);
+        assert_eq!(sign_all("", "m", 1, b""), Err(WebhookError::BadSecret));
     }
 
     #[test]

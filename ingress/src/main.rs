@@ -45,7 +45,7 @@ async fn main() -> ExitCode {
         [] | ["serve"] => serve(config).await,
         ["migrate"] => admin::migrate(&config).await.map_err(|e| e.to_string()),
         ["create-key", "--tenant", tenant] => admin::create_key(&config, tenant).await.map_err(|e| e.to_string()),
-        ["set-webhook", "--tenant", tenant, "--url", url] => admin::set_webhook(&config, tenant, url).await,
+        ["set-webhook", "--tenant", tenant, "--url", url] => admin::set_webhook(&config, tenant, url).await.map(|_| ()),
         ["revoke-key", id] => match id.parse() {
             Ok(id) => match admin::revoke_key(&config, id).await {
                 Ok(true) => {

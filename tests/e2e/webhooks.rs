@@ -320,3 +320,25 @@ async fn a_worker_killed_after_the_call_still_delivers_one_webhook_and_one_resul
     stack.ledger_row(id.parse().unwrap(), "completed").await;
     assert_eq!(stack.ledger_count().await, 1);
 }
+
+#[tokio::test]
+async fn a_rotated_tenant_secret_signs_alongside_the_previous_one() {
+    let stack = Stack::start().await;
+    let mut receiver = Receiver::start(&[]).await;
+    let old = sluice_ingress::admin::set_webhook(&stack.config, "acme", &receiver.url).await.unwrap();
+    let new = sluice_ingress::admin::set_webhook(&stack.config, "acme", &receiver.url).await.unwrap();
+    assert_ne!(old, new);
+    let row: (Option<String>, Option<bool>) =
+        sqlx::query_as("SELECT previous_secret, previous_expires_at > now() FROM webhook_endpoints")
+            .fetch_one(&stack.db)
+            .await
+            .unwrap();
+    assert_eq!(row, (Some(old.clone()), Some(true)));
+    stack.submit_job(&stack.key, &Stack::job_body("rotate"), None).await;
+    let got = receiver.next().await;
+    let signatures = got.headers["webhook-signature"].to_str().unwrap();
+    assert_eq!(signatures.split(' ').count(), 2, "{signatures}");
+    // A receiver holding either secret accepts the event.
+    verify(&old, &got).await;
+    verify(&new, &got).await;
+}

@@ -91,11 +91,15 @@ async fn record_delivery(db: &PgPool, tenant: Uuid, record: &JobRecord) -> Resul
     let (url, secret, tenant_endpoint) = match &record.webhook {
         Some(hook) => (hook.url.clone(), hook.secret.clone(), false),
         None => {
-            let row =
-                sqlx::query("SELECT url, secret FROM webhook_endpoints WHERE tenant_id = $1 AND disabled_at IS NULL")
-                    .bind(tenant)
-                    .fetch_optional(db)
-                    .await?;
+            // During a rotation the previous secret signs too, until it expires.
+            let row = sqlx::query(
+                "SELECT url, secret || CASE WHEN previous_secret IS NOT NULL AND previous_expires_at > now()
+                                            THEN ' ' || previous_secret ELSE '' END AS secret
+                 FROM webhook_endpoints WHERE tenant_id = $1 AND disabled_at IS NULL",
+            )
+            .bind(tenant)
+            .fetch_optional(db)
+            .await?;
             match row {
                 Some(row) => (row.try_get("url")?, row.try_get("secret")?, true),
                 None => return Ok(()),
@@ -286,7 +290,7 @@ async fn send(client: &reqwest::Client, config: &WebhooksConfig, d: &Due) -> Att
         return Attempt::Refused(e.to_string());
     }
     let timestamp = sluice_core::now_ms() / 1000;
-    let signature = match webhook::sign(&d.secret, &d.id, timestamp, d.payload.as_bytes()) {
+    let signature = match webhook::sign_all(&d.secret, &d.id, timestamp, d.payload.as_bytes()) {
         Ok(s) => s,
         Err(e) => return Attempt::Refused(e.to_string()),
     };
