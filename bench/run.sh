@@ -8,6 +8,10 @@
 #
 #   bench/run.sh [--seconds N] [--repeats N] [--connections 1,32,128]
 #
+# `bench/run.sh jobs [--connections 64] [--seconds 10]` measures asynchronous
+# jobs instead: jobs accepted per second (each durably acknowledged before its
+# 202) and the time from submit to its webhook arriving, under that load.
+#
 # Everything runs on this machine's loopback; the load generator, the mock and
 # the gateway share its cores, so compare the two columns of one run rather
 # than figures across machines.
@@ -47,6 +51,8 @@ listen = "127.0.0.1:$INGRESS_PORT"
 [worker]
 ops_listen = "127.0.0.1:$OPS_PORT"
 max_in_flight = 256
+[webhooks]
+allow_loopback_targets = true
 [log]
 filter = "warn"
 [[pools]]
@@ -68,6 +74,11 @@ wait_http "http://127.0.0.1:$INGRESS_PORT/readyz" 60 || die "ingress did not bec
 wait_http "http://127.0.0.1:$OPS_PORT/readyz" 60 || die "worker did not become ready"
 
 log "$("$NATS_SERVER" --version), $(nproc) cores, JetStream R1 file storage with the default sync interval"
+if [ "${1:-}" = jobs ]; then
+  shift
+  "$BIN/sluice-loadgen" jobs --gateway "http://127.0.0.1:$INGRESS_PORT" --key "$KEY" --model bench "$@"
+  exit $?
+fi
 "$BIN/sluice-loadgen" \
   --direct "http://127.0.0.1:$MOCK_PORT/v1/chat/completions" \
   --gateway "http://127.0.0.1:$INGRESS_PORT/v1/chat/completions" \

@@ -1,5 +1,8 @@
 //! Closed-loop HTTP load for Sluice's benchmarks.
 //!
+//! `sluice-loadgen jobs --gateway URL --key KEY --model M [--connections 64] [--seconds 10]`
+//! measures asynchronous jobs (see `jobs.rs`); otherwise:
+//!
 //! `sluice-loadgen --direct URL --gateway URL --key KEY --model M
 //!   [--connections 1,32,128] [--seconds 10] [--warmup 2] [--repeats 3]
 //!   [--pid ingress=PID --pid worker=PID]`
@@ -9,6 +12,8 @@
 //! a persistent HTTP/1.1 connection sending the next request when the last
 //! answer arrived. It prints one line per measurement, the medians over the
 //! repeats, and last the headline comparison.
+
+mod jobs;
 
 use std::time::{Duration, Instant};
 
@@ -189,6 +194,23 @@ fn summarize(runs: &[Run]) -> Run {
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().nth(1).as_deref() == Some("jobs") {
+        let a: Vec<String> = std::env::args().skip(2).collect();
+        let get = |flag: &str| a.windows(2).find(|w| w[0] == flag).map(|w| w[1].clone());
+        let args = jobs::JobsArgs {
+            gateway: get("--gateway").unwrap_or_default(),
+            key: get("--key").unwrap_or_default(),
+            model: get("--model").unwrap_or_else(|| "bench".into()),
+            connections: get("--connections").and_then(|v| v.parse().ok()).unwrap_or(64),
+            seconds: get("--seconds").and_then(|v| v.parse().ok()).unwrap_or(10),
+            receiver: get("--receiver").unwrap_or_else(|| "127.0.0.1:0".into()),
+        };
+        if let Err(e) = jobs::run(args).await {
+            eprintln!("sluice-loadgen jobs: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

@@ -168,10 +168,19 @@ impl Worker {
             background.clone(),
         ));
 
-        let enqueue =
-            tokio::spawn(crate::webhooks::enqueue(self.webhooks.clone(), self.db.clone(), background.clone()));
-        let deliver =
-            tokio::spawn(crate::webhooks::deliver(self.db.clone(), self.config.webhooks.clone(), background.clone()));
+        let wake = crate::webhooks::Wake::default();
+        let enqueue = tokio::spawn(crate::webhooks::enqueue(
+            self.webhooks.clone(),
+            self.db.clone(),
+            wake.clone(),
+            background.clone(),
+        ));
+        let deliver = tokio::spawn(crate::webhooks::deliver(
+            self.db.clone(),
+            self.config.webhooks.clone(),
+            wake,
+            background.clone(),
+        ));
 
         self.executor.run(shutdown).await;
         let grace = ms(self.config.worker.shutdown_grace_ms);

@@ -32,7 +32,11 @@ use crate::metrics as m;
 /// How long a claimed delivery is reserved for the worker that claimed it.
 const LEASE: &str = "5 minutes";
 
-pub async fn enqueue(consumer: PullConsumer, db: PgPool, shutdown: CancellationToken) {
+/// Wakes the delivery loop when a delivery was recorded, so a webhook does
+/// not wait for the next poll.
+pub type Wake = Arc<tokio::sync::Notify>;
+
+pub async fn enqueue(consumer: PullConsumer, db: PgPool, wake: Wake, shutdown: CancellationToken) {
     loop {
         let mut messages = match consumer.stream().max_messages_per_batch(64).messages().await {
             Ok(s) => s,
@@ -65,6 +69,7 @@ pub async fn enqueue(consumer: PullConsumer, db: PgPool, shutdown: CancellationT
             match outcome {
                 Ok(()) => {
                     let _ = message.ack().await;
+                    wake.notify_one();
                 }
                 Err(error) => {
                     metrics::counter!(m::WEBHOOK_FAILURES, "reason" => "enqueue").increment(1);
@@ -136,7 +141,7 @@ struct Due {
     tenant_endpoint: bool,
 }
 
-pub async fn deliver(db: PgPool, config: WebhooksConfig, shutdown: CancellationToken) {
+pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, shutdown: CancellationToken) {
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_millis(config.timeout_ms))
         .redirect(reqwest::redirect::Policy::none())
@@ -156,6 +161,7 @@ pub async fn deliver(db: PgPool, config: WebhooksConfig, shutdown: CancellationT
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+            _ = wake.notified() => {}
         }
         let free = slots.available_permits();
         if free == 0 {
