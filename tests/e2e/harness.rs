@@ -299,6 +299,12 @@ impl Stack {
         }
     }
 
+    /// Another ingress replica on the same NATS and Postgres; its base URL.
+    pub async fn another_ingress(&self) -> (String, tokio_util::sync::DropGuard) {
+        let (url, stop) = Self::start_ingress(self.config.clone()).await;
+        (url, stop.drop_guard())
+    }
+
     /// Stops the ingress the way SIGTERM does.
     pub fn stop_ingress(&self) {
         self.ingress_stop.cancel();

@@ -244,3 +244,60 @@ async fn results_leave_the_hot_store_after_retention_and_stay_in_the_ledger() {
     .await;
     stack.ledger_row(id.parse().unwrap(), "completed").await;
 }
+
+#[tokio::test]
+async fn an_idempotency_key_holds_across_ingress_replicas() {
+    let stack = Stack::start().await;
+    let (other_base, _other) = stack.another_ingress().await;
+    let body = Stack::job_body("one of two replicas");
+    let first: serde_json::Value =
+        stack.submit_job(&stack.key, &body, Some("replicated-7")).await.json().await.unwrap();
+    // The same submit retried against another replica, as after a lost response.
+    let again = stack
+        .http
+        .post(format!("{other_base}/v1/jobs"))
+        .bearer_auth(&stack.key)
+        .header("idempotency-key", "replicated-7")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 202);
+    let again: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(again["id"], first["id"]);
+    let id = first["id"].as_str().unwrap();
+    stack.job_with_status(id, "completed").await;
+    stack.ledger_row(id.parse().unwrap(), "completed").await;
+    assert_eq!(stack.mock.requests().await, 1, "one execution");
+}
+
+#[tokio::test]
+async fn a_sync_request_whose_client_disconnects_goes_on_as_a_job() {
+    use futures::StreamExt;
+    let stack = Stack::start().await;
+    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
+    let mut jobs = nats.subscribe("jobs.>").await.unwrap();
+    let mut probe = nats.subscribe("sluice-test.probe").await.unwrap();
+    nats.publish("sluice-test.probe", "".into()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), probe.next()).await.unwrap().unwrap();
+
+    stack.mock.faults(serde_json::json!({"hang_next": 1, "hang_ms": 1500})).await;
+    let impatient = crate::harness::http_client();
+    let gone = impatient
+        .post(format!("{}/v1/chat/completions", stack.base))
+        .bearer_auth(&stack.key)
+        .timeout(Duration::from_millis(300))
+        .json(&Stack::chat_body("I will not wait"))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client gave up");
+    let message = tokio::time::timeout(Duration::from_secs(5), jobs.next()).await.unwrap().unwrap();
+    let id = message.headers.unwrap().get("Sluice-Job-Id").unwrap().as_str().to_owned();
+    // Recorded when the client left, then completed with the answer.
+    wait_for("the job to be recorded", Duration::from_secs(5), || async {
+        (stack.get_job(&stack.key, &id).await.status() == 200).then_some(())
+    })
+    .await;
+    let job = stack.job_with_status(&id, "completed").await;
+    assert_eq!(job["result"]["choices"][0]["message"]["content"], "mock reply to: I will not wait");
+}

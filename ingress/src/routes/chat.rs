@@ -42,7 +42,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
 }
 
 async fn handle(
-    state: &AppState,
+    state: &Arc<AppState>,
     headers: &HeaderMap,
     body: Body,
     job_id: Uuid,
@@ -87,12 +87,19 @@ async fn handle(
     submit::publish(state, subject, &env, bytes, false).await?;
     metrics::histogram!(crate::metrics::PUBLISH_SECONDS).record(publish_started.elapsed().as_secs_f64());
 
+    // From here the job exists; if this handler is dropped (the client went
+    // away) before the answer, the job is recorded so its answer is kept.
+    let mut on_drop = DetachOnDrop(Some((state.clone(), env.clone())));
     let reply = match tokio::time::timeout_at(deadline, waiter.recv()).await {
-        Ok(Some(reply)) => reply,
+        Ok(Some(reply)) => {
+            on_drop.0 = None;
+            reply
+        }
         Ok(None) => {
             return Err(ApiError::new(ErrorCode::Internal, "the reply router stopped").job(job_id.to_string()));
         }
         Err(_) => {
+            on_drop.0 = None;
             detach(state, &env).await;
             return Err(ApiError::new(
                 ErrorCode::Timeout,
@@ -118,6 +125,17 @@ async fn handle(
         crate::metrics::rejected(upstream_code(status));
     }
     Ok(response)
+}
+
+/// Records the job when the handler is dropped mid-wait (client disconnect).
+struct DetachOnDrop(Option<(Arc<AppState>, Envelope)>);
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        if let Some((state, env)) = self.0.take() {
+            tokio::spawn(async move { detach(&state, &env).await });
+        }
+    }
 }
 
 /// Makes a synchronous request whose wait ran out visible as a job. `create`
