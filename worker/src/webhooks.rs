@@ -29,9 +29,6 @@ use uuid::Uuid;
 
 use crate::metrics as m;
 
-/// How long a claimed delivery is reserved for the worker that claimed it.
-const LEASE: &str = "5 minutes";
-
 /// Wakes the delivery loop when a delivery was recorded, so a webhook does
 /// not wait for the next poll.
 pub type Wake = Arc<tokio::sync::Notify>;
@@ -167,7 +164,10 @@ pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, shutdown: C
         if free == 0 {
             continue;
         }
-        let due = match claim(&db, free as i64).await {
+        // A claimed delivery is reserved for three attempt timeouts: if its
+        // worker dies mid-attempt, another takes it after that.
+        let lease_ms = (config.timeout_ms * 3) as i64;
+        let due = match claim(&db, free as i64, lease_ms).await {
             Ok(d) => d,
             Err(error) => {
                 tracing::warn!(%error, "cannot claim webhook deliveries");
@@ -185,16 +185,16 @@ pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, shutdown: C
     }
 }
 
-async fn claim(db: &PgPool, limit: i64) -> Result<Vec<Due>, sqlx::Error> {
+async fn claim(db: &PgPool, limit: i64, lease_ms: i64) -> Result<Vec<Due>, sqlx::Error> {
     let rows = sqlx::query(
-        "UPDATE webhook_deliveries SET next_attempt_at = now() + $2::interval
+        "UPDATE webhook_deliveries SET next_attempt_at = now() + $2 * interval '1 millisecond'
          WHERE id IN (SELECT id FROM webhook_deliveries
                       WHERE status = 'pending' AND next_attempt_at <= now()
                       ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
          RETURNING id, tenant_id, url, secret, payload, attempts, tenant_endpoint",
     )
     .bind(limit)
-    .bind(LEASE)
+    .bind(lease_ms)
     .fetch_all(db)
     .await?;
     rows.iter()
