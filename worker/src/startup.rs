@@ -37,6 +37,25 @@ pub enum StartError {
     Io(#[from] std::io::Error),
 }
 
+/// A durable pull consumer over the whole stream, explicit acks, no
+/// delivery limit (the loops that use it decide what to skip).
+async fn durable(
+    stream: &async_nats::jetstream::stream::Stream,
+    name: &str,
+    ack_wait_ms: u64,
+) -> Result<PullConsumer, StartError> {
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.into()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: ms(ack_wait_ms),
+            max_deliver: -1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| StartError::Consumer { name: name.to_owned(), message: e.to_string() })
+}
+
 pub struct Worker {
     config: Config,
     nats: async_nats::Client,
@@ -80,42 +99,15 @@ impl Worker {
             })
             .await
             .map_err(|e| consumer_error(&w.consumer, &e))?;
+        // The ledger follows the outcome events and the job-state bucket's
+        // stream; webhook delivery follows the latter too.
         let events =
             js.get_stream(&config.nats.events_stream).await.map_err(|e| consumer_error(LEDGER_CONSUMER, &e))?;
-        let ledger: PullConsumer = events
-            .create_consumer(pull::Config {
-                durable_name: Some(LEDGER_CONSUMER.into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: ms(w.ack_wait_ms),
-                max_deliver: -1,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| consumer_error(LEDGER_CONSUMER, &e))?;
-
+        let ledger = durable(&events, LEDGER_CONSUMER, w.ack_wait_ms).await?;
         let state_stream = format!("KV_{}", config.jobs.state_bucket);
         let states = js.get_stream(&state_stream).await.map_err(|e| consumer_error(LEDGER_STATE_CONSUMER, &e))?;
-        let ledger_state: PullConsumer = states
-            .create_consumer(pull::Config {
-                durable_name: Some(LEDGER_STATE_CONSUMER.into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: ms(w.ack_wait_ms),
-                max_deliver: -1,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| consumer_error(LEDGER_STATE_CONSUMER, &e))?;
-
-        let webhooks: PullConsumer = states
-            .create_consumer(pull::Config {
-                durable_name: Some(WEBHOOK_CONSUMER.into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: ms(w.ack_wait_ms),
-                max_deliver: -1,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| consumer_error(WEBHOOK_CONSUMER, &e))?;
+        let ledger_state = durable(&states, LEDGER_STATE_CONSUMER, w.ack_wait_ms).await?;
+        let webhooks = durable(&states, WEBHOOK_CONSUMER, w.ack_wait_ms).await?;
 
         let ctx = Arc::new(JobContext {
             nats: client.clone(),

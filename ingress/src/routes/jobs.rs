@@ -263,24 +263,11 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         None => Uuid::now_v7(),
     };
     let submitted_ms = now_ms();
-    let record = JobRecord {
-        id: job_id,
-        object: "job".into(),
-        endpoint: endpoint.as_str().into(),
-        model: model.clone(),
-        status: JobStatus::Queued,
-        created_at: submitted_ms / 1000,
-        expires_at: (submitted_ms + expiry_ms) / 1000,
-        started_at: None,
-        finished_at: None,
-        attempts: 0,
-        metadata: request.metadata,
-        priority: request.priority,
-        result: None,
-        error: None,
-        webhook,
-        request_hash: idempotency_key.map(|_| jobstate::hash_hex(&bytes)),
-    };
+    let mut record = JobRecord::queued(job_id, endpoint.as_str(), &model, submitted_ms, expiry_ms);
+    record.metadata = request.metadata;
+    record.priority = request.priority;
+    record.webhook = webhook;
+    record.request_hash = idempotency_key.map(|_| jobstate::hash_hex(&bytes));
     let key = jobstate::key(owner.tenant_id, job_id);
     let request_id = submit::request_id(headers, job_id);
     let env = Envelope {
