@@ -42,7 +42,9 @@ impl Receiver {
                 axum::routing::post(|State((tx, queue)): State<Shared>, headers: HeaderMap, body: String| async move {
                     let _ = tx.send(Received { headers, body });
                     let status = queue.lock().unwrap().pop_front().unwrap_or(200);
-                    StatusCode::from_u16(status).unwrap()
+                    // A 503 asks for a one-second pause, as receivers under load do.
+                    let retry_after = if status == 503 { "1" } else { "0" };
+                    (StatusCode::from_u16(status).unwrap(), [("retry-after", retry_after)])
                 }),
             )
             .with_state((tx, queue));
@@ -166,6 +168,17 @@ async fn a_failing_receiver_gets_retries_with_the_same_webhook_id() {
         .await
         .unwrap();
     assert_eq!(status, "delivered");
+    // The schedule says 100 ms, the 503's Retry-After says 1 s: the receiver wins.
+    let gap_ms: f64 = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM (max(attempted_at) FILTER (WHERE attempt = 3)
+                                   - max(attempted_at) FILTER (WHERE attempt = 2))) * 1000)::float8
+         FROM webhook_attempts WHERE delivery_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&stack.db)
+    .await
+    .unwrap();
+    assert!(gap_ms >= 900.0, "retry came {gap_ms} ms after the 503, before its Retry-After");
 }
 
 #[tokio::test]
