@@ -12,6 +12,7 @@
 //!   delivery and disables a tenant endpoint; the target is checked against
 //!   private addresses again, after DNS resolution, before every attempt.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,9 +34,15 @@ use crate::metrics as m;
 /// not wait for the next poll.
 pub type Wake = Arc<tokio::sync::Notify>;
 
+/// Most job states turned into deliveries in one statement.
+const ENQUEUE_BATCH: usize = 128;
+/// Longest the first state of a batch waits for company.
+const ENQUEUE_LINGER: Duration = Duration::from_millis(20);
+
 pub async fn enqueue(consumer: PullConsumer, db: PgPool, wake: Wake, shutdown: CancellationToken) {
     loop {
-        let mut messages = match consumer.stream().max_messages_per_batch(64).messages().await {
+        let stream = consumer.stream().max_messages_per_batch(ENQUEUE_BATCH).messages();
+        let mut messages = match stream.await {
             Ok(s) => s,
             Err(error) => {
                 tracing::warn!(%error, "webhook enqueue cannot pull job states; retrying in 1 s");
@@ -46,32 +53,51 @@ pub async fn enqueue(consumer: PullConsumer, db: PgPool, wake: Wake, shutdown: C
             }
         };
         loop {
-            let next = tokio::select! {
+            let first = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 next = messages.next() => next,
             };
-            let message = match next {
+            let first = match first {
                 Some(Ok(m)) => m,
                 Some(Err(_)) => continue,
                 None => break,
             };
-            let outcome = match crate::ledger::parse_state(&message) {
-                Ok(Some((tenant, record))) => record_delivery(&db, tenant, &record).await,
-                Ok(None) => Ok(()),
-                Err(error) => {
-                    tracing::warn!(%error, "undecodable job state skipped by webhook enqueue");
-                    Ok(())
+            let mut batch = vec![first];
+            let flush_at = tokio::time::Instant::now() + ENQUEUE_LINGER;
+            while batch.len() < ENQUEUE_BATCH {
+                match tokio::time::timeout_at(flush_at, messages.next()).await {
+                    Ok(Some(Ok(m))) => batch.push(m),
+                    Ok(Some(Err(_))) => continue,
+                    _ => break,
                 }
-            };
-            match outcome {
-                Ok(()) => {
-                    let _ = message.ack().await;
-                    wake.notify_one();
+            }
+            let mut finished = Vec::new();
+            for message in &batch {
+                match crate::ledger::parse_state(message) {
+                    Ok(Some((tenant, record))) => {
+                        if let Some(kind) = event_type(record.status) {
+                            finished.push((tenant, kind, record));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(error) => tracing::warn!(%error, "undecodable job state skipped by webhook enqueue"),
+                }
+            }
+            match record_deliveries(&db, finished).await {
+                Ok(recorded) => {
+                    for message in batch {
+                        let _ = message.ack().await;
+                    }
+                    if recorded > 0 {
+                        wake.notify_one();
+                    }
                 }
                 Err(error) => {
                     metrics::counter!(m::WEBHOOK_FAILURES, "reason" => "enqueue").increment(1);
-                    tracing::warn!(%error, "cannot record a webhook delivery; retrying in 2 s");
-                    let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
+                    tracing::warn!(%error, "cannot record webhook deliveries; retrying in 2 s");
+                    for message in batch {
+                        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
+                    }
                 }
             }
         }
@@ -88,44 +114,74 @@ fn event_type(status: JobStatus) -> Option<&'static str> {
     }
 }
 
-async fn record_delivery(db: &PgPool, tenant: Uuid, record: &JobRecord) -> Result<(), sqlx::Error> {
-    let Some(kind) = event_type(record.status) else { return Ok(()) };
-    let (url, secret, tenant_endpoint) = match &record.webhook {
-        Some(hook) => (hook.url.clone(), hook.secret.clone(), false),
-        None => {
-            // During a rotation the previous secret signs too, until it expires.
-            let row = sqlx::query(
-                "SELECT url, secret || CASE WHEN previous_secret IS NOT NULL AND previous_expires_at > now()
-                                            THEN ' ' || previous_secret ELSE '' END AS secret
-                 FROM webhook_endpoints WHERE tenant_id = $1 AND disabled_at IS NULL",
-            )
-            .bind(tenant)
-            .fetch_optional(db)
-            .await?;
-            match row {
-                Some(row) => (row.try_get("url")?, row.try_get("secret")?, true),
-                None => return Ok(()),
-            }
+/// Records one delivery per finished job that has a target, in one
+/// statement; returns how many jobs had one.
+async fn record_deliveries(db: &PgPool, finished: Vec<(Uuid, &'static str, JobRecord)>) -> Result<usize, sqlx::Error> {
+    // Tenants' default endpoints, for jobs without a webhook of their own.
+    // During a rotation the previous secret signs too, until it expires.
+    let tenants: Vec<Uuid> = finished.iter().filter(|(_, _, r)| r.webhook.is_none()).map(|(t, _, _)| *t).collect();
+    let mut defaults: HashMap<Uuid, (String, String)> = HashMap::new();
+    if !tenants.is_empty() {
+        let rows = sqlx::query(
+            "SELECT tenant_id, url, secret || CASE WHEN previous_secret IS NOT NULL AND previous_expires_at > now()
+                                                   THEN ' ' || previous_secret ELSE '' END AS secret
+             FROM webhook_endpoints WHERE tenant_id = ANY($1) AND disabled_at IS NULL",
+        )
+        .bind(&tenants)
+        .fetch_all(db)
+        .await?;
+        for row in rows {
+            defaults.insert(row.try_get("tenant_id")?, (row.try_get("url")?, row.try_get("secret")?));
         }
-    };
+    }
     let timestamp = sluice_core::now_ms() / 1000;
-    let payload = serde_json::json!({"type": kind, "timestamp": timestamp, "data": record.public()});
+    let mut seen = std::collections::HashSet::new();
+    let (mut ids, mut jobs, mut owners, mut kinds, mut urls, mut secrets, mut tenant_endpoints, mut payloads) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (tenant, kind, record) in finished {
+        let (url, secret, tenant_endpoint) = match &record.webhook {
+            Some(hook) => (hook.url.clone(), hook.secret.clone(), false),
+            None => match defaults.get(&tenant) {
+                Some((url, secret)) => (url.clone(), secret.clone(), true),
+                None => continue,
+            },
+        };
+        let id = format!("msg_{}_{}", record.id.simple(), record.status.as_str());
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let payload = serde_json::json!({"type": kind, "timestamp": timestamp, "data": record.public()});
+        ids.push(id);
+        jobs.push(record.id);
+        owners.push(tenant);
+        kinds.push(kind);
+        urls.push(url);
+        secrets.push(secret);
+        tenant_endpoints.push(tenant_endpoint);
+        payloads.push(payload.to_string());
+    }
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let count = ids.len();
     sqlx::query(
         "INSERT INTO webhook_deliveries (id, job_id, tenant_id, event_type, url, secret, tenant_endpoint, payload, status)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending')
+         SELECT id, job_id, tenant_id, event_type, url, secret, tenant_endpoint, payload, 'pending'
+         FROM UNNEST($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::bool[], $8::text[])
+              AS d(id, job_id, tenant_id, event_type, url, secret, tenant_endpoint, payload)
          ON CONFLICT (id) DO NOTHING",
     )
-    .bind(format!("msg_{}_{}", record.id.simple(), record.status.as_str()))
-    .bind(record.id)
-    .bind(tenant)
-    .bind(kind)
-    .bind(url)
-    .bind(secret)
-    .bind(tenant_endpoint)
-    .bind(payload.to_string())
+    .bind(ids)
+    .bind(jobs)
+    .bind(owners)
+    .bind(kinds)
+    .bind(urls)
+    .bind(secrets)
+    .bind(tenant_endpoints)
+    .bind(payloads)
     .execute(db)
     .await?;
-    Ok(())
+    Ok(count)
 }
 
 struct Due {
