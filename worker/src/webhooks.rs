@@ -210,28 +210,42 @@ pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, shutdown: C
     let config = Arc::new(config);
     let mut tick = tokio::time::interval(Duration::from_millis(config.poll_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // While the last claim came back full there is a backlog: claim again as
+    // soon as a slot frees up instead of waiting for the next poll.
+    let mut backlog = false;
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-            _ = wake.notified() => {}
+        if !backlog {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+                _ = wake.notified() => {}
+            }
         }
-        let free = slots.available_permits();
-        if free == 0 {
-            continue;
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let mut permits = vec![first];
+        while let Ok(p) = slots.clone().try_acquire_owned() {
+            permits.push(p);
         }
         // A claimed delivery is reserved for three attempt timeouts: if its
         // worker dies mid-attempt, another takes it after that.
         let lease_ms = (config.timeout_ms * 3) as i64;
-        let due = match claim(&db, free as i64, lease_ms).await {
+        let due = match claim(&db, permits.len() as i64, lease_ms).await {
             Ok(d) => d,
             Err(error) => {
                 tracing::warn!(%error, "cannot claim webhook deliveries");
+                backlog = false;
                 continue;
             }
         };
+        backlog = due.len() == permits.len();
         for delivery in due {
-            let Ok(permit) = slots.clone().acquire_owned().await else { return };
+            let Some(permit) = permits.pop() else { break };
             let (db, client, config) = (db.clone(), client.clone(), config.clone());
             tokio::spawn(async move {
                 attempt(&db, &client, &config, delivery).await;
