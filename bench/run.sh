@@ -20,9 +20,14 @@ source "$(dirname "$0")/../scripts/lib.sh"
 cd "$ROOT"
 
 ensure_tools
-log "building release binaries"
-cargo build --release --workspace --bins --locked
-BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+# SLUICE_BENCH_BIN=DIR runs prebuilt binaries from DIR (to compare builds).
+if [ -n "${SLUICE_BENCH_BIN:-}" ]; then
+  BIN="$SLUICE_BENCH_BIN"
+else
+  log "building release binaries"
+  cargo build --release --workspace --bins --locked
+  BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+fi
 
 WORK="$(mktemp -d /tmp/sluice-bench-XXXXXX)"
 PG_DIR="$(pg_dir_for "$WORK/pg")"
