@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
-use futures::StreamExt;
 use sluice_core::event::{JobEvent, JobStatus};
 use sluice_core::jobstate::JobRecord;
 use sqlx::PgPool;
@@ -77,43 +76,8 @@ pub fn decode_state(message: &Message) -> Result<Vec<JobEvent>, String> {
 }
 
 pub async fn run(consumer: PullConsumer, db: PgPool, batch_size: usize, decode: Decode, shutdown: CancellationToken) {
-    loop {
-        let stream = consumer.stream().max_messages_per_batch(batch_size).expires(Duration::from_secs(5)).messages();
-        let mut messages = match stream.await {
-            Ok(s) => s,
-            Err(error) => {
-                tracing::warn!(%error, "ledger cannot pull events; retrying in 1 s");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        loop {
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                next = messages.next() => next,
-            };
-            let first = match first {
-                Some(Ok(m)) => m,
-                Some(Err(error)) => {
-                    tracing::debug!(%error, "ledger pull interrupted");
-                    continue;
-                }
-                None => break,
-            };
-            let mut batch = vec![first];
-            let flush_at = tokio::time::Instant::now() + FLUSH_AFTER;
-            while batch.len() < batch_size {
-                match tokio::time::timeout_at(flush_at, messages.next()).await {
-                    Ok(Some(Ok(m))) => batch.push(m),
-                    Ok(Some(Err(_))) => continue,
-                    _ => break,
-                }
-            }
-            write_batch(&db, batch, decode).await;
-        }
-    }
+    crate::batches::run(consumer, batch_size, FLUSH_AFTER, "ledger", shutdown, |batch| write_batch(&db, batch, decode))
+        .await;
 }
 
 async fn write_batch(db: &PgPool, batch: Vec<Message>, decode: Decode) {

@@ -10,8 +10,10 @@
 //! - [`upstream`]: the OpenAI-compatible HTTP client of each pool.
 //! - [`ledger`]: writes job outcome events to Postgres in batches.
 //! - [`webhooks`]: webhook deliveries recorded and sent, with retries.
+//! - [`batches`]: pulling a durable consumer in batches.
 //! - [`metrics`]: every metric the worker records.
 
+pub mod batches;
 pub mod events;
 pub mod executor;
 pub mod job;

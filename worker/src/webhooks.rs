@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
-use futures::StreamExt;
 use sluice_core::config::WebhooksConfig;
 use sluice_core::event::JobStatus;
 use sluice_core::jobstate::JobRecord;
@@ -40,65 +39,39 @@ const ENQUEUE_BATCH: usize = 128;
 const ENQUEUE_LINGER: Duration = Duration::from_millis(20);
 
 pub async fn enqueue(consumer: PullConsumer, db: PgPool, wake: Wake, shutdown: CancellationToken) {
-    loop {
-        let stream = consumer.stream().max_messages_per_batch(ENQUEUE_BATCH).messages();
-        let mut messages = match stream.await {
-            Ok(s) => s,
-            Err(error) => {
-                tracing::warn!(%error, "webhook enqueue cannot pull job states; retrying in 1 s");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+    crate::batches::run(consumer, ENQUEUE_BATCH, ENQUEUE_LINGER, "webhook enqueue", shutdown, |batch| {
+        enqueue_batch(&db, &wake, batch)
+    })
+    .await;
+}
+
+async fn enqueue_batch(db: &PgPool, wake: &Wake, batch: Vec<async_nats::jetstream::Message>) {
+    let mut finished = Vec::new();
+    for message in &batch {
+        match crate::ledger::parse_state(message) {
+            Ok(Some((tenant, record))) => {
+                if let Some(kind) = event_type(record.status) {
+                    finished.push((tenant, kind, record));
                 }
             }
-        };
-        loop {
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                next = messages.next() => next,
-            };
-            let first = match first {
-                Some(Ok(m)) => m,
-                Some(Err(_)) => continue,
-                None => break,
-            };
-            let mut batch = vec![first];
-            let flush_at = tokio::time::Instant::now() + ENQUEUE_LINGER;
-            while batch.len() < ENQUEUE_BATCH {
-                match tokio::time::timeout_at(flush_at, messages.next()).await {
-                    Ok(Some(Ok(m))) => batch.push(m),
-                    Ok(Some(Err(_))) => continue,
-                    _ => break,
-                }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, "undecodable job state skipped by webhook enqueue"),
+        }
+    }
+    match record_deliveries(db, finished).await {
+        Ok(recorded) => {
+            for message in batch {
+                let _ = message.ack().await;
             }
-            let mut finished = Vec::new();
-            for message in &batch {
-                match crate::ledger::parse_state(message) {
-                    Ok(Some((tenant, record))) => {
-                        if let Some(kind) = event_type(record.status) {
-                            finished.push((tenant, kind, record));
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(error) => tracing::warn!(%error, "undecodable job state skipped by webhook enqueue"),
-                }
+            if recorded > 0 {
+                wake.notify_one();
             }
-            match record_deliveries(&db, finished).await {
-                Ok(recorded) => {
-                    for message in batch {
-                        let _ = message.ack().await;
-                    }
-                    if recorded > 0 {
-                        wake.notify_one();
-                    }
-                }
-                Err(error) => {
-                    metrics::counter!(m::WEBHOOK_FAILURES, "reason" => "enqueue").increment(1);
-                    tracing::warn!(%error, "cannot record webhook deliveries; retrying in 2 s");
-                    for message in batch {
-                        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
-                    }
-                }
+        }
+        Err(error) => {
+            metrics::counter!(m::WEBHOOK_FAILURES, "reason" => "enqueue").increment(1);
+            tracing::warn!(%error, "cannot record webhook deliveries; retrying in 2 s");
+            for message in batch {
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
             }
         }
     }
