@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -68,11 +68,7 @@ async fn submitter(
     hook: String,
     until: Instant,
 ) -> Result<(Vec<u32>, u64), String> {
-    let stream = TcpStream::connect(&addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
+    let mut sender = crate::open(&addr).await?;
     let mut latencies = Vec::new();
     let mut errors = 0;
     while Instant::now() < until {
@@ -122,14 +118,13 @@ pub async fn run(args: JobsArgs) -> Result<(), String> {
     }
     submits.sort_unstable();
     let accepted = submits.len();
-    let pct = |v: &[u32], p: f64| v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1))).copied();
     println!(
         "jobs conns={} accepted={} accepted/s={:.0} submit_p50_ms={:.3} submit_p99_ms={:.3} errors={}",
         args.connections,
         accepted,
         accepted as f64 / args.seconds as f64,
-        pct(&submits, 0.5).unwrap_or(0) as f64 / 1000.0,
-        pct(&submits, 0.99).unwrap_or(0) as f64 / 1000.0,
+        crate::percentile(&submits, 0.5) as f64 / 1000.0,
+        crate::percentile(&submits, 0.99) as f64 / 1000.0,
         errors
     );
     // Wait for the webhooks of every accepted job, for at most two minutes.
@@ -143,7 +138,7 @@ pub async fn run(args: JobsArgs) -> Result<(), String> {
     }
     let mut lat: Vec<u64> = arrivals.lock().map(|a| a.clone()).unwrap_or_default();
     lat.sort_unstable();
-    let p = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    let p = |q: f64| crate::percentile(&lat, q);
     println!(
         "webhooks received={} of {} drained_in_s={:.1} submit_to_webhook_p50_ms={} submit_to_webhook_p99_ms={}",
         lat.len(),

@@ -92,6 +92,21 @@ fn split_url(url: &str) -> Result<(String, String), String> {
     Ok((host.to_owned(), format!("/{path}")))
 }
 
+/// A persistent HTTP/1.1 connection to `addr` (`host:port`), Nagle off.
+pub(crate) async fn open(addr: &str) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// The value at quantile `q` (0 to 1) of an ascending slice; 0 when empty.
+pub(crate) fn percentile<T: Copy + Default>(sorted: &[T], q: f64) -> T {
+    sorted.get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or_default()
+}
+
 /// One connection sending requests back to back until `until`; latencies
 /// recorded only after `record_from`.
 async fn connection(
@@ -102,11 +117,7 @@ async fn connection(
     record_from: Instant,
     until: Instant,
 ) -> Result<(Vec<u32>, u64), String> {
-    let stream = TcpStream::connect(&addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
+    let mut sender = open(&addr).await?;
     let mut latencies = Vec::with_capacity(100_000);
     let mut errors = 0u64;
     while Instant::now() < until {
@@ -158,12 +169,10 @@ async fn measure(url: &str, args: &Args, connections: usize) -> Result<Run, Stri
         errors += err;
     }
     all.sort_unstable();
-    let pct =
-        |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
     Ok(Run {
         rps: all.len() as f64 / args.seconds as f64,
-        p50_ms: pct(0.50) as f64 / 1000.0,
-        p99_ms: pct(0.99) as f64 / 1000.0,
+        p50_ms: percentile(&all, 0.50) as f64 / 1000.0,
+        p99_ms: percentile(&all, 0.99) as f64 / 1000.0,
         errors,
     })
 }

@@ -173,24 +173,9 @@ mod tests {
 
     #[test]
     fn public_view_hides_internal_fields() {
-        let r = JobRecord {
-            id: Uuid::nil(),
-            object: "job".into(),
-            endpoint: "chat.completions".into(),
-            model: "m".into(),
-            status: JobStatus::Queued,
-            created_at: 1,
-            expires_at: 2,
-            started_at: None,
-            finished_at: None,
-            attempts: 0,
-            metadata: None,
-            priority: None,
-            result: None,
-            error: None,
-            webhook: Some(WebhookTarget { url: "https://example.com/h".into(), secret: "whsec_x".into() }),
-            request_hash: Some("abc".into()),
-        };
+        let mut r = JobRecord::queued(Uuid::nil(), "chat.completions", "m", 1_000, 1_000);
+        r.webhook = Some(WebhookTarget { url: "https://example.com/h".into(), secret: "whsec_x".into() });
+        r.request_hash = Some("abc".into());
         let v = r.public();
         assert_eq!(v["status"], "queued");
         assert!(v.get("request_hash").is_none());

@@ -76,14 +76,7 @@ async fn ops_endpoints_answer() {
 async fn request_id_and_trace_context_travel_to_the_worker_in_nats_headers() {
     use futures::StreamExt;
     let stack = Stack::start().await;
-    // A plain subscriber sees what the ingress publishes to the jobs stream.
-    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
-    let mut jobs = nats.subscribe("jobs.>").await.unwrap();
-    // `flush` does not wait for the server: a round trip through our own
-    // probe subject proves the server has the subscription above.
-    let mut probe = nats.subscribe("sluice-test.probe").await.unwrap();
-    nats.publish("sluice-test.probe", "".into()).await.unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(5), probe.next()).await.unwrap().unwrap();
+    let mut jobs = stack.watch_jobs().await;
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let response = stack
         .http

@@ -361,6 +361,19 @@ impl Stack {
         .await
     }
 
+    /// A plain NATS subscriber on `jobs.>`: it sees every job the ingress
+    /// publishes. Returns once the server holds the subscription (`flush`
+    /// does not wait for the server; a round trip through a probe subject does).
+    pub async fn watch_jobs(&self) -> async_nats::Subscriber {
+        use futures::StreamExt;
+        let nats = async_nats::connect(&self.nats.url).await.unwrap();
+        let jobs = nats.subscribe("jobs.>").await.unwrap();
+        let mut probe = nats.subscribe("sluice-test.probe").await.unwrap();
+        nats.publish("sluice-test.probe", "".into()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), probe.next()).await.unwrap().unwrap();
+        jobs
+    }
+
     /// A key of another tenant, for isolation tests.
     pub async fn key_of(&self, tenant: &str) -> String {
         let id = db::ensure_tenant(&self.db, tenant).await.unwrap();

@@ -275,11 +275,7 @@ async fn an_idempotency_key_holds_across_ingress_replicas() {
 async fn a_sync_request_whose_client_disconnects_goes_on_as_a_job() {
     use futures::StreamExt;
     let stack = Stack::start().await;
-    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
-    let mut jobs = nats.subscribe("jobs.>").await.unwrap();
-    let mut probe = nats.subscribe("sluice-test.probe").await.unwrap();
-    nats.publish("sluice-test.probe", "".into()).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), probe.next()).await.unwrap().unwrap();
+    let mut jobs = stack.watch_jobs().await;
 
     stack.mock.faults(serde_json::json!({"hang_next": 1, "hang_ms": 1500})).await;
     let impatient = crate::harness::http_client();
