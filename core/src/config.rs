@@ -44,6 +44,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub jobs: JobsConfig,
     pub webhooks: WebhooksConfig,
+    pub tenants: TenantDefaults,
+    pub scheduler: SchedulerConfig,
     pub log: LogConfig,
     /// Model aliases that clients name in `model`, each served by one upstream.
     pub pools: Vec<PoolConfig>,
@@ -57,6 +59,11 @@ pub struct NatsConfig {
     pub jobs_stream: String,
     /// Name of the stream holding job outcome events for the ledger.
     pub events_stream: String,
+    /// Name of the counter stream holding each tenant's queued-jobs count.
+    pub counters_stream: String,
+    /// Name of the counter stream holding per-minute request and token
+    /// counts (entries expire after three minutes).
+    pub rates_stream: String,
     /// Stream replicas: 1 in development, 3 in production.
     pub replicas: usize,
     /// Upper bound on queued jobs; a submit beyond it is refused with 429.
@@ -100,7 +107,8 @@ pub struct WorkerConfig {
     pub ops_listen: SocketAddr,
     /// Jobs executed at once by one worker process.
     pub max_in_flight: usize,
-    /// Name of the durable pull consumer shared by all workers.
+    /// Name prefix of the durable pull consumers, one per tenant queue
+    /// (`<consumer>_<pool>_<class>_<tenant>`), shared by all workers.
     pub consumer: String,
     /// JetStream ack wait: a job held this long without an ack or an
     /// in-progress signal is redelivered to another worker.
@@ -110,8 +118,6 @@ pub struct WorkerConfig {
     /// Exponential backoff with jitter between attempts: first delay and cap.
     pub retry_min_delay_ms: u64,
     pub retry_max_delay_ms: u64,
-    /// How long one pull request waits on the server for jobs.
-    pub fetch_expires_ms: u64,
     /// Time given to in-flight calls after SIGTERM.
     pub shutdown_grace_ms: u64,
     /// Ledger: most event messages (each a batch of up to 128 job events)
@@ -165,6 +171,49 @@ pub struct WebhooksConfig {
     pub max_concurrency: usize,
     /// How often the delivery loop looks for due deliveries.
     pub poll_ms: u64,
+}
+
+/// Limits of a tenant that has no value of its own in Postgres (set them
+/// per tenant with `sluice-ingress set-tenant`). A limit of 0 means none.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantDefaults {
+    /// Share of a pool's capacity relative to other backlogged tenants.
+    pub weight: u32,
+    /// Highest class the tenant's requests run in: `interactive` (no
+    /// lowering), `normal` or `batch`.
+    pub tier: String,
+    /// Jobs (synchronous and asynchronous) queued or running at once; beyond
+    /// it a submit gets 429 `queued_jobs_limit`. Held across all ingresses.
+    pub max_queued: u64,
+    /// Requests admitted per minute (sliding window), across all ingresses.
+    pub rpm: u64,
+    /// Estimated tokens admitted per minute (prompt estimate plus requested
+    /// output), across all ingresses; corrected by the real usage.
+    pub tpm: u64,
+}
+
+/// The workers' fair scheduler.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// How often a worker lists the queues that hold jobs; a backstop, since
+    /// every submit also wakes the workers at once.
+    pub discover_ms: u64,
+    /// Most jobs fetched from one tenant's queue in one pull.
+    pub max_fetch: usize,
+    /// Share of the work guaranteed to normal-priority jobs while interactive
+    /// requests have backlog.
+    pub min_share_normal: f64,
+    /// Share of the work guaranteed to batch jobs while higher classes have backlog.
+    pub min_share_batch: f64,
+    /// A tenant queue's consumer unused this long is removed from JetStream.
+    pub idle_consumer_ms: u64,
+    /// Output tokens assumed for a request that sets no `max_tokens`, in the
+    /// token estimates used for fairness and for `tpm`.
+    pub default_max_tokens: u64,
+    /// How often a worker reloads tenants' weights from Postgres.
+    pub tenants_refresh_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -225,6 +274,8 @@ impl Default for NatsConfig {
             url: "nats://127.0.0.1:4222".into(),
             jobs_stream: "JOBS".into(),
             events_stream: "EVENTS".into(),
+            counters_stream: "SLUICE_COUNTERS".into(),
+            rates_stream: "SLUICE_RATES".into(),
             replicas: 1,
             max_queued_jobs: 1_000_000,
             dedup_window_ms: 120_000,
@@ -267,7 +318,6 @@ impl Default for WorkerConfig {
             max_attempts: 4,
             retry_min_delay_ms: 200,
             retry_max_delay_ms: 10_000,
-            fetch_expires_ms: 5_000,
             shutdown_grace_ms: 25_000,
             ledger_batch: 32,
         }
@@ -317,6 +367,26 @@ impl WebhooksConfig {
         crate::webhook::TargetPolicy {
             allow_private: self.allow_private_targets,
             allow_loopback: self.allow_loopback_targets,
+        }
+    }
+}
+
+impl Default for TenantDefaults {
+    fn default() -> Self {
+        Self { weight: 1, tier: "interactive".into(), max_queued: 0, rpm: 0, tpm: 0 }
+    }
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            discover_ms: 1_000,
+            max_fetch: 32,
+            min_share_normal: 0.2,
+            min_share_batch: 0.05,
+            idle_consumer_ms: 600_000,
+            default_max_tokens: 256,
+            tenants_refresh_ms: 5_000,
         }
     }
 }
@@ -371,7 +441,6 @@ impl Config {
             ("worker.max_in_flight", self.worker.max_in_flight as u64),
             ("worker.ack_wait_ms", self.worker.ack_wait_ms),
             ("worker.max_attempts", u64::from(self.worker.max_attempts)),
-            ("worker.fetch_expires_ms", self.worker.fetch_expires_ms),
             ("worker.ledger_batch", self.worker.ledger_batch as u64),
             ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
             ("upstream.request_timeout_ms", self.upstream.request_timeout_ms),
@@ -382,6 +451,11 @@ impl Config {
             ("webhooks.timeout_ms", self.webhooks.timeout_ms),
             ("webhooks.max_concurrency", self.webhooks.max_concurrency as u64),
             ("webhooks.poll_ms", self.webhooks.poll_ms),
+            ("tenants.weight", u64::from(self.tenants.weight)),
+            ("scheduler.discover_ms", self.scheduler.discover_ms),
+            ("scheduler.max_fetch", self.scheduler.max_fetch as u64),
+            ("scheduler.idle_consumer_ms", self.scheduler.idle_consumer_ms),
+            ("scheduler.tenants_refresh_ms", self.scheduler.tenants_refresh_ms),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -406,13 +480,37 @@ impl Config {
         if !matches!(self.nats.replicas, 1 | 3 | 5) {
             return Err(ConfigError::key("nats.replicas", "must be 1, 3 or 5"));
         }
+        if crate::envelope::Class::parse(&self.tenants.tier).is_none() {
+            return Err(ConfigError::key("tenants.tier", "must be `interactive`, `normal` or `batch`"));
+        }
+        if self.tenants.weight > crate::tenant::MAX_WEIGHT {
+            return Err(ConfigError::key("tenants.weight", format!("must be at most {}", crate::tenant::MAX_WEIGHT)));
+        }
+        for (key, share) in [
+            ("scheduler.min_share_normal", self.scheduler.min_share_normal),
+            ("scheduler.min_share_batch", self.scheduler.min_share_batch),
+        ] {
+            if !(0.0..=0.5).contains(&share) {
+                return Err(ConfigError::key(key, "must be between 0 and 0.5"));
+            }
+        }
+        if self.scheduler.idle_consumer_ms < 1_000 {
+            return Err(ConfigError::key("scheduler.idle_consumer_ms", "must be at least 1000"));
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::key("log.format", "must be `text` or `json`"));
         }
-        for name in [&self.nats.jobs_stream, &self.nats.events_stream, &self.worker.consumer, &self.jobs.state_bucket] {
+        for name in [
+            &self.nats.jobs_stream,
+            &self.nats.events_stream,
+            &self.nats.counters_stream,
+            &self.nats.rates_stream,
+            &self.worker.consumer,
+            &self.jobs.state_bucket,
+        ] {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
                 return Err(ConfigError::key(
-                    "nats.jobs_stream / nats.events_stream / worker.consumer / jobs.state_bucket",
+                    "nats.*_stream / worker.consumer / jobs.state_bucket",
                     "names may hold only letters, digits, `_` and `-`",
                 ));
             }

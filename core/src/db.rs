@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "job metadata and status rank", include_str!("../../migrations/0002_job_metadata_and_status_rank.sql")),
     (3, "webhooks", include_str!("../../migrations/0003_webhooks.sql")),
     (4, "webhook secret rotation", include_str!("../../migrations/0004_webhook_secret_rotation.sql")),
+    (5, "tenant limits", include_str!("../../migrations/0005_tenant_limits.sql")),
 ];
 
 pub type KeyDigest = [u8; 32];
@@ -156,6 +157,88 @@ pub async fn live_keys(pool: &PgPool) -> Result<HashMap<KeyDigest, KeyOwner>, Db
         keys.insert(digest, KeyOwner { tenant_id: row.try_get("tenant_id")?, key_id: row.try_get("id")? });
     }
     Ok(keys)
+}
+
+/// Every tenant with its own settings (the rest come from the config).
+pub async fn tenants(pool: &PgPool) -> Result<Vec<crate::tenant::TenantRow>, DbError> {
+    let rows = sqlx::query("SELECT id, name, weight, tier, max_queued, rpm, tpm FROM tenants").fetch_all(pool).await?;
+    rows.iter()
+        .map(|row| {
+            Ok(crate::tenant::TenantRow {
+                id: row.try_get("id")?,
+                name: row.try_get("name")?,
+                weight: row.try_get("weight")?,
+                tier: row.try_get("tier")?,
+                max_queued: row.try_get("max_queued")?,
+                rpm: row.try_get("rpm")?,
+                tpm: row.try_get("tpm")?,
+            })
+        })
+        .collect()
+}
+
+/// One change to a tenant setting: a value, or back to the config default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Setting<T> {
+    Keep,
+    Default,
+    Value(T),
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantChanges {
+    pub weight: Setting<i32>,
+    pub tier: Setting<String>,
+    pub max_queued: Setting<i64>,
+    pub rpm: Setting<i64>,
+    pub tpm: Setting<i64>,
+}
+
+/// Applies `changes` to the named tenant (creating it if needed) and returns
+/// its row. Postgres' checks refuse out-of-range values.
+pub async fn set_tenant(
+    pool: &PgPool,
+    name: &str,
+    changes: &TenantChanges,
+) -> Result<crate::tenant::TenantRow, DbError> {
+    let id = ensure_tenant(pool, name).await?;
+    fn parts<T: Clone>(s: &Setting<T>) -> (bool, Option<T>) {
+        match s {
+            Setting::Keep => (false, None),
+            Setting::Default => (true, None),
+            Setting::Value(v) => (true, Some(v.clone())),
+        }
+    }
+    let (w_set, w) = parts(&changes.weight);
+    let (t_set, t) = parts(&changes.tier);
+    let (q_set, q) = parts(&changes.max_queued);
+    let (r_set, r) = parts(&changes.rpm);
+    let (k_set, k) = parts(&changes.tpm);
+    sqlx::query(
+        "UPDATE tenants SET
+            weight = CASE WHEN $2 THEN $3 ELSE weight END,
+            tier = CASE WHEN $4 THEN $5 ELSE tier END,
+            max_queued = CASE WHEN $6 THEN $7 ELSE max_queued END,
+            rpm = CASE WHEN $8 THEN $9 ELSE rpm END,
+            tpm = CASE WHEN $10 THEN $11 ELSE tpm END,
+            updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(w_set)
+    .bind(w)
+    .bind(t_set)
+    .bind(t)
+    .bind(q_set)
+    .bind(q)
+    .bind(r_set)
+    .bind(r)
+    .bind(k_set)
+    .bind(k)
+    .execute(pool)
+    .await?;
+    let row = tenants(pool).await?.into_iter().find(|t| t.id == id);
+    row.ok_or_else(|| DbError::NoTenant(name.to_owned()))
 }
 
 #[cfg(test)]

@@ -29,6 +29,14 @@ pub const H_STATUS: &str = "Sluice-Status";
 pub const H_RETRY_AFTER: &str = "Sluice-Retry-After";
 /// On a reply: deliveries the job took.
 pub const H_ATTEMPTS: &str = "Sluice-Attempts";
+/// Tokens the job is expected to use (prompt estimate plus requested output).
+pub const H_EST_TOKENS: &str = "Sluice-Est-Tokens";
+/// Present when the ingress counted the job in its tenant's queued-jobs
+/// counter: the worker takes it off when the job leaves the queue.
+pub const H_QUEUED_COUNTED: &str = "Sluice-Queued-Counted";
+/// The minute window whose tokens-per-minute counter holds this job's
+/// estimate; the worker corrects it by the real usage.
+pub const H_TPM_WINDOW: &str = "Sluice-Tpm-Window";
 
 /// Subject prefix of the jobs stream: `jobs.<pool>.<class>.<tenant>`.
 pub const JOBS_SUBJECTS: &str = "jobs.>";
@@ -64,21 +72,48 @@ impl Endpoint {
     }
 }
 
-/// Scheduling class of a job; interactive requests come before batch work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Scheduling class of a job, highest first: workers serve interactive
+/// work before normal jobs before batch, while guaranteeing the lower classes
+/// a minimum share (`scheduler.min_share_*`) so they never starve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Class {
-    /// A client waits on the HTTP call.
-    Sync,
-    /// Submitted with `POST /v1/jobs`; the answer is polled or delivered later.
-    Async,
+    /// A client waits on the HTTP call (synchronous requests), or a job
+    /// submitted with `priority: interactive`.
+    Interactive,
+    /// A job submitted with `POST /v1/jobs` (the default priority).
+    Normal,
+    /// A job submitted with `priority: batch`.
+    Batch,
 }
 
 impl Class {
+    pub const ALL: [Class; 3] = [Class::Interactive, Class::Normal, Class::Batch];
+
     pub fn as_str(self) -> &'static str {
         match self {
-            Class::Sync => "sync",
-            Class::Async => "async",
+            Class::Interactive => "interactive",
+            Class::Normal => "normal",
+            Class::Batch => "batch",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "interactive" => Some(Class::Interactive),
+            "normal" => Some(Class::Normal),
+            "batch" => Some(Class::Batch),
+            _ => None,
+        }
+    }
+
+    /// The class a request runs in: the one it asks for, lowered to the
+    /// tenant's tier (a batch-tier tenant's requests all run as batch).
+    pub fn capped_by(self, tier: Class) -> Class {
+        self.max(tier)
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -89,6 +124,26 @@ pub fn subject_token(name: &str) -> String {
 
 pub fn job_subject(pool_token: &str, class: Class, tenant: Uuid) -> String {
     format!("jobs.{pool_token}.{}.{}", class.as_str(), tenant.simple())
+}
+
+/// The parts of a job subject: pool token, class, tenant.
+pub fn parse_job_subject(subject: &str) -> Option<(&str, Class, Uuid)> {
+    let mut parts = subject.split('.');
+    let (Some("jobs"), Some(pool), Some(class), Some(tenant), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    Some((pool, Class::parse(class)?, tenant.parse().ok()?))
+}
+
+/// Core-NATS subjects on which the ingress tells the workers that a queue
+/// got a job: `sluice.wake.<pool>.<class>.<tenant>`, no payload.
+pub const WAKE_SUBJECTS: &str = "sluice.wake.>";
+
+/// The wake-up subject of a job subject.
+pub fn wake_subject(job_subject: &str) -> String {
+    format!("sluice.wake.{}", job_subject.strip_prefix("jobs.").unwrap_or(job_subject))
 }
 
 pub fn event_subject(status: &str) -> String {
@@ -109,6 +164,10 @@ pub struct Envelope {
     pub submitted_ms: u64,
     pub request_id: String,
     pub traceparent: Option<String>,
+    /// Estimated tokens (see [`H_EST_TOKENS`]); 0 when unknown.
+    pub est_tokens: u64,
+    pub queued_counted: bool,
+    pub tpm_window: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -137,6 +196,15 @@ impl Envelope {
         if let Some(tp) = &self.traceparent {
             h.insert(H_TRACEPARENT, tp.as_str());
         }
+        if self.est_tokens > 0 {
+            h.insert(H_EST_TOKENS, self.est_tokens.to_string().as_str());
+        }
+        if self.queued_counted {
+            h.insert(H_QUEUED_COUNTED, "1");
+        }
+        if let Some(w) = self.tpm_window {
+            h.insert(H_TPM_WINDOW, w.to_string().as_str());
+        }
         h
     }
 
@@ -156,6 +224,9 @@ impl Envelope {
             submitted_ms: number(H_SUBMITTED)?,
             request_id: need(H_REQUEST_ID)?.to_owned(),
             traceparent: get(H_TRACEPARENT).map(str::to_owned),
+            est_tokens: get(H_EST_TOKENS).and_then(|v| v.parse().ok()).unwrap_or(0),
+            queued_counted: get(H_QUEUED_COUNTED).is_some(),
+            tpm_window: get(H_TPM_WINDOW).and_then(|v| v.parse().ok()),
         })
     }
 }
@@ -175,6 +246,9 @@ mod tests {
             submitted_ms: 1_699_999_999_000,
             request_id: "req-1".into(),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            est_tokens: 300,
+            queued_counted: true,
+            tpm_window: Some(29_000_000),
         }
     }
 
@@ -196,11 +270,27 @@ mod tests {
     }
 
     #[test]
+    fn job_subjects_parse_back() {
+        let t = Uuid::new_v4();
+        let s = job_subject("mock", Class::Batch, t);
+        assert_eq!(parse_job_subject(&s), Some(("mock", Class::Batch, t)));
+        assert_eq!(parse_job_subject("jobs.mock.sync.x"), None);
+        assert_eq!(parse_job_subject("jobs.a.b.c.d"), None);
+    }
+
+    #[test]
+    fn classes_are_lowered_to_the_tier() {
+        assert_eq!(Class::Interactive.capped_by(Class::Batch), Class::Batch);
+        assert_eq!(Class::Batch.capped_by(Class::Interactive), Class::Batch);
+        assert_eq!(Class::Interactive.capped_by(Class::Normal), Class::Normal);
+    }
+
+    #[test]
     fn subjects_are_safe_tokens() {
         let t = Uuid::nil();
         assert_eq!(
-            job_subject(&subject_token("gpt-4.1 mini>*"), Class::Sync, t),
-            format!("jobs.gpt-4_1_mini__.sync.{}", t.simple())
+            job_subject(&subject_token("gpt-4.1 mini>*"), Class::Interactive, t),
+            format!("jobs.gpt-4_1_mini__.interactive.{}", t.simple())
         );
     }
 }

@@ -22,6 +22,12 @@ pub enum ErrorCode {
     QueueFull,
     /// The upstream provider kept answering 429.
     UpstreamRateLimited,
+    /// The tenant is over its requests-per-minute limit.
+    TenantRequestRate,
+    /// The tenant is over its tokens-per-minute limit.
+    TenantTokenRate,
+    /// The tenant has as many jobs queued as it may.
+    TenantQueuedCap,
     /// The upstream provider failed (5xx, reset) after every retry.
     UpstreamError,
     /// NATS (the queue) cannot be reached.
@@ -41,7 +47,12 @@ impl ErrorCode {
             Self::Conflict => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Overloaded | Self::QueueFull | Self::UpstreamRateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded
+            | Self::QueueFull
+            | Self::UpstreamRateLimited
+            | Self::TenantRequestRate
+            | Self::TenantTokenRate
+            | Self::TenantQueuedCap => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::QueueUnavailable | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -60,7 +71,12 @@ impl ErrorCode {
             | Self::PayloadTooLarge
             | Self::UnsupportedMediaType => "invalid_request_error",
             Self::InvalidApiKey => "authentication_error",
-            Self::Overloaded | Self::QueueFull | Self::UpstreamRateLimited => "rate_limit_error",
+            Self::Overloaded
+            | Self::QueueFull
+            | Self::UpstreamRateLimited
+            | Self::TenantRequestRate
+            | Self::TenantTokenRate
+            | Self::TenantQueuedCap => "rate_limit_error",
             Self::UpstreamError | Self::QueueUnavailable | Self::Unavailable | Self::Timeout | Self::Internal => {
                 "server_error"
             }
@@ -81,6 +97,9 @@ impl ErrorCode {
             Self::Overloaded => "gateway_overloaded",
             Self::QueueFull => "queue_full",
             Self::UpstreamRateLimited => "upstream_rate_limited",
+            Self::TenantRequestRate => "rate_limit_requests",
+            Self::TenantTokenRate => "rate_limit_tokens",
+            Self::TenantQueuedCap => "queued_jobs_limit",
             Self::UpstreamError => "upstream_error",
             Self::QueueUnavailable => "queue_unavailable",
             Self::Unavailable => "unavailable",

@@ -11,9 +11,12 @@
 //! - [`telemetry`]: logging and the Prometheus recorder.
 //! - [`ops`]: `/healthz`, `/readyz` and `/metrics` for every component.
 //! - [`webhook`]: Standard Webhooks signatures and the webhook target guard.
+//! - [`tenant`]: a tenant's weight, tier and limits, resolved against the defaults.
+//! - [`counters`]: the shared counters in NATS behind admission control.
 //! - [`shutdown`]: SIGTERM/SIGINT into one cancellation token.
 
 pub mod config;
+pub mod counters;
 pub mod db;
 pub mod envelope;
 pub mod error;
@@ -24,6 +27,7 @@ pub mod ops;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tenant;
 pub mod webhook;
 
 /// Milliseconds since the Unix epoch, the time unit of envelopes and events.

@@ -3,7 +3,9 @@
 //! The snapshot maps SHA-256 digests to their tenant. A background task
 //! reloads it from Postgres every `ingress.auth_refresh_ms`, so a request
 //! never waits on Postgres, a new key works and a revoked key stops working
-//! within that bound. Looking a digest up in a map leaks nothing useful about
+//! within that bound. The same reload brings each tenant's weight, tier and
+//! limits (see [`sluice_core::tenant`]), so admission never reads Postgres
+//! either. Looking a digest up in a map leaks nothing useful about
 //! a key: an attacker who times it learns about digests of guesses, not about
 //! the keys.
 
@@ -12,25 +14,48 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, header};
+use sluice_core::config::TenantDefaults;
 use sluice_core::db::{self, KeyDigest, KeyOwner};
 use sluice_core::error::{ApiError, ErrorCode};
+use sluice_core::tenant::TenantPolicy;
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
-type Snapshot = Arc<HashMap<KeyDigest, KeyOwner>>;
+struct Loaded {
+    keys: HashMap<KeyDigest, KeyOwner>,
+    tenants: HashMap<Uuid, Arc<TenantPolicy>>,
+}
+
+type Snapshot = Arc<Loaded>;
 
 #[derive(Clone)]
 pub struct KeyCache {
     keys: watch::Receiver<Snapshot>,
+    /// The policy of a tenant created after the last reload.
+    fallback: Arc<TenantPolicy>,
+}
+
+async fn load(db: &PgPool, defaults: &TenantDefaults) -> Result<Loaded, db::DbError> {
+    let keys = db::live_keys(db).await?;
+    let tenants =
+        db::tenants(db).await?.iter().map(|row| (row.id, Arc::new(TenantPolicy::resolve(row, defaults)))).collect();
+    Ok(Loaded { keys, tenants })
 }
 
 impl KeyCache {
     /// Loads the live keys once, then keeps reloading them in the background
     /// until `shutdown` fires.
-    pub async fn start(db: PgPool, every: Duration, shutdown: CancellationToken) -> Result<Self, db::DbError> {
-        let first = Arc::new(db::live_keys(&db).await?);
-        metrics::gauge!(crate::metrics::AUTH_KEYS).set(first.len() as f64);
+    pub async fn start(
+        db: PgPool,
+        defaults: TenantDefaults,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<Self, db::DbError> {
+        let fallback = Arc::new(TenantPolicy::defaults(&defaults));
+        let first = Arc::new(load(&db, &defaults).await?);
+        metrics::gauge!(crate::metrics::AUTH_KEYS).set(first.keys.len() as f64);
         let (tx, rx) = watch::channel(first);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -41,10 +66,10 @@ impl KeyCache {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                match db::live_keys(&db).await {
-                    Ok(keys) => {
-                        metrics::gauge!(crate::metrics::AUTH_KEYS).set(keys.len() as f64);
-                        tx.send_replace(Arc::new(keys));
+                match load(&db, &defaults).await {
+                    Ok(loaded) => {
+                        metrics::gauge!(crate::metrics::AUTH_KEYS).set(loaded.keys.len() as f64);
+                        tx.send_replace(Arc::new(loaded));
                     }
                     Err(error) => {
                         metrics::counter!(crate::metrics::AUTH_REFRESH_FAILURES).increment(1);
@@ -53,7 +78,7 @@ impl KeyCache {
                 }
             }
         });
-        Ok(Self { keys: rx })
+        Ok(Self { keys: rx, fallback })
     }
 
     /// The tenant behind the request's `Authorization: Bearer …` (or
@@ -65,9 +90,15 @@ impl KeyCache {
         let digest = db::digest(key);
         self.keys
             .borrow()
+            .keys
             .get(&digest)
             .cloned()
             .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey, "invalid or revoked API key"))
+    }
+
+    /// The tenant's weight, tier and limits as of the last reload.
+    pub fn policy(&self, tenant: Uuid) -> Arc<TenantPolicy> {
+        self.keys.borrow().tenants.get(&tenant).cloned().unwrap_or_else(|| self.fallback.clone())
     }
 }
 

@@ -10,6 +10,8 @@ pub const IN_FLIGHT: &str = "sluice_ingress_sync_in_flight";
 pub const AUTH_KEYS: &str = "sluice_ingress_auth_keys";
 pub const AUTH_REFRESH_FAILURES: &str = "sluice_ingress_auth_refresh_failures_total";
 pub const ORPHAN_REPLIES: &str = "sluice_ingress_orphan_replies_total";
+pub const ADMISSION_REJECTED: &str = "sluice_ingress_admission_rejected_total";
+pub const ADMISSION_ERRORS: &str = "sluice_ingress_admission_errors_total";
 
 pub fn describe() {
     metrics::describe_counter!(REQUESTS, "HTTP requests answered, by route template and status code");
@@ -20,6 +22,11 @@ pub fn describe() {
     metrics::describe_gauge!(AUTH_KEYS, "live API keys in the auth cache");
     metrics::describe_counter!(AUTH_REFRESH_FAILURES, "failed reloads of the API-key cache from Postgres");
     metrics::describe_counter!(ORPHAN_REPLIES, "worker answers that arrived after their request gave up");
+    metrics::describe_counter!(
+        ADMISSION_REJECTED,
+        "requests refused by a tenant limit, by tenant name and reason (rate_limit_requests, rate_limit_tokens, queued_jobs_limit)"
+    );
+    metrics::describe_counter!(ADMISSION_ERRORS, "admission counter updates that failed (NATS unreachable)");
 }
 
 pub fn answered(route: &'static str, status: u16, elapsed: Duration) {

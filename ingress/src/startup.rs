@@ -41,6 +41,8 @@ pub struct AppState {
     /// Postgres, for the job history behind `GET /v1/jobs` (never on the submit path).
     pub db: PgPool,
     pub keys: KeyCache,
+    /// Tenant limits, counted in NATS across all ingress replicas.
+    pub admission: crate::admission::Admission,
     pub replies: Replies,
     /// Bounds the synchronous requests waiting at once (`ingress.max_in_flight`).
     pub in_flight: Arc<Semaphore>,
@@ -65,9 +67,12 @@ impl Ingress {
         let js = nats::jetstream(client.clone(), &config.nats);
         nats::ensure_streams(&js, &config.nats).await?;
         let job_state = nats::state_bucket(&js, &config.nats, &config.jobs).await?;
+        let counters = sluice_core::counters::Counters::open(&js, &config.nats).await?;
         let db = db::connect(&config.database).await?;
         let background = CancellationToken::new();
-        let keys = KeyCache::start(db.clone(), ms(config.ingress.auth_refresh_ms), background.clone()).await?;
+        let keys =
+            KeyCache::start(db.clone(), config.tenants.clone(), ms(config.ingress.auth_refresh_ms), background.clone())
+                .await?;
         let replies = Replies::start(&client, &ingress_id, job_state.clone(), background.clone()).await?;
         let pool_tokens = config.pools.iter().map(|p| (p.name.clone(), p.subject_token())).collect();
         let mut config = config;
@@ -90,6 +95,7 @@ impl Ingress {
             job_state,
             db: db.clone(),
             keys,
+            admission: crate::admission::Admission::new(counters),
             replies,
             pool_tokens,
         };

@@ -171,7 +171,8 @@ pub fn test_config(nats_url: &str, db_url: &str, mock_base: &str) -> Config {
     c.worker.ack_wait_ms = 1_000;
     c.worker.retry_min_delay_ms = 50;
     c.worker.retry_max_delay_ms = 500;
-    c.worker.fetch_expires_ms = 1_000;
+    c.scheduler.discover_ms = 200;
+    c.scheduler.tenants_refresh_ms = 100;
     c.worker.max_in_flight = 16;
     c.worker.shutdown_grace_ms = 5_000;
     c.webhooks.allow_loopback_targets = true;

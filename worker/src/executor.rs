@@ -1,83 +1,149 @@
-//! The fetch loop: pull as many jobs as this worker has free slots, run
-//! each in its own task, and never hold a message it is not working on
-//! (a held message's `ack_wait` would run out while it waits).
+//! The fetch loop: whenever this worker has free slots, ask the fair
+//! scheduler which tenant queue goes next, fetch a small batch of what that
+//! queue holds now, and run each job in its own task. Nothing is fetched
+//! ahead of a free slot (a held message's `ack_wait` would run out while it
+//! waits, and another worker could have run it).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::PullConsumer;
-use futures::StreamExt;
-use tokio::sync::Semaphore;
+use async_nats::jetstream::Message;
+use sluice_core::envelope::{Class, H_EST_TOKENS};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
+use crate::fair::{Fair, QueueKey};
 use crate::job::{self, JobContext};
 use crate::metrics as m;
+use crate::queues::{Hint, Queues};
 
 pub struct Executor {
-    pub consumer: PullConsumer,
+    pub queues: Queues,
+    pub fair: Fair,
+    pub hints: mpsc::Receiver<Hint>,
     pub ctx: Arc<JobContext>,
     pub slots: Arc<Semaphore>,
     pub max_in_flight: usize,
-    pub fetch_expires: Duration,
+    pub max_fetch: usize,
+    /// Longest wait for a hint while idle.
+    pub discover: Duration,
+}
+
+/// A finished job's real usage, to correct the scheduler's estimate.
+struct Done {
+    tenant: Uuid,
+    class: Class,
+    correction: f64,
 }
 
 impl Executor {
     /// Runs until `shutdown` fires; in-flight jobs keep running afterwards
     /// (see [`Executor::drain`]).
-    pub async fn run(&self, shutdown: CancellationToken) {
+    pub async fn run(&mut self, shutdown: CancellationToken) {
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
+        let mut last_prune = tokio::time::Instant::now();
         loop {
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                permit = self.slots.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            };
-            let mut permits = vec![first];
+            if permits.is_empty() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    permit = self.slots.clone().acquire_owned() => match permit {
+                        Ok(p) => permits.push(p),
+                        Err(_) => return,
+                    },
+                }
+            }
             while let Ok(p) = self.slots.clone().try_acquire_owned() {
                 permits.push(p);
             }
-            let wanted = permits.len();
-            let batch = self.consumer.batch().max_messages(wanted).expires(self.fetch_expires).messages();
-            let mut batch = match batch.await {
-                Ok(b) => b,
+            while let Ok(hint) = self.hints.try_recv() {
+                self.queues.apply(hint);
+            }
+            while let Ok(done) = done_rx.try_recv() {
+                let weight = self.ctx.tenants.get(done.tenant).weight;
+                self.fair.charge(done.tenant, done.class, done.correction, weight);
+            }
+            if last_prune.elapsed() > self.discover {
+                last_prune = tokio::time::Instant::now();
+                let live = self.queues.prune();
+                self.fair.forget_idle(&live);
+            }
+
+            let backlogged = self.queues.backlogged();
+            let Some(key) = self.fair.pick(&backlogged) else {
+                // Nothing to fetch: wait for a hint, a queue's dry pause to
+                // end, or the next discovery.
+                let until = self
+                    .queues
+                    .next_retry()
+                    .unwrap_or_else(|| tokio::time::Instant::now() + self.discover)
+                    .min(tokio::time::Instant::now() + self.discover);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    hint = self.hints.recv() => match hint {
+                        Some(h) => self.queues.apply(h),
+                        None => return,
+                    },
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+                continue;
+            };
+            // A fair slice of the free slots: other backlogged tenants of the
+            // class get theirs on the next picks.
+            let tenants = backlogged.iter().filter(|q| q.class == key.class).count().max(1);
+            let want = permits
+                .len()
+                .div_ceil(tenants)
+                .min(self.max_fetch)
+                .min(self.queues.pending(&key).max(1) as usize)
+                .max(1);
+            let messages = match self.queues.fetch(&key, want).await {
+                Ok(messages) => messages,
                 Err(error) => {
                     metrics::counter!(m::FETCH_ERRORS).increment(1);
-                    tracing::warn!(%error, "pull request failed; retrying in 1 s");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
+                    tracing::warn!(%error, "fetch failed");
+                    continue;
                 }
             };
-            // Guard against a pull whose server went away: the server ends it
-            // at `expires`, so a little past that the client ends it too.
-            let give_up = tokio::time::Instant::now() + self.fetch_expires + Duration::from_secs(2);
-            while let Some(permit) = permits.pop() {
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    next = tokio::time::timeout_at(give_up, batch.next()) => next,
+            for message in messages {
+                let Some(permit) = permits.pop() else {
+                    // Cannot happen (we asked for at most the free slots);
+                    // hand the message straight back.
+                    let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                    continue;
                 };
-                match next {
-                    Ok(Some(Ok(message))) => {
-                        let ctx = self.ctx.clone();
-                        let gauge = metrics::gauge!(m::IN_FLIGHT);
-                        gauge.increment(1.0);
-                        tokio::spawn(async move {
-                            job::run(ctx, message).await;
-                            gauge.decrement(1.0);
-                            drop(permit);
-                        });
-                    }
-                    Ok(Some(Err(error))) => {
-                        metrics::counter!(m::FETCH_ERRORS).increment(1);
-                        tracing::debug!(%error, "pull request ended with an error");
-                        break;
-                    }
-                    Ok(None) | Err(_) => break,
-                }
+                self.dispatch(&key, message, permit, done_tx.clone());
             }
         }
+    }
+
+    fn dispatch(
+        &mut self,
+        key: &QueueKey,
+        message: Message,
+        permit: OwnedSemaphorePermit,
+        done: mpsc::UnboundedSender<Done>,
+    ) {
+        let estimate = estimated_tokens(&message, self.ctx.default_max_tokens);
+        let policy = self.ctx.tenants.get(key.tenant);
+        self.fair.charge(key.tenant, key.class, estimate as f64, policy.weight);
+        let ctx = self.ctx.clone();
+        let (tenant, class) = (key.tenant, key.class);
+        let gauge = metrics::gauge!(m::IN_FLIGHT);
+        gauge.increment(1.0);
+        let tenant_gauge =
+            metrics::gauge!(m::TENANT_IN_FLIGHT, "pool" => key.pool.clone(), "tenant" => policy.name.clone());
+        tenant_gauge.increment(1.0);
+        tokio::spawn(async move {
+            let used = job::run(ctx, message).await;
+            gauge.decrement(1.0);
+            tenant_gauge.decrement(1.0);
+            drop(permit);
+            if let Some(used) = used {
+                let _ = done.send(Done { tenant, class, correction: used as f64 - estimate as f64 });
+            }
+        });
     }
 
     /// Waits for the jobs still running, up to `grace`; then fires the hard
@@ -93,4 +159,14 @@ impl Executor {
             }
         }
     }
+}
+
+/// The job's token estimate from the ingress, or one from its size.
+fn estimated_tokens(message: &Message, default_max_tokens: u64) -> u64 {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(H_EST_TOKENS))
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or_else(|| sluice_core::tenant::estimate_tokens(message.payload.len(), None, default_max_tokens))
 }

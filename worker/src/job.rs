@@ -35,6 +35,11 @@ use crate::upstream::{CallError, Upstreams};
 
 /// What every job task shares.
 pub struct JobContext {
+    /// Tenants' weights and names (for metric labels).
+    pub tenants: crate::tenants::TenantBook,
+    /// Admission counters to release and correct.
+    pub counts: crate::counts::CountSink,
+    pub default_max_tokens: u64,
     pub nats: async_nats::Client,
     pub events: crate::events::EventSink,
     /// State of asynchronous jobs.
@@ -63,14 +68,24 @@ enum Outcome {
     },
 }
 
-pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message) {
+/// How a job's message ended up.
+enum Exit {
+    /// It left the queue (acked or terminated); `tokens` is the real usage
+    /// when the upstream reported it.
+    Left { tokens: Option<u64> },
+    /// It went back to the queue for another attempt.
+    Stayed,
+}
+
+/// Runs one job; returns its real token usage when the upstream reported it.
+pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message) -> Option<u64> {
     let env = match Envelope::from_headers(message.headers.as_ref()) {
         Ok(env) => env,
         Err(error) => {
             metrics::counter!(m::POISON).increment(1);
             tracing::warn!(%error, subject = %message.subject, "undecodable job message terminated");
             let _ = message.ack_with(AckKind::Term).await;
-            return;
+            return None;
         }
     };
     let attempt = message.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
@@ -78,15 +93,39 @@ pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message) {
         "job", job_id = %env.job_id, tenant = %env.tenant, pool = %env.pool, attempt,
         request_id = %env.request_id, traceparent = env.traceparent.as_deref().unwrap_or("")
     );
-    execute(ctx, message, env, attempt).instrument(span).await;
+    let tenant = ctx.tenants.get(env.tenant).name.clone();
+    match execute(&ctx, message, &env, attempt, &tenant).instrument(span).await {
+        Exit::Stayed => None,
+        Exit::Left { tokens } => {
+            release(&ctx, &env, tokens);
+            if let Some(t) = tokens {
+                metrics::counter!(m::SERVED_TOKENS, "pool" => env.pool.clone(), "tenant" => tenant).increment(t);
+            }
+            tokens
+        }
+    }
 }
 
-async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelope, attempt: u32) {
+/// Takes a job that left the queue off its tenant's queued count, and
+/// corrects the tokens-per-minute count by the real usage.
+fn release(ctx: &JobContext, env: &Envelope, tokens: Option<u64>) {
+    use sluice_core::counters::{Rate, queued_subject, rate_subject};
+    if env.queued_counted {
+        ctx.counts.add(queued_subject(env.tenant), -1);
+    }
+    if let (Some(window), Some(used)) = (env.tpm_window, tokens) {
+        let estimate = env.est_tokens.max(1) as i64;
+        ctx.counts.add(rate_subject(Rate::Tokens, env.tenant, window), used as i64 - estimate);
+    }
+}
+
+async fn execute(ctx: &JobContext, message: jetstream::Message, env: &Envelope, attempt: u32, tenant: &str) -> Exit {
     let started = Instant::now();
     let started_ms = now_ms();
     if attempt == 1 {
         let waited = started_ms.saturating_sub(env.submitted_ms) as f64 / 1000.0;
-        metrics::histogram!(m::QUEUE_WAIT_SECONDS, "pool" => env.pool.clone()).record(waited);
+        metrics::histogram!(m::QUEUE_WAIT_SECONDS, "pool" => env.pool.clone(), "tenant" => tenant.to_owned())
+            .record(waited);
     }
     let remaining = Duration::from_millis(env.deadline_ms.saturating_sub(started_ms));
     let deadline = started + remaining;
@@ -95,27 +134,25 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
     // `queued` (or `in_progress` on a redelivery), never once cancelled.
     let mut record = None;
     if env.reply.is_none() {
-        match state::begin(&ctx.job_state, &env, attempt, remaining.is_zero()).await {
+        match state::begin(&ctx.job_state, env, attempt, remaining.is_zero()).await {
             Ok(Begin::Run(r)) => record = Some(*r),
-            Ok(Begin::Expired) => return conclude(&ctx, message, &env, JobStatus::Expired, attempt).await,
+            Ok(Begin::Expired) => return conclude(ctx, message, env, JobStatus::Expired, attempt).await,
             Ok(Begin::Skip(JobStatus::Cancelled)) => {
-                return conclude(&ctx, message, &env, JobStatus::Cancelled, attempt).await;
+                return conclude(ctx, message, env, JobStatus::Cancelled, attempt).await;
             }
             Ok(Begin::Skip(status)) => {
                 tracing::info!(status = status.as_str(), "job already handled elsewhere; message dropped");
-                let _ = message.ack().await;
-                return;
+                return left(message.ack().await, None);
             }
             Ok(Begin::Missing) => {
                 metrics::counter!(m::POISON).increment(1);
                 tracing::warn!("asynchronous job without stored state; dropped");
-                let _ = message.ack_with(AckKind::Term).await;
-                return;
+                return left(message.ack_with(AckKind::Term).await, None);
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot read the job's state; retrying in 1 s");
                 let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                return;
+                return Exit::Stayed;
             }
         }
     }
@@ -143,14 +180,14 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
                 _ = ctx.hard_stop.cancelled() => {
                     tracing::warn!("grace period over; handing the job back to the queue");
                     let _ = message.ack_with(AckKind::Nak(None)).await;
-                    return;
+                    return Exit::Stayed;
                 }
             }
         };
         let took = started.elapsed();
         metrics::histogram!(m::UPSTREAM_SECONDS, "pool" => env.pool.clone()).record(took.as_secs_f64());
         tracing::debug!(upstream_us = took.as_micros() as u64, "upstream answered");
-        classify(&ctx, &env, result, attempt, deadline)
+        classify(ctx, env, result, attempt, deadline)
     } else {
         failed(ApiError::new(ErrorCode::ModelNotFound, format!("this worker serves no pool `{}`", env.pool)), None)
     };
@@ -162,6 +199,7 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
             if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
                 tracing::warn!(%error, "nak failed; the job comes back after ack_wait");
             }
+            Exit::Stayed
         }
         Outcome::Answered { status, http_status, body, upstream_status, usage, error } => {
             if let Some(reply) = &env.reply {
@@ -181,7 +219,8 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
                     tracing::warn!(%error, "could not publish the answer to the ingress");
                 }
             }
-            let mut event = JobEvent::from_envelope(&env, status, attempt as i32);
+            let tokens = usage.total_tokens.map(|t| t.max(0) as u64);
+            let mut event = JobEvent::from_envelope(env, status, attempt as i32);
             event.upstream_status = upstream_status.map(i32::from);
             event.usage = usage;
             event.started_ms = Some(started_ms);
@@ -192,38 +231,58 @@ async fn execute(ctx: Arc<JobContext>, message: jetstream::Message, env: Envelop
                 tracing::info!(code = e.code.as_str(), message = %e.message, "job failed");
             }
             if let Some(record) = record
-                && let Err(e) = state::finish(&ctx.job_state, &env, record, status, http_status, &body).await
+                && let Err(e) = state::finish(&ctx.job_state, env, record, status, http_status, &body).await
             {
                 tracing::warn!(error = %e, "cannot store the job's outcome; retrying in 1 s");
                 let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                return;
+                return Exit::Stayed;
             }
             tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "answer published");
             if !ctx.events.record(event).await {
                 let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                return;
+                return Exit::Stayed;
             }
-            if let Err(error) = message.ack().await {
+            let acked = message.ack().await;
+            if let Err(error) = &acked {
                 tracing::warn!(%error, "ack failed; the job may run again and the ledger keeps one record");
             }
             tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "event recorded and job acked");
-            metrics::counter!(m::JOBS, "pool" => env.pool.clone(), "outcome" => status.as_str()).increment(1);
+            metrics::counter!(m::JOBS, "pool" => env.pool.clone(), "tenant" => tenant.to_owned(), "outcome" => status.as_str())
+                .increment(1);
             metrics::histogram!(m::JOB_SECONDS, "pool" => env.pool.clone()).record(started.elapsed().as_secs_f64());
+            left(acked, tokens)
         }
     }
 }
 
+/// A message that was acked or terminated left the queue; one whose ack
+/// failed may come back, and is released when it does.
+fn left(acked: Result<(), async_nats::Error>, tokens: Option<u64>) -> Exit {
+    match acked {
+        Ok(()) => Exit::Left { tokens },
+        Err(_) => Exit::Stayed,
+    }
+}
+
 /// Records a job that ends without a call (cancelled, expired) and acks it.
-async fn conclude(ctx: &JobContext, message: jetstream::Message, env: &Envelope, status: JobStatus, attempt: u32) {
+async fn conclude(
+    ctx: &JobContext,
+    message: jetstream::Message,
+    env: &Envelope,
+    status: JobStatus,
+    attempt: u32,
+) -> Exit {
     let mut event = JobEvent::from_envelope(env, status, attempt as i32);
     event.finished_ms = Some(now_ms());
     if !ctx.events.record(event).await {
         let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-        return;
+        return Exit::Stayed;
     }
-    let _ = message.ack().await;
     tracing::info!(status = status.as_str(), "job ended without running");
-    metrics::counter!(m::JOBS, "pool" => env.pool.clone(), "outcome" => status.as_str()).increment(1);
+    let tenant = ctx.tenants.get(env.tenant).name.clone();
+    metrics::counter!(m::JOBS, "pool" => env.pool.clone(), "tenant" => tenant, "outcome" => status.as_str())
+        .increment(1);
+    left(message.ack().await, None)
 }
 
 fn failed(error: ApiError, upstream_status: Option<u16>) -> Outcome {

@@ -2,8 +2,13 @@
 //!
 //! - [`startup`]: connects NATS and Postgres, declares the streams and the
 //!   durable consumer, runs the executor and the ledger until shutdown.
-//! - [`executor`]: pulls jobs in batches sized to its free slots, runs them,
-//!   and acks, naks with a delay, or terminates each by its outcome.
+//! - [`executor`]: fills free slots from the tenant queues the fair
+//!   scheduler picks, and runs each job.
+//! - [`fair`]: the scheduler's choices: class priority with minimum shares,
+//!   weighted fair queuing on tokens across tenants.
+//! - [`queues`]: the tenant queues (one consumer each), wake-ups and discovery.
+//! - [`tenants`]: tenants' weights and names, reloaded from Postgres.
+//! - [`counts`]: releasing and repairing the admission counters.
 //! - [`job`]: one job's life: deadline, upstream call, retries, answer, event.
 //! - [`events`]: job outcomes batched into the events stream.
 //! - [`state`]: an asynchronous job's stored state as the worker moves it on.
@@ -14,13 +19,17 @@
 //! - [`metrics`]: every metric the worker records.
 
 pub mod batches;
+pub mod counts;
 pub mod events;
 pub mod executor;
+pub mod fair;
 pub mod job;
 pub mod ledger;
 pub mod metrics;
+pub mod queues;
 pub mod startup;
 pub mod state;
+pub mod tenants;
 pub mod upstream;
 pub mod webhooks;
 

@@ -15,15 +15,30 @@ pub const LEDGER_BATCH_SECONDS: &str = "sluice_ledger_batch_duration_seconds";
 pub const LEDGER_FAILURES: &str = "sluice_ledger_write_failures_total";
 pub const WEBHOOK_ATTEMPTS: &str = "sluice_webhook_attempts_total";
 pub const WEBHOOK_FAILURES: &str = "sluice_webhook_internal_failures_total";
+pub const SERVED_TOKENS: &str = "sluice_worker_served_tokens_total";
+pub const TENANT_IN_FLIGHT: &str = "sluice_worker_tenant_jobs_in_flight";
+pub const QUEUED: &str = "sluice_queue_jobs";
+pub const CONSUMERS_CREATED: &str = "sluice_worker_queue_consumers_created_total";
+pub const COUNTER_FAILURES: &str = "sluice_worker_counter_failures_total";
+pub const COUNTER_REPAIRS: &str = "sluice_worker_counter_repairs_total";
 
 pub fn describe() {
-    metrics::describe_counter!(JOBS, "jobs finished, by pool and outcome (completed, failed, expired)");
+    metrics::describe_counter!(JOBS, "jobs finished, by pool, tenant and outcome (completed, failed, expired)");
     metrics::describe_histogram!(JOB_SECONDS, metrics::Unit::Seconds, "time a worker spent on a job, by pool");
     metrics::describe_histogram!(
         QUEUE_WAIT_SECONDS,
         metrics::Unit::Seconds,
-        "submit until a worker took the job, by pool"
+        "submit until a worker took the job, by pool and tenant"
     );
+    metrics::describe_counter!(SERVED_TOKENS, "tokens served (the upstream's usage), by pool and tenant");
+    metrics::describe_gauge!(TENANT_IN_FLIGHT, "jobs this worker is executing, by pool and tenant");
+    metrics::describe_gauge!(
+        QUEUED,
+        "jobs in the queue (waiting or running), by pool, class and tenant, as of the last discovery"
+    );
+    metrics::describe_counter!(CONSUMERS_CREATED, "tenant queue consumers this worker created or bound");
+    metrics::describe_counter!(COUNTER_FAILURES, "admission counter updates that failed and were retried");
+    metrics::describe_counter!(COUNTER_REPAIRS, "queued-jobs counts found drifted and set to the truth");
     metrics::describe_histogram!(UPSTREAM_SECONDS, metrics::Unit::Seconds, "upstream call duration, by pool");
     metrics::describe_counter!(UPSTREAM_FAILURES, "failed upstream calls, by pool and reason");
     metrics::describe_counter!(RETRIES, "jobs handed back to the queue for another attempt, by pool");

@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
+use std::collections::HashSet;
+
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use sluice_core::config::{Config, ConfigError, ms};
-use sluice_core::envelope::JOBS_SUBJECTS;
 use sluice_core::ops::{self, Readiness};
 use sluice_core::{db, nats};
 use sqlx::PgPool;
@@ -13,7 +14,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::Executor;
+use crate::fair::{Fair, QueueKey};
 use crate::job::JobContext;
+use crate::queues::{self, Queues};
 use crate::upstream::Upstreams;
 
 /// Name of the durable consumer that feeds the ledger with outcome events.
@@ -22,6 +25,8 @@ pub const LEDGER_CONSUMER: &str = "ledger";
 pub const LEDGER_STATE_CONSUMER: &str = "ledger-state";
 /// Name of the durable consumer that turns finished jobs into webhook deliveries.
 pub const WEBHOOK_CONSUMER: &str = "webhooks";
+/// How often drifted queued-jobs counts are looked for.
+const REPAIR_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -61,6 +66,12 @@ pub struct Worker {
     nats: async_nats::Client,
     db: PgPool,
     executor: Executor,
+    jobs: async_nats::jetstream::stream::Stream,
+    counters: sluice_core::counters::Counters,
+    hints: tokio::sync::mpsc::Sender<queues::Hint>,
+    count_flusher: tokio::task::JoinHandle<()>,
+    /// Stops the background tasks started by `build`.
+    background: CancellationToken,
     ledger: PullConsumer,
     ledger_state: PullConsumer,
     webhooks: PullConsumer,
@@ -84,21 +95,13 @@ impl Worker {
             message: e.to_string(),
         };
         let jobs = js.get_stream(&config.nats.jobs_stream).await.map_err(|e| consumer_error(&w.consumer, &e))?;
-        let consumer: PullConsumer = jobs
-            .create_consumer(pull::Config {
-                durable_name: Some(w.consumer.clone()),
-                filter_subject: JOBS_SUBJECTS.into(),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: ms(w.ack_wait_ms),
-                // Attempts are counted by the worker, which fails a job past
-                // `max_attempts` itself: a work-queue stream would otherwise
-                // keep an exhausted message forever.
-                max_deliver: -1,
-                max_ack_pending: 100_000,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| consumer_error(&w.consumer, &e))?;
+        // Before fair queues, one consumer named `worker.consumer` read the
+        // whole stream; a work-queue stream refuses the per-tenant consumers
+        // while it exists. Its unacknowledged jobs stay in the stream.
+        if jobs.delete_consumer(&w.consumer).await.is_ok() {
+            tracing::info!(consumer = %w.consumer, "removed the single consumer of earlier versions");
+        }
+        let counters = sluice_core::counters::Counters::open(&js, &config.nats).await?;
         // The ledger follows the outcome events and the job-state bucket's
         // stream; webhook delivery follows the latter too.
         let events =
@@ -109,7 +112,19 @@ impl Worker {
         let ledger_state = durable(&states, LEDGER_STATE_CONSUMER, w.ack_wait_ms).await?;
         let webhooks = durable(&states, WEBHOOK_CONSUMER, w.ack_wait_ms).await?;
 
+        let background = CancellationToken::new();
+        let tenants = crate::tenants::TenantBook::start(
+            db.clone(),
+            config.tenants.clone(),
+            ms(config.scheduler.tenants_refresh_ms),
+            background.clone(),
+        )
+        .await?;
+        let (counts, count_flusher) = crate::counts::CountSink::start(counters.clone(), background.clone());
         let ctx = Arc::new(JobContext {
+            tenants,
+            counts,
+            default_max_tokens: config.scheduler.default_max_tokens,
             nats: client.clone(),
             events: crate::events::EventSink::start(js),
             job_state,
@@ -120,21 +135,74 @@ impl Worker {
             retry_max: ms(w.retry_max_delay_ms),
             hard_stop: CancellationToken::new(),
         });
+        let sc = &config.scheduler;
+        let (hints, hints_rx) = tokio::sync::mpsc::channel(4096);
         let executor = Executor {
-            consumer,
+            queues: Queues::new(
+                jobs.clone(),
+                w.consumer.clone(),
+                ms(w.ack_wait_ms),
+                ms(sc.idle_consumer_ms),
+                ms(sc.discover_ms),
+            ),
+            fair: Fair::new(sc.min_share_normal, sc.min_share_batch),
+            hints: hints_rx,
             ctx,
             slots: Arc::new(Semaphore::new(w.max_in_flight)),
             max_in_flight: w.max_in_flight,
-            fetch_expires: ms(w.fetch_expires_ms),
+            max_fetch: sc.max_fetch,
+            discover: ms(sc.discover_ms),
         };
-        Ok(Self { config, nats: client, db, executor, ledger, ledger_state, webhooks })
+        Ok(Self {
+            config,
+            nats: client,
+            db,
+            executor,
+            jobs,
+            counters,
+            hints,
+            count_flusher,
+            background,
+            ledger,
+            ledger_state,
+            webhooks,
+        })
     }
 
     /// Runs the executor and the ledger (and the ops server on `ops`, if
     /// given) until `shutdown` fires; then stops fetching, lets running jobs
     /// finish within `worker.shutdown_grace_ms`, and hands back the rest.
-    pub async fn run(self, ops: Option<TcpListener>, shutdown: CancellationToken) -> Result<(), StartError> {
-        let background = CancellationToken::new();
+    pub async fn run(mut self, ops: Option<TcpListener>, shutdown: CancellationToken) -> Result<(), StartError> {
+        let background = self.background.clone();
+        tokio::spawn(queues::wake_ups(self.nats.clone(), self.hints.clone(), background.clone()));
+        let (counts_tx, counts_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+        let book = self.executor.ctx.tenants.clone();
+        let mut shown: HashSet<QueueKey> = HashSet::new();
+        let observe = move |counts: &[(QueueKey, u64)]| {
+            let now: HashSet<QueueKey> = counts.iter().map(|(k, _)| k.clone()).collect();
+            for (key, count) in
+                counts.iter().map(|(k, c)| (k, *c as f64)).chain(shown.difference(&now).map(|k| (k, 0.0)))
+            {
+                metrics::gauge!(crate::metrics::QUEUED, "pool" => key.pool.clone(), "class" => key.class.as_str(),
+                    "tenant" => book.get(key.tenant).name.clone())
+                .set(count);
+            }
+            shown = now;
+            counts_tx.send_replace(Arc::new(counts.to_vec()));
+        };
+        tokio::spawn(queues::discover(
+            self.jobs.clone(),
+            ms(self.config.scheduler.discover_ms),
+            self.hints.clone(),
+            observe,
+            background.clone(),
+        ));
+        tokio::spawn(repair_counts(
+            self.counters.clone(),
+            self.executor.ctx.tenants.clone(),
+            counts_rx,
+            background.clone(),
+        ));
         if let Some(listener) = ops {
             let readiness = Readiness { nats: Some(self.nats.clone()), db: Some(self.db.clone()) };
             let app = ops::router(readiness);
@@ -187,9 +255,32 @@ impl Worker {
         let _ = ledger_state.await;
         let _ = enqueue.await;
         let _ = deliver.await;
+        let _ = self.count_flusher.await;
         if let Err(error) = self.nats.flush().await {
             tracing::warn!(%error, "could not flush NATS on shutdown");
         }
         Ok(())
+    }
+}
+
+/// Every [`REPAIR_EVERY`], sets drifted queued-jobs counts to the truth
+/// from the latest discovery (see [`crate::counts::repair`]).
+async fn repair_counts(
+    counters: sluice_core::counters::Counters,
+    tenants: crate::tenants::TenantBook,
+    counts: tokio::sync::watch::Receiver<Arc<Vec<(QueueKey, u64)>>>,
+    shutdown: CancellationToken,
+) {
+    let mut seen = std::collections::HashMap::new();
+    let mut tick = tokio::time::interval(REPAIR_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let truth = queues::per_tenant(&counts.borrow());
+        let repaired = crate::counts::repair(&counters, &truth, &tenants.capped(), &mut seen).await;
+        metrics::counter!(crate::metrics::COUNTER_REPAIRS).increment(repaired as u64);
     }
 }

@@ -50,7 +50,7 @@ async fn handle(
 ) -> Result<Response, ApiError> {
     let owner = state.keys.authenticate(headers)?;
     let bytes = crate::body::read_json_body(headers, body, state.config.ingress.max_body_bytes).await?;
-    let (model, pool_token) = submit::validate_chat(state, &bytes)?;
+    let checked = submit::validate_chat(state, &bytes)?;
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
         return Err(ApiError::new(ErrorCode::Overloaded, "this gateway has too many requests waiting; retry shortly")
             .retry_after(1));
@@ -61,6 +61,9 @@ async fn handle(
         );
     }
 
+    let policy = state.keys.policy(owner.tenant_id);
+    let admitted = state.admission.admit(owner.tenant_id, &policy, checked.est_tokens).await?;
+
     let timeout = Duration::from_millis(state.config.ingress.sync_timeout_ms);
     let deadline = tokio::time::Instant::now() + timeout;
     let submitted_ms = now_ms();
@@ -68,7 +71,7 @@ async fn handle(
     let env = Envelope {
         job_id,
         tenant: owner.tenant_id,
-        pool: model,
+        pool: checked.model,
         endpoint: Endpoint::ChatCompletions,
         reply: Some(waiter.subject.clone()),
         // Past the wait the job keeps running, for the client to fetch; a
@@ -77,14 +80,21 @@ async fn handle(
         submitted_ms,
         request_id: request_id.to_owned(),
         traceparent: Some(submit::traceparent(headers, job_id)),
+        est_tokens: checked.est_tokens,
+        queued_counted: admitted.queued_counted,
+        tpm_window: admitted.tpm_window,
     };
-    let subject = envelope::job_subject(pool_token, Class::Sync, owner.tenant_id);
+    let class = Class::Interactive.capped_by(policy.tier);
+    let subject = envelope::job_subject(checked.pool_token, class, owner.tenant_id);
     let in_flight = metrics::gauge!(crate::metrics::IN_FLIGHT);
     in_flight.increment(1.0);
     let _gauge = submit::scopeguard(move || in_flight.decrement(1.0));
 
     let publish_started = Instant::now();
-    submit::publish(state, subject, &env, bytes, false).await?;
+    if let Err(error) = submit::publish(state, subject, &env, bytes, false).await {
+        state.admission.rollback(admitted);
+        return Err(error);
+    }
     metrics::histogram!(crate::metrics::PUBLISH_SECONDS).record(publish_started.elapsed().as_secs_f64());
 
     // From here the job exists; if this handler is dropped (the client went

@@ -227,16 +227,17 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         .param("endpoint"));
     };
     let inner = Bytes::copy_from_slice(request.body.get().as_bytes());
-    let (model, pool_token) = match endpoint {
+    let checked = match endpoint {
         Endpoint::ChatCompletions => submit::validate_chat(state, &inner)?,
     };
     check_metadata(request.metadata.as_ref())?;
-    if let Some(p) = &request.priority
-        && !matches!(p.as_str(), "interactive" | "normal" | "batch")
-    {
-        return Err(ApiError::new(ErrorCode::InvalidRequest, "`priority` must be interactive, normal or batch")
-            .param("priority"));
-    }
+    let asked = match request.priority.as_deref() {
+        None => Class::Normal,
+        Some(p) => Class::parse(p).ok_or_else(|| {
+            ApiError::new(ErrorCode::InvalidRequest, "`priority` must be interactive, normal or batch")
+                .param("priority")
+        })?,
+    };
     let jobs = &state.config.jobs;
     let expiry_ms = match request.expires_in {
         Some(0) => {
@@ -263,28 +264,44 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         None => Uuid::now_v7(),
     };
     let submitted_ms = now_ms();
-    let mut record = JobRecord::queued(job_id, endpoint.as_str(), &model, submitted_ms, expiry_ms);
+    let mut record = JobRecord::queued(job_id, endpoint.as_str(), &checked.model, submitted_ms, expiry_ms);
     record.metadata = request.metadata;
     record.priority = request.priority;
     record.webhook = webhook;
     record.request_hash = idempotency_key.map(|_| jobstate::hash_hex(&bytes));
     let key = jobstate::key(owner.tenant_id, job_id);
     let request_id = submit::request_id(headers, job_id);
-    let env = Envelope {
+    let policy = state.keys.policy(owner.tenant_id);
+    let class = asked.capped_by(policy.tier);
+    let mut env = Envelope {
         job_id,
         tenant: owner.tenant_id,
-        pool: model,
+        pool: checked.model,
         endpoint,
         reply: None,
         deadline_ms: submitted_ms + expiry_ms,
         submitted_ms,
         request_id: request_id.clone(),
         traceparent: Some(submit::traceparent(headers, job_id)),
+        est_tokens: checked.est_tokens,
+        queued_counted: false,
+        tpm_window: None,
     };
-    let subject = envelope::job_subject(pool_token, Class::Async, owner.tenant_id);
+    let subject = envelope::job_subject(checked.pool_token, class, owner.tenant_id);
 
-    let (record, replayed) = match state.job_state.create(&key, to_bytes(&record)?).await {
-        Ok(_) => (record, false),
+    let admitted = state.admission.admit(owner.tenant_id, &policy, checked.est_tokens).await?;
+    let created = state.job_state.create(&key, to_bytes(&record)?).await.map(|_| ());
+    // A replayed submit was counted when it was first accepted.
+    let admitted = if created.is_ok() {
+        env.queued_counted = admitted.queued_counted;
+        env.tpm_window = admitted.tpm_window;
+        Some(admitted)
+    } else {
+        state.admission.rollback(admitted);
+        None
+    };
+    let (record, replayed) = match created {
+        Ok(()) => (record, false),
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists && idempotency_key.is_some() => {
             let (existing, _) = load(&state.job_state, owner.tenant_id, &job_id.to_string()).await?;
             if existing.request_hash != record.request_hash {
@@ -307,6 +324,9 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         if !replayed {
             // Nothing was queued: take the job back so it is not visible.
             let _ = state.job_state.purge(&key).await;
+        }
+        if let Some(admitted) = admitted {
+            state.admission.rollback(admitted);
         }
         return Err(error);
     }

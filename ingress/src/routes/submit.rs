@@ -20,10 +20,23 @@ struct ChatRequest<'a> {
     messages: Vec<serde::de::IgnoredAny>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
 }
 
-/// Checks a chat completion body; returns its pool and the pool's subject token.
-pub fn validate_chat<'s>(state: &'s AppState, bytes: &[u8]) -> Result<(String, &'s str), ApiError> {
+/// A checked chat completion request.
+pub struct Checked<'s> {
+    pub model: String,
+    pub pool_token: &'s str,
+    /// Prompt estimate plus requested output, for fairness and `tpm`.
+    pub est_tokens: u64,
+}
+
+/// Checks a chat completion body: its pool, the pool's subject token, and
+/// its token estimate.
+pub fn validate_chat<'s>(state: &'s AppState, bytes: &[u8]) -> Result<Checked<'s>, ApiError> {
     let request: ChatRequest<'_> = crate::body::parse(bytes)?;
     if request.messages.is_empty() {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "`messages` must not be empty").param("messages"));
@@ -39,11 +52,17 @@ pub fn validate_chat<'s>(state: &'s AppState, bytes: &[u8]) -> Result<(String, &
         )
         .param("model"));
     };
-    Ok((request.model.into_owned(), pool_token.as_str()))
+    let est_tokens = sluice_core::tenant::estimate_tokens(
+        bytes.len(),
+        request.max_completion_tokens.or(request.max_tokens),
+        state.config.scheduler.default_max_tokens,
+    );
+    Ok(Checked { model: request.model.into_owned(), pool_token: pool_token.as_str(), est_tokens })
 }
 
-/// Publishes the job and waits for JetStream's acknowledgement. `dedup`
-/// sets `Nats-Msg-Id` to the job id, for submits that may be repeated.
+/// Publishes the job and waits for JetStream's acknowledgement, then wakes
+/// the workers for its queue. `dedup` sets `Nats-Msg-Id` to the job id, for
+/// submits that may be repeated.
 pub async fn publish(
     state: &AppState,
     subject: String,
@@ -55,8 +74,14 @@ pub async fn publish(
     if dedup {
         headers.insert(sluice_core::envelope::H_MSG_ID, env.job_id.to_string().as_str());
     }
+    let wake = sluice_core::envelope::wake_subject(&subject);
     let ack = state.js.publish_with_headers(subject, headers, body).await.map_err(publish_error)?;
-    ack.await.map(|_| ()).map_err(publish_error)
+    ack.await.map_err(publish_error)?;
+    // A hint only: workers also list the queues every `scheduler.discover_ms`.
+    if let Err(error) = state.nats.publish(wake, bytes::Bytes::new()).await {
+        tracing::debug!(%error, "could not wake the workers");
+    }
+    Ok(())
 }
 
 pub fn publish_error(e: async_nats::jetstream::context::PublishError) -> ApiError {

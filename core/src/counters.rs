@@ -1,0 +1,160 @@
+//! Shared counters in NATS: the state behind admission control, so that a
+//! limit holds across every ingress replica instead of per process.
+//!
+//! Two JetStream streams with atomic counters (`allow_msg_counter`, NATS
+//! 2.12+): a publish carrying `Nats-Incr: +N` adds N to the subject's total
+//! on the stream leader and returns the new total in its acknowledgement, so
+//! one round trip both counts and checks.
+//!
+//! - `nats.counters_stream`, subjects `sluice.queued.<tenant>`: jobs of the
+//!   tenant in the queue (queued or running). The ingress adds one before
+//!   publishing a job, the worker takes it off when the job leaves the queue.
+//! - `nats.rates_stream`, subjects `sluice.rate.<rpm|tpm>.<tenant>.<minute>`:
+//!   requests and estimated tokens admitted in each minute. Entries expire
+//!   after three minutes; a sliding window weighs the previous minute in.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::config::NatsConfig;
+use crate::nats::NatsError;
+
+const INCREMENT: &str = "Nats-Incr";
+const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+
+/// How long a per-minute rate entry is kept: the current and previous
+/// minute are read, a third covers clock skew between replicas.
+pub const RATE_ENTRY_SECS: u64 = 180;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CounterError {
+    #[error("counter update failed: {0}")]
+    Publish(#[from] async_nats::jetstream::context::PublishError),
+    #[error("counter read failed: {0}")]
+    Read(String),
+    #[error("counter answer without a value")]
+    NoValue,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rate {
+    Requests,
+    Tokens,
+}
+
+impl Rate {
+    fn token(self) -> &'static str {
+        match self {
+            Rate::Requests => "rpm",
+            Rate::Tokens => "tpm",
+        }
+    }
+}
+
+pub fn queued_subject(tenant: Uuid) -> String {
+    format!("sluice.queued.{}", tenant.simple())
+}
+
+pub fn rate_subject(rate: Rate, tenant: Uuid, minute: u64) -> String {
+    format!("sluice.rate.{}.{}.{minute}", rate.token(), tenant.simple())
+}
+
+#[derive(Clone)]
+pub struct Counters {
+    js: jetstream::Context,
+    counters: stream::Stream,
+    rates: stream::Stream,
+}
+
+#[derive(Deserialize)]
+struct Value {
+    val: String,
+}
+
+impl Counters {
+    /// Declares both counter streams (idempotent) and opens them.
+    pub async fn open(js: &jetstream::Context, config: &NatsConfig) -> Result<Self, NatsError> {
+        let base = |name: &str, subjects: &str| stream::Config {
+            name: name.to_owned(),
+            subjects: vec![subjects.to_owned()],
+            storage: stream::StorageType::File,
+            num_replicas: config.replicas,
+            allow_message_counter: true,
+            allow_direct: true,
+            // A counter's latest message holds its total; older ones are history.
+            max_messages_per_subject: 1,
+            ..Default::default()
+        };
+        let counters = base(&config.counters_stream, "sluice.queued.*");
+        let rates = stream::Config {
+            max_age: std::time::Duration::from_secs(RATE_ENTRY_SECS),
+            ..base(&config.rates_stream, "sluice.rate.>")
+        };
+        let mut opened = Vec::with_capacity(2);
+        for cfg in [counters, rates] {
+            let name = cfg.name.clone();
+            opened.push(js.get_or_create_stream(cfg).await.map_err(|source| NatsError::Stream { name, source })?);
+        }
+        let rates = opened.pop().ok_or(NatsError::Bucket { name: "counters".into(), message: "missing".into() })?;
+        let counters = opened.pop().ok_or(NatsError::Bucket { name: "counters".into(), message: "missing".into() })?;
+        Ok(Self { js: js.clone(), counters, rates })
+    }
+
+    fn stream_of(&self, subject: &str) -> &stream::Stream {
+        if subject.starts_with("sluice.rate.") { &self.rates } else { &self.counters }
+    }
+
+    /// Adds `delta` (which may be negative) and returns the new total.
+    pub async fn add(&self, subject: &str, delta: i64) -> Result<i64, CounterError> {
+        self.add_with(subject, delta, None).await?.ok_or(CounterError::NoValue)
+    }
+
+    /// Adds `delta` only if the subject's last write is still `sequence`
+    /// (0: the subject has never been written); `None` if it was not.
+    pub async fn add_if_unchanged(
+        &self,
+        subject: &str,
+        delta: i64,
+        sequence: u64,
+    ) -> Result<Option<i64>, CounterError> {
+        self.add_with(subject, delta, Some(sequence)).await
+    }
+
+    async fn add_with(&self, subject: &str, delta: i64, expect: Option<u64>) -> Result<Option<i64>, CounterError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(INCREMENT, format!("{delta:+}").as_str());
+        if let Some(seq) = expect {
+            headers.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, seq.to_string().as_str());
+        }
+        let ack = self.js.publish_with_headers(subject.to_owned(), headers, Bytes::new()).await?;
+        let ack = match ack.await {
+            Ok(ack) => ack,
+            Err(e) if expect.is_some() && e.to_string().contains("wrong last sequence") => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let value = ack.value.ok_or(CounterError::NoValue)?;
+        value.parse().map(Some).map_err(|_| CounterError::Read(format!("counter value `{value}` is not a number")))
+    }
+
+    /// The subject's total and the sequence of its last write; `(0, 0)` for
+    /// a subject never written (or expired).
+    pub async fn get(&self, subject: &str) -> Result<(i64, u64), CounterError> {
+        use async_nats::jetstream::stream::DirectGetErrorKind;
+        match self.stream_of(subject).direct_get_last_for_subject(subject).await {
+            Ok(message) => {
+                let value: Value = serde_json::from_slice(&message.payload)
+                    .map_err(|e| CounterError::Read(format!("counter entry is not a value: {e}")))?;
+                let total = value
+                    .val
+                    .parse()
+                    .map_err(|_| CounterError::Read(format!("counter value `{}` is not a number", value.val)))?;
+                Ok((total, message.sequence))
+            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok((0, 0)),
+            Err(e) => Err(CounterError::Read(e.to_string())),
+        }
+    }
+}
