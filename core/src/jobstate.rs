@@ -23,6 +23,9 @@ pub struct JobRecord {
     pub expires_at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<u64>,
+    /// `started_at` in milliseconds, for the ledger's ordering. Not shown to clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<u64>,
     pub attempts: u32,
@@ -65,6 +68,7 @@ impl JobRecord {
         let mut value = serde_json::to_value(self).unwrap_or_default();
         if let Some(object) = value.as_object_mut() {
             object.remove("request_hash");
+            object.remove("started_ms");
             if let Some(hook) = object.get_mut("webhook").and_then(|w| w.as_object_mut()) {
                 hook.remove("secret");
             }
@@ -85,6 +89,7 @@ impl JobRecord {
             created_at: submitted_ms / 1000,
             expires_at: (submitted_ms + expiry_ms) / 1000,
             started_at: None,
+            started_ms: None,
             finished_at: None,
             attempts: 0,
             metadata: None,

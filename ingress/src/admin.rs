@@ -1,5 +1,5 @@
 //! Command-line administration: `migrate`, `create-key`, `revoke-key`,
-//! `set-webhook`.
+//! `set-webhook`, `set-tenant`.
 
 use sluice_core::config::Config;
 use sluice_core::db;
@@ -58,4 +58,80 @@ pub async fn set_webhook(config: &Config, tenant: &str, url: &str) -> Result<Str
     println!("secret:  {secret}");
     println!("(the secret is shown only now; deliveries are signed with it)");
     Ok(secret)
+}
+
+/// Parses `set-tenant` options: `--weight N`, `--tier T`, `--max-queued N`,
+/// `--rpm N`, `--tpm N`; the value `default` goes back to the config default.
+pub fn tenant_changes(options: &[&str]) -> Result<db::TenantChanges, String> {
+    use db::Setting;
+    let mut changes = db::TenantChanges {
+        weight: Setting::Keep,
+        tier: Setting::Keep,
+        max_queued: Setting::Keep,
+        rpm: Setting::Keep,
+        tpm: Setting::Keep,
+    };
+    fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<Setting<T>, String> {
+        if value == "default" {
+            return Ok(Setting::Default);
+        }
+        value.parse().map(Setting::Value).map_err(|_| format!("{flag} needs a number or `default`, not `{value}`"))
+    }
+    let mut rest = options;
+    while let [flag, value, tail @ ..] = rest {
+        match *flag {
+            "--weight" => changes.weight = number(flag, value)?,
+            "--max-queued" => changes.max_queued = number(flag, value)?,
+            "--rpm" => changes.rpm = number(flag, value)?,
+            "--tpm" => changes.tpm = number(flag, value)?,
+            "--tier" if *value == "default" => changes.tier = Setting::Default,
+            "--tier" => {
+                sluice_core::envelope::Class::parse(value)
+                    .ok_or_else(|| format!("--tier must be interactive, normal, batch or default, not `{value}`"))?;
+                changes.tier = Setting::Value((*value).to_owned());
+            }
+            other => return Err(format!("unknown option `{other}`")),
+        }
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(format!("`{}` needs a value", rest[0]));
+    }
+    Ok(changes)
+}
+
+/// Sets a tenant's weight, tier and limits (creating the tenant if needed)
+/// and prints what now applies, defaults filled in.
+pub async fn set_tenant(config: &Config, tenant: &str, options: &[&str]) -> Result<(), String> {
+    let changes = tenant_changes(options)?;
+    let pool = db::connect(&config.database).await.map_err(|e| e.to_string())?;
+    let row = db::set_tenant(&pool, tenant, &changes).await.map_err(|e| e.to_string())?;
+    let policy = sluice_core::tenant::TenantPolicy::resolve(&row, &config.tenants);
+    let shown = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |v| v.to_string());
+    println!("tenant:     {} ({})", row.name, row.id);
+    println!("weight:     {}", policy.weight);
+    println!("tier:       {}", policy.tier.as_str());
+    println!("max queued: {}", shown(policy.max_queued));
+    println!("rpm:        {}", shown(policy.rpm));
+    println!("tpm:        {}", shown(policy.tpm));
+    println!("(ingresses and workers pick this up within their reload intervals)");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tenant_changes;
+    use sluice_core::db::Setting;
+
+    #[test]
+    fn set_tenant_options_parse() {
+        let c = tenant_changes(&["--weight", "4", "--rpm", "default", "--tier", "batch"]).unwrap();
+        assert_eq!(c.weight, Setting::Value(4));
+        assert_eq!(c.rpm, Setting::Default);
+        assert_eq!(c.tier, Setting::Value("batch".into()));
+        assert_eq!(c.tpm, Setting::Keep);
+        assert!(tenant_changes(&["--weight"]).is_err());
+        assert!(tenant_changes(&["--tier", "urgent"]).is_err());
+        assert!(tenant_changes(&["--colour", "red"]).is_err());
+    }
 }

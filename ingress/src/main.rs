@@ -1,18 +1,20 @@
-//! `sluice-ingress [--config FILE] [serve | migrate | create-key --tenant NAME | revoke-key KEY_ID | set-webhook …]`
+//! `sluice-ingress [--config FILE] [serve | migrate | create-key … | revoke-key … | set-webhook … | set-tenant …]`
 
 use std::process::ExitCode;
 
 use sluice_core::config::{Config, EXIT_BAD_CONFIG};
 use sluice_ingress::{Ingress, admin};
 
-const USAGE: &str =
-    "usage: sluice-ingress [--config FILE] [serve | migrate | create-key --tenant NAME | revoke-key KEY_ID]
+const USAGE: &str = "usage: sluice-ingress [--config FILE] [COMMAND]
 
-  serve        run the HTTP ingress (default)
-  migrate      apply the database migrations
-  create-key   create a tenant if needed and print a new API key for it, once
-  revoke-key   revoke an API key by its id
-  set-webhook  set a tenant's default webhook endpoint; prints its signing secret, once
+  serve                                  run the HTTP ingress (default)
+  migrate                                apply the database migrations
+  create-key --tenant NAME               create a tenant if needed and print a new API key for it, once
+  revoke-key KEY_ID                      revoke an API key by its id
+  set-webhook --tenant NAME --url URL    set a tenant's default webhook endpoint; prints its signing secret, once
+  set-tenant --tenant NAME [--weight N] [--tier interactive|normal|batch] [--max-queued N] [--rpm N] [--tpm N]
+                                         set a tenant's scheduling weight, tier and limits (0: no limit,
+                                         `default`: the config's [tenants] value)
 
 Configuration: the TOML file named by --config or SLUICE_CONFIG, then SLUICE__SECTION__KEY variables.";
 
@@ -46,6 +48,7 @@ async fn main() -> ExitCode {
         ["migrate"] => admin::migrate(&config).await.map_err(|e| e.to_string()),
         ["create-key", "--tenant", tenant] => admin::create_key(&config, tenant).await.map_err(|e| e.to_string()),
         ["set-webhook", "--tenant", tenant, "--url", url] => admin::set_webhook(&config, tenant, url).await.map(|_| ()),
+        ["set-tenant", "--tenant", tenant, options @ ..] => admin::set_tenant(&config, tenant, options).await,
         ["revoke-key", id] => match id.parse() {
             Ok(id) => match admin::revoke_key(&config, id).await {
                 Ok(true) => {

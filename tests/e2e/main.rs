@@ -3,11 +3,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a panic in a test is a failed test")]
 
 mod harness;
+mod procs;
 
 mod auth;
 mod chat;
 mod config;
 mod failures;
+mod fairness;
 mod jobs;
 mod sdk;
 mod validation;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
-use sluice_core::envelope::{Class, H_EST_TOKENS};
+use sluice_core::envelope::H_EST_TOKENS;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -33,8 +33,10 @@ pub struct Executor {
 /// A finished job's real usage, to correct the scheduler's estimate.
 struct Done {
     tenant: Uuid,
-    class: Class,
-    correction: f64,
+    class: sluice_core::envelope::Class,
+    estimate: f64,
+    charged: f64,
+    used: f64,
 }
 
 impl Executor {
@@ -62,7 +64,7 @@ impl Executor {
             }
             while let Ok(done) = done_rx.try_recv() {
                 let weight = self.ctx.tenants.get(done.tenant).weight;
-                self.fair.charge(done.tenant, done.class, done.correction, weight);
+                self.fair.complete(done.tenant, done.class, done.estimate, done.charged, done.used, weight);
             }
             if last_prune.elapsed() > self.discover {
                 last_prune = tokio::time::Instant::now();
@@ -106,6 +108,10 @@ impl Executor {
                     continue;
                 }
             };
+            tracing::debug!(
+                tenant = %key.tenant, class = key.class.as_str(), want, got = messages.len(),
+                backlogged = backlogged.len(), "fetched"
+            );
             for message in messages {
                 let Some(permit) = permits.pop() else {
                     // Cannot happen (we asked for at most the free slots);
@@ -125,9 +131,10 @@ impl Executor {
         permit: OwnedSemaphorePermit,
         done: mpsc::UnboundedSender<Done>,
     ) {
-        let estimate = estimated_tokens(&message, self.ctx.default_max_tokens);
+        let estimate = estimated_tokens(&message, self.ctx.default_max_tokens) as f64;
         let policy = self.ctx.tenants.get(key.tenant);
-        self.fair.charge(key.tenant, key.class, estimate as f64, policy.weight);
+        let charged = self.fair.expected(key.tenant, estimate);
+        self.fair.charge(key.tenant, charged, policy.weight);
         let ctx = self.ctx.clone();
         let (tenant, class) = (key.tenant, key.class);
         let gauge = metrics::gauge!(m::IN_FLIGHT);
@@ -141,7 +148,7 @@ impl Executor {
             tenant_gauge.decrement(1.0);
             drop(permit);
             if let Some(used) = used {
-                let _ = done.send(Done { tenant, class, correction: used as f64 - estimate as f64 });
+                let _ = done.send(Done { tenant, class, estimate, charged, used: used as f64 });
             }
         });
     }

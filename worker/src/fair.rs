@@ -9,7 +9,12 @@
 //!   requests. Each tenant has a virtual token counter (tokens served divided
 //!   by its weight); the backlogged tenant with the smallest counter goes
 //!   next. A job is charged its estimated tokens when fetched and corrected
-//!   by its real usage when it returns. A tenant that becomes backlogged
+//!   by its real usage when it returns. The ingress's estimate (prompt size
+//!   plus requested output) is scaled by what the tenant's jobs really used
+//!   relative to their estimates lately, so that a running job's charge is
+//!   close to its final cost: with raw estimates far above the real usage,
+//!   the charges of running jobs would outweigh the served work, and shares
+//!   would follow the jobs in flight instead of the weights. A tenant that becomes backlogged
 //!   after being idle is lifted to just below the smallest counter among the
 //!   backlogged ones: it goes next (its first job does not wait behind
 //!   another tenant's backlog), but idle time banks no credit.
@@ -39,6 +44,8 @@ const CLASS_MEMORY: f64 = 0.995;
 pub struct Fair {
     /// Virtual token counter of each tenant: tokens served / weight.
     counters: HashMap<Uuid, f64>,
+    /// Real usage over estimate of each tenant's recent jobs (moving average).
+    accuracy: HashMap<Uuid, f64>,
     /// Recently served tokens per class, decaying.
     class_served: [f64; 3],
     min_share: [f64; 3],
@@ -53,6 +60,7 @@ impl Fair {
     pub fn new(min_share_normal: f64, min_share_batch: f64) -> Self {
         Self {
             counters: HashMap::new(),
+            accuracy: HashMap::new(),
             class_served: [0.0; 3],
             min_share: [0.0, min_share_normal, min_share_batch],
             active: HashSet::new(),
@@ -84,16 +92,34 @@ impl Fair {
         Some(queue)
     }
 
-    /// Charges `tokens` of work to the tenant (estimated at fetch time, or
-    /// the difference between real and estimated usage afterwards; may be negative).
-    pub fn charge(&mut self, tenant: Uuid, class: Class, tokens: f64, weight: u32) {
-        *self.counters.entry(tenant).or_insert(0.0) += tokens / f64::from(weight.max(1));
-        if tokens > 0.0 {
-            for served in &mut self.class_served {
-                *served *= CLASS_MEMORY;
-            }
+    /// Charges a fetched job's expected tokens to its tenant.
+    pub fn charge(&mut self, tenant: Uuid, tokens: f64, weight: u32) {
+        self.correct(tenant, tokens, weight);
+    }
+
+    /// What to charge for a job whose ingress estimate is `estimate`.
+    pub fn expected(&self, tenant: Uuid, estimate: f64) -> f64 {
+        estimate * self.accuracy.get(&tenant).copied().unwrap_or(1.0)
+    }
+
+    /// A job charged `charged` (from an ingress estimate `estimate`) used
+    /// `used` tokens: corrects the tenant's counter, learns its accuracy, and
+    /// counts the tokens to its class. Class shares count real usage only: an
+    /// early estimate far from it would skew them for a long while.
+    pub fn complete(&mut self, tenant: Uuid, class: Class, estimate: f64, charged: f64, used: f64, weight: u32) {
+        self.correct(tenant, used - charged, weight);
+        for served in &mut self.class_served {
+            *served *= CLASS_MEMORY;
         }
-        self.class_served[class.index()] = (self.class_served[class.index()] + tokens).max(0.0);
+        self.class_served[class.index()] += used.max(0.0);
+        if estimate > 0.0 {
+            let a = self.accuracy.entry(tenant).or_insert(1.0);
+            *a = 0.8 * *a + 0.2 * (used / estimate);
+        }
+    }
+
+    fn correct(&mut self, tenant: Uuid, tokens: f64, weight: u32) {
+        *self.counters.entry(tenant).or_insert(0.0) += tokens / f64::from(weight.max(1));
     }
 
     /// Forgets tenants and queues with no backlog, keeping memory bounded
@@ -101,6 +127,7 @@ impl Fair {
     pub fn forget_idle(&mut self, live: &HashSet<QueueKey>) {
         let tenants: HashSet<Uuid> = live.iter().map(|q| q.tenant).collect();
         self.counters.retain(|t, _| tenants.contains(t));
+        self.accuracy.retain(|t, _| tenants.contains(t));
         self.turns.retain(|q, _| live.contains(q));
     }
 
@@ -159,7 +186,10 @@ mod tests {
         let mut got = HashMap::new();
         for _ in 0..n {
             let pick = fair.pick(queues).unwrap();
-            fair.charge(pick.tenant, pick.class, cost(pick.tenant), weights[&pick.tenant]);
+            let w = weights[&pick.tenant];
+            let c = cost(pick.tenant);
+            fair.charge(pick.tenant, c, w);
+            fair.complete(pick.tenant, pick.class, c, c, c, w);
             *got.entry(pick.tenant).or_insert(0) += 1;
         }
         got
@@ -195,10 +225,26 @@ mod tests {
         serve(&mut fair, &[q(Class::Normal, flood)], &weights, 50, |_| 10.0);
         let both = [q(Class::Normal, flood), q(Class::Normal, late)];
         assert_eq!(fair.pick(&both).unwrap().tenant, late);
-        fair.charge(late, Class::Normal, 10.0, 1);
+        fair.charge(late, 10.0, 1);
+        fair.complete(late, Class::Normal, 10.0, 10.0, 10.0, 1);
         // From then on they alternate: the late tenant got no credit for its idle time.
         let got = serve(&mut fair, &both, &weights, 100, |_| 10.0);
         assert_eq!(got[&late], 50);
+    }
+
+    #[test]
+    fn charges_learn_how_far_estimates_are_from_real_usage() {
+        let t = Uuid::new_v4();
+        let mut fair = Fair::new(0.2, 0.05);
+        assert_eq!(fair.expected(t, 300.0), 300.0);
+        for _ in 0..30 {
+            let charged = fair.expected(t, 300.0);
+            fair.charge(t, charged, 1);
+            fair.complete(t, Class::Normal, 300.0, charged, 30.0, 1);
+        }
+        assert!((fair.expected(t, 300.0) - 30.0).abs() < 1.0, "{}", fair.expected(t, 300.0));
+        // Whatever was charged, the counter ends at the real usage.
+        assert!((fair.counter(t) - 900.0).abs() < 1e-6, "{}", fair.counter(t));
     }
 
     #[test]

@@ -204,13 +204,9 @@ fn consumer_name_of(key: &QueueKey) -> String {
 }
 
 async fn fetch_now(consumer: &PullConsumer, max: usize) -> Result<Vec<Message>, String> {
-    let mut batch = consumer
-        .fetch()
-        .max_messages(max)
-        .expires(Duration::from_secs(2))
-        .messages()
-        .await
-        .map_err(|e| e.to_string())?;
+    // No `expires`: with one, the server would hold an empty pull open
+    // until it ran out instead of answering "no messages" at once.
+    let mut batch = consumer.fetch().max_messages(max).messages().await.map_err(|e| e.to_string())?;
     let mut out = Vec::with_capacity(max);
     // A no-wait pull ends at once; the timeout guards a server gone quiet.
     let give_up = Instant::now() + Duration::from_secs(3);

@@ -43,7 +43,8 @@ pub async fn begin(store: &kv::Store, env: &Envelope, attempt: u32, expired: boo
             JobStatus::InProgress if attempt > 1 && !expired => {}
             other => return Ok(Begin::Skip(other)),
         }
-        let now = now_ms() / 1000;
+        let now_ms = now_ms();
+        let now = now_ms / 1000;
         let next = if expired && record.status == JobStatus::Queued {
             record.status = JobStatus::Expired;
             record.finished_at = Some(now);
@@ -53,6 +54,7 @@ pub async fn begin(store: &kv::Store, env: &Envelope, attempt: u32, expired: boo
         } else {
             record.status = JobStatus::InProgress;
             record.started_at.get_or_insert(now);
+            record.started_ms.get_or_insert(now_ms);
             record.attempts = attempt;
             Begin::Run(Box::new(record.clone()))
         };

@@ -1,0 +1,179 @@
+//! Sluice as separate processes: the real `sluice-ingress` and
+//! `sluice-worker` binaries, several of each, on one nats-server and one
+//! fresh database, with the in-process mock provider as upstream. For the
+//! tests whose point is that state is shared across replicas.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use sluice_core::db;
+use sqlx::PgPool;
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+use crate::harness::{Mock, NatsServer, TempDir, binary, fresh_database, http_client, wait_for};
+
+pub struct Cluster {
+    _nats: NatsServer,
+    pub db: PgPool,
+    _mock: Mock,
+    pub http: reqwest::Client,
+    /// Base URLs of the running ingresses.
+    pub ingresses: Vec<String>,
+    config: PathBuf,
+    children: Vec<Child>,
+    _dir: TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    /// NATS, a database, the mock; `extra` is TOML appended to the config
+    /// (whole sections, e.g. `[scheduler]`).
+    pub async fn start(mock: sluice_mock_provider::Settings, worker_slots: usize, extra: &str) -> Self {
+        let nats = NatsServer::start().await;
+        let (db_url, db) = fresh_database().await;
+        let mock = Mock::start(mock).await;
+        let dir = TempDir::new("cluster");
+        let config = dir.0.join("sluice.toml");
+        let toml = format!(
+            r#"
+[nats]
+url = "{nats}"
+request_timeout_ms = 2000
+connect_timeout_ms = 2000
+
+[database]
+url = "{db_url}"
+
+[ingress]
+auth_refresh_ms = 100
+sync_timeout_ms = 20000
+
+[worker]
+ack_wait_ms = 2000
+max_in_flight = {worker_slots}
+shutdown_grace_ms = 2000
+
+[webhooks]
+allow_loopback_targets = true
+
+[log]
+filter = "warn"
+
+[[pools]]
+name = "{model}"
+base_url = "{mock}/v1"
+api_key = "sk-upstream-test"
+
+{extra}
+"#,
+            nats = nats.url,
+            model = crate::harness::MODEL,
+            mock = mock.base,
+        );
+        std::fs::write(&config, toml).unwrap();
+        Self {
+            _nats: nats,
+            db,
+            _mock: mock,
+            http: http_client(),
+            ingresses: Vec::new(),
+            config,
+            children: Vec::new(),
+            _dir: dir,
+        }
+    }
+
+    fn spawn(&mut self, bin: &str, env: &[(&str, String)]) {
+        let mut cmd = Command::new(binary(bin));
+        cmd.arg("--config").arg(&self.config).kill_on_drop(true).stdin(Stdio::null());
+        // SLUICE_TEST_LOG shows the processes' logs.
+        match std::env::var("SLUICE_TEST_LOG") {
+            Ok(filter) => cmd.env("SLUICE__LOG__FILTER", filter).stdout(Stdio::inherit()).stderr(Stdio::inherit()),
+            Err(_) => cmd.stdout(Stdio::null()).stderr(Stdio::null()),
+        };
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.children.push(cmd.spawn().unwrap());
+    }
+
+    /// Starts one more ingress process; returns its base URL once it is ready.
+    pub async fn start_ingress(&mut self) -> String {
+        let port = free_port();
+        self.spawn("sluice-ingress", &[("SLUICE__INGRESS__LISTEN", format!("127.0.0.1:{port}"))]);
+        let base = format!("http://127.0.0.1:{port}");
+        self.wait_ready(&base).await;
+        self.ingresses.push(base.clone());
+        base
+    }
+
+    /// Starts one more worker process and waits until it is ready.
+    pub async fn start_worker(&mut self) {
+        let port = free_port();
+        self.spawn("sluice-worker", &[("SLUICE__WORKER__OPS_LISTEN", format!("127.0.0.1:{port}"))]);
+        self.wait_ready(&format!("http://127.0.0.1:{port}")).await;
+    }
+
+    async fn wait_ready(&self, base: &str) {
+        let http = self.http.clone();
+        let url = format!("{base}/readyz");
+        wait_for(&format!("{url} to answer 200"), Duration::from_secs(20), || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { http.get(&url).send().await.ok().filter(|r| r.status() == 200).map(|_| ()) }
+        })
+        .await;
+    }
+
+    /// A tenant with these settings and a key that every running ingress accepts.
+    pub async fn tenant(&self, name: &str, changes: db::TenantChanges) -> (Uuid, String) {
+        let row = db::set_tenant(&self.db, name, &changes).await.unwrap();
+        let key = db::create_key(&self.db, row.id).await.unwrap().key.expose().to_owned();
+        for base in &self.ingresses {
+            wait_for("the new key on every ingress", Duration::from_secs(5), || async {
+                let r = self.http.get(format!("{base}/v1/models")).bearer_auth(&key).send().await.unwrap();
+                (r.status() == 200).then_some(())
+            })
+            .await;
+        }
+        (row.id, key)
+    }
+
+    /// Submits an asynchronous job through ingress `i` (modulo their number).
+    pub async fn submit(&self, i: usize, key: &str, body: &serde_json::Value) -> reqwest::Response {
+        let base = &self.ingresses[i % self.ingresses.len()];
+        self.http.post(format!("{base}/v1/jobs")).bearer_auth(key).json(body).send().await.unwrap()
+    }
+
+    /// A chat completion through ingress `i` (modulo their number).
+    pub async fn chat(&self, i: usize, key: &str, body: &serde_json::Value) -> reqwest::Response {
+        let base = &self.ingresses[i % self.ingresses.len()];
+        self.http.post(format!("{base}/v1/chat/completions")).bearer_auth(key).json(body).send().await.unwrap()
+    }
+
+    /// Jobs in the ledger with `status`.
+    pub async fn ledger_count(&self, status: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = $1")
+            .bind(status)
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
+    }
+}
+
+/// Settings for `db::set_tenant`: everything kept but what is given.
+pub fn settings(weight: Option<i32>, max_queued: Option<i64>, rpm: Option<i64>) -> db::TenantChanges {
+    use db::Setting;
+    let set = |v: Option<i64>| v.map_or(Setting::Keep, Setting::Value);
+    db::TenantChanges {
+        weight: weight.map_or(Setting::Keep, Setting::Value),
+        tier: Setting::Keep,
+        max_queued: set(max_queued),
+        rpm: set(rpm),
+        tpm: Setting::Keep,
+    }
+}
