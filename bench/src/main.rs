@@ -14,6 +14,7 @@
 //! repeats, and last the headline comparison.
 
 mod jobs;
+mod submit;
 
 use std::time::{Duration, Instant};
 
@@ -216,6 +217,27 @@ async fn main() {
         };
         if let Err(e) = jobs::run(args).await {
             eprintln!("sluice-loadgen jobs: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("submit") {
+        let a: Vec<String> = std::env::args().skip(2).collect();
+        let get = |flag: &str| a.windows(2).find(|w| w[0] == flag).map(|w| w[1].clone());
+        let number = |flag: &str, default: usize| get(flag).and_then(|v| v.parse().ok()).unwrap_or(default);
+        let args = submit::SubmitArgs {
+            gateway: get("--gateway").unwrap_or_default(),
+            key: get("--key").unwrap_or_default(),
+            model: get("--model").unwrap_or_else(|| "bench".into()),
+            label: get("--label").unwrap_or_default(),
+            count: number("--count", 100),
+            concurrency: number("--concurrency", 32),
+            every_ms: get("--every-ms").and_then(|v| v.parse().ok()),
+            prompt_chars: number("--prompt-chars", 40),
+            max_tokens: number("--max-tokens", 16) as u64,
+        };
+        if let Err(e) = submit::run(args).await {
+            eprintln!("sluice-loadgen submit: {e}");
             std::process::exit(1);
         }
         return;

@@ -1,0 +1,69 @@
+# Starts the benchmark stack on loopback, sourced by bench/run.sh and
+# bench/fairness.sh: nats-server (JetStream, R1 file storage), Postgres, the
+# mock provider with MOCK_ARGS, one worker with WORKER_SLOTS slots, and one
+# ingress; creates tenant `bench` and sets KEY. Everything stops on exit.
+# Builds the release binaries first, or runs prebuilt ones from
+# SLUICE_BENCH_BIN=DIR (to compare builds). Expects scripts/lib.sh loaded.
+
+ensure_tools
+# SLUICE_BENCH_BIN=DIR runs prebuilt binaries from DIR (to compare builds).
+if [ -n "${SLUICE_BENCH_BIN:-}" ]; then
+  BIN="$SLUICE_BENCH_BIN"
+else
+  log "building release binaries"
+  cargo build --release --workspace --bins --locked
+  BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+fi
+
+MOCK_ARGS="${MOCK_ARGS:-}"
+WORKER_SLOTS="${WORKER_SLOTS:-256}"
+
+WORK="$(mktemp -d /tmp/sluice-bench-XXXXXX)"
+PG_DIR="$(pg_dir_for "$WORK/pg")"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  pg_stop "$PG_DIR"
+  rm -rf "$WORK" "$PG_DIR"
+}
+trap cleanup EXIT
+
+NATS_PORT="$(free_port)"; PG_PORT="$(free_port)"; MOCK_PORT="$(free_port)"; INGRESS_PORT="$(free_port)"; OPS_PORT="$(free_port)"
+"$NATS_SERVER" -js -sd "$WORK/nats" -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats.log" 2>&1 &
+PIDS+=($!)
+pg_start "$PG_DIR" "$PG_PORT"
+as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U sluice sluice
+
+cat >"$WORK/bench.toml" <<TOML
+[nats]
+url = "nats://127.0.0.1:$NATS_PORT"
+[database]
+url = "postgres://sluice@127.0.0.1:$PG_PORT/sluice"
+[ingress]
+listen = "127.0.0.1:$INGRESS_PORT"
+[worker]
+ops_listen = "127.0.0.1:$OPS_PORT"
+max_in_flight = $WORKER_SLOTS
+[webhooks]
+allow_loopback_targets = true
+[log]
+filter = "warn"
+[[pools]]
+name = "bench"
+base_url = "http://127.0.0.1:$MOCK_PORT/v1"
+TOML
+export SLUICE_CONFIG="$WORK/bench.toml"
+for _ in $(seq 1 120); do grep -q "Server is ready" "$WORK/nats.log" && break; sleep 0.25; done
+
+"$BIN/sluice-ingress" migrate >/dev/null
+KEY="$("$BIN/sluice-ingress" create-key --tenant bench | awk '/^api key:/ {print $3}')"
+"$BIN/sluice-mock-provider" --listen "127.0.0.1:$MOCK_PORT" $MOCK_ARGS >"$WORK/mock.log" 2>&1 &
+PIDS+=($!)
+"$BIN/sluice-worker" >"$WORK/worker.log" 2>&1 &
+WORKER_PID=$!; PIDS+=($WORKER_PID)
+"$BIN/sluice-ingress" serve >"$WORK/ingress.log" 2>&1 &
+INGRESS_PID=$!; PIDS+=($INGRESS_PID)
+wait_http "http://127.0.0.1:$INGRESS_PORT/readyz" 60 || die "ingress did not become ready"
+wait_http "http://127.0.0.1:$OPS_PORT/readyz" 60 || die "worker did not become ready"
+
