@@ -65,6 +65,11 @@ jain() { awk '{ s += $1; q += $1 * $1; n += 1 } END { if (q > 0) printf "%.4f", 
 
 declare -A KEYS
 for t in B0 C0 A1 B1 C1 X2 Y2 Z2 S3 L3; do KEYS[$t]="$(key_of "$t")"; done
+# The ingress picks new keys up within ingress.auth_refresh_ms.
+for _ in $(seq 1 200); do
+  curl -fs -o /dev/null -H "authorization: Bearer ${KEYS[L3]}" "$GW/v1/models" && break
+  sleep 0.1
+done
 DONE=0
 
 log "phase 1a: B and C alone, one job every 50 ms each for 10 s"
@@ -89,8 +94,9 @@ RATIO_C="$(awk -v a="$C1_99" -v b="$C0_99" 'BEGIN { printf "%.2f", a / (2 * b + 
 echo "flood p99_with_A / (2 × p99_alone + 20 ms service): B=$RATIO_B C=$RATIO_C (target ≤ 1)"
 
 log "phase 2: three tenants submit $EACH jobs each at once"
-for t in X2 Y2 Z2; do submit "$t" "${KEYS[$t]}" --count "$EACH" --concurrency 16 & done
-wait; DONE=$((DONE + 3 * EACH)); wait_done $DONE
+SUBMITTERS=()
+for t in X2 Y2 Z2; do submit "$t" "${KEYS[$t]}" --count "$EACH" --concurrency 16 & SUBMITTERS+=($!); done
+wait "${SUBMITTERS[@]}"; DONE=$((DONE + 3 * EACH)); wait_done $DONE
 SHARES2="$(shares X2 Y2 Z2)"
 echo "$SHARES2" | while read -r name jobs tokens; do echo "requests tenant=$name jobs_started_while_all_backlogged=$jobs"; done
 JAIN_REQ="$(echo "$SHARES2" | awk '{print $2}' | jain)"

@@ -42,9 +42,12 @@ async fn submit_one(
         .body(Full::new(body))
         .map_err(|e| e.to_string())?;
     let r = sender.send_request(request).await.map_err(|e| e.to_string())?;
-    let accepted = r.status().as_u16() == 202;
-    let _ = r.into_body().collect().await;
-    Ok(accepted)
+    let status = r.status().as_u16();
+    let body = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    if status != 202 {
+        eprintln!("submit refused: {status} {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
+    }
+    Ok(status == 202)
 }
 
 pub async fn run(args: SubmitArgs) -> Result<(), String> {

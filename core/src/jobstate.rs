@@ -26,6 +26,9 @@ pub struct JobRecord {
     /// `started_at` in milliseconds, for the ledger's ordering. Not shown to clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_ms: Option<u64>,
+    /// `created_at` in milliseconds, for the ledger's queue waits. Not shown to clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<u64>,
     pub attempts: u32,
@@ -69,6 +72,7 @@ impl JobRecord {
         if let Some(object) = value.as_object_mut() {
             object.remove("request_hash");
             object.remove("started_ms");
+            object.remove("created_ms");
             if let Some(hook) = object.get_mut("webhook").and_then(|w| w.as_object_mut()) {
                 hook.remove("secret");
             }
@@ -90,6 +94,7 @@ impl JobRecord {
             expires_at: (submitted_ms + expiry_ms) / 1000,
             started_at: None,
             started_ms: None,
+            created_ms: Some(submitted_ms),
             finished_at: None,
             attempts: 0,
             metadata: None,
@@ -184,6 +189,7 @@ mod tests {
         let v = r.public();
         assert_eq!(v["status"], "queued");
         assert!(v.get("request_hash").is_none());
+        assert!(v.get("created_ms").is_none(), "millisecond fields are the ledger's, not the API's");
         assert_eq!(v["webhook"]["url"], "https://example.com/h");
         assert!(v["webhook"].get("secret").is_none());
     }

@@ -193,3 +193,19 @@ async fn batch_jobs_progress_while_interactive_work_has_backlog() {
     // (equal weights) would run all 100 batch jobs in the first 200 starts.
     assert!((20..=80).contains(&batch_before), "batch jobs started during the interactive backlog: {batch_before}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tenants_job_is_picked_up_at_once_not_at_the_next_discovery() {
+    // Discovery once a minute: only the submit's wake-up can get the job
+    // started in time.
+    let stack = Stack::start_with(|c| c.scheduler.discover_ms = 60_000).await;
+    for i in 0..5 {
+        let started = std::time::Instant::now();
+        let r = stack.chat(&Stack::chat_body(&format!("hello {i}"))).await;
+        assert_eq!(r.status(), 200);
+        assert!(started.elapsed() < Duration::from_secs(5), "answer took {:?}", started.elapsed());
+    }
+    let r = stack.submit_job(&stack.key, &Stack::job_body("async"), None).await;
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    stack.job_with_status(&id, "completed").await;
+}

@@ -6,7 +6,7 @@
 //! overwritten, so a redelivered event or a job that ran twice leaves one
 //! record.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
@@ -67,7 +67,7 @@ pub fn decode_state(message: &Message) -> Result<Vec<JobEvent>, String> {
         error_code: record.error.as_ref().map(|e| e.code.clone()),
         error_message: record.error.as_ref().map(|e| e.message.clone()),
         request_id: String::new(),
-        submitted_ms: record.created_at * 1000,
+        submitted_ms: record.created_ms.unwrap_or(record.created_at * 1000),
         started_ms: record.started_ms.or(record.started_at.map(|s| s * 1000)),
         finished_ms: record.finished_at.map(|s| s * 1000),
         metadata: record.metadata.and_then(|m| serde_json::to_string(&m).ok()),
@@ -81,7 +81,9 @@ pub async fn run(consumer: PullConsumer, db: PgPool, batch_size: usize, decode: 
 }
 
 async fn write_batch(db: &PgPool, batch: Vec<Message>, decode: Decode) {
-    let mut events: HashMap<uuid::Uuid, JobEvent> = HashMap::with_capacity(batch.len());
+    // Sorted by job id: the two ledger loops write concurrently, and rows
+    // locked in the same order cannot deadlock each other.
+    let mut events: BTreeMap<uuid::Uuid, JobEvent> = BTreeMap::new();
     let mut valid = Vec::with_capacity(batch.len());
     for message in batch {
         match decode(&message) {
