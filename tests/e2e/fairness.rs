@@ -11,7 +11,7 @@ use sluice_mock_provider::Settings;
 use uuid::Uuid;
 
 use crate::harness::{Stack, wait_for};
-use crate::procs::{Cluster, settings};
+use crate::procs::{Cluster, settings, with_tpm};
 
 fn job(content: &str, priority: &str) -> serde_json::Value {
     serde_json::json!({"endpoint": "chat.completions", "priority": priority, "body": Stack::chat_body(content)})
@@ -54,6 +54,58 @@ async fn a_rate_limit_admits_n_per_minute_in_total_across_two_ingresses() {
         assert_eq!(c.chat(i, &key, &body).await.status(), 429);
         assert_eq!(c.chat(i, &other, &body).await.status(), 200);
     }
+    // Refusals are counted per tenant (by name) and reason.
+    let mut refused = 0.0;
+    for base in &c.ingresses {
+        let text = c.metrics(base).await;
+        refused += metric(
+            &text,
+            "sluice_ingress_admission_rejected_total",
+            &["tenant=\"limited\"", "reason=\"rate_limit_requests\""],
+        );
+    }
+    assert_eq!(refused, 8.0, "6 + 2 refusals across both ingresses");
+}
+
+/// The value of the series of `name` whose labels hold all of `labels`, or 0.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_rate_limit_counts_estimates_across_ingresses_and_real_usage_frees_budget() {
+    // Slow answers: every admission happens before any usage correction.
+    let mock = Settings { latency_ms: 500, ..Settings::default() };
+    let c = two_ingresses_two_workers(mock, 8, "").await;
+    // Estimate of this body: its bytes / 4 + max_tokens 100, about 125 tokens.
+    let body = serde_json::json!({"model": crate::harness::MODEL, "max_tokens": 100,
+        "messages": [{"role": "user", "content": "hello"}]});
+    let estimate = (serde_json::to_vec(&body).unwrap().len() as i64 + 3) / 4 + 100;
+    let (_, key) = c.tenant("token-limited", with_tpm(None, None, None, Some(4 * estimate + estimate / 2))).await;
+
+    let answers = join_all((0..7).map(|i| c.chat(i, &key, &body))).await;
+    let mut admitted = 0;
+    for r in answers {
+        match r.status().as_u16() {
+            200 => admitted += 1,
+            429 => {
+                assert!(r.headers().contains_key("retry-after"));
+                let e: serde_json::Value = r.json().await.unwrap();
+                assert_eq!(e["error"]["code"], "rate_limit_tokens", "{e}");
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert_eq!(admitted, 4, "4.5 estimates per minute admit 4 requests across both ingresses");
+    // The mock's real usage is far below the estimate (a short prompt, a
+    // 16-token answer): the workers' corrections give the budget back.
+    wait_for("a request to fit again after the usage corrections", Duration::from_secs(10), || async {
+        (c.chat(0, &key, &body).await.status() == 200).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,6 +203,12 @@ async fn backlogged_tenants_share_the_workers_by_weight_1_2_4() {
     for t in started {
         *got.entry(t).or_insert(0) += 1;
     }
+    // Served tokens are counted per tenant.
+    let mut served = 0.0;
+    for base in &c.workers {
+        served += metric(&c.metrics(base).await, "sluice_worker_served_tokens_total", &["tenant=\"w4\""]);
+    }
+    assert!(served > 0.0, "no served tokens recorded for tenant w4");
     for (id, _, weight) in &tenants {
         let share = got.get(id).copied().unwrap_or(0) as f64 / window as f64;
         let expected = f64::from(*weight) / 7.0;
@@ -208,4 +266,24 @@ async fn an_idle_tenants_job_is_picked_up_at_once_not_at_the_next_discovery() {
     let r = stack.submit_job(&stack.key, &Stack::job_body("async"), None).await;
     let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
     stack.job_with_status(&id, "completed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tenants_queue_consumer_is_removed_and_made_again_on_its_next_job() {
+    use futures::StreamExt;
+    let stack = Stack::start_with(|c| c.scheduler.idle_consumer_ms = 1_000).await;
+    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
+    let jobs = async_nats::jetstream::new(nats).get_stream("JOBS").await.unwrap();
+    let consumers = || async {
+        let names: Vec<String> = jobs.consumer_names().filter_map(|n| async move { n.ok() }).collect().await;
+        names.into_iter().filter(|n| n.starts_with("workers_")).count()
+    };
+    assert_eq!(stack.chat(&Stack::chat_body("first")).await.status(), 200);
+    assert_eq!(consumers().await, 1, "the tenant's queue has its consumer");
+    wait_for("the idle queue's consumer to be removed", Duration::from_secs(15), || async {
+        (consumers().await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(stack.chat(&Stack::chat_body("again")).await.status(), 200);
+    assert_eq!(consumers().await, 1);
 }

@@ -21,6 +21,8 @@ pub struct Cluster {
     pub http: reqwest::Client,
     /// Base URLs of the running ingresses.
     pub ingresses: Vec<String>,
+    /// Base URLs of the running workers' ops servers (`/metrics`).
+    pub workers: Vec<String>,
     config: PathBuf,
     children: Vec<Child>,
     _dir: TempDir,
@@ -82,6 +84,7 @@ api_key = "sk-upstream-test"
             _mock: mock,
             http: http_client(),
             ingresses: Vec::new(),
+            workers: Vec::new(),
             config,
             children: Vec::new(),
             _dir: dir,
@@ -116,7 +119,14 @@ api_key = "sk-upstream-test"
     pub async fn start_worker(&mut self) {
         let port = free_port();
         self.spawn("sluice-worker", &[("SLUICE__WORKER__OPS_LISTEN", format!("127.0.0.1:{port}"))]);
-        self.wait_ready(&format!("http://127.0.0.1:{port}")).await;
+        let base = format!("http://127.0.0.1:{port}");
+        self.wait_ready(&base).await;
+        self.workers.push(base);
+    }
+
+    /// The Prometheus text of a component's `/metrics`.
+    pub async fn metrics(&self, base: &str) -> String {
+        self.http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap()
     }
 
     async fn wait_ready(&self, base: &str) {
@@ -167,6 +177,10 @@ api_key = "sk-upstream-test"
 
 /// Settings for `db::set_tenant`: everything kept but what is given.
 pub fn settings(weight: Option<i32>, max_queued: Option<i64>, rpm: Option<i64>) -> db::TenantChanges {
+    with_tpm(weight, max_queued, rpm, None)
+}
+
+pub fn with_tpm(weight: Option<i32>, max_queued: Option<i64>, rpm: Option<i64>, tpm: Option<i64>) -> db::TenantChanges {
     use db::Setting;
     let set = |v: Option<i64>| v.map_or(Setting::Keep, Setting::Value);
     db::TenantChanges {
@@ -174,6 +188,6 @@ pub fn settings(weight: Option<i32>, max_queued: Option<i64>, rpm: Option<i64>) 
         tier: Setting::Keep,
         max_queued: set(max_queued),
         rpm: set(rpm),
-        tpm: Setting::Keep,
+        tpm: set(tpm),
     }
 }
