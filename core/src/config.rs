@@ -186,6 +186,9 @@ pub struct TenantDefaults {
     /// Jobs (synchronous and asynchronous) queued or running at once; beyond
     /// it a submit gets 429 `queued_jobs_limit`. Held across all ingresses.
     pub max_queued: u64,
+    /// Jobs running at once over all workers; the schedulers skip the
+    /// tenant while it has that many running.
+    pub max_in_flight: u64,
     /// Requests admitted per minute (sliding window), across all ingresses.
     pub rpm: u64,
     /// Estimated tokens admitted per minute (prompt estimate plus requested
@@ -373,7 +376,7 @@ impl WebhooksConfig {
 
 impl Default for TenantDefaults {
     fn default() -> Self {
-        Self { weight: 1, tier: "interactive".into(), max_queued: 0, rpm: 0, tpm: 0 }
+        Self { weight: 1, tier: "interactive".into(), max_queued: 0, max_in_flight: 0, rpm: 0, tpm: 0 }
     }
 }
 

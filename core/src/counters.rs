@@ -9,6 +9,9 @@
 //! - `nats.counters_stream`, subjects `sluice.queued.<tenant>`: jobs of the
 //!   tenant in the queue (queued or running). The ingress adds one before
 //!   publishing a job, the worker takes it off when the job leaves the queue.
+//! - the same stream, subjects `sluice.inflight.<tenant>`: jobs of the tenant
+//!   running now; a worker adds before it fetches for a tenant with a
+//!   `max_in_flight` limit and takes off when the job ends.
 //! - `nats.rates_stream`, subjects `sluice.rate.<rpm|tpm>.<tenant>.<minute>`:
 //!   requests and estimated tokens admitted in each minute. Entries expire
 //!   after three minutes; a sliding window weighs the previous minute in.
@@ -54,6 +57,11 @@ impl Rate {
     }
 }
 
+/// Jobs of the tenant running now, over all workers.
+pub fn in_flight_subject(tenant: Uuid) -> String {
+    format!("sluice.inflight.{}", tenant.simple())
+}
+
 pub fn queued_subject(tenant: Uuid) -> String {
     format!("sluice.queued.{}", tenant.simple())
 }
@@ -77,9 +85,9 @@ struct Value {
 impl Counters {
     /// Declares both counter streams (idempotent) and opens them.
     pub async fn open(js: &jetstream::Context, config: &NatsConfig) -> Result<Self, NatsError> {
-        let base = |name: &str, subjects: &str| stream::Config {
+        let base = |name: &str, subjects: &[&str]| stream::Config {
             name: name.to_owned(),
-            subjects: vec![subjects.to_owned()],
+            subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
             storage: stream::StorageType::File,
             num_replicas: config.replicas,
             allow_message_counter: true,
@@ -88,15 +96,21 @@ impl Counters {
             max_messages_per_subject: 1,
             ..Default::default()
         };
-        let counters = base(&config.counters_stream, "sluice.queued.*");
+        let counters = base(&config.counters_stream, &["sluice.queued.*", "sluice.inflight.*"]);
         let rates = stream::Config {
             max_age: std::time::Duration::from_secs(RATE_ENTRY_SECS),
-            ..base(&config.rates_stream, "sluice.rate.>")
+            ..base(&config.rates_stream, &["sluice.rate.>"])
         };
         let mut opened = Vec::with_capacity(2);
         for cfg in [counters, rates] {
             let name = cfg.name.clone();
-            opened.push(js.get_or_create_stream(cfg).await.map_err(|source| NatsError::Stream { name, source })?);
+            // Create or update: a stream made by an earlier version may lack a subject.
+            js.create_or_update_stream(cfg).await.map_err(|source| NatsError::Stream { name: name.clone(), source })?;
+            let stream = js
+                .get_stream(&name)
+                .await
+                .map_err(|e| NatsError::Bucket { name: name.clone(), message: e.to_string() })?;
+            opened.push(stream);
         }
         let rates = opened.pop().ok_or(NatsError::Bucket { name: "counters".into(), message: "missing".into() })?;
         let counters = opened.pop().ok_or(NatsError::Bucket { name: "counters".into(), message: "missing".into() })?;

@@ -27,6 +27,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "webhooks", include_str!("../../migrations/0003_webhooks.sql")),
     (4, "webhook secret rotation", include_str!("../../migrations/0004_webhook_secret_rotation.sql")),
     (5, "tenant limits", include_str!("../../migrations/0005_tenant_limits.sql")),
+    (6, "tenant max in flight", include_str!("../../migrations/0006_tenant_max_in_flight.sql")),
 ];
 
 pub type KeyDigest = [u8; 32];
@@ -161,7 +162,9 @@ pub async fn live_keys(pool: &PgPool) -> Result<HashMap<KeyDigest, KeyOwner>, Db
 
 /// Every tenant with its own settings (the rest come from the config).
 pub async fn tenants(pool: &PgPool) -> Result<Vec<crate::tenant::TenantRow>, DbError> {
-    let rows = sqlx::query("SELECT id, name, weight, tier, max_queued, rpm, tpm FROM tenants").fetch_all(pool).await?;
+    let rows = sqlx::query("SELECT id, name, weight, tier, max_queued, max_in_flight, rpm, tpm FROM tenants")
+        .fetch_all(pool)
+        .await?;
     rows.iter()
         .map(|row| {
             Ok(crate::tenant::TenantRow {
@@ -170,6 +173,7 @@ pub async fn tenants(pool: &PgPool) -> Result<Vec<crate::tenant::TenantRow>, DbE
                 weight: row.try_get("weight")?,
                 tier: row.try_get("tier")?,
                 max_queued: row.try_get("max_queued")?,
+                max_in_flight: row.try_get("max_in_flight")?,
                 rpm: row.try_get("rpm")?,
                 tpm: row.try_get("tpm")?,
             })
@@ -190,6 +194,7 @@ pub struct TenantChanges {
     pub weight: Setting<i32>,
     pub tier: Setting<String>,
     pub max_queued: Setting<i64>,
+    pub max_in_flight: Setting<i64>,
     pub rpm: Setting<i64>,
     pub tpm: Setting<i64>,
 }
@@ -212,6 +217,7 @@ pub async fn set_tenant(
     let (w_set, w) = parts(&changes.weight);
     let (t_set, t) = parts(&changes.tier);
     let (q_set, q) = parts(&changes.max_queued);
+    let (f_set, f) = parts(&changes.max_in_flight);
     let (r_set, r) = parts(&changes.rpm);
     let (k_set, k) = parts(&changes.tpm);
     sqlx::query(
@@ -221,6 +227,7 @@ pub async fn set_tenant(
             max_queued = CASE WHEN $6 THEN $7 ELSE max_queued END,
             rpm = CASE WHEN $8 THEN $9 ELSE rpm END,
             tpm = CASE WHEN $10 THEN $11 ELSE tpm END,
+            max_in_flight = CASE WHEN $12 THEN $13 ELSE max_in_flight END,
             updated_at = now()
          WHERE id = $1",
     )
@@ -235,6 +242,8 @@ pub async fn set_tenant(
     .bind(r)
     .bind(k_set)
     .bind(k)
+    .bind(f_set)
+    .bind(f)
     .execute(pool)
     .await?;
     let row = tenants(pool).await?.into_iter().find(|t| t.id == id);

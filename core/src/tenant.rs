@@ -19,6 +19,7 @@ pub struct TenantRow {
     pub weight: Option<i32>,
     pub tier: Option<String>,
     pub max_queued: Option<i64>,
+    pub max_in_flight: Option<i64>,
     pub rpm: Option<i64>,
     pub tpm: Option<i64>,
 }
@@ -31,6 +32,8 @@ pub struct TenantPolicy {
     pub tier: Class,
     /// `None`: no limit.
     pub max_queued: Option<u64>,
+    /// Jobs of the tenant running at once over all workers.
+    pub max_in_flight: Option<u64>,
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
 }
@@ -48,6 +51,7 @@ impl TenantPolicy {
             weight: row.weight.map_or(defaults.weight, |w| w.clamp(1, MAX_WEIGHT as i32) as u32),
             tier: row.tier.as_deref().and_then(Class::parse).unwrap_or(default_tier),
             max_queued: limit(row.max_queued, defaults.max_queued),
+            max_in_flight: limit(row.max_in_flight, defaults.max_in_flight),
             rpm: limit(row.rpm, defaults.rpm),
             tpm: limit(row.tpm, defaults.tpm),
         }
@@ -75,7 +79,8 @@ mod tests {
 
     #[test]
     fn own_values_override_defaults_and_zero_means_unlimited() {
-        let defaults = TenantDefaults { weight: 2, tier: "normal".into(), max_queued: 100, rpm: 60, tpm: 0 };
+        let defaults =
+            TenantDefaults { weight: 2, tier: "normal".into(), max_queued: 100, max_in_flight: 0, rpm: 60, tpm: 0 };
         let row = TenantRow { weight: Some(4), rpm: Some(0), tpm: Some(1000), ..TenantRow::default() };
         let p = TenantPolicy::resolve(&row, &defaults);
         assert_eq!(p.weight, 4);

@@ -60,7 +60,7 @@ pub async fn set_webhook(config: &Config, tenant: &str, url: &str) -> Result<Str
     Ok(secret)
 }
 
-/// Parses `set-tenant` options: `--weight N`, `--tier T`, `--max-queued N`,
+/// Parses `set-tenant` options: `--weight N`, `--tier T`, `--max-queued N`, `--max-in-flight N`,
 /// `--rpm N`, `--tpm N`; the value `default` goes back to the config default.
 pub fn tenant_changes(options: &[&str]) -> Result<db::TenantChanges, String> {
     use db::Setting;
@@ -68,6 +68,7 @@ pub fn tenant_changes(options: &[&str]) -> Result<db::TenantChanges, String> {
         weight: Setting::Keep,
         tier: Setting::Keep,
         max_queued: Setting::Keep,
+        max_in_flight: Setting::Keep,
         rpm: Setting::Keep,
         tpm: Setting::Keep,
     };
@@ -82,6 +83,7 @@ pub fn tenant_changes(options: &[&str]) -> Result<db::TenantChanges, String> {
         match *flag {
             "--weight" => changes.weight = number(flag, value)?,
             "--max-queued" => changes.max_queued = number(flag, value)?,
+            "--max-in-flight" => changes.max_in_flight = number(flag, value)?,
             "--rpm" => changes.rpm = number(flag, value)?,
             "--tpm" => changes.tpm = number(flag, value)?,
             "--tier" if *value == "default" => changes.tier = Setting::Default,
@@ -112,6 +114,7 @@ pub async fn set_tenant(config: &Config, tenant: &str, options: &[&str]) -> Resu
     println!("weight:     {}", policy.weight);
     println!("tier:       {}", policy.tier.as_str());
     println!("max queued: {}", shown(policy.max_queued));
+    println!("max in flight: {}", shown(policy.max_in_flight));
     println!("rpm:        {}", shown(policy.rpm));
     println!("tpm:        {}", shown(policy.tpm));
     println!("(ingresses and workers pick this up within their reload intervals)");

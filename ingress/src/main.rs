@@ -12,7 +12,8 @@ const USAGE: &str = "usage: sluice-ingress [--config FILE] [COMMAND]
   create-key --tenant NAME               create a tenant if needed and print a new API key for it, once
   revoke-key KEY_ID                      revoke an API key by its id
   set-webhook --tenant NAME --url URL    set a tenant's default webhook endpoint; prints its signing secret, once
-  set-tenant --tenant NAME [--weight N] [--tier interactive|normal|batch] [--max-queued N] [--rpm N] [--tpm N]
+  set-tenant --tenant NAME [--weight N] [--tier interactive|normal|batch] [--max-queued N]
+             [--max-in-flight N] [--rpm N] [--tpm N]
                                          set a tenant's scheduling weight, tier and limits (0: no limit,
                                          `default`: the config's [tenants] value)
 

@@ -39,6 +39,26 @@ struct Stats {
     errors: AtomicU64,
     rate_limited: AtomicU64,
     hangs: AtomicU64,
+    /// Chat completions being answered now, and the most at once so far.
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
+}
+
+/// Counts a chat completion as in flight while it lives.
+struct InFlight<'a>(&'a Stats);
+
+impl<'a> InFlight<'a> {
+    fn enter(stats: &'a Stats) -> Self {
+        let now = stats.in_flight.fetch_add(1, Relaxed) + 1;
+        stats.peak_in_flight.fetch_max(now, Relaxed);
+        Self(stats)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
 }
 
 impl MockState {
@@ -189,6 +209,7 @@ fn text_of(content: &Value) -> String {
 }
 
 async fn chat(State(state): State<Arc<MockState>>, _headers: HeaderMap, body: Bytes) -> Response {
+    let _in_flight = InFlight::enter(&state.stats);
     if let Some(r) = fault_response(before_answer(&state).await) {
         return r;
     }
@@ -292,5 +313,6 @@ async fn stats(State(state): State<Arc<MockState>>) -> Json<Value> {
         "errors": s.errors.load(Relaxed),
         "rate_limited": s.rate_limited.load(Relaxed),
         "hangs": s.hangs.load(Relaxed),
+        "peak_in_flight": s.peak_in_flight.load(Relaxed),
     }))
 }

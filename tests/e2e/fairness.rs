@@ -11,7 +11,7 @@ use sluice_mock_provider::Settings;
 use uuid::Uuid;
 
 use crate::harness::{Stack, wait_for};
-use crate::procs::{Cluster, settings, with_tpm};
+use crate::procs::{Cluster, running_at_most, settings, with_tpm};
 
 fn job(content: &str, priority: &str) -> serde_json::Value {
     serde_json::json!({"endpoint": "chat.completions", "priority": priority, "body": Stack::chat_body(content)})
@@ -286,4 +286,41 @@ async fn an_idle_tenants_queue_consumer_is_removed_and_made_again_on_its_next_jo
     .await;
     assert_eq!(stack.chat(&Stack::chat_body("again")).await.status(), 200);
     assert_eq!(consumers().await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_jobs_limit_holds_across_two_workers() {
+    let mock = Settings { latency_ms: 200, ..Settings::default() };
+    let mut c = Cluster::start(mock, 8, "").await;
+    c.start_ingress().await;
+    c.start_ingress().await;
+    // Workers start knowing the limit (they reload tenants every 100 ms).
+    let (_, key) = c.tenant("two-at-a-time", running_at_most(2)).await;
+    let (_, other) = c.tenant("free", settings(None, None, None)).await;
+    c.start_worker().await;
+    c.start_worker().await;
+    let submit_all = |key: String, n: usize| {
+        let c = &c;
+        async move {
+            for i in 0..n {
+                assert_eq!(c.submit(i, &key, &job(&format!("job {i}"), "normal")).await.status(), 202);
+            }
+        }
+    };
+    // Ten jobs, sixteen free slots on two workers: two run at a time.
+    submit_all(key, 10).await;
+    wait_for("the limited tenant's jobs to complete", Duration::from_secs(30), || async {
+        (c.ledger_count("completed").await == 10).then_some(())
+    })
+    .await;
+    let peak = c.mock_stats().await["peak_in_flight"].as_u64().unwrap();
+    assert_eq!(peak, 2, "the limited tenant had {peak} calls at the provider at once");
+    // Another tenant is not held back.
+    submit_all(other, 8).await;
+    wait_for("the other tenant's jobs to complete", Duration::from_secs(30), || async {
+        (c.ledger_count("completed").await == 18).then_some(())
+    })
+    .await;
+    let peak = c.mock_stats().await["peak_in_flight"].as_u64().unwrap();
+    assert!(peak >= 4, "the unlimited tenant had at most {peak} calls at once");
 }

@@ -17,7 +17,7 @@ use crate::harness::{Mock, NatsServer, TempDir, binary, fresh_database, http_cli
 pub struct Cluster {
     _nats: NatsServer,
     pub db: PgPool,
-    _mock: Mock,
+    mock: Mock,
     pub http: reqwest::Client,
     /// Base URLs of the running ingresses.
     pub ingresses: Vec<String>,
@@ -81,7 +81,7 @@ api_key = "sk-upstream-test"
         Self {
             _nats: nats,
             db,
-            _mock: mock,
+            mock,
             http: http_client(),
             ingresses: Vec::new(),
             workers: Vec::new(),
@@ -99,6 +99,8 @@ api_key = "sk-upstream-test"
             Ok(filter) => cmd.env("SLUICE__LOG__FILTER", filter).stdout(Stdio::inherit()).stderr(Stdio::inherit()),
             Err(_) => cmd.stdout(Stdio::null()).stderr(Stdio::null()),
         };
+        // New tenants' settings reach the workers within 100 ms.
+        cmd.env("SLUICE__SCHEDULER__TENANTS_REFRESH_MS", "100");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -122,6 +124,10 @@ api_key = "sk-upstream-test"
         let base = format!("http://127.0.0.1:{port}");
         self.wait_ready(&base).await;
         self.workers.push(base);
+    }
+
+    pub async fn mock_stats(&self) -> serde_json::Value {
+        self.mock.stats().await
     }
 
     /// The Prometheus text of a component's `/metrics`.
@@ -180,6 +186,11 @@ pub fn settings(weight: Option<i32>, max_queued: Option<i64>, rpm: Option<i64>) 
     with_tpm(weight, max_queued, rpm, None)
 }
 
+/// Settings with only a running-jobs limit.
+pub fn running_at_most(n: i64) -> db::TenantChanges {
+    db::TenantChanges { max_in_flight: db::Setting::Value(n), ..settings(None, None, None) }
+}
+
 pub fn with_tpm(weight: Option<i32>, max_queued: Option<i64>, rpm: Option<i64>, tpm: Option<i64>) -> db::TenantChanges {
     use db::Setting;
     let set = |v: Option<i64>| v.map_or(Setting::Keep, Setting::Value);
@@ -187,6 +198,7 @@ pub fn with_tpm(weight: Option<i32>, max_queued: Option<i64>, rpm: Option<i64>, 
         weight: weight.map_or(Setting::Keep, Setting::Value),
         tier: Setting::Keep,
         max_queued: set(max_queued),
+        max_in_flight: Setting::Keep,
         rpm: set(rpm),
         tpm: set(tpm),
     }

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use sluice_core::counters::{Counters, queued_subject};
+use sluice_core::counters::Counters;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -81,11 +81,13 @@ pub struct Seen {
     truth: i64,
 }
 
-/// Sets drifted queued-jobs counts to the truth. `truth` holds each capped
-/// tenant's messages in the jobs stream; `seen` carries the last round's
-/// observations. Returns the counts repaired.
+/// Sets drifted counts (`subject_of` each tenant) to the truth: `truth`
+/// holds each capped tenant's real figure (messages in the jobs stream, or
+/// jobs being worked on); `seen` carries the last round's observations.
+/// Returns the counts repaired.
 pub async fn repair(
     counters: &Counters,
+    subject_of: fn(Uuid) -> String,
     truth: &HashMap<Uuid, i64>,
     capped: &[Uuid],
     seen: &mut HashMap<Uuid, Seen>,
@@ -93,7 +95,7 @@ pub async fn repair(
     let mut repaired = 0;
     let mut next = HashMap::with_capacity(capped.len());
     for tenant in capped {
-        let subject = queued_subject(*tenant);
+        let subject = subject_of(*tenant);
         let Ok((value, sequence)) = counters.get(&subject).await else {
             continue;
         };
@@ -102,10 +104,10 @@ pub async fn repair(
             match counters.add_if_unchanged(&subject, now.truth - value, sequence).await {
                 Ok(Some(_)) => {
                     repaired += 1;
-                    tracing::info!(%tenant, from = value, to = now.truth, "queued-jobs count repaired");
+                    tracing::info!(%tenant, subject, from = value, to = now.truth, "drifted count repaired");
                 }
                 Ok(None) => {}
-                Err(error) => tracing::warn!(%error, %tenant, "queued-jobs count repair failed"),
+                Err(error) => tracing::warn!(%error, %tenant, subject, "count repair failed"),
             }
             continue;
         }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
+use sluice_core::counters::in_flight_subject;
 use sluice_core::envelope::H_EST_TOKENS;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -18,8 +19,14 @@ use crate::job::{self, JobContext};
 use crate::metrics as m;
 use crate::queues::{Hint, Queues};
 
+/// How long a tenant at its running-jobs limit is left alone, unless one of
+/// its jobs on this worker ends first.
+const AT_LIMIT_PAUSE: Duration = Duration::from_millis(20);
+
 pub struct Executor {
     pub queues: Queues,
+    /// Running-jobs counts of tenants with a `max_in_flight` limit.
+    pub counters: sluice_core::counters::Counters,
     pub fair: Fair,
     pub hints: mpsc::Receiver<Hint>,
     pub ctx: Arc<JobContext>,
@@ -37,6 +44,8 @@ struct Done {
     estimate: f64,
     charged: f64,
     used: f64,
+    /// The tenant has a running-jobs limit.
+    limited: bool,
 }
 
 impl Executor {
@@ -63,6 +72,9 @@ impl Executor {
                 self.queues.apply(hint);
             }
             while let Ok(done) = done_rx.try_recv() {
+                if done.limited {
+                    self.queues.resume(done.tenant);
+                }
                 let weight = self.ctx.tenants.get(done.tenant).weight;
                 self.fair.complete(done.tenant, done.class, done.estimate, done.charged, done.used, weight);
             }
@@ -94,13 +106,28 @@ impl Executor {
             // A fair slice of the free slots: other backlogged tenants of the
             // class get theirs on the next picks.
             let tenants = backlogged.iter().filter(|q| q.class == key.class).count().max(1);
-            let want = permits
+            let mut want = permits
                 .len()
                 .div_ceil(tenants)
                 .min(self.max_fetch)
                 .min(self.queues.pending(&key).max(1) as usize)
                 .max(1);
-            let messages = match self.queues.fetch(&key, want).await {
+            let limit = self.ctx.tenants.get(key.tenant).max_in_flight;
+            if let Some(cap) = limit {
+                match self.reserve(key.tenant, cap, want).await {
+                    0 => {
+                        self.queues.pause(&key, AT_LIMIT_PAUSE);
+                        continue;
+                    }
+                    allowed => want = allowed,
+                }
+            }
+            let fetched = self.queues.fetch(&key, want).await;
+            if limit.is_some() {
+                let unused = want - fetched.as_ref().map_or(0, Vec::len);
+                self.ctx.counts.add(in_flight_subject(key.tenant), -(unused as i64));
+            }
+            let messages = match fetched {
                 Ok(messages) => messages,
                 Err(error) => {
                     metrics::counter!(m::FETCH_ERRORS).increment(1);
@@ -119,7 +146,26 @@ impl Executor {
                     let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
                     continue;
                 };
-                self.dispatch(&key, message, permit, done_tx.clone());
+                self.dispatch(&key, message, permit, limit.is_some(), done_tx.clone());
+            }
+        }
+    }
+
+    /// Counts `want` jobs of a tenant with a running-jobs limit `cap` as
+    /// running, over all workers; returns how many fit (the rest are taken
+    /// back). 0 when the count cannot be reached: the limit is not risked.
+    async fn reserve(&self, tenant: Uuid, cap: u64, want: usize) -> usize {
+        let subject = in_flight_subject(tenant);
+        match self.counters.add(&subject, want as i64).await {
+            Ok(total) => {
+                let over = (total - cap as i64).clamp(0, want as i64) as usize;
+                self.ctx.counts.add(subject, -(over as i64));
+                want - over
+            }
+            Err(error) => {
+                metrics::counter!(m::COUNTER_FAILURES).increment(1);
+                tracing::warn!(%error, %tenant, "cannot count running jobs; the tenant waits");
+                0
             }
         }
     }
@@ -129,6 +175,7 @@ impl Executor {
         key: &QueueKey,
         message: Message,
         permit: OwnedSemaphorePermit,
+        limited: bool,
         done: mpsc::UnboundedSender<Done>,
     ) {
         let estimate = estimated_tokens(&message, self.ctx.default_max_tokens) as f64;
@@ -143,13 +190,16 @@ impl Executor {
             metrics::gauge!(m::TENANT_IN_FLIGHT, "pool" => key.pool.clone(), "tenant" => policy.name.clone());
         tenant_gauge.increment(1.0);
         tokio::spawn(async move {
-            let used = job::run(ctx, message).await;
+            let used = job::run(ctx.clone(), message).await;
             gauge.decrement(1.0);
             tenant_gauge.decrement(1.0);
-            drop(permit);
-            if let Some(used) = used {
-                let _ = done.send(Done { tenant, class, estimate, charged, used: used as f64 });
+            if limited {
+                ctx.counts.add(in_flight_subject(tenant), -1);
             }
+            drop(permit);
+            // Without a real usage the estimate stays charged.
+            let used = used.map_or(charged, |u| u as f64);
+            let _ = done.send(Done { tenant, class, estimate, charged, used, limited });
         });
     }
 

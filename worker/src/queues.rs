@@ -125,6 +125,19 @@ impl Queues {
         self.queues.values().filter(|q| q.pending > 0).filter_map(|q| q.dry_until).min()
     }
 
+    /// Leaves a queue alone for `pause` (its tenant is at its running-jobs limit).
+    pub fn pause(&mut self, key: &QueueKey, pause: Duration) {
+        let q = self.entry(key.clone(), Instant::now());
+        q.dry_until = Some(Instant::now() + pause);
+    }
+
+    /// Ends the pauses of a tenant's queues (one of its jobs just ended).
+    pub fn resume(&mut self, tenant: Uuid) {
+        for (_, q) in self.queues.iter_mut().filter(|(k, _)| k.tenant == tenant) {
+            q.dry_until = None;
+        }
+    }
+
     pub fn pending(&self, key: &QueueKey) -> u64 {
         self.queues.get(key).map_or(0, |q| q.pending)
     }
@@ -173,7 +186,7 @@ impl Queues {
         if let Some(c) = self.queues.get(key).and_then(|q| q.consumer.clone()) {
             return Ok(c);
         }
-        let name = format!("{}_{}", self.prefix, consumer_name_of(key));
+        let name = consumer_name(&self.prefix, key);
         let config = pull::Config {
             durable_name: Some(name.clone()),
             filter_subject: job_subject(&key.pool, key.class, key.tenant),
@@ -197,6 +210,11 @@ impl Queues {
         self.entry(key.clone(), now).consumer = Some(consumer.clone());
         Ok(consumer)
     }
+}
+
+/// The durable consumer name of a queue.
+pub fn consumer_name(prefix: &str, key: &QueueKey) -> String {
+    format!("{prefix}_{}", consumer_name_of(key))
 }
 
 fn consumer_name_of(key: &QueueKey) -> String {

@@ -138,6 +138,7 @@ impl Worker {
         let sc = &config.scheduler;
         let (hints, hints_rx) = tokio::sync::mpsc::channel(4096);
         let executor = Executor {
+            counters: counters.clone(),
             queues: Queues::new(
                 jobs.clone(),
                 w.consumer.clone(),
@@ -199,6 +200,8 @@ impl Worker {
         ));
         tokio::spawn(repair_counts(
             self.counters.clone(),
+            self.jobs.clone(),
+            self.config.worker.consumer.clone(),
             self.executor.ctx.tenants.clone(),
             counts_rx,
             background.clone(),
@@ -263,15 +266,19 @@ impl Worker {
     }
 }
 
-/// Every [`REPAIR_EVERY`], sets drifted queued-jobs counts to the truth
-/// from the latest discovery (see [`crate::counts::repair`]).
+/// Every [`REPAIR_EVERY`], sets drifted counts to the truth (see
+/// [`crate::counts::repair`]): queued jobs from the latest discovery, running
+/// jobs from the acknowledgements pending on the tenant's queue consumers.
 async fn repair_counts(
     counters: sluice_core::counters::Counters,
+    jobs: async_nats::jetstream::stream::Stream,
+    prefix: String,
     tenants: crate::tenants::TenantBook,
     counts: tokio::sync::watch::Receiver<Arc<Vec<(QueueKey, u64)>>>,
     shutdown: CancellationToken,
 ) {
     let mut seen = std::collections::HashMap::new();
+    let mut seen_running = std::collections::HashMap::new();
     let mut tick = tokio::time::interval(REPAIR_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -279,8 +286,21 @@ async fn repair_counts(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let truth = queues::per_tenant(&counts.borrow());
-        let repaired = crate::counts::repair(&counters, &truth, &tenants.capped(), &mut seen).await;
+        let listed = counts.borrow().clone();
+        let truth = queues::per_tenant(&listed);
+        let subject = sluice_core::counters::queued_subject;
+        let mut repaired = crate::counts::repair(&counters, subject, &truth, &tenants.capped(), &mut seen).await;
+        let limited = tenants.capped_in_flight();
+        if !limited.is_empty() {
+            let mut running = std::collections::HashMap::new();
+            for (key, _) in listed.iter().filter(|(k, _)| limited.contains(&k.tenant)) {
+                if let Ok(info) = jobs.consumer_info(queues::consumer_name(&prefix, key)).await {
+                    *running.entry(key.tenant).or_insert(0) += info.num_ack_pending as i64;
+                }
+            }
+            let subject = sluice_core::counters::in_flight_subject;
+            repaired += crate::counts::repair(&counters, subject, &running, &limited, &mut seen_running).await;
+        }
         metrics::counter!(crate::metrics::COUNTER_REPAIRS).increment(repaired as u64);
     }
 }

@@ -65,4 +65,9 @@ impl TenantBook {
     pub fn capped(&self) -> Vec<Uuid> {
         self.tenants.borrow().iter().filter(|(_, p)| p.max_queued.is_some()).map(|(id, _)| *id).collect()
     }
+
+    /// Every tenant with a running-jobs limit, for counter repair.
+    pub fn capped_in_flight(&self) -> Vec<Uuid> {
+        self.tenants.borrow().iter().filter(|(_, p)| p.max_in_flight.is_some()).map(|(id, _)| *id).collect()
+    }
 }
