@@ -3,6 +3,15 @@
 //! queue holds now, and run each job in its own task. Nothing is fetched
 //! ahead of a free slot (a held message's `ack_wait` would run out while it
 //! waits, and another worker could have run it).
+//!
+//! When nothing is waiting and slots are free, the worker also keeps a pull
+//! request open on the queues that had jobs in the last second (standing
+//! pulls), with part of its free slots: the server hands such a queue's next
+//! job over the moment it is stored, without the wake-up and fetch round
+//! trips. Fairness is not at stake then, since there is idle capacity; a
+//! standing pull takes at most half the free slots, ends after a second, and
+//! is never abandoned (a message sent to an abandoned pull would wait out
+//! `ack_wait`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +31,18 @@ use crate::queues::{Hint, Queues};
 /// How long a tenant at its running-jobs limit is left alone, unless one of
 /// its jobs on this worker ends first.
 const AT_LIMIT_PAUSE: Duration = Duration::from_millis(20);
+/// A queue that had a job this recently gets a standing pull when idle.
+const HOT: Duration = Duration::from_secs(1);
+/// How long a standing pull waits on the server.
+const STANDING_EXPIRES: Duration = Duration::from_secs(1);
+/// Most queues with a standing pull at once.
+const MAX_STANDING: usize = 4;
+
+/// What a standing pull reports to the fetch loop.
+enum Standing {
+    Arrived { key: QueueKey, message: Box<Message>, permit: OwnedSemaphorePermit },
+    Ended(QueueKey),
+}
 
 pub struct Executor {
     pub queues: Queues,
@@ -53,6 +74,8 @@ impl Executor {
     /// (see [`Executor::drain`]).
     pub async fn run(&mut self, shutdown: CancellationToken) {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        let (standing_tx, mut standing_rx) = mpsc::unbounded_channel::<Standing>();
+        let mut standing: std::collections::HashSet<QueueKey> = std::collections::HashSet::new();
         let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
         let mut last_prune = tokio::time::Instant::now();
         loop {
@@ -63,7 +86,14 @@ impl Executor {
                         Ok(p) => permits.push(p),
                         Err(_) => return,
                     },
+                    Some(s) = standing_rx.recv() => {
+                        self.on_standing(s, &mut standing, &done_tx);
+                        continue;
+                    }
                 }
+            }
+            while let Ok(s) = standing_rx.try_recv() {
+                self.on_standing(s, &mut standing, &done_tx);
             }
             while let Ok(p) = self.slots.clone().try_acquire_owned() {
                 permits.push(p);
@@ -86,6 +116,7 @@ impl Executor {
 
             let backlogged = self.queues.backlogged();
             let Some(key) = self.fair.pick(&backlogged) else {
+                self.stand(&mut permits, &mut standing, &standing_tx, &shutdown).await;
                 // Nothing to fetch: wait for a hint, a queue's dry pause to
                 // end, or the next discovery.
                 let until = self
@@ -99,6 +130,7 @@ impl Executor {
                         Some(h) => self.queues.apply(h),
                         None => return,
                     },
+                    Some(s) = standing_rx.recv() => self.on_standing(s, &mut standing, &done_tx),
                     _ = tokio::time::sleep_until(until) => {}
                 }
                 continue;
@@ -147,6 +179,54 @@ impl Executor {
                     continue;
                 };
                 self.dispatch(&key, message, permit, limit.is_some(), done_tx.clone());
+            }
+        }
+    }
+
+    /// Opens standing pulls on hot queues that have none, with at most half
+    /// of the free slots.
+    async fn stand(
+        &mut self,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+        standing: &mut std::collections::HashSet<QueueKey>,
+        tx: &mpsc::UnboundedSender<Standing>,
+        stop: &CancellationToken,
+    ) {
+        let hot: Vec<QueueKey> = self
+            .queues
+            .hot(HOT)
+            .into_iter()
+            .filter(|k| !standing.contains(k) && self.ctx.tenants.get(k.tenant).max_in_flight.is_none())
+            .take(MAX_STANDING.saturating_sub(standing.len()))
+            .collect();
+        if hot.is_empty() {
+            return;
+        }
+        let each = (permits.len() / 2) / hot.len();
+        if each == 0 {
+            return;
+        }
+        for key in hot {
+            let Ok(consumer) = self.queues.consumer(&key).await else { continue };
+            let held: Vec<OwnedSemaphorePermit> = permits.drain(..each).collect();
+            standing.insert(key.clone());
+            tokio::spawn(standing_pull(consumer, key, held, tx.clone(), stop.clone()));
+        }
+    }
+
+    fn on_standing(
+        &mut self,
+        s: Standing,
+        standing: &mut std::collections::HashSet<QueueKey>,
+        done: &mpsc::UnboundedSender<Done>,
+    ) {
+        match s {
+            Standing::Arrived { key, message, permit } => {
+                self.queues.saw_job(&key);
+                self.dispatch(&key, *message, permit, false, done.clone());
+            }
+            Standing::Ended(key) => {
+                standing.remove(&key);
             }
         }
     }
@@ -216,6 +296,40 @@ impl Executor {
             }
         }
     }
+}
+
+/// Holds a pull request open on one queue for up to [`STANDING_EXPIRES`],
+/// passing each job that arrives to the fetch loop with one of `permits`.
+async fn standing_pull(
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+    key: QueueKey,
+    mut permits: Vec<OwnedSemaphorePermit>,
+    tx: mpsc::UnboundedSender<Standing>,
+    stop: CancellationToken,
+) {
+    use futures::StreamExt;
+    let batch = consumer.batch().max_messages(permits.len()).expires(STANDING_EXPIRES).messages().await;
+    if let Ok(mut batch) = batch {
+        // Past `expires` the server ends the pull; a little later the client
+        // stops waiting too, in case that server went away.
+        let give_up = tokio::time::Instant::now() + STANDING_EXPIRES + Duration::from_secs(2);
+        while !permits.is_empty() {
+            match tokio::time::timeout_at(give_up, batch.next()).await {
+                Ok(Some(Ok(message))) => {
+                    // The fetch loop is gone once stopping: hand the job
+                    // straight back rather than let it wait out `ack_wait`.
+                    if stop.is_cancelled() {
+                        let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                        continue;
+                    }
+                    let Some(permit) = permits.pop() else { break };
+                    let _ = tx.send(Standing::Arrived { key: key.clone(), message: Box::new(message), permit });
+                }
+                Ok(Some(Err(_))) | Ok(None) | Err(_) => break,
+            }
+        }
+    }
+    let _ = tx.send(Standing::Ended(key));
 }
 
 /// The job's token estimate from the ingress, or one from its size.

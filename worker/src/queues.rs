@@ -55,6 +55,8 @@ struct Queue {
     dry_until: Option<Instant>,
     dry_pause: Duration,
     last_used: Instant,
+    /// When a fetch last brought a job.
+    last_job: Option<Instant>,
 }
 
 pub struct Queues {
@@ -107,6 +109,7 @@ impl Queues {
             dry_until: None,
             dry_pause: DRY_FIRST,
             last_used: now,
+            last_job: None,
         })
     }
 
@@ -123,6 +126,27 @@ impl Queues {
     /// When the earliest dry queue may be tried again, if any holds jobs.
     pub fn next_retry(&self) -> Option<Instant> {
         self.queues.values().filter(|q| q.pending > 0).filter_map(|q| q.dry_until).min()
+    }
+
+    /// Notes that a job of the queue arrived (through a standing pull).
+    pub fn saw_job(&mut self, key: &QueueKey) {
+        let now = Instant::now();
+        let q = self.entry(key.clone(), now);
+        q.last_job = Some(now);
+        q.last_used = now;
+    }
+
+    /// Queues that had a job within `within`, most recent first.
+    pub fn hot(&self, within: Duration) -> Vec<QueueKey> {
+        let now = Instant::now();
+        let mut hot: Vec<(&QueueKey, Instant)> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| q.last_job.is_some_and(|t| now.duration_since(t) < within))
+            .filter_map(|(k, q)| Some((k, q.last_job?)))
+            .collect();
+        hot.sort_by_key(|e| std::cmp::Reverse(e.1));
+        hot.into_iter().map(|(k, _)| k.clone()).collect()
     }
 
     /// Leaves a queue alone for `pause` (its tenant is at its running-jobs limit).
@@ -170,6 +194,7 @@ impl Queues {
         };
         match messages.last().and_then(|m| m.info().ok()) {
             Some(info) => {
+                q.last_job = Some(now);
                 q.pending = info.pending;
                 q.dry_pause = DRY_FIRST;
                 q.dry_until = None;
@@ -182,7 +207,8 @@ impl Queues {
         Ok(messages)
     }
 
-    async fn consumer(&mut self, key: &QueueKey) -> Result<PullConsumer, FetchError> {
+    /// The queue's consumer, created on first use.
+    pub async fn consumer(&mut self, key: &QueueKey) -> Result<PullConsumer, FetchError> {
         if let Some(c) = self.queues.get(key).and_then(|q| q.consumer.clone()) {
             return Ok(c);
         }
