@@ -114,7 +114,11 @@ impl Executor {
                 self.fair.forget_idle(&live);
             }
 
-            let backlogged = self.queues.backlogged();
+            // A queue with a standing pull gets its jobs through it (the pull
+            // ends as soon as its slots are used); fetching it as well would
+            // mostly come back empty.
+            let mut backlogged = self.queues.backlogged();
+            backlogged.retain(|k| !standing.contains(k));
             let Some(key) = self.fair.pick(&backlogged) else {
                 self.stand(&mut permits, &mut standing, &standing_tx, &shutdown).await;
                 // Nothing to fetch: wait for a hint, a queue's dry pause to
