@@ -38,27 +38,10 @@ const STANDING_EXPIRES: Duration = Duration::from_secs(1);
 /// Most queues with a standing pull at once.
 const MAX_STANDING: usize = 4;
 
-/// What a fetch or a standing pull reports to the fetch loop.
+/// What a standing pull reports to the fetch loop.
 enum Standing {
-    Arrived {
-        key: QueueKey,
-        message: Box<Message>,
-        permit: OwnedSemaphorePermit,
-        limited: bool,
-        /// Already charged to the tenant for this job when the fetch began.
-        prepaid: f64,
-    },
-    /// A standing pull ended.
+    Arrived { key: QueueKey, message: Box<Message>, permit: OwnedSemaphorePermit },
     Ended(QueueKey),
-    /// A fetch ended: what the last job said is left, `None` if none came;
-    /// `Err` if it failed. `unused`: reserved running-jobs counts to give back.
-    Fetched {
-        key: QueueKey,
-        outcome: Result<Option<u64>, ()>,
-        unused: usize,
-        /// Charged in advance for jobs that did not come: to refund.
-        refund: f64,
-    },
 }
 
 pub struct Executor {
@@ -73,34 +56,6 @@ pub struct Executor {
     pub max_fetch: usize,
     /// Longest wait for a hint while idle.
     pub discover: Duration,
-}
-
-/// Queues with a pull under way.
-#[derive(Default)]
-struct Busy {
-    /// Queues with a standing pull: they are not fetched besides.
-    standing: std::collections::HashSet<QueueKey>,
-    /// Fetches under way per queue (several may run on one queue).
-    fetching: std::collections::HashMap<QueueKey, usize>,
-}
-
-impl Busy {
-    fn start_fetch(&mut self, key: &QueueKey) {
-        *self.fetching.entry(key.clone()).or_insert(0) += 1;
-    }
-
-    fn end_fetch(&mut self, key: &QueueKey) {
-        if let Some(n) = self.fetching.get_mut(key) {
-            *n -= 1;
-            if *n == 0 {
-                self.fetching.remove(key);
-            }
-        }
-    }
-
-    fn keys(&self) -> Vec<QueueKey> {
-        self.standing.iter().chain(self.fetching.keys()).cloned().collect()
-    }
 }
 
 /// A finished job's real usage, to correct the scheduler's estimate.
@@ -120,7 +75,7 @@ impl Executor {
     pub async fn run(&mut self, shutdown: CancellationToken) {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let (standing_tx, mut standing_rx) = mpsc::unbounded_channel::<Standing>();
-        let mut busy = Busy::default();
+        let mut standing: std::collections::HashSet<QueueKey> = std::collections::HashSet::new();
         let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
         let mut last_prune = tokio::time::Instant::now();
         loop {
@@ -132,13 +87,13 @@ impl Executor {
                         Err(_) => return,
                     },
                     Some(s) = standing_rx.recv() => {
-                        self.on_standing(s, &mut busy, &done_tx);
+                        self.on_standing(s, &mut standing, &done_tx);
                         continue;
                     }
                 }
             }
             while let Ok(s) = standing_rx.try_recv() {
-                self.on_standing(s, &mut busy, &done_tx);
+                self.on_standing(s, &mut standing, &done_tx);
             }
             while let Ok(p) = self.slots.clone().try_acquire_owned() {
                 permits.push(p);
@@ -160,13 +115,12 @@ impl Executor {
             }
 
             // A queue with a standing pull gets its jobs through it (the pull
-            // ends as soon as its slots are used); fetches may overlap, each
-            // taking its share of the queue's pending jobs.
+            // ends as soon as its slots are used); fetching it as well would
+            // mostly come back empty.
             let mut backlogged = self.queues.backlogged();
-            backlogged.retain(|k| !busy.standing.contains(k));
-            let busy_now = busy.keys();
-            let Some(key) = self.fair.pick_among(&backlogged, &busy_now) else {
-                self.stand(&mut permits, &mut busy, &standing_tx, &shutdown).await;
+            backlogged.retain(|k| !standing.contains(k));
+            let Some(key) = self.fair.pick(&backlogged) else {
+                self.stand(&mut permits, &mut standing, &standing_tx, &shutdown).await;
                 // Nothing to fetch: wait for a hint, a queue's dry pause to
                 // end, or the next discovery.
                 let until = self
@@ -180,7 +134,7 @@ impl Executor {
                         Some(h) => self.queues.apply(h),
                         None => return,
                     },
-                    Some(s) = standing_rx.recv() => self.on_standing(s, &mut busy, &done_tx),
+                    Some(s) = standing_rx.recv() => self.on_standing(s, &mut standing, &done_tx),
                     _ = tokio::time::sleep_until(until) => {}
                 }
                 continue;
@@ -204,28 +158,32 @@ impl Executor {
                     allowed => want = allowed,
                 }
             }
-            let consumer = match self.queues.consumer(&key).await {
-                Ok(c) => c,
+            let fetched = self.queues.fetch(&key, want).await;
+            if limit.is_some() {
+                let unused = want - fetched.as_ref().map_or(0, Vec::len);
+                self.ctx.counts.add(in_flight_subject(key.tenant), -(unused as i64));
+            }
+            let messages = match fetched {
+                Ok(messages) => messages,
                 Err(error) => {
                     metrics::counter!(m::FETCH_ERRORS).increment(1);
-                    tracing::warn!(%error, "cannot open the queue's consumer");
-                    self.queues.fetched(&key, Err(()));
-                    if limit.is_some() {
-                        self.ctx.counts.add(in_flight_subject(key.tenant), -(want as i64));
-                    }
+                    tracing::warn!(%error, "fetch failed");
                     continue;
                 }
             };
-            // The fetch runs on its own, so that a slow answer does not hold
-            // up the other queues; its jobs come back through the channel.
-            let held = permits.split_off(permits.len() - want.min(permits.len()));
-            // Charged now, so that picks made while the fetch is under way
-            // see it; settled per job when they arrive, refunded if they do not.
-            let unit = self.fair.expected_next(key.tenant, self.ctx.default_max_tokens as f64);
-            self.fair.charge(key.tenant, unit * held.len() as f64, self.ctx.tenants.get(key.tenant).weight);
-            busy.start_fetch(&key);
-            self.queues.take_pending(&key, held.len());
-            tokio::spawn(fetch(consumer, key, held, limit.is_some(), unit, standing_tx.clone(), shutdown.clone()));
+            tracing::debug!(
+                tenant = %key.tenant, class = key.class.as_str(), want, got = messages.len(),
+                backlogged = backlogged.len(), "fetched"
+            );
+            for message in messages {
+                let Some(permit) = permits.pop() else {
+                    // Cannot happen (we asked for at most the free slots);
+                    // hand the message straight back.
+                    let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                    continue;
+                };
+                self.dispatch(&key, message, permit, limit.is_some(), done_tx.clone());
+            }
         }
     }
 
@@ -234,7 +192,7 @@ impl Executor {
     async fn stand(
         &mut self,
         permits: &mut Vec<OwnedSemaphorePermit>,
-        busy: &mut Busy,
+        standing: &mut std::collections::HashSet<QueueKey>,
         tx: &mpsc::UnboundedSender<Standing>,
         stop: &CancellationToken,
     ) {
@@ -242,12 +200,8 @@ impl Executor {
             .queues
             .hot(HOT)
             .into_iter()
-            .filter(|k| {
-                !busy.standing.contains(k)
-                    && !busy.fetching.contains_key(k)
-                    && self.ctx.tenants.get(k.tenant).max_in_flight.is_none()
-            })
-            .take(MAX_STANDING.saturating_sub(busy.standing.len()))
+            .filter(|k| !standing.contains(k) && self.ctx.tenants.get(k.tenant).max_in_flight.is_none())
+            .take(MAX_STANDING.saturating_sub(standing.len()))
             .collect();
         if hot.is_empty() {
             return;
@@ -259,31 +213,24 @@ impl Executor {
         for key in hot {
             let Ok(consumer) = self.queues.consumer(&key).await else { continue };
             let held: Vec<OwnedSemaphorePermit> = permits.drain(..each).collect();
-            busy.standing.insert(key.clone());
+            standing.insert(key.clone());
             tokio::spawn(standing_pull(consumer, key, held, tx.clone(), stop.clone()));
         }
     }
 
-    fn on_standing(&mut self, s: Standing, busy: &mut Busy, done: &mpsc::UnboundedSender<Done>) {
+    fn on_standing(
+        &mut self,
+        s: Standing,
+        standing: &mut std::collections::HashSet<QueueKey>,
+        done: &mpsc::UnboundedSender<Done>,
+    ) {
         match s {
-            Standing::Arrived { key, message, permit, limited, prepaid } => {
+            Standing::Arrived { key, message, permit } => {
                 self.queues.saw_job(&key);
-                self.dispatch(&key, *message, permit, limited, prepaid, done.clone());
+                self.dispatch(&key, *message, permit, false, done.clone());
             }
             Standing::Ended(key) => {
-                busy.standing.remove(&key);
-            }
-            Standing::Fetched { key, outcome, unused, refund } => {
-                let weight = self.ctx.tenants.get(key.tenant).weight;
-                self.fair.charge(key.tenant, -refund, weight);
-                if outcome.is_err() {
-                    metrics::counter!(m::FETCH_ERRORS).increment(1);
-                }
-                if unused > 0 {
-                    self.ctx.counts.add(in_flight_subject(key.tenant), -(unused as i64));
-                }
-                self.queues.fetched(&key, outcome);
-                busy.end_fetch(&key);
+                standing.remove(&key);
             }
         }
     }
@@ -313,14 +260,12 @@ impl Executor {
         message: Message,
         permit: OwnedSemaphorePermit,
         limited: bool,
-        prepaid: f64,
         done: mpsc::UnboundedSender<Done>,
     ) {
         let estimate = estimated_tokens(&message, self.ctx.default_max_tokens) as f64;
         let policy = self.ctx.tenants.get(key.tenant);
         let charged = self.fair.expected(key.tenant, estimate);
-        self.fair.charge(key.tenant, charged - prepaid, policy.weight);
-        self.fair.saw_estimate(key.tenant, estimate);
+        self.fair.charge(key.tenant, charged, policy.weight);
         let ctx = self.ctx.clone();
         let (tenant, class) = (key.tenant, key.class);
         let gauge = metrics::gauge!(m::IN_FLIGHT);
@@ -382,66 +327,13 @@ async fn standing_pull(
                         continue;
                     }
                     let Some(permit) = permits.pop() else { break };
-                    let _ = tx.send(Standing::Arrived {
-                        key: key.clone(),
-                        message: Box::new(message),
-                        permit,
-                        limited: false,
-                        prepaid: 0.0,
-                    });
+                    let _ = tx.send(Standing::Arrived { key: key.clone(), message: Box::new(message), permit });
                 }
                 Ok(Some(Err(_))) | Ok(None) | Err(_) => break,
             }
         }
     }
     let _ = tx.send(Standing::Ended(key));
-}
-
-/// Fetches what one queue holds now, up to one job per permit, and passes
-/// the jobs to the fetch loop, then how it went.
-async fn fetch(
-    consumer: async_nats::jetstream::consumer::PullConsumer,
-    key: QueueKey,
-    mut permits: Vec<OwnedSemaphorePermit>,
-    limited: bool,
-    unit: f64,
-    tx: mpsc::UnboundedSender<Standing>,
-    stop: CancellationToken,
-) {
-    let wanted = permits.len();
-    let (outcome, got) = match crate::queues::fetch_now(&consumer, wanted).await {
-        Ok(messages) => {
-            let left = messages.last().and_then(|m| m.info().ok()).map(|i| i.pending);
-            let mut got = 0;
-            for message in messages {
-                let permit = match permits.pop() {
-                    Some(p) if !stop.is_cancelled() => p,
-                    // Stopping (or, impossibly, more jobs than asked for):
-                    // hand the job straight back.
-                    _ => {
-                        let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
-                        continue;
-                    }
-                };
-                got += 1;
-                let _ = tx.send(Standing::Arrived {
-                    key: key.clone(),
-                    message: Box::new(message),
-                    permit,
-                    limited,
-                    prepaid: unit,
-                });
-            }
-            (Ok(left), got)
-        }
-        Err(error) => {
-            tracing::warn!(%error, queue = ?key, "fetch failed");
-            (Err(()), 0)
-        }
-    };
-    let missing = wanted.saturating_sub(got);
-    let unused = if limited { missing } else { 0 };
-    let _ = tx.send(Standing::Fetched { key, outcome, unused, refund: unit * missing as f64 });
 }
 
 /// The job's token estimate from the ingress, or one from its size.

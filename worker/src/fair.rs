@@ -46,9 +46,6 @@ pub struct Fair {
     counters: HashMap<Uuid, f64>,
     /// Real usage over estimate of each tenant's recent jobs (moving average).
     accuracy: HashMap<Uuid, f64>,
-    /// The ingress estimate of each tenant's last job, to charge a fetch
-    /// before its jobs are seen.
-    last_estimate: HashMap<Uuid, f64>,
     /// Recently served tokens per class, decaying.
     class_served: [f64; 3],
     min_share: [f64; 3],
@@ -64,7 +61,6 @@ impl Fair {
         Self {
             counters: HashMap::new(),
             accuracy: HashMap::new(),
-            last_estimate: HashMap::new(),
             class_served: [0.0; 3],
             min_share: [0.0, min_share_normal, min_share_batch],
             active: HashSet::new(),
@@ -75,18 +71,11 @@ impl Fair {
 
     /// Picks the next queue among `backlogged`.
     pub fn pick(&mut self, backlogged: &[QueueKey]) -> Option<QueueKey> {
-        self.pick_among(backlogged, &[])
-    }
-
-    /// Picks the next queue among `backlogged`; tenants of `busy` (queues
-    /// with a fetch under way) still count as active, so they are not taken
-    /// for newcomers when their fetch returns.
-    pub fn pick_among(&mut self, backlogged: &[QueueKey], busy: &[QueueKey]) -> Option<QueueKey> {
         if backlogged.is_empty() {
-            self.active = busy.iter().map(|q| q.tenant).collect();
+            self.active.clear();
             return None;
         }
-        self.lift_newcomers(backlogged, busy);
+        self.lift_newcomers(backlogged);
         let class = self.pick_class(backlogged)?;
         let tenant = backlogged
             .iter()
@@ -106,17 +95,6 @@ impl Fair {
     /// Charges a fetched job's expected tokens to its tenant.
     pub fn charge(&mut self, tenant: Uuid, tokens: f64, weight: u32) {
         self.correct(tenant, tokens, weight);
-    }
-
-    /// Notes the ingress estimate of a job of the tenant.
-    pub fn saw_estimate(&mut self, tenant: Uuid, estimate: f64) {
-        self.last_estimate.insert(tenant, estimate);
-    }
-
-    /// What to charge for the tenant's next job before it is seen: like its
-    /// last one (`otherwise` if none was seen).
-    pub fn expected_next(&self, tenant: Uuid, otherwise: f64) -> f64 {
-        self.expected(tenant, self.last_estimate.get(&tenant).copied().unwrap_or(otherwise))
     }
 
     /// What to charge for a job whose ingress estimate is `estimate`.
@@ -150,7 +128,6 @@ impl Fair {
         let tenants: HashSet<Uuid> = live.iter().map(|q| q.tenant).collect();
         self.counters.retain(|t, _| tenants.contains(t));
         self.accuracy.retain(|t, _| tenants.contains(t));
-        self.last_estimate.retain(|t, _| tenants.contains(t));
         self.turns.retain(|q, _| live.contains(q));
     }
 
@@ -158,8 +135,8 @@ impl Fair {
         self.counters.get(&tenant).copied().unwrap_or(0.0)
     }
 
-    fn lift_newcomers(&mut self, backlogged: &[QueueKey], busy: &[QueueKey]) {
-        let now: HashSet<Uuid> = backlogged.iter().chain(busy).map(|q| q.tenant).collect();
+    fn lift_newcomers(&mut self, backlogged: &[QueueKey]) {
+        let now: HashSet<Uuid> = backlogged.iter().map(|q| q.tenant).collect();
         let floor = self.active.iter().filter(|t| now.contains(t)).map(|t| self.counter(*t)).reduce(f64::min);
         if let Some(floor) = floor {
             for tenant in now.iter().filter(|t| !self.active.contains(t)) {

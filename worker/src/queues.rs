@@ -162,13 +162,6 @@ impl Queues {
         }
     }
 
-    /// Counts `n` of the queue's pending jobs as being fetched.
-    pub fn take_pending(&mut self, key: &QueueKey, n: usize) {
-        if let Some(q) = self.queues.get_mut(key) {
-            q.pending = q.pending.saturating_sub(n as u64);
-        }
-    }
-
     pub fn pending(&self, key: &QueueKey) -> u64 {
         self.queues.get(key).map_or(0, |q| q.pending)
     }
@@ -182,30 +175,36 @@ impl Queues {
         self.queues.keys().cloned().collect()
     }
 
-    /// Records how a fetch from the queue went: `Ok(pending)` with what the
-    /// last message said is left (`None`: nothing came), or an error.
-    pub fn fetched(&mut self, key: &QueueKey, outcome: Result<Option<u64>, ()>) {
+    /// Fetches up to `max` jobs that are in the queue now.
+    pub async fn fetch(&mut self, key: &QueueKey, max: usize) -> Result<Vec<Message>, FetchError> {
+        let consumer = self.consumer(key).await?;
+        let result = fetch_now(&consumer, max).await;
         let now = Instant::now();
         let max_dry = self.max_dry;
         let q = self.entry(key.clone(), now);
         q.last_used = now;
-        match outcome {
-            Err(()) => {
+        let messages = match result {
+            Ok(messages) => messages,
+            Err(message) => {
                 // A consumer the server removed (idle) is made again next time.
                 q.consumer = None;
                 q.dry_until = Some(now + q.dry_pause);
+                return Err(FetchError { queue: consumer_name_of(key), message });
             }
-            Ok(Some(pending)) => {
+        };
+        match messages.last().and_then(|m| m.info().ok()) {
+            Some(info) => {
                 q.last_job = Some(now);
-                q.pending = pending;
+                q.pending = info.pending;
                 q.dry_pause = DRY_FIRST;
                 q.dry_until = None;
             }
-            Ok(None) => {
+            None => {
                 q.dry_until = Some(now + q.dry_pause);
                 q.dry_pause = (q.dry_pause * 2).min(max_dry);
             }
         }
+        Ok(messages)
     }
 
     /// The queue's consumer, created on first use.
@@ -248,8 +247,7 @@ fn consumer_name_of(key: &QueueKey) -> String {
     format!("{}_{}_{}", key.pool, key.class.as_str(), key.tenant.simple())
 }
 
-/// Fetches up to `max` jobs that are in the queue now.
-pub async fn fetch_now(consumer: &PullConsumer, max: usize) -> Result<Vec<Message>, String> {
+async fn fetch_now(consumer: &PullConsumer, max: usize) -> Result<Vec<Message>, String> {
     // No `expires`: with one, the server would hold an empty pull open
     // until it ran out instead of answering "no messages" at once.
     let mut batch = consumer.fetch().max_messages(max).messages().await.map_err(|e| e.to_string())?;
