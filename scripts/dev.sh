@@ -41,7 +41,10 @@ BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
 PIDS=()
 PG_DIR="$(pg_dir_for "$STATE/pg")"
 stop_all() {
-  trap - INT TERM EXIT
+  # A second signal (a supervisor repeating it, Ctrl-C pressed twice) must
+  # not cut the stop short and leave Postgres or NATS running.
+  trap '' INT TERM
+  trap - EXIT
   log "stopping"
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
