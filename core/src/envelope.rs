@@ -47,19 +47,23 @@ pub const EVENTS_SUBJECTS: &str = "events.job.>";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     ChatCompletions,
+    Embeddings,
 }
 
 impl Endpoint {
     pub fn as_str(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "chat.completions",
+            Endpoint::Embeddings => "embeddings",
         }
     }
 
-    /// Reads `chat.completions`, or the path `/v1/chat/completions`.
+    /// Reads `chat.completions` or `embeddings`, or their paths
+    /// `/v1/chat/completions`, `/v1/embeddings`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "chat.completions" | "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
+            "embeddings" | "/v1/embeddings" => Some(Endpoint::Embeddings),
             _ => None,
         }
     }
@@ -68,6 +72,7 @@ impl Endpoint {
     pub fn upstream_path(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Embeddings => "/embeddings",
         }
     }
 }

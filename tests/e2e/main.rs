@@ -8,6 +8,7 @@ mod procs;
 mod auth;
 mod chat;
 mod config;
+mod embeddings;
 mod failures;
 mod fairness;
 mod jobs;

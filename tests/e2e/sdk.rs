@@ -3,7 +3,7 @@
 use crate::harness::{MODEL, Stack};
 
 #[tokio::test]
-async fn the_openai_python_sdk_gets_a_completion() {
+async fn the_openai_python_sdk_gets_a_completion_and_embeddings() {
     let stack = Stack::start().await;
     let python =
         std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON is not set: run the tests with scripts/test.sh");
@@ -22,4 +22,5 @@ async fn the_openai_python_sdk_gets_a_completion() {
     assert!(stdout.contains("content: mock reply to: hello from the openai sdk"), "{stdout}");
     assert!(stdout.contains("models: ['mock-model', 'team.chat-v1']"), "{stdout}");
     assert!(stdout.contains("error: 404 model_not_found"), "{stdout}");
+    assert!(stdout.contains("embeddings: 2 True"), "{stdout}");
 }

@@ -16,6 +16,9 @@ print("usage:", completion.usage.prompt_tokens, completion.usage.completion_toke
 
 print("models:", sorted(m.id for m in client.models.list()))
 
+embeddings = client.embeddings.create(model=model, input=["one", "two"])
+print("embeddings:", len(embeddings.data), len(embeddings.data[0].embedding) > 0)
+
 try:
     client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     print("error: none")

@@ -34,6 +34,7 @@ pub struct Upstream {
     client: reqwest::Client,
     /// `{base_url}/chat/completions`, parsed once.
     chat_url: reqwest::Url,
+    embeddings_url: reqwest::Url,
     /// Upstream model name when it differs from the pool name.
     rewrite_model: Option<String>,
     authorization: Option<HeaderValue>,
@@ -91,16 +92,21 @@ impl Upstreams {
                 None => None,
             };
             let rewrite_model = (pool.upstream_model() != pool.name).then(|| pool.upstream_model().to_owned());
-            let url = format!("{base_url}{}", Endpoint::ChatCompletions.upstream_path());
-            let chat_url = reqwest::Url::parse(&url).map_err(|e| ConfigError::Key {
-                key: format!("pools[{i}].base_url"),
-                message: format!("`{url}` is not a URL: {e}"),
-            })?;
+            let url_of = |endpoint: Endpoint| {
+                let url = format!("{base_url}{}", endpoint.upstream_path());
+                reqwest::Url::parse(&url).map_err(|e| ConfigError::Key {
+                    key: format!("pools[{i}].base_url"),
+                    message: format!("`{url}` is not a URL: {e}"),
+                })
+            };
+            let chat_url = url_of(Endpoint::ChatCompletions)?;
+            let embeddings_url = url_of(Endpoint::Embeddings)?;
             by_pool.insert(
                 pool.name.clone(),
                 Upstream {
                     client,
                     chat_url,
+                    embeddings_url,
                     rewrite_model,
                     authorization,
                     request_timeout: ms(settings.request_timeout_ms),
@@ -130,6 +136,7 @@ impl Upstream {
     fn url(&self, endpoint: Endpoint) -> &reqwest::Url {
         match endpoint {
             Endpoint::ChatCompletions => &self.chat_url,
+            Endpoint::Embeddings => &self.embeddings_url,
         }
     }
 

@@ -1,6 +1,6 @@
-//! `POST /v1/chat/completions`, answered synchronously through the queue:
-//! authenticate, validate, publish the job to JetStream, wait for the
-//! worker's answer on this ingress's reply inbox.
+//! `POST /v1/chat/completions` and `POST /v1/embeddings`, answered
+//! synchronously through the queue: authenticate, validate, publish the job
+//! to JetStream, wait for the worker's answer on this ingress's reply inbox.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,18 +18,30 @@ use uuid::Uuid;
 use super::submit;
 use crate::startup::AppState;
 
-const ROUTE: &str = "chat_completions";
-
 pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    answer(state, headers, body, Endpoint::ChatCompletions, "chat_completions").await
+}
+
+pub async fn embeddings(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    answer(state, headers, body, Endpoint::Embeddings, "embeddings").await
+}
+
+async fn answer(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Body,
+    endpoint: Endpoint,
+    route: &'static str,
+) -> Response {
     let started = Instant::now();
     let job_id = Uuid::now_v7();
     let request_id = submit::request_id(&headers, job_id);
-    let mut response = match handle(&state, &headers, body, job_id, &request_id).await {
+    let mut response = match handle(&state, &headers, body, endpoint, job_id, &request_id).await {
         Ok(response) => response,
         Err(error) => {
             crate::metrics::rejected(error.code);
             if error.code.status().is_server_error() {
-                tracing::warn!(%job_id, request_id, code = error.code.as_str(), message = %error.message, "chat completion failed");
+                tracing::warn!(%job_id, request_id, route, code = error.code.as_str(), message = %error.message, "request failed");
             }
             error.into_response()
         }
@@ -37,7 +49,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
-    crate::metrics::answered(ROUTE, response.status().as_u16(), started.elapsed());
+    crate::metrics::answered(route, response.status().as_u16(), started.elapsed());
     response
 }
 
@@ -45,12 +57,13 @@ async fn handle(
     state: &Arc<AppState>,
     headers: &HeaderMap,
     body: Body,
+    endpoint: Endpoint,
     job_id: Uuid,
     request_id: &str,
 ) -> Result<Response, ApiError> {
     let owner = state.keys.authenticate(headers)?;
     let bytes = crate::body::read_json_body(headers, body, state.config.ingress.max_body_bytes).await?;
-    let checked = submit::validate_chat(state, &bytes)?;
+    let checked = submit::validate(state, endpoint, &bytes)?;
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
         return Err(ApiError::new(ErrorCode::Overloaded, "this gateway has too many requests waiting; retry shortly")
             .retry_after(1));
@@ -72,7 +85,7 @@ async fn handle(
         job_id,
         tenant: owner.tenant_id,
         pool: checked.model,
-        endpoint: Endpoint::ChatCompletions,
+        endpoint,
         reply: Some(waiter.subject.clone()),
         // Past the wait the job keeps running, for the client to fetch; a
         // job still queued after the jobs expiry never runs.

@@ -222,14 +222,12 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     let Some(endpoint) = Endpoint::parse(&request.endpoint) else {
         return Err(ApiError::new(
             ErrorCode::InvalidRequest,
-            format!("unknown endpoint `{}`; supported: chat.completions", request.endpoint),
+            format!("unknown endpoint `{}`; supported: chat.completions, embeddings", request.endpoint),
         )
         .param("endpoint"));
     };
     let inner = Bytes::copy_from_slice(request.body.get().as_bytes());
-    let checked = match endpoint {
-        Endpoint::ChatCompletions => submit::validate_chat(state, &inner)?,
-    };
+    let checked = submit::validate(state, endpoint, &inner)?;
     check_metadata(request.metadata.as_ref())?;
     let asked = match request.priority.as_deref() {
         None => Class::Normal,

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use axum::http::HeaderMap;
 use serde::Deserialize;
-use sluice_core::envelope::Envelope;
+use sluice_core::envelope::{Endpoint, Envelope};
 use sluice_core::error::{ApiError, ErrorCode};
 use uuid::Uuid;
 
@@ -45,19 +45,61 @@ pub fn validate_chat<'s>(state: &'s AppState, bytes: &[u8]) -> Result<Checked<'s
         return Err(ApiError::new(ErrorCode::InvalidRequest, "`stream: true` is not supported by this gateway yet")
             .param("stream"));
     }
-    let Some(pool_token) = state.pool_tokens.get(request.model.as_ref()) else {
-        return Err(ApiError::new(
-            ErrorCode::ModelNotFound,
-            format!("the model `{}` does not exist or you do not have access to it", request.model),
-        )
-        .param("model"));
-    };
+    let pool_token = pool_token(state, &request.model)?;
     let est_tokens = sluice_core::tenant::estimate_tokens(
         bytes.len(),
         request.max_completion_tokens.or(request.max_tokens),
         state.config.scheduler.default_max_tokens,
     );
-    Ok(Checked { model: request.model.into_owned(), pool_token: pool_token.as_str(), est_tokens })
+    Ok(Checked { model: request.model.into_owned(), pool_token, est_tokens })
+}
+
+/// The fields of an embeddings request the ingress checks.
+#[derive(Deserialize)]
+struct EmbeddingsRequest<'a> {
+    #[serde(borrow)]
+    model: Cow<'a, str>,
+    input: serde_json::Value,
+}
+
+/// Checks an embeddings body: `input` is a non-empty string or a non-empty
+/// array (of strings or of token arrays).
+pub fn validate_embeddings<'s>(state: &'s AppState, bytes: &[u8]) -> Result<Checked<'s>, ApiError> {
+    let request: EmbeddingsRequest<'_> = crate::body::parse(bytes)?;
+    let ok = match &request.input {
+        serde_json::Value::String(s) => !s.is_empty(),
+        serde_json::Value::Array(items) => !items.is_empty(),
+        _ => false,
+    };
+    if !ok {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "`input` must be a non-empty string or a non-empty array",
+        )
+        .param("input"));
+    }
+    let pool_token = pool_token(state, &request.model)?;
+    // No output tokens: an embedding costs its input.
+    let est_tokens = (bytes.len() as u64).div_ceil(4);
+    Ok(Checked { model: request.model.into_owned(), pool_token, est_tokens })
+}
+
+/// Checks a request body for `endpoint`.
+pub fn validate<'s>(state: &'s AppState, endpoint: Endpoint, bytes: &[u8]) -> Result<Checked<'s>, ApiError> {
+    match endpoint {
+        Endpoint::ChatCompletions => validate_chat(state, bytes),
+        Endpoint::Embeddings => validate_embeddings(state, bytes),
+    }
+}
+
+fn pool_token<'s>(state: &'s AppState, model: &str) -> Result<&'s str, ApiError> {
+    state.pool_tokens.get(model).map(String::as_str).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::ModelNotFound,
+            format!("the model `{model}` does not exist or you do not have access to it"),
+        )
+        .param("model")
+    })
 }
 
 /// Publishes the job and waits for JetStream's acknowledgement, then wakes
