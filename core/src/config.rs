@@ -46,6 +46,7 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     pub tenants: TenantDefaults,
     pub scheduler: SchedulerConfig,
+    pub admin: AdminConfig,
     pub log: LogConfig,
     /// Model aliases that clients name in `model`, each served by one upstream.
     pub pools: Vec<PoolConfig>,
@@ -194,6 +195,18 @@ pub struct TenantDefaults {
     /// Estimated tokens admitted per minute (prompt estimate plus requested
     /// output), across all ingresses; corrected by the real usage.
     pub tpm: u64,
+}
+
+/// The ingress's admin API: tenants' settings and API keys over HTTP, on
+/// its own listener, behind a bearer token. Off unless both are set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin listener; keep it off the public network.
+    pub listen: Option<SocketAddr>,
+    /// The admin bearer token (prefer `SLUICE__ADMIN__TOKEN` in the
+    /// environment); at least 32 characters.
+    pub token: Option<Secret>,
 }
 
 /// The workers' fair scheduler.
@@ -497,6 +510,15 @@ impl Config {
                 return Err(ConfigError::key(key, "must be between 0 and 0.5"));
             }
         }
+        if self.admin.listen.is_some() {
+            match &self.admin.token {
+                None => return Err(ConfigError::key("admin.token", "must be set when admin.listen is")),
+                Some(t) if t.expose().len() < 32 => {
+                    return Err(ConfigError::key("admin.token", "must be at least 32 characters"));
+                }
+                Some(_) => {}
+            }
+        }
         if self.scheduler.idle_consumer_ms < 1_000 {
             return Err(ConfigError::key("scheduler.idle_consumer_ms", "must be at least 1000"));
         }
@@ -636,6 +658,20 @@ mod tests {
         let err = Config::load(None, env(&[("SLUICE__WORKER__MAX_IN_FLIGHT", "many")]));
         let msg = err.map(|_| ()).unwrap_err().to_string();
         assert!(msg.contains("worker.max_in_flight"), "{msg}");
+    }
+
+    #[test]
+    fn an_admin_listener_needs_a_long_enough_token() {
+        let err = Config::load(None, env(&[("SLUICE__ADMIN__LISTEN", "127.0.0.1:9099")]));
+        assert!(err.map(|_| ()).unwrap_err().to_string().contains("admin.token"));
+        let err =
+            Config::load(None, env(&[("SLUICE__ADMIN__LISTEN", "127.0.0.1:9099"), ("SLUICE__ADMIN__TOKEN", "short")]));
+        assert!(err.map(|_| ()).unwrap_err().to_string().contains("32"));
+        let token = "x".repeat(32);
+        assert!(
+            Config::load(None, env(&[("SLUICE__ADMIN__LISTEN", "127.0.0.1:9099"), ("SLUICE__ADMIN__TOKEN", &token)]))
+                .is_ok()
+        );
     }
 
     #[test]

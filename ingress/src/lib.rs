@@ -15,6 +15,7 @@
 //! acknowledgement, then the worker's answer on core NATS.
 
 pub mod admin;
+pub mod admin_api;
 pub mod admission;
 pub mod auth;
 pub mod body;

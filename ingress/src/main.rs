@@ -80,7 +80,18 @@ async fn serve(config: Config) -> Result<(), String> {
     let listen = config.ingress.listen;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let admin_listen = config.admin.listen;
     let ingress = Ingress::build(config).await.map_err(|e| e.to_string())?;
+    if let (Some(addr), Some(router)) = (admin_listen, ingress.admin_router()) {
+        let admin = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        tracing::info!(%addr, "admin API listening");
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(admin, router).with_graceful_shutdown(stop.cancelled_owned()).await {
+                tracing::warn!(%error, "admin API stopped");
+            }
+        });
+    }
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%addr, "ingress listening");
     ingress.run(listener, shutdown).await.map_err(|e| e.to_string())?;

@@ -102,6 +102,12 @@ impl Ingress {
         Ok(Self { state: Arc::new(state), db, background })
     }
 
+    /// The admin API's router, when `admin.token` is set; serve it on
+    /// `admin.listen`, never on the public listener.
+    pub fn admin_router(&self) -> Option<Router> {
+        crate::admin_api::router(&self.state.config, self.db.clone())
+    }
+
     pub fn router(&self) -> Router {
         let readiness = Readiness { nats: Some(self.state.nats.clone()), db: Some(self.db.clone()) };
         crate::routes::router(self.state.clone()).merge(ops::router(readiness))

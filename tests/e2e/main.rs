@@ -5,6 +5,7 @@
 mod harness;
 mod procs;
 
+mod admin;
 mod auth;
 mod chat;
 mod config;

@@ -1,0 +1,107 @@
+//! The admin API: its own listener, its own token, tenants' settings and keys.
+
+use std::time::Duration;
+
+use crate::harness::{Stack, wait_for};
+
+const TOKEN: &str = "admin-token-for-tests-0123456789abcdef";
+
+/// The admin API of `stack`'s config and database on a port of its own.
+async fn admin_api(stack: &Stack) -> String {
+    let mut config = stack.config.clone();
+    config.admin.token = Some(sluice_core::secret::Secret::new(TOKEN));
+    let router = sluice_ingress::admin_api::router(&config, stack.db.clone()).expect("admin token is set");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn the_admin_api_refuses_anything_but_the_admin_token() {
+    let stack = Stack::start().await;
+    let admin = admin_api(&stack).await;
+    let url = format!("{admin}/admin/tenants/acme");
+    for token in [None, Some("wrong-token"), Some(stack.key.as_str())] {
+        let mut request = stack.http.get(&url);
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), 401, "token {token:?}");
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "invalid_api_key");
+    }
+    let r = stack.http.get(&url).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // And the public listener has no admin routes.
+    let r = stack.http.get(format!("{}/admin/tenants/acme", stack.base)).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn tenant_limits_set_through_the_admin_api_apply_at_the_ingress() {
+    let stack = Stack::start().await;
+    let admin = admin_api(&stack).await;
+    let url = format!("{admin}/admin/tenants/acme");
+    let put = |body: serde_json::Value| stack.http.put(&url).bearer_auth(TOKEN).json(&body).send();
+
+    for bad in [
+        serde_json::json!({"weight": 0}),
+        serde_json::json!({"tier": "urgent"}),
+        serde_json::json!({"rpm": -1}),
+        serde_json::json!({"colour": "red"}),
+    ] {
+        assert_eq!(put(bad.clone()).await.unwrap().status(), 400, "{bad}");
+    }
+    let r = put(serde_json::json!({"rpm": 1, "weight": 3})).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let shown: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(shown["rpm"], 1);
+    assert_eq!(shown["weight"], 3);
+    assert_eq!(shown["tier"], "interactive", "defaults fill what is not set");
+
+    // Within the reload interval the ingress refuses the tenant's second
+    // request of the minute.
+    wait_for("the rpm limit to apply", Duration::from_secs(5), || async {
+        (stack.chat(&Stack::chat_body("hi")).await.status() == 429).then_some(())
+    })
+    .await;
+
+    // `null` goes back to the default (no limit).
+    let shown: serde_json::Value = put(serde_json::json!({"rpm": null})).await.unwrap().json().await.unwrap();
+    assert!(shown["rpm"].is_null(), "{shown}");
+    assert_eq!(shown["weight"], 3, "fields left out are kept");
+    wait_for("the limit to be lifted", Duration::from_secs(5), || async {
+        (stack.chat(&Stack::chat_body("hi")).await.status() == 200).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn keys_made_and_revoked_through_the_admin_api() {
+    let stack = Stack::start().await;
+    let admin = admin_api(&stack).await;
+    let r = stack.http.post(format!("{admin}/admin/tenants/acme/keys")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let made: serde_json::Value = r.json().await.unwrap();
+    let key = made["api_key"].as_str().unwrap().to_owned();
+    let models = |key: String| {
+        let (http, base) = (stack.http.clone(), stack.base.clone());
+        async move { http.get(format!("{base}/v1/models")).bearer_auth(key).send().await.unwrap().status() }
+    };
+    wait_for("the new key to work", Duration::from_secs(5), || async {
+        (models(key.clone()).await == 200).then_some(())
+    })
+    .await;
+
+    let revoke = format!("{admin}/admin/keys/{}", made["key_id"].as_str().unwrap());
+    assert_eq!(stack.http.delete(&revoke).bearer_auth(TOKEN).send().await.unwrap().status(), 204);
+    wait_for("the revoked key to stop working", Duration::from_secs(5), || async {
+        (models(key.clone()).await == 401).then_some(())
+    })
+    .await;
+    assert_eq!(stack.http.delete(&revoke).bearer_auth(TOKEN).send().await.unwrap().status(), 404);
+    let r = stack.http.post(format!("{admin}/admin/tenants/nobody/keys")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
