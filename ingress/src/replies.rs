@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
-use sluice_core::envelope::{H_ATTEMPTS, H_DEADLINE, H_JOB_ID, H_POOL, H_RETRY_AFTER, H_STATUS, H_SUBMITTED, H_TENANT};
+use sluice_core::envelope::{
+    Endpoint, H_ATTEMPTS, H_DEADLINE, H_ENDPOINT, H_JOB_ID, H_POOL, H_RETRY_AFTER, H_STATUS, H_SUBMITTED, H_TENANT,
+};
 use sluice_core::event::JobStatus;
 use sluice_core::jobstate::{self, JobRecord};
 use sluice_core::now_ms;
@@ -148,7 +150,8 @@ async fn store_orphan(job_state: kv::Store, (payload, headers): Orphan) {
     let status = number(H_STATUS).and_then(|s| u16::try_from(s).ok()).unwrap_or(502);
     let submitted = number(H_SUBMITTED).unwrap_or_else(now_ms);
     let deadline = number(H_DEADLINE).unwrap_or(submitted);
-    let mut record = JobRecord::queued(job, "chat.completions", &pool, submitted, deadline.saturating_sub(submitted));
+    let endpoint = text(H_ENDPOINT).and_then(|e| Endpoint::parse(&e)).unwrap_or(Endpoint::ChatCompletions);
+    let mut record = JobRecord::queued(job, endpoint.as_str(), &pool, submitted, deadline.saturating_sub(submitted));
     record.attempts = number(H_ATTEMPTS).unwrap_or(1) as u32;
     let outcome = if (200..300).contains(&status) { JobStatus::Completed } else { JobStatus::Failed };
     record.conclude(outcome, status, &payload, now_ms() / 1000);

@@ -58,3 +58,16 @@ async fn an_embeddings_job_completes_with_its_result() {
     assert_eq!(done["endpoint"], "embeddings");
     assert_eq!(done["result"]["object"], "list", "{done}");
 }
+
+#[tokio::test]
+async fn an_embeddings_answer_that_outlives_its_request_is_kept_as_an_embeddings_job() {
+    let stack = Stack::start_with(|c| c.ingress.sync_timeout_ms = 500).await;
+    stack.mock.faults(serde_json::json!({"hang_next": 1, "hang_ms": 1500})).await;
+    let r = embed(&stack, &serde_json::json!({"model": MODEL, "input": "slow"})).await;
+    assert_eq!(r.status(), 504);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let id = body["error"]["job_id"].as_str().unwrap();
+    let done = stack.job_with_status(id, "completed").await;
+    assert_eq!(done["endpoint"], "embeddings", "{done}");
+    assert_eq!(done["result"]["object"], "list", "{done}");
+}

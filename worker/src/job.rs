@@ -20,7 +20,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use serde::Deserialize;
 use sluice_core::envelope::{
-    Envelope, H_ATTEMPTS, H_DEADLINE, H_JOB_ID, H_POOL, H_RETRY_AFTER, H_STATUS, H_SUBMITTED, H_TENANT,
+    Envelope, H_ATTEMPTS, H_DEADLINE, H_ENDPOINT, H_JOB_ID, H_POOL, H_RETRY_AFTER, H_STATUS, H_SUBMITTED, H_TENANT,
 };
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::{JobEvent, JobStatus, Usage};
@@ -209,6 +209,7 @@ async fn execute(ctx: &JobContext, message: jetstream::Message, env: &Envelope, 
                 headers.insert(H_JOB_ID, env.job_id.to_string().as_str());
                 headers.insert(H_TENANT, env.tenant.to_string().as_str());
                 headers.insert(H_POOL, env.pool.as_str());
+                headers.insert(H_ENDPOINT, env.endpoint.as_str());
                 headers.insert(H_SUBMITTED, env.submitted_ms.to_string().as_str());
                 headers.insert(H_DEADLINE, env.deadline_ms.to_string().as_str());
                 headers.insert(H_ATTEMPTS, attempt.to_string().as_str());
