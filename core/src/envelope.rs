@@ -29,6 +29,13 @@ pub const H_STATUS: &str = "Sluice-Status";
 pub const H_RETRY_AFTER: &str = "Sluice-Retry-After";
 /// On a reply: deliveries the job took.
 pub const H_ATTEMPTS: &str = "Sluice-Attempts";
+/// Present on a job whose answer is streamed (`stream: true`).
+pub const H_STREAM: &str = "Sluice-Stream";
+/// On a streamed answer's chunk: its position, from 0.
+pub const H_CHUNK: &str = "Sluice-Chunk";
+/// On a streamed answer's last message: the stream is over (the status
+/// header says how it ended; an error's body is the error).
+pub const H_STREAM_END: &str = "Sluice-Stream-End";
 /// Tokens the job is expected to use (prompt estimate plus requested output).
 pub const H_EST_TOKENS: &str = "Sluice-Est-Tokens";
 /// Present when the ingress counted the job in its tenant's queued-jobs
@@ -173,6 +180,8 @@ pub struct Envelope {
     pub est_tokens: u64,
     pub queued_counted: bool,
     pub tpm_window: Option<u64>,
+    /// The answer is streamed to the waiting ingress, chunk by chunk.
+    pub stream: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -210,6 +219,9 @@ impl Envelope {
         if let Some(w) = self.tpm_window {
             h.insert(H_TPM_WINDOW, w.to_string().as_str());
         }
+        if self.stream {
+            h.insert(H_STREAM, "1");
+        }
         h
     }
 
@@ -232,6 +244,7 @@ impl Envelope {
             est_tokens: get(H_EST_TOKENS).and_then(|v| v.parse().ok()).unwrap_or(0),
             queued_counted: get(H_QUEUED_COUNTED).is_some(),
             tpm_window: get(H_TPM_WINDOW).and_then(|v| v.parse().ok()),
+            stream: get(H_STREAM).is_some(),
         })
     }
 }
@@ -254,6 +267,7 @@ mod tests {
             est_tokens: 300,
             queued_counted: true,
             tpm_window: Some(29_000_000),
+            stream: true,
         }
     }
 

@@ -12,6 +12,7 @@ pub const AUTH_REFRESH_FAILURES: &str = "sluice_ingress_auth_refresh_failures_to
 pub const ORPHAN_REPLIES: &str = "sluice_ingress_orphan_replies_total";
 pub const ADMISSION_REJECTED: &str = "sluice_ingress_admission_rejected_total";
 pub const ADMISSION_ERRORS: &str = "sluice_ingress_admission_errors_total";
+pub const STREAMS_INTERRUPTED: &str = "sluice_ingress_streams_interrupted_total";
 
 pub fn describe() {
     metrics::describe_counter!(REQUESTS, "HTTP requests answered, by route template and status code");
@@ -27,6 +28,10 @@ pub fn describe() {
         "requests refused by a tenant limit, by tenant name and reason (rate_limit_requests, rate_limit_tokens, queued_jobs_limit)"
     );
     metrics::describe_counter!(ADMISSION_ERRORS, "admission counter updates that failed (NATS unreachable)");
+    metrics::describe_counter!(
+        STREAMS_INTERRUPTED,
+        "streamed answers ended with an error event, by reason (gap, restarted, upstream)"
+    );
 }
 
 pub fn answered(route: &'static str, status: u16, elapsed: Duration) {

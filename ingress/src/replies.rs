@@ -16,25 +16,33 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
 use sluice_core::envelope::{
-    Endpoint, H_ATTEMPTS, H_DEADLINE, H_ENDPOINT, H_JOB_ID, H_POOL, H_RETRY_AFTER, H_STATUS, H_SUBMITTED, H_TENANT,
+    Endpoint, H_ATTEMPTS, H_CHUNK, H_DEADLINE, H_ENDPOINT, H_JOB_ID, H_POOL, H_RETRY_AFTER, H_STATUS, H_STREAM_END,
+    H_SUBMITTED, H_TENANT,
 };
 use sluice_core::event::JobStatus;
 use sluice_core::jobstate::{self, JobRecord};
 use sluice_core::now_ms;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// A worker's answer: the HTTP status and body to give the client.
+/// A worker's answer: the HTTP status and body to give the client; or, for
+/// a streamed answer, one chunk of it (`chunk`), then its end (`end`).
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
     pub retry_after: Option<u64>,
     pub body: Bytes,
+    /// Position of a streamed chunk, from 0.
+    pub chunk: Option<u64>,
+    /// The attempt that sent it.
+    pub attempt: Option<u64>,
+    /// The last message of a streamed answer.
+    pub end: bool,
 }
 
 enum Command {
-    Register(u64, oneshot::Sender<Reply>),
+    Register(u64, mpsc::UnboundedSender<Reply>),
     Forget(u64),
 }
 
@@ -48,14 +56,15 @@ pub struct Replies {
 pub struct Waiter {
     pub subject: String,
     id: u64,
-    rx: oneshot::Receiver<Reply>,
+    rx: mpsc::UnboundedReceiver<Reply>,
     commands: mpsc::UnboundedSender<Command>,
 }
 
 impl Waiter {
-    /// Waits for the answer; `None` if the router stopped.
+    /// Waits for the answer (or the next chunk of a streamed one); `None`
+    /// if the router stopped.
     pub async fn recv(&mut self) -> Option<Reply> {
-        (&mut self.rx).await.ok()
+        self.rx.recv().await
     }
 }
 
@@ -77,7 +86,7 @@ impl Replies {
         let mut subscription = client.subscribe(format!("{prefix}.*")).await?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Command>();
         tokio::spawn(async move {
-            let mut waiting: HashMap<u64, oneshot::Sender<Reply>> = HashMap::new();
+            let mut waiting: HashMap<u64, mpsc::UnboundedSender<Reply>> = HashMap::new();
             loop {
                 tokio::select! {
                     // Registrations first: a slot is always known before its answer.
@@ -102,7 +111,7 @@ impl Replies {
 
     pub fn register(&self) -> Waiter {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         let _ = self.commands.send(Command::Register(id, tx));
         Waiter { subject: format!("{}.{id}", self.prefix), id, rx, commands: self.commands.clone() }
     }
@@ -112,25 +121,37 @@ impl Replies {
 type Orphan = (Bytes, Option<async_nats::HeaderMap>);
 
 /// Hands the answer to its waiter; returns it when nobody waits any more.
-fn route(waiting: &mut HashMap<u64, oneshot::Sender<Reply>>, message: async_nats::Message) -> Option<Orphan> {
+fn route(waiting: &mut HashMap<u64, mpsc::UnboundedSender<Reply>>, message: async_nats::Message) -> Option<Orphan> {
     let id = message.subject.rsplit('.').next().and_then(|t| t.parse::<u64>().ok());
-    let Some(sender) = id.and_then(|id| waiting.remove(&id)) else {
-        metrics::counter!(crate::metrics::ORPHAN_REPLIES).increment(1);
-        return Some((message.payload, message.headers));
-    };
     let header = |name: &str| message.headers.as_ref()?.get(name)?.as_str().parse::<u64>().ok();
+    let chunk = header(H_CHUNK);
+    let end = message.headers.as_ref().and_then(|h| h.get(H_STREAM_END)).is_some();
+    // A chunk leaves its slot in place for the next one; a final answer frees it.
+    let sender = match (id, chunk) {
+        (Some(id), Some(_)) => waiting.get(&id).cloned(),
+        (Some(id), None) => waiting.remove(&id),
+        (None, _) => None,
+    };
+    let Some(sender) = sender else {
+        metrics::counter!(crate::metrics::ORPHAN_REPLIES).increment(1);
+        // A streamed answer's pieces are not stored: it went out as it came.
+        return (chunk.is_none() && !end).then_some((message.payload, message.headers));
+    };
     let reply = Reply {
         status: header(H_STATUS).and_then(|s| u16::try_from(s).ok()).unwrap_or(502),
         retry_after: header(H_RETRY_AFTER),
+        chunk,
+        attempt: header(H_ATTEMPTS),
+        end,
         body: message.payload,
     };
     let headers = message.headers;
     match sender.send(reply) {
         Ok(()) => None,
-        Err(reply) => {
+        Err(mpsc::error::SendError(reply)) => {
             // The waiter gave up between our lookup and now.
             metrics::counter!(crate::metrics::ORPHAN_REPLIES).increment(1);
-            Some((reply.body, headers))
+            (reply.chunk.is_none() && !reply.end).then_some((reply.body, headers))
         }
     }
 }

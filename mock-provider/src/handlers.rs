@@ -230,6 +230,16 @@ async fn chat(State(state): State<Arc<MockState>>, _headers: HeaderMap, body: By
         completion_tokens = completion_tokens.min(max);
     }
     let n = state.stats.ok.load(Relaxed);
+    let content = format!("mock reply to: {quoted}");
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens
+    });
+    if request.get("stream").and_then(Value::as_bool) == Some(true) {
+        let with_usage = request.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
+        return stream_answer(&format!("chatcmpl-mock-{n}"), model, &content, with_usage.then_some(usage));
+    }
     Json(json!({
         "id": format!("chatcmpl-mock-{n}"),
         "object": "chat.completion",
@@ -237,17 +247,40 @@ async fn chat(State(state): State<Arc<MockState>>, _headers: HeaderMap, body: By
         "model": model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": format!("mock reply to: {quoted}")},
+            "message": {"role": "assistant", "content": content},
             "finish_reason": "stop",
             "logprobs": null
         }],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens
-        }
+        "usage": usage
     }))
     .into_response()
+}
+
+/// A chat completion as OpenAI streams it: server-sent events of
+/// `chat.completion.chunk` objects (the role, then one per word, then the
+/// finish reason, then the usage if asked for), ending with `data: [DONE]`.
+fn stream_answer(id: &str, model: &str, content: &str, usage: Option<Value>) -> Response {
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000u64, "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    let words: Vec<&str> = content.split(' ').collect();
+    for (i, word) in words.iter().enumerate() {
+        let text = if i + 1 < words.len() { format!("{word} ") } else { (*word).to_owned() };
+        events.push(chunk(json!({"content": text}), Value::Null));
+    }
+    events.push(chunk(json!({}), json!("stop")));
+    if let Some(usage) = usage {
+        events.push(json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000u64,
+                           "model": model, "choices": [], "usage": usage}));
+    }
+    let mut body = String::new();
+    for e in events {
+        body.push_str(&format!("data: {e}\n\n"));
+    }
+    body.push_str("data: [DONE]\n\n");
+    ([(axum::http::header::CONTENT_TYPE, "text/event-stream")], body).into_response()
 }
 
 async fn embeddings(State(state): State<Arc<MockState>>, body: Bytes) -> Response {

@@ -14,5 +14,6 @@ mod failures;
 mod fairness;
 mod jobs;
 mod sdk;
+mod streaming;
 mod validation;
 mod webhooks;

@@ -3,7 +3,7 @@
 use crate::harness::{MODEL, Stack};
 
 #[tokio::test]
-async fn the_openai_python_sdk_gets_a_completion_and_embeddings() {
+async fn the_openai_python_sdk_gets_a_completion_a_stream_and_embeddings() {
     let stack = Stack::start().await;
     let python =
         std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON is not set: run the tests with scripts/test.sh");
@@ -23,4 +23,5 @@ async fn the_openai_python_sdk_gets_a_completion_and_embeddings() {
     assert!(stdout.contains("models: ['mock-model', 'team.chat-v1']"), "{stdout}");
     assert!(stdout.contains("error: 404 model_not_found"), "{stdout}");
     assert!(stdout.contains("embeddings: 2 True"), "{stdout}");
+    assert!(stdout.contains("stream: mock reply to: stream this please"), "{stdout}");
 }

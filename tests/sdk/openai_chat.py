@@ -16,6 +16,13 @@ print("usage:", completion.usage.prompt_tokens, completion.usage.completion_toke
 
 print("models:", sorted(m.id for m in client.models.list()))
 
+stream = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "stream this please"}],
+    stream=True,
+)
+print("stream:", "".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+
 embeddings = client.embeddings.create(model=model, input=["one", "two"])
 print("embeddings:", len(embeddings.data), len(embeddings.data[0].embedding) > 0)
 

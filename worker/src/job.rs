@@ -161,6 +161,27 @@ async fn execute(ctx: &JobContext, message: jetstream::Message, env: &Envelope, 
         failed(ApiError::new(ErrorCode::Timeout, "the request's deadline passed before a worker could run it"), None)
     } else if attempt > ctx.max_attempts {
         failed(ApiError::new(ErrorCode::UpstreamError, format!("gave up after {} attempts", ctx.max_attempts)), None)
+    } else if let Some(upstream) = ctx.upstreams.get(&env.pool).filter(|_| env.stream && env.reply.is_some()) {
+        match crate::stream::relay(ctx, &message, env, upstream, attempt, deadline).await {
+            crate::stream::Relayed::NotStarted(e) => classify(ctx, env, Err(e), attempt, deadline),
+            crate::stream::Relayed::HandedBack => return Exit::Stayed,
+            crate::stream::Relayed::Finished { usage, error: None } => Outcome::Answered {
+                status: JobStatus::Completed,
+                http_status: 200,
+                body: Bytes::new(),
+                upstream_status: Some(200),
+                usage,
+                error: None,
+            },
+            crate::stream::Relayed::Finished { usage, error: Some(error) } => Outcome::Answered {
+                status: JobStatus::Failed,
+                http_status: error.code.status().as_u16(),
+                body: Bytes::from(error.body()),
+                upstream_status: Some(200),
+                usage,
+                error: Some(error),
+            },
+        }
     } else if let Some(upstream) = ctx.upstreams.get(&env.pool) {
         let body = message.payload.clone();
         let call = upstream.call(env.endpoint, body, deadline);
@@ -210,6 +231,9 @@ async fn execute(ctx: &JobContext, message: jetstream::Message, env: &Envelope, 
                 headers.insert(H_TENANT, env.tenant.to_string().as_str());
                 headers.insert(H_POOL, env.pool.as_str());
                 headers.insert(H_ENDPOINT, env.endpoint.as_str());
+                if env.stream {
+                    headers.insert(sluice_core::envelope::H_STREAM_END, "1");
+                }
                 headers.insert(H_SUBMITTED, env.submitted_ms.to_string().as_str());
                 headers.insert(H_DEADLINE, env.deadline_ms.to_string().as_str());
                 headers.insert(H_ATTEMPTS, attempt.to_string().as_str());

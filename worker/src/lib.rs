@@ -12,6 +12,7 @@
 //! - [`job`]: one job's life: deadline, upstream call, retries, answer, event.
 //! - [`events`]: job outcomes batched into the events stream.
 //! - [`state`]: an asynchronous job's stored state as the worker moves it on.
+//! - [`stream`]: relaying a provider's server-sent events to the waiting ingress.
 //! - [`upstream`]: the OpenAI-compatible HTTP client of each pool.
 //! - [`ledger`]: writes job outcome events to Postgres in batches.
 //! - [`webhooks`]: webhook deliveries recorded and sent, with retries.
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod queues;
 pub mod startup;
 pub mod state;
+pub mod stream;
 pub mod tenants;
 pub mod upstream;
 pub mod webhooks;

@@ -143,6 +143,34 @@ impl Upstream {
     /// Sends `body` to the endpoint, giving up at `deadline` or after the
     /// configured timeouts, whichever comes first.
     pub async fn call(&self, endpoint: Endpoint, body: Bytes, deadline: Instant) -> Result<Answer, CallError> {
+        let (response, end, deadline) = self.send(endpoint, body, deadline).await?;
+        read_answer(response, end, deadline).await
+    }
+
+    /// Like [`Upstream::call`], but a 2xx answer is handed back unread, for
+    /// its body to be streamed; `end` is when the whole call must be over.
+    pub async fn call_streaming(
+        &self,
+        endpoint: Endpoint,
+        body: Bytes,
+        deadline: Instant,
+    ) -> Result<(reqwest::Response, Instant), CallError> {
+        let (response, end, deadline) = self.send(endpoint, body, deadline).await?;
+        if response.status().is_success() {
+            return Ok((response, end));
+        }
+        // Not a stream: an error to classify like any other answer.
+        read_answer(response, end, deadline)
+            .await
+            .and_then(|a| Err(CallError::Rejected { status: a.status, body: a.body }))
+    }
+
+    async fn send(
+        &self,
+        endpoint: Endpoint,
+        body: Bytes,
+        deadline: Instant,
+    ) -> Result<(reqwest::Response, Instant, Instant), CallError> {
         let body = match &self.rewrite_model {
             Some(model) => rewrite_model(&body, model).unwrap_or(body),
             None => body,
@@ -174,6 +202,16 @@ impl Upstream {
             Ok(Err(_)) => return Err(retryable("transport", None, None)),
             Ok(Ok(r)) => r,
         };
+        Ok((response, end, deadline))
+    }
+}
+
+/// Reads an answer's body by `end` and classifies it by status.
+async fn read_answer(response: reqwest::Response, end: Instant, deadline: Instant) -> Result<Answer, CallError> {
+    let timed_out = || {
+        if end >= deadline { CallError::DeadlineExceeded } else { retryable("timeout", None, None) }
+    };
+    {
         let status = response.status().as_u16();
         let retry_after = response
             .headers()

@@ -96,6 +96,7 @@ async fn handle(
         est_tokens: checked.est_tokens,
         queued_counted: admitted.queued_counted,
         tpm_window: admitted.tpm_window,
+        stream: checked.stream,
     };
     let class = Class::Interactive.capped_by(policy.tier);
     let subject = envelope::job_subject(checked.pool_token, class, owner.tenant_id);
@@ -112,7 +113,8 @@ async fn handle(
 
     // From here the job exists; if this handler is dropped (the client went
     // away) before the answer, the job is recorded so its answer is kept.
-    let mut on_drop = DetachOnDrop(Some((state.clone(), env.clone())));
+    // A streamed answer goes out as it comes and is not kept for later.
+    let mut on_drop = DetachOnDrop((!env.stream).then(|| (state.clone(), env.clone())));
     let reply = match tokio::time::timeout_at(deadline, waiter.recv()).await {
         Ok(Some(reply)) => {
             on_drop.0 = None;
@@ -120,6 +122,13 @@ async fn handle(
         }
         Ok(None) => {
             return Err(ApiError::new(ErrorCode::Internal, "the reply router stopped").job(job_id.to_string()));
+        }
+        Err(_) if env.stream => {
+            return Err(ApiError::new(
+                ErrorCode::Timeout,
+                format!("the stream did not start within {} ms", timeout.as_millis()),
+            )
+            .job(job_id.to_string()));
         }
         Err(_) => {
             on_drop.0 = None;
@@ -134,6 +143,9 @@ async fn handle(
             .job(job_id.to_string()));
         }
     };
+    if reply.chunk.is_some() {
+        return Ok(super::sse::response(reply, waiter, job_id));
+    }
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut response = (status, reply.body).into_response();
     let h = response.headers_mut();

@@ -228,6 +228,13 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     };
     let inner = Bytes::copy_from_slice(request.body.get().as_bytes());
     let checked = submit::validate(state, endpoint, &inner)?;
+    if checked.stream {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "a job cannot stream; use POST /v1/chat/completions for `stream: true`",
+        )
+        .param("stream"));
+    }
     check_metadata(request.metadata.as_ref())?;
     let asked = match request.priority.as_deref() {
         None => Class::Normal,
@@ -284,6 +291,7 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         est_tokens: checked.est_tokens,
         queued_counted: false,
         tpm_window: None,
+        stream: false,
     };
     let subject = envelope::job_subject(checked.pool_token, class, owner.tenant_id);
 

@@ -3,6 +3,7 @@
 mod chat;
 mod jobs;
 mod models;
+mod sse;
 mod submit;
 
 use std::sync::Arc;

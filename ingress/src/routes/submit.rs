@@ -32,6 +32,8 @@ pub struct Checked<'s> {
     pub pool_token: &'s str,
     /// Prompt estimate plus requested output, for fairness and `tpm`.
     pub est_tokens: u64,
+    /// `stream: true`: the answer goes back as server-sent events.
+    pub stream: bool,
 }
 
 /// Checks a chat completion body: its pool, the pool's subject token, and
@@ -41,17 +43,13 @@ pub fn validate_chat<'s>(state: &'s AppState, bytes: &[u8]) -> Result<Checked<'s
     if request.messages.is_empty() {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "`messages` must not be empty").param("messages"));
     }
-    if request.stream == Some(true) {
-        return Err(ApiError::new(ErrorCode::InvalidRequest, "`stream: true` is not supported by this gateway yet")
-            .param("stream"));
-    }
     let pool_token = pool_token(state, &request.model)?;
     let est_tokens = sluice_core::tenant::estimate_tokens(
         bytes.len(),
         request.max_completion_tokens.or(request.max_tokens),
         state.config.scheduler.default_max_tokens,
     );
-    Ok(Checked { model: request.model.into_owned(), pool_token, est_tokens })
+    Ok(Checked { model: request.model.into_owned(), pool_token, est_tokens, stream: request.stream == Some(true) })
 }
 
 /// The fields of an embeddings request the ingress checks.
@@ -81,7 +79,7 @@ pub fn validate_embeddings<'s>(state: &'s AppState, bytes: &[u8]) -> Result<Chec
     let pool_token = pool_token(state, &request.model)?;
     // No output tokens: an embedding costs its input.
     let est_tokens = (bytes.len() as u64).div_ceil(4);
-    Ok(Checked { model: request.model.into_owned(), pool_token, est_tokens })
+    Ok(Checked { model: request.model.into_owned(), pool_token, est_tokens, stream: false })
 }
 
 /// Checks a request body for `endpoint`.

@@ -1,0 +1,106 @@
+//! A streamed chat completion, forwarded to the client as server-sent
+//! events while the worker's chunks arrive.
+//!
+//! The chunks of one answer are numbered from 0 and carry their attempt.
+//! The stream ends with `data: [DONE]` when the worker's final message says
+//! it finished; with an error event (OpenAI's error envelope, code
+//! `stream_interrupted`, then `[DONE]`) when a chunk is missing, when a
+//! different attempt starts sending (the worker died mid-stream and the job
+//! was run again: what the client already has cannot be taken back), when the
+//! provider's stream broke off, or when no chunk came for [`CHUNK_GAP`]. A
+//! client that disconnects stops the forwarding; the worker finishes the call
+//! and the ledger records it, but the answer is not stored.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::replies::{Reply, Waiter};
+
+/// Longest wait for the next chunk.
+pub const CHUNK_GAP: Duration = Duration::from_secs(60);
+
+struct Forward {
+    waiter: Waiter,
+    first: Option<Reply>,
+    next: u64,
+    attempt: Option<u64>,
+    done: bool,
+}
+
+fn event(data: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(data.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+fn interrupted(why: &str) -> Bytes {
+    let error = serde_json::json!({"error": {"message": format!("stream interrupted: {why}"),
+        "type": "server_error", "param": null, "code": "stream_interrupted"}});
+    let mut out = event(error.to_string().as_bytes()).to_vec();
+    out.extend_from_slice(b"data: [DONE]\n\n");
+    Bytes::from(out)
+}
+
+/// Builds the response from the first chunk; the rest follow as they come.
+pub fn response(first: Reply, waiter: Waiter, job_id: Uuid) -> Response {
+    let attempt = first.attempt;
+    let state = Forward { waiter, first: Some(first), next: 0, attempt, done: false };
+    let stream = futures::stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let reply = match s.first.take() {
+            Some(r) => r,
+            None => match tokio::time::timeout(CHUNK_GAP, s.waiter.recv()).await {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    s.done = true;
+                    return Some((Ok::<_, Infallible>(interrupted("the gateway is stopping")), s));
+                }
+                Err(_) => {
+                    s.done = true;
+                    metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "gap").increment(1);
+                    return Some((Ok(interrupted("no data from the provider for too long")), s));
+                }
+            },
+        };
+        if reply.end {
+            s.done = true;
+            if (200..300).contains(&reply.status) {
+                return Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), s));
+            }
+            metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "upstream").increment(1);
+            let mut out = event(&reply.body).to_vec();
+            out.extend_from_slice(b"data: [DONE]\n\n");
+            return Some((Ok(Bytes::from(out)), s));
+        }
+        if reply.attempt != s.attempt {
+            s.done = true;
+            metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "restarted").increment(1);
+            return Some((Ok(interrupted("the worker serving it stopped and the request was run again")), s));
+        }
+        if reply.chunk != Some(s.next) {
+            s.done = true;
+            metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "gap").increment(1);
+            return Some((Ok(interrupted("a chunk was lost")), s));
+        }
+        s.next += 1;
+        Some((Ok(event(&reply.body)), s))
+    });
+    let mut response = (StatusCode::OK, Body::from_stream(stream)).into_response();
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(&job_id.to_string()) {
+        h.insert("x-sluice-job-id", v);
+    }
+    response
+}
