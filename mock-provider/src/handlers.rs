@@ -26,6 +26,7 @@ pub struct MockState {
     hang_next: AtomicU64,
     error_status: AtomicU64,
     hang_ms: AtomicU64,
+    stream_delay_ms: AtomicU64,
     window_minute: AtomicU64,
     window_count: AtomicU64,
     rng: AtomicU64,
@@ -75,6 +76,7 @@ impl MockState {
             hang_next: AtomicU64::new(0),
             error_status: AtomicU64::new(500),
             hang_ms: AtomicU64::new(600_000),
+            stream_delay_ms: AtomicU64::new(0),
             window_minute: AtomicU64::new(0),
             window_count: AtomicU64::new(0),
             rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
@@ -99,6 +101,7 @@ impl MockState {
         self.hang_next.store(f.hang_next, Relaxed);
         self.error_status.store(if f.error_status == 0 { 500 } else { u64::from(f.error_status) }, Relaxed);
         self.hang_ms.store(if f.hang_ms == 0 { 600_000 } else { f.hang_ms }, Relaxed);
+        self.stream_delay_ms.store(f.stream_delay_ms, Relaxed);
     }
 
     /// A uniform number in [0, 1) from a shared xorshift state.
@@ -238,7 +241,8 @@ async fn chat(State(state): State<Arc<MockState>>, _headers: HeaderMap, body: By
     });
     if request.get("stream").and_then(Value::as_bool) == Some(true) {
         let with_usage = request.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
-        return stream_answer(&format!("chatcmpl-mock-{n}"), model, &content, with_usage.then_some(usage));
+        let delay = Duration::from_millis(state.stream_delay_ms.load(Relaxed));
+        return stream_answer(&format!("chatcmpl-mock-{n}"), model, &content, with_usage.then_some(usage), delay);
     }
     Json(json!({
         "id": format!("chatcmpl-mock-{n}"),
@@ -259,7 +263,7 @@ async fn chat(State(state): State<Arc<MockState>>, _headers: HeaderMap, body: By
 /// A chat completion as OpenAI streams it: server-sent events of
 /// `chat.completion.chunk` objects (the role, then one per word, then the
 /// finish reason, then the usage if asked for), ending with `data: [DONE]`.
-fn stream_answer(id: &str, model: &str, content: &str, usage: Option<Value>) -> Response {
+fn stream_answer(id: &str, model: &str, content: &str, usage: Option<Value>, delay: Duration) -> Response {
     let chunk = |delta: Value, finish: Value| {
         json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000u64, "model": model,
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
@@ -275,12 +279,17 @@ fn stream_answer(id: &str, model: &str, content: &str, usage: Option<Value>) -> 
         events.push(json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000u64,
                            "model": model, "choices": [], "usage": usage}));
     }
-    let mut body = String::new();
-    for e in events {
-        body.push_str(&format!("data: {e}\n\n"));
-    }
-    body.push_str("data: [DONE]\n\n");
-    ([(axum::http::header::CONTENT_TYPE, "text/event-stream")], body).into_response()
+    let mut frames: Vec<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    frames.push("data: [DONE]\n\n".to_owned());
+    // Each event after a pause, so that a client sees them arrive one by one.
+    use futures::StreamExt;
+    let body = futures::stream::iter(frames.into_iter().enumerate()).then(move |(i, frame)| async move {
+        if i > 0 && !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok::<_, std::convert::Infallible>(Bytes::from(frame))
+    });
+    ([(axum::http::header::CONTENT_TYPE, "text/event-stream")], axum::body::Body::from_stream(body)).into_response()
 }
 
 async fn embeddings(State(state): State<Arc<MockState>>, body: Bytes) -> Response {

@@ -33,6 +33,8 @@ pub struct Faults {
     pub error_status: u16,
     /// How long a hang lasts; 10 minutes unless set.
     pub hang_ms: u64,
+    /// Pause between the events of a streamed answer.
+    pub stream_delay_ms: u64,
 }
 
 impl Default for Settings {

@@ -54,3 +54,37 @@ async fn a_job_cannot_ask_to_stream() {
     let e: serde_json::Value = r.json().await.unwrap();
     assert_eq!(e["error"]["param"], "stream");
 }
+
+#[tokio::test]
+async fn a_worker_dying_mid_stream_ends_the_stream_with_an_error_event() {
+    let mut stack = Stack::start().await;
+    stack.mock.faults(serde_json::json!({"stream_delay_ms": 150})).await;
+    let body = serde_json::json!({"model": MODEL, "stream": true,
+        "messages": [{"role": "user", "content": "a fairly long answer to stream slowly"}]});
+    let mut r = stack.chat(&body).await;
+    assert_eq!(r.status(), 200);
+    let mut text = String::new();
+    while text.matches("data: ").count() < 3 {
+        let chunk = r.chunk().await.unwrap().expect("the stream ended early");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    // The worker dies mid-stream; another takes the job once its ack wait
+    // runs out, and starts the answer again.
+    stack.worker.take().unwrap().kill().await;
+    let _replacement = crate::harness::WorkerHandle::start(stack.config.clone()).await;
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let events = events(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let error: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], "stream_interrupted", "{text}");
+    assert!(error["error"]["message"].as_str().unwrap().contains("run again"), "{text}");
+    // What came before the error is the first attempt's answer, in order.
+    let content: String = events[..events.len() - 2]
+        .iter()
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    assert!("mock reply to: a fairly long answer to stream slowly".starts_with(&content), "{content}");
+}
