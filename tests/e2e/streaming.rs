@@ -88,3 +88,19 @@ async fn a_worker_dying_mid_stream_ends_the_stream_with_an_error_event() {
         .collect();
     assert!("mock reply to: a fairly long answer to stream slowly".starts_with(&content), "{content}");
 }
+
+#[tokio::test]
+async fn a_client_leaving_mid_stream_does_not_stop_the_call_and_the_ledger_records_it() {
+    let stack = Stack::start().await;
+    stack.mock.faults(serde_json::json!({"stream_delay_ms": 100})).await;
+    let body = serde_json::json!({"model": MODEL, "stream": true,
+        "messages": [{"role": "user", "content": "the client will not wait for all of this"}]});
+    let mut r = stack.chat(&body).await;
+    let id = job_id_of(r.headers(), &serde_json::Value::Null);
+    r.chunk().await.unwrap().expect("a first chunk");
+    drop(r);
+    // The call goes on to its end and is recorded once.
+    let row = stack.ledger_row(id, "completed").await;
+    assert_eq!(row.attempts, 1);
+    assert_eq!(stack.mock.requests().await, 1);
+}
