@@ -8,6 +8,9 @@
 #
 #   bench/run.sh [--seconds N] [--repeats N] [--connections 1,32,128]
 #
+# `bench/run.sh ttft [--requests 500]` measures the time to first token of
+# streamed completions, straight to the mock and through Sluice, one at a time.
+#
 # `bench/run.sh jobs [--connections 64] [--seconds 10]` measures asynchronous
 # jobs instead: jobs accepted per second (each durably acknowledged before its
 # 202) and the time from submit to its webhook arriving, under that load.
@@ -22,6 +25,12 @@ cd "$ROOT"
 source "$ROOT/bench/stack.sh"
 
 log "$("$NATS_SERVER" --version), $(nproc) cores, JetStream R1 file storage with the default sync interval"
+if [ "${1:-}" = ttft ]; then
+  shift
+  "$BIN/sluice-loadgen" ttft --direct "http://127.0.0.1:$MOCK_PORT/v1/chat/completions" \
+    --gateway "http://127.0.0.1:$INGRESS_PORT/v1/chat/completions" --key "$KEY" --model bench "$@"
+  exit $?
+fi
 if [ "${1:-}" = jobs ]; then
   shift
   "$BIN/sluice-loadgen" jobs --gateway "http://127.0.0.1:$INGRESS_PORT" --key "$KEY" --model bench "$@"

@@ -15,6 +15,7 @@
 
 mod jobs;
 mod submit;
+mod ttft;
 
 use std::time::{Duration, Instant};
 
@@ -87,7 +88,7 @@ fn parse_args() -> Result<Args, String> {
 }
 
 /// `host:port` and path of an `http://` URL.
-fn split_url(url: &str) -> Result<(String, String), String> {
+pub(crate) fn split_url(url: &str) -> Result<(String, String), String> {
     let rest = url.strip_prefix("http://").ok_or(format!("only http:// URLs: {url}"))?;
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
     Ok((host.to_owned(), format!("/{path}")))
@@ -217,6 +218,22 @@ async fn main() {
         };
         if let Err(e) = jobs::run(args).await {
             eprintln!("sluice-loadgen jobs: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("ttft") {
+        let a: Vec<String> = std::env::args().skip(2).collect();
+        let get = |flag: &str| a.windows(2).find(|w| w[0] == flag).map(|w| w[1].clone());
+        let args = ttft::TtftArgs {
+            direct: get("--direct").unwrap_or_default(),
+            gateway: get("--gateway").unwrap_or_default(),
+            key: get("--key").unwrap_or_default(),
+            model: get("--model").unwrap_or_else(|| "bench".into()),
+            requests: get("--requests").and_then(|v| v.parse().ok()).unwrap_or(500),
+        };
+        if let Err(e) = ttft::run(args).await {
+            eprintln!("sluice-loadgen ttft: {e}");
             std::process::exit(1);
         }
         return;
