@@ -76,12 +76,7 @@ async fn submitter(
             r#"{{"endpoint":"chat.completions","body":{{"model":"{model}","messages":[{{"role":"user","content":"bench"}}]}},"metadata":{{"t":"{}"}},"webhook":{{"url":"{hook}"}}}}"#,
             now_ms()
         );
-        let request = Request::post("/v1/jobs")
-            .header("host", addr.as_str())
-            .header("content-type", "application/json")
-            .header("authorization", format!("Bearer {key}"))
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
+        let request = crate::post(&addr, "/v1/jobs", &key, Bytes::from(body))?;
         let started = Instant::now();
         match sender.send_request(request).await {
             Ok(r) => {

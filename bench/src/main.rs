@@ -104,6 +104,16 @@ pub(crate) async fn open(addr: &str) -> Result<hyper::client::conn::http1::SendR
     Ok(sender)
 }
 
+/// A JSON POST with the API key, for a connection made by [`open`].
+pub(crate) fn post(addr: &str, path: &str, key: &str, body: Bytes) -> Result<Request<Full<Bytes>>, String> {
+    Request::post(path)
+        .header("host", addr)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())
+}
+
 /// The value at quantile `q` (0 to 1) of an ascending slice; 0 when empty.
 pub(crate) fn percentile<T: Copy + Default>(sorted: &[T], q: f64) -> T {
     sorted.get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or_default()
@@ -123,12 +133,7 @@ async fn connection(
     let mut latencies = Vec::with_capacity(100_000);
     let mut errors = 0u64;
     while Instant::now() < until {
-        let request = Request::post(path.as_str())
-            .header("host", addr.as_str())
-            .header("content-type", "application/json")
-            .header("authorization", format!("Bearer {key}"))
-            .body(Full::new(body.clone()))
-            .map_err(|e| e.to_string())?;
+        let request = post(&addr, &path, &key, body.clone())?;
         let started = Instant::now();
         let ok = match sender.send_request(request).await {
             Ok(response) => {

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::Request;
 
 pub struct SubmitArgs {
     pub gateway: String,
@@ -35,12 +34,7 @@ async fn submit_one(
     key: &str,
     body: Bytes,
 ) -> Result<bool, String> {
-    let request = Request::post("/v1/jobs")
-        .header("host", addr)
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {key}"))
-        .body(Full::new(body))
-        .map_err(|e| e.to_string())?;
+    let request = crate::post(addr, "/v1/jobs", key, body)?;
     let r = sender.send_request(request).await.map_err(|e| e.to_string())?;
     let status = r.status().as_u16();
     let body = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();

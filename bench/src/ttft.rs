@@ -6,8 +6,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
+use http_body_util::BodyExt;
 
 pub struct TtftArgs {
     pub direct: String,
@@ -26,12 +25,7 @@ async fn measure(url: &str, key: &str, model: &str, n: usize) -> Result<Vec<u32>
     ));
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let request = Request::post(path.as_str())
-            .header("host", addr.as_str())
-            .header("content-type", "application/json")
-            .header("authorization", format!("Bearer {key}"))
-            .body(Full::new(body.clone()))
-            .map_err(|e| e.to_string())?;
+        let request = crate::post(&addr, &path, key, body.clone())?;
         // The connection must be ready again after the last answer's end.
         sender.ready().await.map_err(|e| format!("{url}: {e}"))?;
         let started = Instant::now();

@@ -14,6 +14,9 @@ use serde::Deserialize;
 
 use crate::secret::Secret;
 
+mod env;
+use env::{env_value, set_path};
+
 /// Exit code for a bad configuration (`EX_CONFIG` is 78; linkerd and the
 /// BSD `sysexits.h` use 64, `EX_USAGE`, for "the invocation is wrong").
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -564,120 +567,5 @@ impl Config {
     }
 }
 
-/// An env value as TOML would read it (`42`, `true`, `1.5`), else a string.
-fn env_value(raw: &str) -> toml::Value {
-    if let Ok(v) = raw.parse::<i64>() {
-        return toml::Value::Integer(v);
-    }
-    if let Ok(v) = raw.parse::<bool>() {
-        return toml::Value::Boolean(v);
-    }
-    if let Ok(v) = raw.parse::<f64>()
-        && raw.contains('.')
-    {
-        return toml::Value::Float(v);
-    }
-    toml::Value::String(raw.to_owned())
-}
-
-fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
-    let Some((head, rest)) = path.split_first() else {
-        return Err("empty key".into());
-    };
-    if rest.is_empty() {
-        table.insert(head.clone(), value);
-        return Ok(());
-    }
-    let slot = table.entry(head.clone()).or_insert_with(|| {
-        if rest[0].parse::<usize>().is_ok() {
-            toml::Value::Array(Vec::new())
-        } else {
-            toml::Value::Table(toml::Table::new())
-        }
-    });
-    set_in_value(slot, rest, value)
-}
-
-fn set_in_value(slot: &mut toml::Value, path: &[String], value: toml::Value) -> Result<(), String> {
-    match slot {
-        toml::Value::Table(t) => set_path(t, path, value),
-        toml::Value::Array(items) => {
-            let index: usize = path[0].parse().map_err(|_| format!("`{}` is not a list index", path[0]))?;
-            if index > items.len() {
-                return Err(format!("list index {index} skips entries (list has {})", items.len()));
-            }
-            if index == items.len() {
-                items.push(toml::Value::Table(toml::Table::new()));
-            }
-            let rest = &path[1..];
-            if rest.is_empty() {
-                items[index] = value;
-                return Ok(());
-            }
-            set_in_value(&mut items[index], rest, value)
-        }
-        _ => Err("a plain value cannot hold nested keys".into()),
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
-    }
-
-    #[test]
-    fn env_overrides_nested_keys_and_list_entries() {
-        let c = Config::load(
-            None,
-            env(&[
-                ("SLUICE__INGRESS__SYNC_TIMEOUT_MS", "1500"),
-                ("SLUICE__POOLS__0__NAME", "gpt-4.1"),
-                ("SLUICE__POOLS__0__BASE_URL", "http://127.0.0.1:9/v1"),
-                ("OTHER", "ignored"),
-            ]),
-        );
-        let c = c.unwrap();
-        assert_eq!(c.ingress.sync_timeout_ms, 1500);
-        assert_eq!(c.pools[0].name, "gpt-4.1");
-        assert_eq!(c.pools[0].subject_token(), "gpt-4_1");
-    }
-
-    #[test]
-    fn unknown_key_is_named() {
-        let err = Config::load(None, env(&[("SLUICE__INGRESS__LISTEN_ADDR", "x")]));
-        let msg = err.map(|_| ()).unwrap_err().to_string();
-        assert!(msg.contains("ingress"), "{msg}");
-        assert!(msg.contains("listen_addr"), "{msg}");
-    }
-
-    #[test]
-    fn wrong_type_is_named() {
-        let err = Config::load(None, env(&[("SLUICE__WORKER__MAX_IN_FLIGHT", "many")]));
-        let msg = err.map(|_| ()).unwrap_err().to_string();
-        assert!(msg.contains("worker.max_in_flight"), "{msg}");
-    }
-
-    #[test]
-    fn an_admin_listener_needs_a_long_enough_token() {
-        let err = Config::load(None, env(&[("SLUICE__ADMIN__LISTEN", "127.0.0.1:9099")]));
-        assert!(err.map(|_| ()).unwrap_err().to_string().contains("admin.token"));
-        let err =
-            Config::load(None, env(&[("SLUICE__ADMIN__LISTEN", "127.0.0.1:9099"), ("SLUICE__ADMIN__TOKEN", "short")]));
-        assert!(err.map(|_| ()).unwrap_err().to_string().contains("32"));
-        let token = "x".repeat(32);
-        assert!(
-            Config::load(None, env(&[("SLUICE__ADMIN__LISTEN", "127.0.0.1:9099"), ("SLUICE__ADMIN__TOKEN", &token)]))
-                .is_ok()
-        );
-    }
-
-    #[test]
-    fn invalid_value_is_named() {
-        let err = Config::load(None, env(&[("SLUICE__WORKER__ACK_WAIT_MS", "10")]));
-        let msg = err.map(|_| ()).unwrap_err().to_string();
-        assert!(msg.contains("worker.ack_wait_ms"), "{msg}");
-    }
-}
+mod tests;

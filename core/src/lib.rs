@@ -13,6 +13,7 @@
 //! - [`webhook`]: Standard Webhooks signatures and the webhook target guard.
 //! - [`tenant`]: a tenant's weight, tier and limits, resolved against the defaults.
 //! - [`counters`]: the shared counters in NATS behind admission control.
+//! - [`reload`]: values reloaded in the background, keeping the last good one.
 //! - [`shutdown`]: SIGTERM/SIGINT into one cancellation token.
 
 pub mod config;
@@ -24,6 +25,7 @@ pub mod event;
 pub mod jobstate;
 pub mod nats;
 pub mod ops;
+pub mod reload;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;

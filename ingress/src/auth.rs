@@ -54,31 +54,23 @@ impl KeyCache {
         shutdown: CancellationToken,
     ) -> Result<Self, db::DbError> {
         let fallback = Arc::new(TenantPolicy::defaults(&defaults));
-        let first = Arc::new(load(&db, &defaults).await?);
-        metrics::gauge!(crate::metrics::AUTH_KEYS).set(first.keys.len() as f64);
-        let (tx, rx) = watch::channel(first);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
+        let keys = sluice_core::reload::start(
+            every,
+            shutdown,
+            move || {
+                let (db, defaults) = (db.clone(), defaults.clone());
+                async move { load(&db, &defaults).await }
+            },
+            |outcome: Result<&Loaded, &db::DbError>| match outcome {
+                Ok(loaded) => metrics::gauge!(crate::metrics::AUTH_KEYS).set(loaded.keys.len() as f64),
+                Err(error) => {
+                    metrics::counter!(crate::metrics::AUTH_REFRESH_FAILURES).increment(1);
+                    tracing::warn!(%error, "api key cache reload failed; keeping the previous keys");
                 }
-                match load(&db, &defaults).await {
-                    Ok(loaded) => {
-                        metrics::gauge!(crate::metrics::AUTH_KEYS).set(loaded.keys.len() as f64);
-                        tx.send_replace(Arc::new(loaded));
-                    }
-                    Err(error) => {
-                        metrics::counter!(crate::metrics::AUTH_REFRESH_FAILURES).increment(1);
-                        tracing::warn!(%error, "api key cache reload failed; keeping the previous keys");
-                    }
-                }
-            }
-        });
-        Ok(Self { keys: rx, fallback })
+            },
+        )
+        .await?;
+        Ok(Self { keys, fallback })
     }
 
     /// The tenant behind the request's `Authorization: Bearer …` (or

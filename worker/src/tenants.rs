@@ -36,25 +36,21 @@ impl TenantBook {
         shutdown: CancellationToken,
     ) -> Result<Self, db::DbError> {
         let fallback = Arc::new(TenantPolicy { name: UNKNOWN.into(), ..TenantPolicy::defaults(&defaults) });
-        let (tx, rx) = watch::channel(Arc::new(load(&db, &defaults).await?));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
+        let tenants = sluice_core::reload::start(
+            every,
+            shutdown,
+            move || {
+                let (db, defaults) = (db.clone(), defaults.clone());
+                async move { load(&db, &defaults).await }
+            },
+            |outcome: Result<&_, &db::DbError>| {
+                if let Err(error) = outcome {
+                    tracing::warn!(%error, "tenant reload failed; keeping the previous settings");
                 }
-                match load(&db, &defaults).await {
-                    Ok(t) => {
-                        tx.send_replace(Arc::new(t));
-                    }
-                    Err(error) => tracing::warn!(%error, "tenant reload failed; keeping the previous settings"),
-                }
-            }
-        });
-        Ok(Self { tenants: rx, fallback })
+            },
+        )
+        .await?;
+        Ok(Self { tenants, fallback })
     }
 
     pub fn get(&self, tenant: Uuid) -> Arc<TenantPolicy> {

@@ -1,0 +1,58 @@
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+#[test]
+fn env_overrides_nested_keys_and_list_entries() {
+    let c = Config::load(
+        None,
+        env(&[
+            ("SLUICE__INGRESS__SYNC_TIMEOUT_MS", "1500"),
+            ("SLUICE__POOLS__0__NAME", "gpt-4.1"),
+            ("SLUICE__POOLS__0__BASE_URL", "http://127.0.0.1:9/v1"),
+            ("OTHER", "ignored"),
+        ]),
+    );
+    let c = c.unwrap();
+    assert_eq!(c.ingress.sync_timeout_ms, 1500);
+    assert_eq!(c.pools[0].name, "gpt-4.1");
+    assert_eq!(c.pools[0].subject_token(), "gpt-4_1");
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let err = Config::load(None, env(&[("SLUICE__INGRESS__LISTEN_ADDR", "x")]));
+    let msg = err.map(|_| ()).unwrap_err().to_string();
+    assert!(msg.contains("ingress"), "{msg}");
+    assert!(msg.contains("listen_addr"), "{msg}");
+}
+
+#[test]
+fn wrong_type_is_named() {
+    let err = Config::load(None, env(&[("SLUICE__WORKER__MAX_IN_FLIGHT", "many")]));
+    let msg = err.map(|_| ()).unwrap_err().to_string();
+    assert!(msg.contains("worker.max_in_flight"), "{msg}");
+}
+
+#[test]
+fn an_admin_listener_needs_a_long_enough_token() {
+    let err = Config::load(None, env(&[("SLUICE__ADMIN__LISTEN", "127.0.0.1:9099")]));
+    assert!(err.map(|_| ()).unwrap_err().to_string().contains("admin.token"));
+    let err =
+        Config::load(None, env(&[("SLUICE__ADMIN__LISTEN", "127.0.0.1:9099"), ("SLUICE__ADMIN__TOKEN", "short")]));
+    assert!(err.map(|_| ()).unwrap_err().to_string().contains("32"));
+    let token = "x".repeat(32);
+    assert!(
+        Config::load(None, env(&[("SLUICE__ADMIN__LISTEN", "127.0.0.1:9099"), ("SLUICE__ADMIN__TOKEN", &token)]))
+            .is_ok()
+    );
+}
+
+#[test]
+fn invalid_value_is_named() {
+    let err = Config::load(None, env(&[("SLUICE__WORKER__ACK_WAIT_MS", "10")]));
+    let msg = err.map(|_| ()).unwrap_err().to_string();
+    assert!(msg.contains("worker.ack_wait_ms"), "{msg}");
+}
