@@ -233,6 +233,10 @@ pub struct SchedulerConfig {
     pub default_max_tokens: u64,
     /// How often a worker reloads tenants' weights from Postgres.
     pub tenants_refresh_ms: u64,
+    /// How often workers look for admission counts that drifted (a process
+    /// killed between counting and publishing); a count is repaired once it
+    /// has disagreed with the truth, unchanged, for one whole interval.
+    pub repair_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -406,6 +410,7 @@ impl Default for SchedulerConfig {
             idle_consumer_ms: 600_000,
             default_max_tokens: 256,
             tenants_refresh_ms: 5_000,
+            repair_ms: 10_000,
         }
     }
 }
@@ -475,6 +480,7 @@ impl Config {
             ("scheduler.max_fetch", self.scheduler.max_fetch as u64),
             ("scheduler.idle_consumer_ms", self.scheduler.idle_consumer_ms),
             ("scheduler.tenants_refresh_ms", self.scheduler.tenants_refresh_ms),
+            ("scheduler.repair_ms", self.scheduler.repair_ms),
         ];
         for (key, value) in positive {
             if value == 0 {

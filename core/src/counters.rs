@@ -26,7 +26,7 @@ use crate::config::NatsConfig;
 use crate::nats::NatsError;
 
 const INCREMENT: &str = "Nats-Incr";
-const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+const MSG_ID: &str = "Nats-Msg-Id";
 
 /// How long a per-minute rate entry is kept: the current and previous
 /// minute are read, a third covers clock skew between replicas.
@@ -126,29 +126,26 @@ impl Counters {
         self.add_with(subject, delta, None).await?.ok_or(CounterError::NoValue)
     }
 
-    /// Adds `delta` only if the subject's last write is still `sequence`
-    /// (0: the subject has never been written); `None` if it was not.
-    pub async fn add_if_unchanged(
-        &self,
-        subject: &str,
-        delta: i64,
-        sequence: u64,
-    ) -> Result<Option<i64>, CounterError> {
-        self.add_with(subject, delta, Some(sequence)).await
+    /// Adds `delta` once for a given `id`: a second add with the same id
+    /// within the stream's duplicate window is dropped (`None`). Counter
+    /// increments cannot be made conditional on the last sequence (the
+    /// server refuses that header on them), so workers repairing the same
+    /// observation give it the same id instead.
+    pub async fn add_once(&self, subject: &str, delta: i64, id: &str) -> Result<Option<i64>, CounterError> {
+        self.add_with(subject, delta, Some(id)).await
     }
 
-    async fn add_with(&self, subject: &str, delta: i64, expect: Option<u64>) -> Result<Option<i64>, CounterError> {
+    async fn add_with(&self, subject: &str, delta: i64, id: Option<&str>) -> Result<Option<i64>, CounterError> {
         let mut headers = HeaderMap::new();
         headers.insert(INCREMENT, format!("{delta:+}").as_str());
-        if let Some(seq) = expect {
-            headers.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, seq.to_string().as_str());
+        if let Some(id) = id {
+            headers.insert(MSG_ID, id);
         }
         let ack = self.js.publish_with_headers(subject.to_owned(), headers, Bytes::new()).await?;
-        let ack = match ack.await {
-            Ok(ack) => ack,
-            Err(e) if expect.is_some() && e.to_string().contains("wrong last sequence") => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
+        let ack = ack.await?;
+        if ack.duplicate {
+            return Ok(None);
+        }
         let value = ack.value.ok_or(CounterError::NoValue)?;
         value.parse().map(Some).map_err(|_| CounterError::Read(format!("counter value `{value}` is not a number")))
     }

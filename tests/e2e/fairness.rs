@@ -324,3 +324,28 @@ async fn a_running_jobs_limit_holds_across_two_workers() {
     let peak = c.mock_stats().await["peak_in_flight"].as_u64().unwrap();
     assert!(peak >= 4, "the unlimited tenant had at most {peak} calls at once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_count_left_high_by_a_crash_is_repaired_from_the_stream() {
+    let stack = Stack::start().await;
+    let tenant: Uuid = sluice_core::db::tenant_id(&stack.db, "acme").await.unwrap();
+    sluice_core::db::set_tenant(&stack.db, "acme", &settings(None, Some(2), None)).await.unwrap();
+    // Two counts that no job will ever release, as an ingress killed between
+    // counting a job and publishing it would leave.
+    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let counters = sluice_core::counters::Counters::open(&js, &stack.config.nats).await.unwrap();
+    counters.add(&sluice_core::counters::queued_subject(tenant), 2).await.unwrap();
+    wait_for("the cap to refuse the tenant", Duration::from_secs(5), || async {
+        (stack.submit_job(&stack.key, &Stack::job_body("refused"), None).await.status() == 429).then_some(())
+    })
+    .await;
+    // Nothing is queued, so the workers set the count back to 0.
+    wait_for("the drifted count to be repaired", Duration::from_secs(10), || async {
+        let (value, _) = counters.get(&sluice_core::counters::queued_subject(tenant)).await.unwrap();
+        (value == 0).then_some(())
+    })
+    .await;
+    let r = stack.submit_job(&stack.key, &Stack::job_body("accepted again"), None).await;
+    assert_eq!(r.status(), 202);
+}

@@ -173,6 +173,7 @@ pub fn test_config(nats_url: &str, db_url: &str, mock_base: &str) -> Config {
     c.worker.retry_max_delay_ms = 500;
     c.scheduler.discover_ms = 200;
     c.scheduler.tenants_refresh_ms = 100;
+    c.scheduler.repair_ms = 300;
     c.worker.max_in_flight = 16;
     c.worker.shutdown_grace_ms = 5_000;
     c.webhooks.allow_loopback_targets = true;

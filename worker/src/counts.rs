@@ -101,7 +101,9 @@ pub async fn repair(
         };
         let now = Seen { value, sequence, truth: truth.get(tenant).copied().unwrap_or(0) };
         if value != now.truth && seen.get(tenant) == Some(&now) {
-            match counters.add_if_unchanged(&subject, now.truth - value, sequence).await {
+            // Workers seeing the same state name the repair alike: it applies once.
+            let id = format!("repair-{subject}-{sequence}");
+            match counters.add_once(&subject, now.truth - value, &id).await {
                 Ok(Some(_)) => {
                     repaired += 1;
                     tracing::info!(%tenant, subject, from = value, to = now.truth, "drifted count repaired");

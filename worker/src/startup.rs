@@ -25,8 +25,6 @@ pub const LEDGER_CONSUMER: &str = "ledger";
 pub const LEDGER_STATE_CONSUMER: &str = "ledger-state";
 /// Name of the durable consumer that turns finished jobs into webhook deliveries.
 pub const WEBHOOK_CONSUMER: &str = "webhooks";
-/// How often drifted queued-jobs counts are looked for.
-const REPAIR_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -204,6 +202,7 @@ impl Worker {
             self.config.worker.consumer.clone(),
             self.executor.ctx.tenants.clone(),
             counts_rx,
+            ms(self.config.scheduler.repair_ms),
             background.clone(),
         ));
         if let Some(listener) = ops {
@@ -266,7 +265,7 @@ impl Worker {
     }
 }
 
-/// Every [`REPAIR_EVERY`], sets drifted counts to the truth (see
+/// Every `every` (`scheduler.repair_ms`), sets drifted counts to the truth (see
 /// [`crate::counts::repair`]): queued jobs from the latest discovery, running
 /// jobs from the acknowledgements pending on the tenant's queue consumers.
 async fn repair_counts(
@@ -275,11 +274,12 @@ async fn repair_counts(
     prefix: String,
     tenants: crate::tenants::TenantBook,
     counts: tokio::sync::watch::Receiver<Arc<Vec<(QueueKey, u64)>>>,
+    every: std::time::Duration,
     shutdown: CancellationToken,
 ) {
     let mut seen = std::collections::HashMap::new();
     let mut seen_running = std::collections::HashMap::new();
-    let mut tick = tokio::time::interval(REPAIR_EVERY);
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
