@@ -1,7 +1,10 @@
 //! Closed-loop HTTP load for Sluice's benchmarks.
 //!
 //! `sluice-loadgen jobs --gateway URL --key KEY --model M [--connections 64] [--seconds 10]`
-//! measures asynchronous jobs (see `jobs.rs`); otherwise:
+//! measures asynchronous jobs (see `jobs.rs`); `sluice-loadgen ttft …` the
+//! time to first token of streamed answers (`ttft.rs`); `sluice-loadgen
+//! submit …` submits one tenant's jobs for the fairness benchmark
+//! (`submit.rs`); otherwise:
 //!
 //! `sluice-loadgen --direct URL --gateway URL --key KEY --model M
 //!   [--connections 1,32,128] [--seconds 10] [--warmup 2] [--repeats 3]
@@ -210,56 +213,52 @@ fn summarize(runs: &[Run]) -> Run {
 
 #[tokio::main]
 async fn main() {
-    if std::env::args().nth(1).as_deref() == Some("jobs") {
-        let a: Vec<String> = std::env::args().skip(2).collect();
-        let get = |flag: &str| a.windows(2).find(|w| w[0] == flag).map(|w| w[1].clone());
-        let args = jobs::JobsArgs {
-            gateway: get("--gateway").unwrap_or_default(),
-            key: get("--key").unwrap_or_default(),
-            model: get("--model").unwrap_or_else(|| "bench".into()),
-            connections: get("--connections").and_then(|v| v.parse().ok()).unwrap_or(64),
-            seconds: get("--seconds").and_then(|v| v.parse().ok()).unwrap_or(10),
-            receiver: get("--receiver").unwrap_or_else(|| "127.0.0.1:0".into()),
-        };
-        if let Err(e) = jobs::run(args).await {
-            eprintln!("sluice-loadgen jobs: {e}");
-            std::process::exit(1);
-        }
-        return;
-    }
-    if std::env::args().nth(1).as_deref() == Some("ttft") {
-        let a: Vec<String> = std::env::args().skip(2).collect();
-        let get = |flag: &str| a.windows(2).find(|w| w[0] == flag).map(|w| w[1].clone());
-        let args = ttft::TtftArgs {
-            direct: get("--direct").unwrap_or_default(),
-            gateway: get("--gateway").unwrap_or_default(),
-            key: get("--key").unwrap_or_default(),
-            model: get("--model").unwrap_or_else(|| "bench".into()),
-            requests: get("--requests").and_then(|v| v.parse().ok()).unwrap_or(500),
-        };
-        if let Err(e) = ttft::run(args).await {
-            eprintln!("sluice-loadgen ttft: {e}");
-            std::process::exit(1);
-        }
-        return;
-    }
-    if std::env::args().nth(1).as_deref() == Some("submit") {
-        let a: Vec<String> = std::env::args().skip(2).collect();
-        let get = |flag: &str| a.windows(2).find(|w| w[0] == flag).map(|w| w[1].clone());
-        let number = |flag: &str, default: usize| get(flag).and_then(|v| v.parse().ok()).unwrap_or(default);
-        let args = submit::SubmitArgs {
-            gateway: get("--gateway").unwrap_or_default(),
-            key: get("--key").unwrap_or_default(),
-            model: get("--model").unwrap_or_else(|| "bench".into()),
-            label: get("--label").unwrap_or_default(),
-            count: number("--count", 100),
-            concurrency: number("--concurrency", 32),
-            every_ms: get("--every-ms").and_then(|v| v.parse().ok()),
-            prompt_chars: number("--prompt-chars", 40),
-            max_tokens: number("--max-tokens", 16) as u64,
-        };
-        if let Err(e) = submit::run(args).await {
-            eprintln!("sluice-loadgen submit: {e}");
+    let sub = std::env::args().nth(1).unwrap_or_default();
+    let rest: Vec<String> = std::env::args().skip(2).collect();
+    let get = |flag: &str| rest.windows(2).find(|w| w[0] == flag).map(|w| w[1].clone());
+    let text = |flag: &str, default: &str| get(flag).unwrap_or_else(|| default.to_owned());
+    let number = |flag: &str, default: usize| get(flag).and_then(|v| v.parse().ok()).unwrap_or(default);
+    let outcome = match sub.as_str() {
+        "jobs" => Some(
+            jobs::run(jobs::JobsArgs {
+                gateway: text("--gateway", ""),
+                key: text("--key", ""),
+                model: text("--model", "bench"),
+                connections: number("--connections", 64),
+                seconds: number("--seconds", 10) as u64,
+                receiver: text("--receiver", "127.0.0.1:0"),
+            })
+            .await,
+        ),
+        "ttft" => Some(
+            ttft::run(ttft::TtftArgs {
+                direct: text("--direct", ""),
+                gateway: text("--gateway", ""),
+                key: text("--key", ""),
+                model: text("--model", "bench"),
+                requests: number("--requests", 500),
+            })
+            .await,
+        ),
+        "submit" => Some(
+            submit::run(submit::SubmitArgs {
+                gateway: text("--gateway", ""),
+                key: text("--key", ""),
+                model: text("--model", "bench"),
+                label: text("--label", ""),
+                count: number("--count", 100),
+                concurrency: number("--concurrency", 32),
+                every_ms: get("--every-ms").and_then(|v| v.parse().ok()),
+                prompt_chars: number("--prompt-chars", 40),
+                max_tokens: number("--max-tokens", 16) as u64,
+            })
+            .await,
+        ),
+        _ => None,
+    };
+    if let Some(outcome) = outcome {
+        if let Err(e) = outcome {
+            eprintln!("sluice-loadgen {sub}: {e}");
             std::process::exit(1);
         }
         return;

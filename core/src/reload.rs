@@ -1,7 +1,8 @@
-//! A value reloaded in the background (API keys, tenants' settings): loaded
-//! once at start, where a failure is the caller's, then every `every` until
-//! `shutdown`; a reload that fails keeps the previous value. `loaded` sees
-//! every outcome, for metrics and logs.
+//! Periodic background work: [`Ticker`], and [`start`], a value reloaded in
+//! the background (API keys, tenants' settings): loaded once at start, where
+//! a failure is the caller's, then every `every` until `shutdown`; a reload
+//! that fails keeps the previous value. `loaded` sees every outcome, for
+//! metrics and logs.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,6 +10,26 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// Ticks every `every`, the first tick at once; a late tick delays the next
+/// ones rather than bunching them.
+pub struct Ticker(tokio::time::Interval);
+
+impl Ticker {
+    pub fn new(every: Duration) -> Self {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self(interval)
+    }
+
+    /// Waits for the next tick; `false` once `shutdown` has fired.
+    pub async fn tick(&mut self, shutdown: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = self.0.tick() => true,
+        }
+    }
+}
 
 pub async fn start<T, E, F, Fut, L>(
     every: Duration,
@@ -27,14 +48,10 @@ where
     loaded(Ok(&first));
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut ticker = Ticker::new(every);
+        // The first tick is now: the value was just loaded.
+        ticker.tick(&shutdown).await;
+        while ticker.tick(&shutdown).await {
             match load().await {
                 Ok(value) => {
                     loaded(Ok(&value));

@@ -300,13 +300,8 @@ pub async fn discover(
     mut observe: impl FnMut(&[(QueueKey, u64)]),
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticker = sluice_core::reload::Ticker::new(every);
+    while ticker.tick(&shutdown).await {
         match list(&stream).await {
             Ok(counts) => {
                 observe(&counts);

@@ -279,13 +279,8 @@ async fn repair_counts(
 ) {
     let mut seen = std::collections::HashMap::new();
     let mut seen_running = std::collections::HashMap::new();
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticker = sluice_core::reload::Ticker::new(every);
+    while ticker.tick(&shutdown).await {
         let listed = counts.borrow().clone();
         let truth = queues::per_tenant(&listed);
         let subject = sluice_core::counters::queued_subject;
