@@ -15,7 +15,9 @@ use serde::Deserialize;
 use crate::secret::Secret;
 
 mod env;
+mod pools;
 use env::{env_value, set_path};
+pub use pools::{DeploymentConfig, PoolConfig, ProviderKind};
 
 /// Exit code for a bad configuration (`EX_CONFIG` is 78; linkerd and the
 /// BSD `sysexits.h` use 64, `EX_USAGE`, for "the invocation is wrong").
@@ -51,7 +53,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
-    /// Model aliases that clients name in `model`, each served by one upstream.
+    /// Model aliases that clients name in `model`, each served by one or more deployments.
     pub pools: Vec<PoolConfig>,
 }
 
@@ -141,6 +143,19 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_host: usize,
     pub pool_idle_timeout_ms: u64,
     pub tcp_keepalive_ms: u64,
+    /// Consecutive failures (5xx, timeouts, connection errors) of one
+    /// deployment, seen by one worker, that open its circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps the deployment out before one probe
+    /// call is let through (half-open); doubled after each failed probe, up
+    /// to 16 times this.
+    pub breaker_open_ms: u64,
+    /// Retries (failovers and redeliveries after a failure) allowed per first
+    /// attempt, over a pool's recent calls; past it a failed job waits the
+    /// longest backoff instead of retrying at once.
+    pub retry_budget_ratio: f64,
+    /// Retries always allowed on top of the ratio (a quiet pool can still retry).
+    pub retry_budget_min: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -248,49 +263,6 @@ pub struct LogConfig {
     pub format: String,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    /// OpenAI's API or any compatible server (vLLM, Ollama, the mock provider).
-    Openai,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PoolConfig {
-    /// The model name clients send.
-    pub name: String,
-    #[serde(default = "default_provider")]
-    pub provider: ProviderKind,
-    /// Base URL up to and including `/v1`, e.g. `https://api.openai.com/v1`.
-    pub base_url: String,
-    /// Model name sent upstream; defaults to the pool name.
-    #[serde(default)]
-    pub model: Option<String>,
-    /// The upstream API key itself (prefer `api_key_env`).
-    #[serde(default)]
-    pub api_key: Option<Secret>,
-    /// Name of an environment variable holding the upstream API key.
-    #[serde(default)]
-    pub api_key_env: Option<String>,
-}
-
-fn default_provider() -> ProviderKind {
-    ProviderKind::Openai
-}
-
-impl PoolConfig {
-    pub fn upstream_model(&self) -> &str {
-        self.model.as_deref().unwrap_or(&self.name)
-    }
-
-    /// Subject token for this pool: NATS tokens may not hold `.`, `*`, `>`
-    /// or whitespace, which model names such as `gpt-4.1` do.
-    pub fn subject_token(&self) -> String {
-        crate::envelope::subject_token(&self.name)
-    }
-}
-
 impl Default for NatsConfig {
     fn default() -> Self {
         Self {
@@ -356,6 +328,10 @@ impl Default for UpstreamConfig {
             pool_max_idle_per_host: 512,
             pool_idle_timeout_ms: 90_000,
             tcp_keepalive_ms: 30_000,
+            breaker_failures: 5,
+            breaker_open_ms: 5_000,
+            retry_budget_ratio: 0.2,
+            retry_budget_min: 10,
         }
     }
 }
@@ -469,6 +445,8 @@ impl Config {
             ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
             ("upstream.request_timeout_ms", self.upstream.request_timeout_ms),
             ("upstream.response_header_timeout_ms", self.upstream.response_header_timeout_ms),
+            ("upstream.breaker_failures", u64::from(self.upstream.breaker_failures)),
+            ("upstream.breaker_open_ms", self.upstream.breaker_open_ms),
             ("jobs.retention_ms", self.jobs.retention_ms),
             ("jobs.default_expiry_ms", self.jobs.default_expiry_ms),
             ("jobs.max_expiry_ms", self.jobs.max_expiry_ms),
@@ -486,6 +464,9 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::key(key, "must be greater than zero"));
             }
+        }
+        if !(0.0..=10.0).contains(&self.upstream.retry_budget_ratio) {
+            return Err(ConfigError::key("upstream.retry_budget_ratio", "must be between 0 and 10"));
         }
         if self.worker.ack_wait_ms < 1_000 {
             return Err(ConfigError::key("worker.ack_wait_ms", "must be at least 1000"));
@@ -558,12 +539,7 @@ impl Config {
             if !tokens.insert(pool.subject_token()) {
                 return Err(ConfigError::key(key("name"), "collides with another pool's name"));
             }
-            if !(pool.base_url.starts_with("http://") || pool.base_url.starts_with("https://")) {
-                return Err(ConfigError::key(key("base_url"), "must start with http:// or https://"));
-            }
-            if pool.api_key.is_some() && pool.api_key_env.is_some() {
-                return Err(ConfigError::key(key("api_key"), "set api_key or api_key_env, not both"));
-            }
+            pool.validate(i)?;
         }
         Ok(())
     }

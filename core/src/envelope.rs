@@ -36,6 +36,9 @@ pub const H_CHUNK: &str = "Sluice-Chunk";
 /// On a streamed answer's last message: the stream is over (the status
 /// header says how it ended; an error's body is the error).
 pub const H_STREAM_END: &str = "Sluice-Stream-End";
+/// On a streamed answer's chunk: the server-sent event's name, when it has
+/// one (Anthropic's streams name every event).
+pub const H_EVENT: &str = "Sluice-Event";
 /// Tokens the job is expected to use (prompt estimate plus requested output).
 pub const H_EST_TOKENS: &str = "Sluice-Est-Tokens";
 /// Present when the ingress counted the job in its tenant's queued-jobs
@@ -55,6 +58,8 @@ pub const EVENTS_SUBJECTS: &str = "events.job.>";
 pub enum Endpoint {
     ChatCompletions,
     Embeddings,
+    /// Anthropic's Messages API (`POST /v1/messages`).
+    Messages,
 }
 
 impl Endpoint {
@@ -62,6 +67,7 @@ impl Endpoint {
         match self {
             Endpoint::ChatCompletions => "chat.completions",
             Endpoint::Embeddings => "embeddings",
+            Endpoint::Messages => "messages",
         }
     }
 
@@ -71,15 +77,8 @@ impl Endpoint {
         match s {
             "chat.completions" | "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
             "embeddings" | "/v1/embeddings" => Some(Endpoint::Embeddings),
+            "messages" | "/v1/messages" => Some(Endpoint::Messages),
             _ => None,
-        }
-    }
-
-    /// Path under the upstream's base URL.
-    pub fn upstream_path(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "/chat/completions",
-            Endpoint::Embeddings => "/embeddings",
         }
     }
 }

@@ -16,8 +16,8 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
 use sluice_core::envelope::{
-    Endpoint, H_ATTEMPTS, H_CHUNK, H_DEADLINE, H_ENDPOINT, H_JOB_ID, H_POOL, H_RETRY_AFTER, H_STATUS, H_STREAM_END,
-    H_SUBMITTED, H_TENANT,
+    Endpoint, H_ATTEMPTS, H_CHUNK, H_DEADLINE, H_ENDPOINT, H_EVENT, H_JOB_ID, H_POOL, H_RETRY_AFTER, H_STATUS,
+    H_STREAM_END, H_SUBMITTED, H_TENANT,
 };
 use sluice_core::event::JobStatus;
 use sluice_core::jobstate::{self, JobRecord};
@@ -39,6 +39,8 @@ pub struct Reply {
     pub attempt: Option<u64>,
     /// The last message of a streamed answer.
     pub end: bool,
+    /// A streamed chunk's server-sent event name, when it has one.
+    pub event: Option<String>,
 }
 
 enum Command {
@@ -143,6 +145,7 @@ fn route(waiting: &mut HashMap<u64, mpsc::UnboundedSender<Reply>>, message: asyn
         chunk,
         attempt: header(H_ATTEMPTS),
         end,
+        event: message.headers.as_ref().and_then(|h| h.get(H_EVENT)).map(|v| v.as_str().to_owned()),
         body: message.payload,
     };
     let headers = message.headers;

@@ -1,23 +1,24 @@
-//! The mock's routes. State is atomics only: no lock on the request path.
+//! The mock's routes. State is atomics only: no lock on the request path
+//! (except the rate limiter's log, when a limit is set).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
+use crate::limiter::{Style, Verdict};
 use crate::settings::{Faults, Settings};
 
 pub struct MockState {
-    started: Instant,
     latency_ms: AtomicU64,
-    completion_tokens: AtomicU32,
+    pub(crate) completion_tokens: AtomicU32,
     embedding_dim: AtomicU64,
     rpm: AtomicU64,
     error_rate_bits: AtomicU64,
@@ -26,19 +27,20 @@ pub struct MockState {
     hang_next: AtomicU64,
     error_status: AtomicU64,
     hang_ms: AtomicU64,
-    stream_delay_ms: AtomicU64,
-    window_minute: AtomicU64,
-    window_count: AtomicU64,
+    pub(crate) stream_delay_ms: AtomicU64,
+    limiter: crate::limiter::Limiter,
     rng: AtomicU64,
-    stats: Stats,
+    pub(crate) stats: Stats,
 }
 
 #[derive(Default)]
-struct Stats {
+pub(crate) struct Stats {
     requests: AtomicU64,
-    ok: AtomicU64,
+    pub(crate) ok: AtomicU64,
     errors: AtomicU64,
     rate_limited: AtomicU64,
+    /// Anthropic Messages requests.
+    pub(crate) messages: AtomicU64,
     hangs: AtomicU64,
     /// Chat completions being answered now, and the most at once so far.
     in_flight: AtomicU64,
@@ -46,10 +48,10 @@ struct Stats {
 }
 
 /// Counts a chat completion as in flight while it lives.
-struct InFlight<'a>(&'a Stats);
+pub(crate) struct InFlight<'a>(&'a Stats);
 
 impl<'a> InFlight<'a> {
-    fn enter(stats: &'a Stats) -> Self {
+    pub(crate) fn enter(stats: &'a Stats) -> Self {
         let now = stats.in_flight.fetch_add(1, Relaxed) + 1;
         stats.peak_in_flight.fetch_max(now, Relaxed);
         Self(stats)
@@ -65,7 +67,6 @@ impl Drop for InFlight<'_> {
 impl MockState {
     pub fn new(settings: Settings) -> Self {
         let state = Self {
-            started: Instant::now(),
             latency_ms: AtomicU64::new(0),
             completion_tokens: AtomicU32::new(0),
             embedding_dim: AtomicU64::new(0),
@@ -77,8 +78,7 @@ impl MockState {
             error_status: AtomicU64::new(500),
             hang_ms: AtomicU64::new(600_000),
             stream_delay_ms: AtomicU64::new(0),
-            window_minute: AtomicU64::new(0),
-            window_count: AtomicU64::new(0),
+            limiter: crate::limiter::Limiter::default(),
             rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
             stats: Stats::default(),
         };
@@ -124,6 +124,7 @@ pub fn router(state: Arc<MockState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/messages", post(crate::anthropic::messages))
         .route("/v1/models", get(models))
         .route("/_mock/faults", post(set_faults))
         .route("/_mock/stats", get(stats))
@@ -131,27 +132,28 @@ pub fn router(state: Arc<MockState>) -> Router {
         .with_state(state)
 }
 
-enum Fault {
+pub(crate) enum Fault {
     None,
     Error(StatusCode),
-    RateLimited { retry_after: u64, limit: u64 },
+    RateLimited,
 }
 
-/// Counts the request, applies latency, and decides which fault (if any) it meets.
-async fn before_answer(state: &MockState) -> Fault {
+/// What happens to a request before it is answered: its fault (if any) and
+/// the rate limiter's state for the answer's headers.
+pub(crate) struct Gate {
+    pub fault: Fault,
+    pub rate: Option<Verdict>,
+}
+
+/// Counts the request, applies the rate limit and latency, and decides
+/// which fault (if any) it meets.
+pub(crate) async fn before_answer(state: &MockState) -> Gate {
     state.stats.requests.fetch_add(1, Relaxed);
     let rpm = state.rpm.load(Relaxed);
-    if rpm > 0 {
-        let elapsed = state.started.elapsed();
-        let minute = elapsed.as_secs() / 60;
-        if state.window_minute.swap(minute, Relaxed) != minute {
-            state.window_count.store(0, Relaxed);
-        }
-        if state.window_count.fetch_add(1, Relaxed) >= rpm {
-            state.stats.rate_limited.fetch_add(1, Relaxed);
-            let retry_after = 60 - elapsed.as_secs() % 60;
-            return Fault::RateLimited { retry_after, limit: rpm };
-        }
+    let rate = (rpm > 0).then(|| state.limiter.check(rpm));
+    if rate.is_some_and(|v| !v.allowed) {
+        state.stats.rate_limited.fetch_add(1, Relaxed);
+        return Gate { fault: Fault::RateLimited, rate };
     }
     let hang =
         MockState::take_one(&state.hang_next) || state.random() < f64::from_bits(state.hang_rate_bits.load(Relaxed));
@@ -169,26 +171,36 @@ async fn before_answer(state: &MockState) -> Fault {
         state.stats.errors.fetch_add(1, Relaxed);
         let status =
             StatusCode::from_u16(state.error_status.load(Relaxed) as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return Fault::Error(status);
+        return Gate { fault: Fault::Error(status), rate };
     }
     state.stats.ok.fetch_add(1, Relaxed);
-    Fault::None
+    Gate { fault: Fault::None, rate }
 }
 
-fn fault_response(fault: Fault) -> Option<Response> {
-    match fault {
-        Fault::None => None,
-        Fault::Error(status) => Some(error(status, "server_error", "injected failure")),
-        Fault::RateLimited { retry_after, limit } => {
-            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "rate limit reached for requests");
-            let h = r.headers_mut();
-            h.insert("retry-after", HeaderValue::from(retry_after));
-            h.insert("x-ratelimit-limit-requests", HeaderValue::from(limit));
-            h.insert("x-ratelimit-remaining-requests", HeaderValue::from(0u64));
-            if let Ok(v) = HeaderValue::from_str(&format!("{retry_after}s")) {
-                h.insert("x-ratelimit-reset-requests", v);
+impl Gate {
+    /// The error answer of a faulted request, in the provider's style.
+    pub(crate) fn fault_response(&self, style: Style) -> Option<Response> {
+        let mut r = match (&self.fault, style) {
+            (Fault::None, _) => return None,
+            (Fault::Error(status), Style::OpenAi) => error(*status, "server_error", "injected failure"),
+            (Fault::Error(status), Style::Anthropic) => {
+                crate::anthropic::error(*status, "api_error", "injected failure")
             }
-            Some(r)
+            (Fault::RateLimited, Style::OpenAi) => {
+                error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "rate limit reached for requests")
+            }
+            (Fault::RateLimited, Style::Anthropic) => {
+                crate::anthropic::error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate limit reached")
+            }
+        };
+        self.headers(&mut r, style);
+        Some(r)
+    }
+
+    /// Adds the rate-limit headers to an answer.
+    pub(crate) fn headers(&self, r: &mut Response, style: Style) {
+        if let Some(v) = &self.rate {
+            v.headers(r.headers_mut(), style);
         }
     }
 }
@@ -198,12 +210,12 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}}))).into_response()
 }
 
-fn parse(body: &Bytes) -> Result<Value, Box<Response>> {
+pub(crate) fn parse(body: &Bytes) -> Result<Value, Box<Response>> {
     serde_json::from_slice::<Value>(body)
         .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, "invalid_json", &format!("invalid JSON: {e}"))))
 }
 
-fn text_of(content: &Value) -> String {
+pub(crate) fn text_of(content: &Value) -> String {
     match content {
         Value::String(s) => s.clone(),
         Value::Array(parts) => parts.iter().filter_map(|p| p.get("text")?.as_str()).collect::<Vec<_>>().join(" "),
@@ -213,9 +225,16 @@ fn text_of(content: &Value) -> String {
 
 async fn chat(State(state): State<Arc<MockState>>, _headers: HeaderMap, body: Bytes) -> Response {
     let _in_flight = InFlight::enter(&state.stats);
-    if let Some(r) = fault_response(before_answer(&state).await) {
+    let gate = before_answer(&state).await;
+    if let Some(r) = gate.fault_response(Style::OpenAi) {
         return r;
     }
+    let mut r = chat_answer(&state, body);
+    gate.headers(&mut r, Style::OpenAi);
+    r
+}
+
+fn chat_answer(state: &MockState, body: Bytes) -> Response {
     let request = match parse(&body) {
         Ok(v) => v,
         Err(r) => return *r,
@@ -293,7 +312,8 @@ fn stream_answer(id: &str, model: &str, content: &str, usage: Option<Value>, del
 }
 
 async fn embeddings(State(state): State<Arc<MockState>>, body: Bytes) -> Response {
-    if let Some(r) = fault_response(before_answer(&state).await) {
+    let gate = before_answer(&state).await;
+    if let Some(r) = gate.fault_response(Style::OpenAi) {
         return r;
     }
     let request = match parse(&body) {
@@ -354,6 +374,7 @@ async fn stats(State(state): State<Arc<MockState>>) -> Json<Value> {
         "ok": s.ok.load(Relaxed),
         "errors": s.errors.load(Relaxed),
         "rate_limited": s.rate_limited.load(Relaxed),
+        "messages": s.messages.load(Relaxed),
         "hangs": s.hangs.load(Relaxed),
         "peak_in_flight": s.peak_in_flight.load(Relaxed),
     }))

@@ -1,15 +1,20 @@
-//! A fake OpenAI-compatible LLM provider for Sluice's development, tests and
+//! A fake LLM provider, OpenAI-compatible and Anthropic-compatible, for Sluice's development, tests and
 //! benchmarks.
 //!
 //! - [`settings`]: latency, token counts and faults, set at start and changed
 //!   at run time through `POST /_mock/faults`.
 //! - [`handlers`]: chat completions, embeddings, models, and the control routes.
+//! - [`anthropic`]: Anthropic's Messages API, plain and streamed.
+//! - [`limiter`]: a requests-per-minute limit answered with the providers' real headers.
 //!
-//! It answers from memory without locks (atomics only), so that it is never
+//! It answers from memory without locks (atomics only, and one mutex when a
+//! rate limit is set), so that it is never
 //! the bottleneck of a benchmark. Replies are deterministic: the content
 //! quotes the last message, so a test can tell whose answer it got.
 
+pub mod anthropic;
 pub mod handlers;
+pub mod limiter;
 pub mod settings;
 
 use std::sync::Arc;

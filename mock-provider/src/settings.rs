@@ -19,7 +19,8 @@ pub struct Settings {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Faults {
-    /// Requests per minute before answering 429 with `Retry-After`; 0 is no limit.
+    /// Requests admitted in any 60-second window; past it 429 with `Retry-After`
+    /// and the provider's rate-limit headers (on every answer). 0 is no limit.
     pub rpm: u64,
     /// Share of requests answered with `error_status` (0.0 to 1.0).
     pub error_rate: f64,

@@ -1,6 +1,6 @@
 //! Synchronous chat completions through the queue.
 
-use crate::harness::{ALIASED_MODEL, MODEL, Stack, job_id_of};
+use crate::harness::{ALIASED_MODEL, ANTHROPIC_MODEL, MODEL, Stack, job_id_of};
 
 #[tokio::test]
 async fn sync_completion_returns_the_mock_answer_with_usage_and_is_recorded() {
@@ -57,7 +57,7 @@ async fn models_lists_the_configured_pools() {
     assert_eq!(r.status(), 200);
     let body: serde_json::Value = r.json().await.unwrap();
     let ids: Vec<&str> = body["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, vec![MODEL, ALIASED_MODEL]);
+    assert_eq!(ids, vec![MODEL, ALIASED_MODEL, ANTHROPIC_MODEL]);
 }
 
 #[tokio::test]

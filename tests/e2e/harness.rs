@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub const MODEL: &str = "mock-model";
+/// A pool whose deployment speaks Anthropic's Messages API (the mock's `/v1/messages`).
+pub const ANTHROPIC_MODEL: &str = "mock-claude";
 /// A pool whose upstream model name differs from the alias clients send.
 pub const ALIASED_MODEL: &str = "team.chat-v1";
 
@@ -179,15 +181,19 @@ pub fn test_config(nats_url: &str, db_url: &str, mock_base: &str) -> Config {
     c.webhooks.allow_loopback_targets = true;
     c.webhooks.poll_ms = 50;
     c.webhooks.retry_schedule_ms = vec![100, 100, 100];
-    let pool = |name: &str, model: Option<&str>| PoolConfig {
-        name: name.to_owned(),
-        provider: ProviderKind::Openai,
-        base_url: format!("{mock_base}/v1"),
-        model: model.map(str::to_owned),
-        api_key: Some(Secret::new("sk-upstream-test")),
-        api_key_env: None,
+    c.upstream.breaker_open_ms = 300;
+    let pool = |name: &str, model: Option<&str>, provider: ProviderKind| {
+        let mut p = PoolConfig::single(name, &format!("{mock_base}/v1"));
+        p.model = model.map(str::to_owned);
+        p.provider = provider;
+        p.api_key = Some(Secret::new("sk-upstream-test"));
+        p
     };
-    c.pools = vec![pool(MODEL, None), pool(ALIASED_MODEL, Some("mock-upstream-name"))];
+    c.pools = vec![
+        pool(MODEL, None, ProviderKind::Openai),
+        pool(ALIASED_MODEL, Some("mock-upstream-name"), ProviderKind::Openai),
+        pool(ANTHROPIC_MODEL, None, ProviderKind::Anthropic),
+    ];
     c.validate().unwrap();
     c
 }

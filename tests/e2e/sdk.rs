@@ -1,6 +1,6 @@
-//! The official OpenAI Python SDK, unchanged, against the ingress.
+//! The official OpenAI and Anthropic Python SDKs, unchanged, against the ingress.
 
-use crate::harness::{MODEL, Stack};
+use crate::harness::{ANTHROPIC_MODEL, MODEL, Stack};
 
 #[tokio::test]
 async fn the_openai_python_sdk_gets_a_completion_a_stream_and_embeddings() {
@@ -20,8 +20,38 @@ async fn the_openai_python_sdk_gets_a_completion_a_stream_and_embeddings() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "sdk script failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("content: mock reply to: hello from the openai sdk"), "{stdout}");
-    assert!(stdout.contains("models: ['mock-model', 'team.chat-v1']"), "{stdout}");
+    assert!(stdout.contains("models: ['mock-claude', 'mock-model', 'team.chat-v1']"), "{stdout}");
     assert!(stdout.contains("error: 404 model_not_found"), "{stdout}");
     assert!(stdout.contains("embeddings: 2 True"), "{stdout}");
     assert!(stdout.contains("stream: mock reply to: stream this please"), "{stdout}");
+}
+
+#[tokio::test]
+async fn the_anthropic_python_sdk_gets_a_message_and_a_stream() {
+    let stack = Stack::start().await;
+    let python =
+        std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON is not set: run the tests with scripts/test.sh");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/anthropic_messages.py");
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .env("ANTHROPIC_BASE_URL", &stack.base)
+        .env("ANTHROPIC_API_KEY", &stack.key)
+        .env("SLUICE_MODELS", format!("{ANTHROPIC_MODEL},{MODEL}"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "sdk script failed:\n{stdout}\n{stderr}");
+    // Native: the deployment speaks Messages; translated: it speaks OpenAI's chat.
+    for model in [ANTHROPIC_MODEL, MODEL] {
+        let message = format!("{model} message: mock reply to: hello {model} from the anthropic sdk end_turn");
+        assert!(stdout.contains(&message), "{stdout}");
+        assert!(stdout.contains(&format!("{model} usage: True True")), "{stdout}");
+        let stream = format!("{model} stream: mock reply to: stream {model} please True end_turn True");
+        assert!(stdout.contains(&stream), "{stdout}");
+    }
+    assert!(stdout.contains("error: 404 not_found_error"), "{stdout}");
+    // The Anthropic-speaking pool reached the mock's /v1/messages (two calls).
+    assert_eq!(stack.mock.stats().await["messages"], 2);
 }

@@ -119,6 +119,9 @@ impl Executor {
             // mostly come back empty.
             let mut backlogged = self.queues.backlogged();
             backlogged.retain(|k| !standing.contains(k));
+            // A pool whose deployments are all out of budget or unhealthy is
+            // not fetched: its jobs stay queued until one is ready.
+            let paused_until = self.skip_paused_pools(&mut backlogged);
             let Some(key) = self.fair.pick(&backlogged) else {
                 self.stand(&mut permits, &mut standing, &standing_tx, &shutdown).await;
                 // Nothing to fetch: wait for a hint, a queue's dry pause to
@@ -127,7 +130,8 @@ impl Executor {
                     .queues
                     .next_retry()
                     .unwrap_or_else(|| tokio::time::Instant::now() + self.discover)
-                    .min(tokio::time::Instant::now() + self.discover);
+                    .min(tokio::time::Instant::now() + self.discover)
+                    .min(paused_until.unwrap_or(tokio::time::Instant::now() + self.discover));
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     hint = self.hints.recv() => match hint {
@@ -158,10 +162,28 @@ impl Executor {
                     allowed => want = allowed,
                 }
             }
+            // One call reserved per job before fetching it: a pool out of
+            // budget is left in the queue, not fetched and held.
+            let mut leases = Vec::new();
+            if let Some(pool) = self.ctx.pools.get(&key.pool) {
+                leases = pool.reserve(want, &[], self.ctx.pools.shared()).await;
+                if limit.is_some() && leases.len() < want {
+                    self.ctx.counts.add(in_flight_subject(key.tenant), -((want - leases.len()) as i64));
+                }
+                if leases.is_empty() {
+                    metrics::counter!(m::POOL_PAUSED, "pool" => key.pool.clone()).increment(1);
+                    continue;
+                }
+                want = leases.len();
+            }
             let fetched = self.queues.fetch(&key, want).await;
             if limit.is_some() {
                 let unused = want - fetched.as_ref().map_or(0, Vec::len);
                 self.ctx.counts.add(in_flight_subject(key.tenant), -(unused as i64));
+            }
+            let got = fetched.as_ref().map_or(0, Vec::len);
+            for lease in leases.drain(got.min(leases.len())..) {
+                lease.release(self.ctx.pools.shared());
             }
             let messages = match fetched {
                 Ok(messages) => messages,
@@ -182,9 +204,25 @@ impl Executor {
                     let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
                     continue;
                 };
-                self.dispatch(&key, message, permit, limit.is_some(), done_tx.clone());
+                self.dispatch(&key, message, permit, limit.is_some(), done_tx.clone(), leases.pop());
             }
         }
+    }
+
+    /// Drops the queues of pools that cannot take a call now; returns when
+    /// the first of them can.
+    fn skip_paused_pools(&self, backlogged: &mut Vec<QueueKey>) -> Option<tokio::time::Instant> {
+        let mut ready: std::collections::HashMap<String, Option<tokio::time::Instant>> = Default::default();
+        let mut earliest: Option<tokio::time::Instant> = None;
+        backlogged.retain(|k| {
+            let at =
+                *ready.entry(k.pool.clone()).or_insert_with(|| self.ctx.pools.get(&k.pool).and_then(|p| p.ready_at()));
+            if let Some(t) = at {
+                earliest = Some(earliest.map_or(t, |e| e.min(t)));
+            }
+            at.is_none()
+        });
+        earliest
     }
 
     /// Opens standing pulls on hot queues that have none, with at most half
@@ -201,6 +239,8 @@ impl Executor {
             .hot(HOT)
             .into_iter()
             .filter(|k| !standing.contains(k) && self.ctx.tenants.get(k.tenant).max_in_flight.is_none())
+            // Jobs of a budgeted pool are fetched only with a reserved call.
+            .filter(|k| self.ctx.pools.get(&k.pool).is_some_and(|p| !p.budgeted() && p.ready_at().is_none()))
             .take(MAX_STANDING.saturating_sub(standing.len()))
             .collect();
         if hot.is_empty() {
@@ -227,7 +267,7 @@ impl Executor {
         match s {
             Standing::Arrived { key, message, permit } => {
                 self.queues.saw_job(&key);
-                self.dispatch(&key, *message, permit, false, done.clone());
+                self.dispatch(&key, *message, permit, false, done.clone(), None);
             }
             Standing::Ended(key) => {
                 standing.remove(&key);
@@ -261,6 +301,7 @@ impl Executor {
         permit: OwnedSemaphorePermit,
         limited: bool,
         done: mpsc::UnboundedSender<Done>,
+        lease: Option<crate::pools::Lease>,
     ) {
         let estimate = estimated_tokens(&message, self.ctx.default_max_tokens) as f64;
         let policy = self.ctx.tenants.get(key.tenant);
@@ -274,7 +315,7 @@ impl Executor {
             metrics::gauge!(m::TENANT_IN_FLIGHT, "pool" => key.pool.clone(), "tenant" => policy.name.clone());
         tenant_gauge.increment(1.0);
         tokio::spawn(async move {
-            let used = job::run(ctx.clone(), message).await;
+            let used = job::run(ctx.clone(), message, lease).await;
             gauge.decrement(1.0);
             tenant_gauge.decrement(1.0);
             if limited {

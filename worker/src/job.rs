@@ -30,8 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics as m;
+use crate::pools::{Lease, Pools};
 use crate::state::{self, Begin};
-use crate::upstream::{CallError, Upstreams};
+use crate::upstream::CallError;
 
 /// What every job task shares.
 pub struct JobContext {
@@ -44,7 +45,7 @@ pub struct JobContext {
     pub events: crate::events::EventSink,
     /// State of asynchronous jobs.
     pub job_state: async_nats::jetstream::kv::Store,
-    pub upstreams: Upstreams,
+    pub pools: Pools,
     pub max_attempts: u32,
     pub ack_wait: Duration,
     pub retry_min: Duration,
@@ -78,7 +79,7 @@ enum Exit {
 }
 
 /// Runs one job; returns its real token usage when the upstream reported it.
-pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message) -> Option<u64> {
+pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message, lease: Option<Lease>) -> Option<u64> {
     let env = match Envelope::from_headers(message.headers.as_ref()) {
         Ok(env) => env,
         Err(error) => {
@@ -94,7 +95,7 @@ pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message) -> Option<u6
         request_id = %env.request_id, traceparent = env.traceparent.as_deref().unwrap_or("")
     );
     let tenant = ctx.tenants.get(env.tenant).name.clone();
-    match execute(&ctx, message, &env, attempt, &tenant).instrument(span).await {
+    match execute(&ctx, message, &env, attempt, &tenant, lease).instrument(span).await {
         Exit::Stayed => None,
         Exit::Left { tokens } => {
             release(&ctx, &env, tokens);
@@ -119,7 +120,14 @@ fn release(ctx: &JobContext, env: &Envelope, tokens: Option<u64>) {
     }
 }
 
-async fn execute(ctx: &JobContext, message: jetstream::Message, env: &Envelope, attempt: u32, tenant: &str) -> Exit {
+async fn execute(
+    ctx: &JobContext,
+    message: jetstream::Message,
+    env: &Envelope,
+    attempt: u32,
+    tenant: &str,
+    lease: Option<Lease>,
+) -> Exit {
     let started = Instant::now();
     let started_ms = now_ms();
     if attempt == 1 {
@@ -161,11 +169,20 @@ async fn execute(ctx: &JobContext, message: jetstream::Message, env: &Envelope, 
         failed(ApiError::new(ErrorCode::Timeout, "the request's deadline passed before a worker could run it"), None)
     } else if attempt > ctx.max_attempts {
         failed(ApiError::new(ErrorCode::UpstreamError, format!("gave up after {} attempts", ctx.max_attempts)), None)
-    } else if let Some(upstream) = ctx.upstreams.get(&env.pool).filter(|_| env.stream && env.reply.is_some()) {
-        match crate::stream::relay(ctx, &message, env, upstream, attempt, deadline).await {
-            crate::stream::Relayed::NotStarted(e) => classify(ctx, env, Err(e), attempt, deadline),
-            crate::stream::Relayed::HandedBack => return Exit::Stayed,
-            crate::stream::Relayed::Finished { usage, error: None } => Outcome::Answered {
+    } else if let Some(pool) = ctx.pools.get(&env.pool) {
+        match call(ctx, &message, env, pool, lease, attempt, deadline, started).await {
+            Called::HandedBack => return Exit::Stayed,
+            Called::NoDeployment(ready_at) => {
+                // Every deployment is out of budget or unhealthy: back to the
+                // queue until one is ready (the fetch loop skips the pool
+                // meanwhile, so this happens only to jobs already taken).
+                let delay = ready_at
+                    .map_or(ctx.retry_min, |t| t.saturating_duration_since(Instant::now()))
+                    .max(Duration::from_millis(50));
+                Outcome::Retry { delay, reason: "no_deployment_ready" }
+            }
+            Called::Answered(result) => classify(ctx, env, pool, result, attempt, deadline),
+            Called::Streamed(crate::stream::Relayed::Finished { usage, error: None }) => Outcome::Answered {
                 status: JobStatus::Completed,
                 http_status: 200,
                 body: Bytes::new(),
@@ -173,7 +190,7 @@ async fn execute(ctx: &JobContext, message: jetstream::Message, env: &Envelope, 
                 usage,
                 error: None,
             },
-            crate::stream::Relayed::Finished { usage, error: Some(error) } => Outcome::Answered {
+            Called::Streamed(crate::stream::Relayed::Finished { usage, error: Some(error) }) => Outcome::Answered {
                 status: JobStatus::Failed,
                 http_status: error.code.status().as_u16(),
                 body: Bytes::from(error.body()),
@@ -182,40 +199,13 @@ async fn execute(ctx: &JobContext, message: jetstream::Message, env: &Envelope, 
                 error: Some(error),
             },
         }
-    } else if let Some(upstream) = ctx.upstreams.get(&env.pool) {
-        let body = message.payload.clone();
-        let call = upstream.call(env.endpoint, body, deadline);
-        tokio::pin!(call);
-        // Not `interval()`: its first tick goes through the timer wheel,
-        // which costs up to a millisecond on every job.
-        let every = ctx.ack_wait / 3;
-        let mut progress = tokio::time::interval_at(Instant::now() + every, every);
-        let result = loop {
-            tokio::select! {
-                result = &mut call => break result,
-                _ = progress.tick() => {
-                    if let Err(error) = message.ack_with(AckKind::Progress).await {
-                        tracing::debug!(%error, "in-progress ack failed");
-                    }
-                }
-                _ = ctx.hard_stop.cancelled() => {
-                    tracing::warn!("grace period over; handing the job back to the queue");
-                    let _ = message.ack_with(AckKind::Nak(None)).await;
-                    return Exit::Stayed;
-                }
-            }
-        };
-        let took = started.elapsed();
-        metrics::histogram!(m::UPSTREAM_SECONDS, "pool" => env.pool.clone()).record(took.as_secs_f64());
-        tracing::debug!(upstream_us = took.as_micros() as u64, "upstream answered");
-        classify(ctx, env, result, attempt, deadline)
     } else {
         failed(ApiError::new(ErrorCode::ModelNotFound, format!("this worker serves no pool `{}`", env.pool)), None)
     };
 
     match outcome {
         Outcome::Retry { delay, reason } => {
-            metrics::counter!(m::RETRIES, "pool" => env.pool.clone()).increment(1);
+            metrics::counter!(m::RETRIES, "pool" => env.pool.clone(), "kind" => "requeue").increment(1);
             tracing::info!(reason, delay_ms = delay.as_millis() as u64, "upstream failed; job goes back to the queue");
             if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
                 tracing::warn!(%error, "nak failed; the job comes back after ack_wait");
@@ -310,6 +300,145 @@ async fn conclude(
     left(message.ack().await, None)
 }
 
+/// What the calls of one attempt came to.
+enum Called {
+    Answered(Result<crate::upstream::Answer, CallError>),
+    Streamed(crate::stream::Relayed),
+    /// No deployment could take the call; when one may next.
+    NoDeployment(Option<Instant>),
+    /// The worker is stopping; the job went back to the queue.
+    HandedBack,
+}
+
+/// Calls the pool's deployments for one attempt: the leased one first, and
+/// on a retryable failure another ready deployment at once (failover), as
+/// long as the pool's retry budget allows.
+#[allow(clippy::too_many_arguments, reason = "one attempt's whole context, passed once")]
+async fn call(
+    ctx: &JobContext,
+    message: &jetstream::Message,
+    env: &Envelope,
+    pool: &crate::pools::Pool,
+    mut lease: Option<Lease>,
+    attempt: u32,
+    deadline: Instant,
+    started: Instant,
+) -> Called {
+    let shared = ctx.pools.shared();
+    if attempt == 1 {
+        pool.first_attempt();
+    }
+    let streaming = env.stream && env.reply.is_some();
+    let mut tried: Vec<String> = Vec::new();
+    let mut last: Option<CallError> = None;
+    loop {
+        let lease = match lease.take() {
+            Some(l) => l,
+            None => match pool.reserve(1, &tried, shared).await.pop() {
+                Some(l) => l,
+                None => {
+                    return match last {
+                        Some(e) => Called::Answered(Err(e)),
+                        None => Called::NoDeployment(pool.ready_at()),
+                    };
+                }
+            },
+        };
+        let d = lease.deployment.clone();
+        let tpm_window = match shared {
+            Some(s) => d.charge_tokens(s, env.est_tokens).await,
+            None => None,
+        };
+        let call_started = Instant::now();
+        let span = tracing::debug_span!("call", deployment = %d.client.name);
+        let (result, opened) = if streaming {
+            let open = d.client.call_streaming(env.endpoint, message.payload.clone(), deadline);
+            let Some((result, rate)) = with_progress(ctx, message, open.instrument(span)).await else {
+                return Called::HandedBack;
+            };
+            d.record(&result.as_ref().map(|_| ()), &rate, call_started.elapsed(), shared);
+            match result {
+                Ok(opened) => (Ok(None), Some(opened)),
+                Err(e) => (Err(e), None),
+            }
+        } else {
+            let call = d.client.call(env.endpoint, message.payload.clone(), deadline);
+            let Some((result, rate)) = with_progress(ctx, message, call.instrument(span)).await else {
+                return Called::HandedBack;
+            };
+            d.record(&result.as_ref().map(|_| ()), &rate, call_started.elapsed(), shared);
+            (result.map(Some), None)
+        };
+        let finish = |usage: &Usage| {
+            let used = usage.total_tokens.map(|t| t.max(0) as u64);
+            if let Some(t) = used {
+                metrics::counter!(m::UPSTREAM_TOKENS, "pool" => env.pool.clone(), "deployment" => d.client.name.clone())
+                    .increment(t);
+            }
+            if let (Some(s), Some(w), Some(t)) = (shared, &tpm_window, used) {
+                s.counts.add(w.clone(), t as i64 - env.est_tokens as i64);
+            }
+        };
+        tracing::debug!(deployment = %d.client.name, upstream_us = started.elapsed().as_micros() as u64, "upstream answered");
+        match (result, opened) {
+            (_, Some(opened)) => {
+                let relayed = crate::stream::relay(ctx, message, env, opened, attempt).await;
+                let crate::stream::Relayed::Finished { usage, .. } = &relayed;
+                finish(usage);
+                drop(lease);
+                return Called::Streamed(relayed);
+            }
+            (Ok(answer), None) => {
+                if let Some(a) = &answer {
+                    finish(&usage_of(&a.body));
+                }
+                return Called::Answered(answer.ok_or(CallError::DeadlineExceeded));
+            }
+            (Err(e), None) => {
+                let retryable = matches!(e, CallError::Retryable { .. });
+                tried.push(d.client.name.clone());
+                drop(lease);
+                if retryable && tried.len() < pool.deployments() && pool.try_retry() {
+                    metrics::counter!(m::RETRIES, "pool" => env.pool.clone(), "kind" => "failover").increment(1);
+                    tracing::info!(deployment = %d.client.name, error = ?e, "deployment failed; failing over");
+                    last = Some(e);
+                    continue;
+                }
+                return Called::Answered(Err(e));
+            }
+        }
+    }
+}
+
+/// Runs `call` while telling JetStream the job is in progress; `None` when
+/// the worker's grace period ran out first (the job was handed back).
+async fn with_progress<F: std::future::Future>(
+    ctx: &JobContext,
+    message: &jetstream::Message,
+    call: F,
+) -> Option<F::Output> {
+    tokio::pin!(call);
+    // Not `interval()`: its first tick goes through the timer wheel, which
+    // costs up to a millisecond on every job.
+    let every = ctx.ack_wait / 3;
+    let mut progress = tokio::time::interval_at(Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            result = &mut call => return Some(result),
+            _ = progress.tick() => {
+                if let Err(error) = message.ack_with(AckKind::Progress).await {
+                    tracing::debug!(%error, "in-progress ack failed");
+                }
+            }
+            _ = ctx.hard_stop.cancelled() => {
+                tracing::warn!("grace period over; handing the job back to the queue");
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+                return None;
+            }
+        }
+    }
+}
+
 fn failed(error: ApiError, upstream_status: Option<u16>) -> Outcome {
     Outcome::Answered {
         status: JobStatus::Failed,
@@ -324,6 +453,7 @@ fn failed(error: ApiError, upstream_status: Option<u16>) -> Outcome {
 fn classify(
     ctx: &JobContext,
     env: &Envelope,
+    pool: &crate::pools::Pool,
     result: Result<crate::upstream::Answer, CallError>,
     attempt: u32,
     deadline: Instant,
@@ -362,7 +492,12 @@ fn classify(
                 .build()
                 .nth(attempt.saturating_sub(1) as usize)
                 .unwrap_or(ctx.retry_max);
-            let delay = backoff.max(retry_after.unwrap_or_default());
+            let mut delay = backoff.max(retry_after.unwrap_or_default());
+            // A 429 is the provider's pace, not a failure to limit; other
+            // failures retry at once only while the pool's budget allows.
+            if status != Some(429) && !pool.try_retry() {
+                delay = delay.max(ctx.retry_max);
+            }
             if attempt < ctx.max_attempts && Instant::now() + delay < deadline {
                 return Outcome::Retry { delay, reason };
             }

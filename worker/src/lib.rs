@@ -13,7 +13,9 @@
 //! - [`events`]: job outcomes batched into the events stream.
 //! - [`state`]: an asynchronous job's stored state as the worker moves it on.
 //! - [`stream`]: relaying a provider's server-sent events to the waiting ingress.
-//! - [`upstream`]: the OpenAI-compatible HTTP client of each pool.
+//! - [`pools`]: deployments chosen by weight and health, breakers, shared rate budgets.
+//! - [`providers`]: the provider APIs (OpenAI-compatible, Anthropic) and translation.
+//! - [`upstream`]: one deployment's HTTP calls and their failure classes.
 //! - [`ledger`]: writes job outcome events to Postgres in batches.
 //! - [`webhooks`]: webhook deliveries recorded and sent, with retries.
 //! - [`batches`]: pulling a durable consumer in batches.
@@ -27,6 +29,8 @@ pub mod fair;
 pub mod job;
 pub mod ledger;
 pub mod metrics;
+pub mod pools;
+pub mod providers;
 pub mod queues;
 pub mod startup;
 pub mod state;

@@ -4,6 +4,11 @@ pub const JOBS: &str = "sluice_worker_jobs_total";
 pub const JOB_SECONDS: &str = "sluice_worker_job_duration_seconds";
 pub const QUEUE_WAIT_SECONDS: &str = "sluice_worker_queue_wait_seconds";
 pub const UPSTREAM_SECONDS: &str = "sluice_worker_upstream_duration_seconds";
+pub const UPSTREAM_REQUESTS: &str = "sluice_worker_upstream_requests_total";
+pub const UPSTREAM_TOKENS: &str = "sluice_worker_upstream_tokens_total";
+pub const BREAKER_STATE: &str = "sluice_worker_upstream_breaker_state";
+pub const BUDGET_REMAINING: &str = "sluice_worker_upstream_budget_remaining";
+pub const POOL_PAUSED: &str = "sluice_worker_pool_paused_total";
 pub const UPSTREAM_FAILURES: &str = "sluice_worker_upstream_failures_total";
 pub const RETRIES: &str = "sluice_worker_retries_total";
 pub const IN_FLIGHT: &str = "sluice_worker_jobs_in_flight";
@@ -39,9 +44,27 @@ pub fn describe() {
     metrics::describe_counter!(CONSUMERS_CREATED, "tenant queue consumers this worker created or bound");
     metrics::describe_counter!(COUNTER_FAILURES, "admission counter updates that failed and were retried");
     metrics::describe_counter!(COUNTER_REPAIRS, "queued-jobs counts found drifted and set to the truth");
-    metrics::describe_histogram!(UPSTREAM_SECONDS, metrics::Unit::Seconds, "upstream call duration, by pool");
+    metrics::describe_histogram!(
+        UPSTREAM_SECONDS,
+        metrics::Unit::Seconds,
+        "upstream call duration, by pool and deployment"
+    );
+    metrics::describe_counter!(
+        UPSTREAM_REQUESTS,
+        "upstream calls by pool, deployment and outcome (ok, rejected, rate_limited, error, deadline)"
+    );
+    metrics::describe_counter!(UPSTREAM_TOKENS, "tokens the upstream reported used, by pool and deployment");
+    metrics::describe_gauge!(BREAKER_STATE, "circuit breaker of each deployment: 0 closed, 1 half-open, 2 open");
+    metrics::describe_gauge!(
+        BUDGET_REMAINING,
+        "budget left in the current window, by pool, deployment and kind (requests, tokens, provider_requests)"
+    );
+    metrics::describe_counter!(POOL_PAUSED, "times the fetch loop found a pool out of budget or unhealthy, by pool");
     metrics::describe_counter!(UPSTREAM_FAILURES, "failed upstream calls, by pool and reason");
-    metrics::describe_counter!(RETRIES, "jobs handed back to the queue for another attempt, by pool");
+    metrics::describe_counter!(
+        RETRIES,
+        "retries by pool and kind (failover to another deployment, requeue, denied by the retry budget)"
+    );
     metrics::describe_gauge!(IN_FLIGHT, "jobs this worker is executing");
     metrics::describe_counter!(FETCH_ERRORS, "failed pull requests to JetStream");
     metrics::describe_counter!(POISON, "job messages that could not be decoded and were terminated");

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use crate::executor::Executor;
 use crate::fair::{Fair, QueueKey};
 use crate::job::JobContext;
+use crate::pools::Pools;
 use crate::queues::{self, Queues};
-use crate::upstream::Upstreams;
 
 /// Name of the durable consumer that feeds the ledger with outcome events.
 pub const LEDGER_CONSUMER: &str = "ledger";
@@ -80,7 +80,7 @@ impl Worker {
     /// builds the upstream clients. `env` resolves `api_key_env` names.
     pub async fn build(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, StartError> {
         crate::metrics::describe();
-        let upstreams = Upstreams::new(&config.pools, &config.upstream, env)?;
+        let pools = Pools::new(&config.pools, &config.upstream, &env)?;
         let client = nats::connect(&config.nats, "sluice-worker").await?;
         let js = nats::jetstream(client.clone(), &config.nats);
         nats::ensure_streams(&js, &config.nats).await?;
@@ -119,6 +119,7 @@ impl Worker {
         )
         .await?;
         let (counts, count_flusher) = crate::counts::CountSink::start(counters.clone(), background.clone());
+        pools.attach(counters.clone(), counts.clone());
         let ctx = Arc::new(JobContext {
             tenants,
             counts,
@@ -126,7 +127,7 @@ impl Worker {
             nats: client.clone(),
             events: crate::events::EventSink::start(js),
             job_state,
-            upstreams,
+            pools,
             max_attempts: w.max_attempts,
             ack_wait: ms(w.ack_wait_ms),
             retry_min: ms(w.retry_min_delay_ms),

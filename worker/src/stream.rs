@@ -1,61 +1,61 @@
 //! Streaming an answer through the queue: the worker reads the provider's
-//! server-sent events and publishes each event's data, in order, to the
-//! waiting ingress (core NATS, `Sluice-Chunk: <n>`, `Sluice-Attempts`), which
-//! forwards them as they come. The job's final reply then carries
-//! `Sluice-Stream-End`. A failure before the first event is an ordinary
-//! failure (retried like any other); once events have gone out the stream
-//! cannot be replayed, so a failure ends it with an error.
+//! server-sent events, turns them into the client's API when the two differ
+//! (see [`crate::providers`]), and publishes each event's data, in order, to
+//! the waiting ingress (core NATS, `Sluice-Chunk: <n>`, `Sluice-Attempts`,
+//! and `Sluice-Event` when the event has a name), which forwards them as
+//! they come. The job's final reply then carries `Sluice-Stream-End`. A
+//! failure before the stream opened is an ordinary failure (failed over or
+//! retried like any other); once events have gone out the stream cannot be
+//! replayed, so a failure ends it with an error.
 
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
-use sluice_core::envelope::{Envelope, H_ATTEMPTS, H_CHUNK};
+use sluice_core::envelope::{Envelope, H_ATTEMPTS, H_CHUNK, H_EVENT};
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::Usage;
 use tokio::time::Instant;
 
 use crate::job::JobContext;
-use crate::upstream::{CallError, Upstream};
+use crate::providers::Event;
 
 pub enum Relayed {
-    /// Failed before anything was sent to the client.
-    NotStarted(CallError),
     /// The stream went out; `error` if it broke off.
     Finished { usage: Usage, error: Option<ApiError> },
-    /// The worker is stopping past its grace period; the job was handed back.
-    HandedBack,
 }
 
+/// Relays an opened stream to the ingress waiting on `env.reply`, until the
+/// provider ends it, `end` passes, or the worker must stop.
 pub async fn relay(
     ctx: &JobContext,
     message: &jetstream::Message,
     env: &Envelope,
-    upstream: &Upstream,
+    opened: crate::upstream::Opened,
     attempt: u32,
-    deadline: Instant,
 ) -> Relayed {
-    let Some(reply) = env.reply.clone() else {
-        return Relayed::NotStarted(CallError::Rejected { status: 400, body: Bytes::new() });
-    };
+    let (mut response, end, mut translate) = opened;
+    let reply = env.reply.clone().unwrap_or_default();
     let every = ctx.ack_wait / 3;
     let mut progress = tokio::time::interval_at(Instant::now() + every, every);
-    let opened = upstream.call_streaming(env.endpoint, message.payload.clone(), deadline);
-    tokio::pin!(opened);
-    let (mut response, end) = loop {
-        tokio::select! {
-            opened = &mut opened => match opened {
-                Ok(r) => break r,
-                Err(e) => return Relayed::NotStarted(e),
-            },
-            _ = progress.tick() => { let _ = message.ack_with(AckKind::Progress).await; }
-            _ = ctx.hard_stop.cancelled() => {
-                let _ = message.ack_with(AckKind::Nak(None)).await;
-                return Relayed::HandedBack;
-            }
-        }
-    };
     let mut pending: Vec<u8> = Vec::new();
     let mut sent: u64 = 0;
     let mut usage = Usage::default();
+    let publish = |events: Vec<Event>, sent: &mut u64, usage: &mut Usage| {
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            if let Some(u) = usage_in(e.data.as_bytes()) {
+                merge(usage, u);
+            }
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(H_CHUNK, sent.to_string().as_str());
+            headers.insert(H_ATTEMPTS, attempt.to_string().as_str());
+            if let Some(name) = &e.name {
+                headers.insert(H_EVENT, name.as_str());
+            }
+            *sent += 1;
+            out.push(ctx.nats.publish_with_headers(reply.clone(), headers, Bytes::from(e.data)));
+        }
+        out
+    };
     loop {
         let chunk = tokio::select! {
             c = tokio::time::timeout_at(end, response.chunk()) => c,
@@ -74,57 +74,94 @@ pub async fn relay(
                 let error = ApiError::new(ErrorCode::UpstreamError, "the provider's stream broke off");
                 return Relayed::Finished { usage, error: Some(error) };
             }
-            Ok(Ok(None)) => return Relayed::Finished { usage, error: None },
+            Ok(Ok(None)) => {
+                for p in publish(translate.finish(), &mut sent, &mut usage) {
+                    if let Err(error) = p.await {
+                        tracing::warn!(%error, "could not publish a stream chunk");
+                    }
+                }
+                return Relayed::Finished { usage, error: None };
+            }
             Ok(Ok(Some(bytes))) => bytes,
         };
         pending.extend(bytes.iter().filter(|b| **b != b'\r'));
         while let Some(at) = pending.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = pending.drain(..at + 2).collect();
-            for data in data_lines(&event) {
-                if data == b"[DONE]" {
-                    continue;
-                }
-                if let Some(u) = usage_in(data) {
-                    usage = u;
-                }
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert(H_CHUNK, sent.to_string().as_str());
-                headers.insert(H_ATTEMPTS, attempt.to_string().as_str());
-                if let Err(error) =
-                    ctx.nats.publish_with_headers(reply.clone(), headers, Bytes::copy_from_slice(data)).await
-                {
+            let (name, data) = parse_event(&event);
+            let Some(data) = data else { continue };
+            for p in publish(translate.event(name.as_deref(), &data), &mut sent, &mut usage) {
+                if let Err(error) = p.await {
                     tracing::warn!(%error, "could not publish a stream chunk");
                 }
-                sent += 1;
             }
         }
     }
 }
 
-/// The `data:` payloads of one server-sent event.
-fn data_lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
-    event.split(|b| *b == b'\n').filter_map(|line| {
-        let data = line.strip_prefix(b"data:")?;
-        Some(data.strip_prefix(b" ").unwrap_or(data))
-    })
+/// The `event:` name and the joined `data:` lines of one server-sent event.
+fn parse_event(event: &[u8]) -> (Option<String>, Option<String>) {
+    let text = String::from_utf8_lossy(event);
+    let mut name = None;
+    let mut data: Option<String> = None;
+    for line in text.split('\n') {
+        if let Some(v) = line.strip_prefix("event:") {
+            name = Some(v.trim_start().to_owned());
+        } else if let Some(v) = line.strip_prefix("data:") {
+            let v = v.strip_prefix(' ').unwrap_or(v);
+            match &mut data {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(v);
+                }
+                None => data = Some(v.to_owned()),
+            }
+        }
+    }
+    (name, data)
 }
 
+/// Usage in an OpenAI chunk (`usage.total_tokens`) or an Anthropic event
+/// (`message.usage` on `message_start`, `usage` on `message_delta`).
 fn usage_in(data: &[u8]) -> Option<Usage> {
-    #[derive(serde::Deserialize)]
-    struct WithUsage {
-        usage: Option<Usage>,
+    let v: serde_json::Value = serde_json::from_slice(data).ok()?;
+    let u = v.get("usage").or_else(|| v.pointer("/message/usage"))?;
+    if u.get("total_tokens").is_some() {
+        return serde_json::from_value(u.clone()).ok();
     }
-    serde_json::from_slice::<WithUsage>(data).ok()?.usage
+    let count = |k: &str| u.get(k).and_then(serde_json::Value::as_i64).and_then(|n| i32::try_from(n).ok());
+    let (input, output) = (count("input_tokens"), count("output_tokens"));
+    Some(Usage { prompt_tokens: input, completion_tokens: output, total_tokens: None })
+}
+
+/// Keeps what each usage report adds (Anthropic reports input and output
+/// tokens in different events).
+fn merge(into: &mut Usage, u: Usage) {
+    into.prompt_tokens = u.prompt_tokens.or(into.prompt_tokens);
+    into.completion_tokens = u.completion_tokens.or(into.completion_tokens);
+    into.total_tokens =
+        u.total_tokens.or_else(|| Some(into.prompt_tokens.unwrap_or(0) + into.completion_tokens.unwrap_or(0)));
 }
 
 #[cfg(test)]
 mod tests {
-    use super::data_lines;
+    use super::*;
 
     #[test]
-    fn data_lines_are_read_from_an_event() {
-        let event = b"event: x\ndata: {\"a\":1}\ndata:[DONE]\n\n";
-        let lines: Vec<&[u8]> = data_lines(event).collect();
-        assert_eq!(lines, vec![&b"{\"a\":1}"[..], &b"[DONE]"[..]]);
+    fn events_are_read_with_their_names() {
+        let (name, data) = parse_event(b"event: message_start\ndata: {\"a\":1}\n\n");
+        assert_eq!((name.as_deref(), data.as_deref()), (Some("message_start"), Some("{\"a\":1}")));
+        let (name, data) = parse_event(b": keep-alive\n\n");
+        assert_eq!((name, data), (None, None));
+    }
+
+    #[test]
+    fn usage_is_summed_over_anthropic_events() {
+        let mut usage = Usage::default();
+        merge(
+            &mut usage,
+            usage_in(br#"{"type":"message_start","message":{"usage":{"input_tokens":5,"output_tokens":1}}}"#).unwrap(),
+        );
+        merge(&mut usage, usage_in(br#"{"type":"message_delta","usage":{"output_tokens":7}}"#).unwrap());
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens, usage.total_tokens), (Some(5), Some(7), Some(12)));
     }
 }

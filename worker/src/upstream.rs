@@ -1,22 +1,25 @@
-//! The OpenAI-compatible upstream of each pool: one pooled HTTP client per
-//! base URL, timeouts from `[upstream]`, and a classification of failures
-//! into "the request's fault" (returned to the client at once) and
-//! "retryable" (5xx, 408, 429, resets, timeouts).
+//! One deployment's HTTP calls: a pooled client per base URL, timeouts from
+//! `[upstream]`, the provider's request and answer shapes, and a
+//! classification of failures into "the request's fault" (returned to the
+//! client at once) and "retryable" (5xx, 408, 429, resets, timeouts).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderValue;
-use sluice_core::config::{ConfigError, PoolConfig, UpstreamConfig, ms};
+use sluice_core::config::{ConfigError, DeploymentConfig, UpstreamConfig, ms};
 use sluice_core::envelope::Endpoint;
 use tokio::time::Instant;
+
+use crate::providers::{Provider, RateInfo, StreamRelay};
 
 /// A call that ended without a usable answer.
 #[derive(Debug)]
 pub enum CallError {
-    /// The upstream refused the request itself (4xx other than 408/429):
-    /// retrying cannot help, the client gets this answer as is.
+    /// The upstream refused the request itself (4xx other than 408/429), or
+    /// the request cannot be put to this provider: retrying cannot help, the
+    /// client gets this answer as is.
     Rejected { status: u16, body: Bytes },
     /// A failure that another attempt may not meet.
     Retryable { reason: &'static str, status: Option<u16>, retry_after: Option<Duration> },
@@ -24,105 +27,100 @@ pub enum CallError {
     DeadlineExceeded,
 }
 
+impl CallError {
+    /// The failure says the deployment is unwell (counts toward its breaker).
+    pub fn is_unhealthy(&self) -> bool {
+        matches!(self, CallError::Retryable { status, .. } if *status != Some(429))
+    }
+}
+
+/// An opened stream: the response, when the whole call must be over, and
+/// the relay that turns its events into the client's API.
+pub type Opened = (reqwest::Response, Instant, Box<dyn StreamRelay>);
+
 #[derive(Debug)]
 pub struct Answer {
     pub status: u16,
     pub body: Bytes,
 }
 
-pub struct Upstream {
-    client: reqwest::Client,
-    /// `{base_url}/chat/completions`, parsed once.
-    chat_url: reqwest::Url,
-    embeddings_url: reqwest::Url,
-    /// Upstream model name when it differs from the pool name.
-    rewrite_model: Option<String>,
-    authorization: Option<HeaderValue>,
+/// One upstream of a pool.
+pub struct Client {
+    pub name: String,
+    pub provider: Box<dyn Provider>,
+    http: reqwest::Client,
+    base_url: String,
+    model: String,
+    key: Option<HeaderValue>,
     request_timeout: Duration,
     header_timeout: Duration,
 }
 
-/// The upstreams of every configured pool.
-pub struct Upstreams {
-    by_pool: HashMap<String, Upstream>,
-}
-
-impl Upstreams {
-    /// Builds one client per distinct base URL. `env` resolves `api_key_env`
-    /// (a missing variable is a config error naming the key).
-    pub fn new(
-        pools: &[PoolConfig],
-        settings: &UpstreamConfig,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
-        // reqwest is built without a bundled TLS backend; rustls uses ring.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut clients: HashMap<String, reqwest::Client> = HashMap::new();
-        let mut by_pool = HashMap::new();
-        for (i, pool) in pools.iter().enumerate() {
-            let base_url = pool.base_url.trim_end_matches('/').to_owned();
-            let client = match clients.get(&base_url) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = build_client(settings).map_err(|e| ConfigError::Key {
-                        key: format!("pools[{i}].base_url"),
-                        message: format!("cannot build an HTTP client: {e}"),
-                    })?;
-                    clients.insert(base_url.clone(), c.clone());
-                    c
-                }
-            };
-            let key = match (&pool.api_key, &pool.api_key_env) {
-                (Some(k), _) => Some(k.expose().to_owned()),
-                (None, Some(var)) => Some(env(var).ok_or_else(|| ConfigError::Key {
-                    key: format!("pools[{i}].api_key_env"),
-                    message: format!("environment variable {var} is not set"),
-                })?),
-                (None, None) => None,
-            };
-            let authorization = match key {
-                Some(k) => {
-                    let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| ConfigError::Key {
-                        key: format!("pools[{i}].api_key"),
-                        message: "holds characters not allowed in a header".into(),
-                    })?;
-                    v.set_sensitive(true);
-                    Some(v)
-                }
-                None => None,
-            };
-            let rewrite_model = (pool.upstream_model() != pool.name).then(|| pool.upstream_model().to_owned());
-            let url_of = |endpoint: Endpoint| {
-                let url = format!("{base_url}{}", endpoint.upstream_path());
-                reqwest::Url::parse(&url).map_err(|e| ConfigError::Key {
-                    key: format!("pools[{i}].base_url"),
-                    message: format!("`{url}` is not a URL: {e}"),
-                })
-            };
-            let chat_url = url_of(Endpoint::ChatCompletions)?;
-            let embeddings_url = url_of(Endpoint::Embeddings)?;
-            by_pool.insert(
-                pool.name.clone(),
-                Upstream {
-                    client,
-                    chat_url,
-                    embeddings_url,
-                    rewrite_model,
-                    authorization,
-                    request_timeout: ms(settings.request_timeout_ms),
-                    header_timeout: ms(settings.response_header_timeout_ms),
-                },
-            );
+/// Builds the clients of a pool's deployments; one HTTP client per distinct
+/// base URL is shared through `shared`. `env` resolves `api_key_env`.
+pub fn build(
+    key_prefix: &str,
+    d: &DeploymentConfig,
+    settings: &UpstreamConfig,
+    shared: &mut HashMap<String, reqwest::Client>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Client, ConfigError> {
+    // reqwest is built without a bundled TLS backend; rustls uses ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let base_url = d.base_url.trim_end_matches('/').to_owned();
+    reqwest::Url::parse(&base_url).map_err(|e| ConfigError::Key {
+        key: format!("{key_prefix}.base_url"),
+        message: format!("`{base_url}` is not a URL: {e}"),
+    })?;
+    let http = match shared.get(&base_url) {
+        Some(c) => c.clone(),
+        None => {
+            let c = build_http(settings).map_err(|e| ConfigError::Key {
+                key: format!("{key_prefix}.base_url"),
+                message: format!("cannot build an HTTP client: {e}"),
+            })?;
+            shared.insert(base_url.clone(), c.clone());
+            c
         }
-        Ok(Self { by_pool })
-    }
-
-    pub fn get(&self, pool: &str) -> Option<&Upstream> {
-        self.by_pool.get(pool)
-    }
+    };
+    let key = match (&d.api_key, &d.api_key_env, &d.api_key_file) {
+        (Some(k), _, _) => Some(k.expose().to_owned()),
+        (_, Some(var), _) => Some(env(var).ok_or_else(|| ConfigError::Key {
+            key: format!("{key_prefix}.api_key_env"),
+            message: format!("environment variable {var} is not set"),
+        })?),
+        (_, _, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Key {
+                    key: format!("{key_prefix}.api_key_file"),
+                    message: format!("cannot read {path}: {e}"),
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        _ => None,
+    };
+    let provider = crate::providers::of(d.provider);
+    let key = match key {
+        Some(k) => Some(provider.key_header(&k).ok_or_else(|| ConfigError::Key {
+            key: format!("{key_prefix}.api_key"),
+            message: "holds characters not allowed in a header".into(),
+        })?),
+        None => None,
+    };
+    Ok(Client {
+        name: d.name.clone(),
+        provider,
+        http,
+        base_url,
+        model: d.model.clone().unwrap_or_default(),
+        key,
+        request_timeout: ms(settings.request_timeout_ms),
+        header_timeout: ms(settings.response_header_timeout_ms),
+    })
 }
 
-fn build_client(s: &UpstreamConfig) -> reqwest::Result<reqwest::Client> {
+fn build_http(s: &UpstreamConfig) -> reqwest::Result<reqwest::Client> {
     reqwest::Client::builder()
         .connect_timeout(ms(s.connect_timeout_ms))
         .pool_max_idle_per_host(s.pool_max_idle_per_host)
@@ -132,49 +130,57 @@ fn build_client(s: &UpstreamConfig) -> reqwest::Result<reqwest::Client> {
         .build()
 }
 
-impl Upstream {
-    fn url(&self, endpoint: Endpoint) -> &reqwest::Url {
-        match endpoint {
-            Endpoint::ChatCompletions => &self.chat_url,
-            Endpoint::Embeddings => &self.embeddings_url,
-        }
+impl Client {
+    /// Sends a client request made in `api`'s shape, giving up at `deadline`
+    /// or after the configured timeouts, whichever comes first. The answer
+    /// comes back in `api`'s shape, with the response's rate-limit headers.
+    pub async fn call(&self, api: Endpoint, body: Bytes, deadline: Instant) -> (Result<Answer, CallError>, RateInfo) {
+        let (response, end, deadline) = match self.send(api, body, deadline).await {
+            Ok(r) => r,
+            Err(e) => return (Err(e), RateInfo::default()),
+        };
+        let rate = self.provider.limits(response.headers());
+        let answer = read_answer(response, end, deadline, rate.retry_after).await.map(|a| Answer {
+            status: a.status,
+            body: if (200..300).contains(&a.status) { self.provider.answer(api, a.body) } else { a.body },
+        });
+        (answer, rate)
     }
 
-    /// Sends `body` to the endpoint, giving up at `deadline` or after the
-    /// configured timeouts, whichever comes first.
-    pub async fn call(&self, endpoint: Endpoint, body: Bytes, deadline: Instant) -> Result<Answer, CallError> {
-        let (response, end, deadline) = self.send(endpoint, body, deadline).await?;
-        read_answer(response, end, deadline).await
-    }
-
-    /// Like [`Upstream::call`], but a 2xx answer is handed back unread, for
-    /// its body to be streamed; `end` is when the whole call must be over.
+    /// Like [`Client::call`], but a 2xx answer is handed back unread, for its
+    /// body to be streamed through the returned relay; `end` is when the
+    /// whole call must be over.
     pub async fn call_streaming(
         &self,
-        endpoint: Endpoint,
+        api: Endpoint,
         body: Bytes,
         deadline: Instant,
-    ) -> Result<(reqwest::Response, Instant), CallError> {
-        let (response, end, deadline) = self.send(endpoint, body, deadline).await?;
+    ) -> (Result<Opened, CallError>, RateInfo) {
+        let (response, end, deadline) = match self.send(api, body, deadline).await {
+            Ok(r) => r,
+            Err(e) => return (Err(e), RateInfo::default()),
+        };
+        let rate = self.provider.limits(response.headers());
         if response.status().is_success() {
-            return Ok((response, end));
+            return (Ok((response, end, self.provider.stream(api))), rate);
         }
         // Not a stream: an error to classify like any other answer.
-        read_answer(response, end, deadline)
+        let result = read_answer(response, end, deadline, rate.retry_after)
             .await
-            .and_then(|a| Err(CallError::Rejected { status: a.status, body: a.body }))
+            .and_then(|a| Err(CallError::Rejected { status: a.status, body: a.body }));
+        (result, rate)
     }
 
     async fn send(
         &self,
-        endpoint: Endpoint,
+        api: Endpoint,
         body: Bytes,
         deadline: Instant,
     ) -> Result<(reqwest::Response, Instant, Instant), CallError> {
-        let body = match &self.rewrite_model {
-            Some(model) => rewrite_model(&body, model).unwrap_or(body),
-            None => body,
-        };
+        let (path, body) = self.provider.request(api, &body, &self.model).map_err(|message| {
+            let error = sluice_core::error::ApiError::new(sluice_core::error::ErrorCode::InvalidRequest, message);
+            CallError::Rejected { status: 400, body: Bytes::from(error.body()) }
+        })?;
         let now = Instant::now();
         let by_deadline = deadline.saturating_duration_since(now);
         if by_deadline.is_zero() {
@@ -185,14 +191,12 @@ impl Upstream {
         let timed_out = || {
             if end >= deadline { CallError::DeadlineExceeded } else { retryable("timeout", None, None) }
         };
-        let mut request = self
-            .client
-            .post(self.url(endpoint).clone())
+        let request = self
+            .http
+            .post(format!("{}{path}", self.base_url))
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(body);
-        if let Some(auth) = &self.authorization {
-            request = request.header(http::header::AUTHORIZATION, auth.clone());
-        }
+        let request = self.provider.authorize(request, self.key.as_ref());
         let headers_by = (now + self.header_timeout).min(end);
         let response = match tokio::time::timeout_at(headers_by, request.send()).await {
             Err(_) if headers_by < end => return Err(retryable("header_timeout", None, None)),
@@ -207,53 +211,32 @@ impl Upstream {
 }
 
 /// Reads an answer's body by `end` and classifies it by status.
-async fn read_answer(response: reqwest::Response, end: Instant, deadline: Instant) -> Result<Answer, CallError> {
+async fn read_answer(
+    response: reqwest::Response,
+    end: Instant,
+    deadline: Instant,
+    retry_after: Option<Duration>,
+) -> Result<Answer, CallError> {
     let timed_out = || {
         if end >= deadline { CallError::DeadlineExceeded } else { retryable("timeout", None, None) }
     };
-    {
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = match tokio::time::timeout_at(end, response.bytes()).await {
-            Err(_) => return Err(timed_out()),
-            Ok(Err(_)) => return Err(retryable("body", Some(status), None)),
-            Ok(Ok(b)) => b,
-        };
-        match status {
-            200..=299 => Ok(Answer { status, body }),
-            408 => Err(retryable("upstream_408", Some(status), retry_after)),
-            429 => Err(retryable("upstream_429", Some(status), retry_after)),
-            400..=499 => Err(CallError::Rejected { status, body }),
-            _ => Err(retryable("upstream_5xx", Some(status), retry_after)),
-        }
+    let status = response.status().as_u16();
+    let body = match tokio::time::timeout_at(end, response.bytes()).await {
+        Err(_) => return Err(timed_out()),
+        Ok(Err(_)) => return Err(retryable("body", Some(status), None)),
+        Ok(Ok(b)) => b,
+    };
+    match status {
+        200..=299 => Ok(Answer { status, body }),
+        408 => Err(retryable("upstream_408", Some(status), retry_after)),
+        429 => Err(retryable("upstream_429", Some(status), retry_after)),
+        // Anthropic's "overloaded" status.
+        529 => Err(retryable("upstream_5xx", Some(status), retry_after)),
+        400..=499 => Err(CallError::Rejected { status, body }),
+        _ => Err(retryable("upstream_5xx", Some(status), retry_after)),
     }
 }
 
 fn retryable(reason: &'static str, status: Option<u16>, retry_after: Option<Duration>) -> CallError {
     CallError::Retryable { reason, status, retry_after }
-}
-
-/// Replaces `model` in a JSON object body; `None` if the body is not one.
-fn rewrite_model(body: &[u8], model: &str) -> Option<Bytes> {
-    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
-    object.insert("model".into(), serde_json::Value::String(model.to_owned()));
-    serde_json::to_vec(&object).ok().map(Bytes::from)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::rewrite_model;
-
-    #[test]
-    fn model_is_rewritten_and_other_fields_kept() {
-        let out = rewrite_model(br#"{"model":"alias","messages":[],"temperature":0.2}"#, "gpt-4o-mini");
-        let v: serde_json::Value = out.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        assert_eq!(v["model"], "gpt-4o-mini");
-        assert_eq!(v["temperature"], 0.2);
-        assert!(rewrite_model(b"[1]", "m").is_none());
-    }
 }

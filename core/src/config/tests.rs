@@ -56,3 +56,45 @@ fn invalid_value_is_named() {
     let msg = err.map(|_| ()).unwrap_err().to_string();
     assert!(msg.contains("worker.ack_wait_ms"), "{msg}");
 }
+
+#[test]
+fn a_pool_has_deployments_or_one_on_itself() {
+    let c = Config::load(
+        None,
+        env(&[
+            ("SLUICE__POOLS__0__NAME", "chat"),
+            ("SLUICE__POOLS__0__DEPLOYMENTS__0__BASE_URL", "http://127.0.0.1:9/v1"),
+            ("SLUICE__POOLS__0__DEPLOYMENTS__0__RPM", "600"),
+            ("SLUICE__POOLS__0__DEPLOYMENTS__1__BASE_URL", "http://127.0.0.1:10/v1"),
+            ("SLUICE__POOLS__0__DEPLOYMENTS__1__PROVIDER", "anthropic"),
+            ("SLUICE__POOLS__0__DEPLOYMENTS__1__MODEL", "claude-x"),
+            ("SLUICE__POOLS__0__DEPLOYMENTS__1__WEIGHT", "3"),
+        ]),
+    )
+    .unwrap();
+    let d = c.pools[0].deployments();
+    assert_eq!(d.len(), 2);
+    assert_eq!((d[0].name.as_str(), d[0].model.as_deref(), d[0].rpm), ("chat-1", Some("chat"), 600));
+    assert_eq!((d[1].provider, d[1].weight, d[1].model.as_deref()), (ProviderKind::Anthropic, 3, Some("claude-x")));
+
+    let both = Config::load(
+        None,
+        env(&[
+            ("SLUICE__POOLS__0__NAME", "chat"),
+            ("SLUICE__POOLS__0__BASE_URL", "http://127.0.0.1:9/v1"),
+            ("SLUICE__POOLS__0__DEPLOYMENTS__0__BASE_URL", "http://127.0.0.1:9/v1"),
+        ]),
+    );
+    assert!(both.map(|_| ()).unwrap_err().to_string().contains("pools[0]"));
+    let neither = Config::load(None, env(&[("SLUICE__POOLS__0__NAME", "chat")]));
+    assert!(neither.map(|_| ()).unwrap_err().to_string().contains("base_url"));
+    let weight = Config::load(
+        None,
+        env(&[
+            ("SLUICE__POOLS__0__NAME", "chat"),
+            ("SLUICE__POOLS__0__DEPLOYMENTS__0__BASE_URL", "http://127.0.0.1:9/v1"),
+            ("SLUICE__POOLS__0__DEPLOYMENTS__0__WEIGHT", "0"),
+        ]),
+    );
+    assert!(weight.map(|_| ()).unwrap_err().to_string().contains("deployments[0].weight"));
+}

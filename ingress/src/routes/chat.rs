@@ -1,4 +1,4 @@
-//! `POST /v1/chat/completions` and `POST /v1/embeddings`, answered
+//! `POST /v1/chat/completions`, `POST /v1/embeddings` and `POST /v1/messages`, answered
 //! synchronously through the queue: authenticate, validate, publish the job
 //! to JetStream, wait for the worker's answer on this ingress's reply inbox.
 
@@ -26,6 +26,10 @@ pub async fn embeddings(State(state): State<Arc<AppState>>, headers: HeaderMap, 
     answer(state, headers, body, Endpoint::Embeddings, "embeddings").await
 }
 
+pub async fn messages(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    answer(state, headers, body, Endpoint::Messages, "messages").await
+}
+
 async fn answer(
     state: Arc<AppState>,
     headers: HeaderMap,
@@ -46,6 +50,9 @@ async fn answer(
             error.into_response()
         }
     };
+    if endpoint == Endpoint::Messages && !response.status().is_success() {
+        response = super::messages::anthropic_error(response).await;
+    }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
@@ -144,7 +151,7 @@ async fn handle(
         }
     };
     if reply.chunk.is_some() {
-        return Ok(super::sse::response(reply, waiter, job_id));
+        return Ok(super::sse::response(reply, waiter, job_id, endpoint));
     }
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut response = (status, reply.body).into_response();

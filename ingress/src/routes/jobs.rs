@@ -222,7 +222,7 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     let Some(endpoint) = Endpoint::parse(&request.endpoint) else {
         return Err(ApiError::new(
             ErrorCode::InvalidRequest,
-            format!("unknown endpoint `{}`; supported: chat.completions, embeddings", request.endpoint),
+            format!("unknown endpoint `{}`; supported: chat.completions, embeddings, messages", request.endpoint),
         )
         .param("endpoint"));
     };

@@ -1,7 +1,8 @@
-//! The OpenAI-compatible routes.
+//! The OpenAI-compatible routes, and Anthropic's `POST /v1/messages`.
 
 mod chat;
 mod jobs;
+mod messages;
 mod models;
 mod sse;
 mod submit;
@@ -17,6 +18,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/embeddings", post(chat::embeddings))
+        .route("/v1/messages", post(chat::messages))
         .route("/v1/models", get(models::list))
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::get))

@@ -82,11 +82,40 @@ pub fn validate_embeddings<'s>(state: &'s AppState, bytes: &[u8]) -> Result<Chec
     Ok(Checked { model: request.model.into_owned(), pool_token, est_tokens, stream: false })
 }
 
+/// The fields of an Anthropic Messages request the ingress checks.
+#[derive(Deserialize)]
+struct MessagesRequest<'a> {
+    #[serde(borrow)]
+    model: Cow<'a, str>,
+    messages: Vec<serde::de::IgnoredAny>,
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+/// Checks a Messages body: its pool, non-empty `messages`, and the
+/// `max_tokens` Anthropic's API requires.
+pub fn validate_messages<'s>(state: &'s AppState, bytes: &[u8]) -> Result<Checked<'s>, ApiError> {
+    let request: MessagesRequest<'_> = crate::body::parse(bytes)?;
+    if request.messages.is_empty() {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "`messages` must not be empty").param("messages"));
+    }
+    let Some(max_tokens) = request.max_tokens.filter(|n| *n > 0) else {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "`max_tokens` is required and must be at least 1")
+            .param("max_tokens"));
+    };
+    let pool_token = pool_token(state, &request.model)?;
+    let est_tokens =
+        sluice_core::tenant::estimate_tokens(bytes.len(), Some(max_tokens), state.config.scheduler.default_max_tokens);
+    Ok(Checked { model: request.model.into_owned(), pool_token, est_tokens, stream: request.stream == Some(true) })
+}
+
 /// Checks a request body for `endpoint`.
 pub fn validate<'s>(state: &'s AppState, endpoint: Endpoint, bytes: &[u8]) -> Result<Checked<'s>, ApiError> {
     match endpoint {
         Endpoint::ChatCompletions => validate_chat(state, bytes),
         Endpoint::Embeddings => validate_embeddings(state, bytes),
+        Endpoint::Messages => validate_messages(state, bytes),
     }
 }
 
