@@ -13,6 +13,7 @@ mod embeddings;
 mod failures;
 mod fairness;
 mod jobs;
+mod providers;
 mod sdk;
 mod streaming;
 mod validation;
