@@ -1,7 +1,9 @@
 # Starts the benchmark stack on loopback, sourced by bench/run.sh and
 # bench/fairness.sh: nats-server (JetStream, R1 file storage), Postgres, the
 # mock provider with MOCK_ARGS, one worker with WORKER_SLOTS slots, and one
-# ingress; creates tenant `bench` and sets KEY. Everything stops on exit.
+# ingress; creates tenant `bench` and sets KEY. POOL_EXTRA is appended to the
+# `bench` pool's settings (e.g. `rpm = 1200`); `extra_worker` starts another
+# worker process. Everything stops on exit.
 # Builds the release binaries first, or runs prebuilt ones from
 # SLUICE_BENCH_BIN=DIR (to compare builds). Expects scripts/lib.sh loaded.
 
@@ -16,6 +18,7 @@ else
 fi
 
 MOCK_ARGS="${MOCK_ARGS:-}"
+POOL_EXTRA="${POOL_EXTRA:-}"
 WORKER_SLOTS="${WORKER_SLOTS:-256}"
 
 WORK="$(mktemp -d /tmp/sluice-bench-XXXXXX)"
@@ -52,6 +55,7 @@ filter = "warn"
 [[pools]]
 name = "bench"
 base_url = "http://127.0.0.1:$MOCK_PORT/v1"
+$POOL_EXTRA
 TOML
 export SLUICE_CONFIG="$WORK/bench.toml"
 for _ in $(seq 1 120); do grep -q "Server is ready" "$WORK/nats.log" && break; sleep 0.25; done
@@ -67,3 +71,11 @@ INGRESS_PID=$!; PIDS+=($INGRESS_PID)
 wait_http "http://127.0.0.1:$INGRESS_PORT/readyz" 60 || die "ingress did not become ready"
 wait_http "http://127.0.0.1:$OPS_PORT/readyz" 60 || die "worker did not become ready"
 
+
+# Starts one more worker process (its own ops port) and waits until it is ready.
+extra_worker() {
+  local port; port="$(free_port)"
+  SLUICE__WORKER__OPS_LISTEN="127.0.0.1:$port" "$BIN/sluice-worker" >>"$WORK/worker-$port.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$port/readyz" 60 || die "extra worker did not become ready"
+}

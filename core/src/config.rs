@@ -156,6 +156,10 @@ pub struct UpstreamConfig {
     pub retry_budget_ratio: f64,
     /// Retries always allowed on top of the ratio (a quiet pool can still retry).
     pub retry_budget_min: u32,
+    /// Share of each deployment's `rpm`/`tpm` left unused, so that timing
+    /// jitter between Sluice's windows and the provider's never meets the
+    /// provider's edge (0.025: calls are paced at 97.5 % of the limit).
+    pub budget_headroom: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -332,6 +336,7 @@ impl Default for UpstreamConfig {
             breaker_open_ms: 5_000,
             retry_budget_ratio: 0.2,
             retry_budget_min: 10,
+            budget_headroom: 0.025,
         }
     }
 }
@@ -464,6 +469,9 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::key(key, "must be greater than zero"));
             }
+        }
+        if !(0.0..=0.5).contains(&self.upstream.budget_headroom) {
+            return Err(ConfigError::key("upstream.budget_headroom", "must be between 0 and 0.5"));
         }
         if !(0.0..=10.0).contains(&self.upstream.retry_budget_ratio) {
             return Err(ConfigError::key("upstream.retry_budget_ratio", "must be between 0 and 10"));

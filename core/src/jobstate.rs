@@ -31,6 +31,9 @@ pub struct JobRecord {
     pub created_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<u64>,
+    /// `finished_at` in milliseconds, for the ledger. Not shown to clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
@@ -73,6 +76,7 @@ impl JobRecord {
             object.remove("request_hash");
             object.remove("started_ms");
             object.remove("created_ms");
+            object.remove("finished_ms");
             if let Some(hook) = object.get_mut("webhook").and_then(|w| w.as_object_mut()) {
                 hook.remove("secret");
             }
@@ -96,6 +100,7 @@ impl JobRecord {
             started_ms: None,
             created_ms: Some(submitted_ms),
             finished_at: None,
+            finished_ms: None,
             attempts: 0,
             metadata: None,
             priority: None,
@@ -112,6 +117,7 @@ impl JobRecord {
     pub fn conclude(&mut self, status: JobStatus, http_status: u16, body: &[u8], now_s: u64) {
         self.status = status;
         self.finished_at = Some(now_s);
+        self.finished_ms = Some(crate::now_ms().max(now_s * 1000));
         if status == JobStatus::Completed {
             match RawValue::from_string(String::from_utf8_lossy(body).into_owned()) {
                 Ok(raw) => self.result = Some(raw),

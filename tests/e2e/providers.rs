@@ -78,8 +78,11 @@ async fn a_pool_out_of_budget_keeps_its_jobs_queued_while_another_pool_completes
     let limited = Mock::start(sluice_mock_provider::Settings::default()).await;
     let limited_base = limited.base.clone();
     // 2 requests per minute: one per 30-second window, shared by every worker.
-    let stack = Stack::start_with(move |c| c.pools.push(pool_of("slow", vec![deployment("slow-1", &limited_base, 2)])))
-        .await;
+    let stack = Stack::start_with(move |c| {
+        c.upstream.budget_headroom = 0.0;
+        c.pools.push(pool_of("slow", vec![deployment("slow-1", &limited_base, 2)]));
+    })
+    .await;
     let submit = |model: &'static str, i: usize| {
         let body = serde_json::json!({"endpoint": "chat.completions", "body": chat(model, &format!("job {i}"))});
         let stack = &stack;

@@ -69,7 +69,7 @@ pub fn decode_state(message: &Message) -> Result<Vec<JobEvent>, String> {
         request_id: String::new(),
         submitted_ms: record.created_ms.unwrap_or(record.created_at * 1000),
         started_ms: record.started_ms.or(record.started_at.map(|s| s * 1000)),
-        finished_ms: record.finished_at.map(|s| s * 1000),
+        finished_ms: record.finished_ms.or(record.finished_at.map(|s| s * 1000)),
         metadata: record.metadata.and_then(|m| serde_json::to_string(&m).ok()),
         expires_ms: Some(record.expires_at * 1000),
     }])

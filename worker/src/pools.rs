@@ -85,6 +85,8 @@ pub struct Deployment {
     health: Mutex<Health>,
     breaker_failures: u32,
     breaker_open: Duration,
+    /// Share of the budget left unused (`upstream.budget_headroom`).
+    headroom: f64,
 }
 
 /// A window of a shared budget: its counter subject, its limit, its end.
@@ -94,10 +96,15 @@ struct Window {
     ends: Instant,
 }
 
-fn window(kind: &str, token: &str, per_minute: u64, window_ms: u64) -> Window {
+/// The current window of a budget of `per_minute` (already less headroom)
+/// counted in windows of `window_ms`. A window's limit is its share of the
+/// minute, the fractions carried over so that the windows of a minute add
+/// up to the budget (19.5 per window alternates 19 and 20).
+fn window(kind: &str, token: &str, per_minute: f64, window_ms: u64) -> Window {
     let now = sluice_core::now_ms();
     let index = now / window_ms;
-    let limit = ((per_minute as u128 * window_ms as u128) / 60_000).max(1) as i64;
+    let per_window = per_minute * window_ms as f64 / 60_000.0;
+    let limit = ((per_window * (index + 1) as f64).floor() - (per_window * index as f64).floor()) as i64;
     let ends = Instant::now() + Duration::from_millis((index + 1) * window_ms - now);
     Window { subject: format!("sluice.rate.dep.{kind}.{token}.{index}"), limit, ends }
 }
@@ -119,9 +126,10 @@ impl Deployment {
         effective(self.tpm, h.learned_tpm)
     }
 
+    /// Windows of a second, or of one call when the limit is below one a second.
     fn rpm_window(&self, rpm: u64) -> Window {
         let window_ms = 60_000u64.div_ceil(rpm.max(1)).max(1_000);
-        window("rpm", &self.token, rpm, window_ms)
+        window("rpm", &self.token, rpm as f64 * (1.0 - self.headroom), window_ms)
     }
 
     /// When this deployment can next take a call; `None` when it can now.
@@ -223,7 +231,7 @@ impl Deployment {
         if tpm == 0 {
             return None;
         }
-        let w = window("tpm", &self.token, tpm, TPM_WINDOW_MS);
+        let w = window("tpm", &self.token, tpm as f64 * (1.0 - self.headroom), TPM_WINDOW_MS);
         match shared.counters.add(&w.subject, estimate as i64).await {
             Ok(total) => {
                 if total >= w.limit {
@@ -511,6 +519,7 @@ impl Pools {
                     }),
                     breaker_failures: settings.breaker_failures.max(1),
                     breaker_open: ms(settings.breaker_open_ms),
+                    headroom: settings.budget_headroom,
                 }));
             }
             let min = f64::from(settings.retry_budget_min.max(1));
