@@ -32,7 +32,7 @@ pub async fn messages(State(state): State<Arc<MockState>>, headers: HeaderMap, b
     if !headers.contains_key("anthropic-version") {
         return error(StatusCode::BAD_REQUEST, "invalid_request_error", "anthropic-version header is required");
     }
-    let gate = before_answer(&state).await;
+    let gate = before_answer(&state, &body).await;
     if let Some(r) = gate.fault_response(Style::Anthropic) {
         return r;
     }

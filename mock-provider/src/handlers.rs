@@ -21,6 +21,7 @@ pub struct MockState {
     pub(crate) completion_tokens: AtomicU32,
     embedding_dim: AtomicU64,
     rpm: AtomicU64,
+    tpm: AtomicU64,
     error_rate_bits: AtomicU64,
     hang_rate_bits: AtomicU64,
     fail_next: AtomicU64,
@@ -71,6 +72,7 @@ impl MockState {
             completion_tokens: AtomicU32::new(0),
             embedding_dim: AtomicU64::new(0),
             rpm: AtomicU64::new(0),
+            tpm: AtomicU64::new(0),
             error_rate_bits: AtomicU64::new(0),
             hang_rate_bits: AtomicU64::new(0),
             fail_next: AtomicU64::new(0),
@@ -95,6 +97,7 @@ impl MockState {
 
     fn apply_faults(&self, f: &Faults) {
         self.rpm.store(f.rpm, Relaxed);
+        self.tpm.store(f.tpm, Relaxed);
         self.error_rate_bits.store(f.error_rate.to_bits(), Relaxed);
         self.hang_rate_bits.store(f.hang_rate.to_bits(), Relaxed);
         self.fail_next.store(f.fail_next, Relaxed);
@@ -145,12 +148,25 @@ pub(crate) struct Gate {
     pub rate: Option<Verdict>,
 }
 
+/// A request's tokens as the limiter counts them on arrival: its body's
+/// length / 4 plus the output it may ask for (`max_tokens`, else the mock's
+/// `completion_tokens`).
+fn request_tokens(state: &MockState, body: &Bytes) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Max {
+        max_tokens: Option<u64>,
+        max_completion_tokens: Option<u64>,
+    }
+    let max = serde_json::from_slice::<Max>(body).ok().and_then(|m| m.max_completion_tokens.or(m.max_tokens));
+    (body.len() as u64).div_ceil(4) + max.unwrap_or_else(|| u64::from(state.completion_tokens.load(Relaxed)))
+}
+
 /// Counts the request, applies the rate limit and latency, and decides
 /// which fault (if any) it meets.
-pub(crate) async fn before_answer(state: &MockState) -> Gate {
+pub(crate) async fn before_answer(state: &MockState, body: &Bytes) -> Gate {
     state.stats.requests.fetch_add(1, Relaxed);
-    let rpm = state.rpm.load(Relaxed);
-    let rate = (rpm > 0).then(|| state.limiter.check(rpm));
+    let (rpm, tpm) = (state.rpm.load(Relaxed), state.tpm.load(Relaxed));
+    let rate = (rpm > 0 || tpm > 0).then(|| state.limiter.check(rpm, tpm, request_tokens(state, body)));
     if rate.is_some_and(|v| !v.allowed) {
         state.stats.rate_limited.fetch_add(1, Relaxed);
         return Gate { fault: Fault::RateLimited, rate };
@@ -225,7 +241,7 @@ pub(crate) fn text_of(content: &Value) -> String {
 
 async fn chat(State(state): State<Arc<MockState>>, _headers: HeaderMap, body: Bytes) -> Response {
     let _in_flight = InFlight::enter(&state.stats);
-    let gate = before_answer(&state).await;
+    let gate = before_answer(&state, &body).await;
     if let Some(r) = gate.fault_response(Style::OpenAi) {
         return r;
     }
@@ -312,7 +328,7 @@ fn stream_answer(id: &str, model: &str, content: &str, usage: Option<Value>, del
 }
 
 async fn embeddings(State(state): State<Arc<MockState>>, body: Bytes) -> Response {
-    let gate = before_answer(&state).await;
+    let gate = before_answer(&state, &body).await;
     if let Some(r) = gate.fault_response(Style::OpenAi) {
         return r;
     }

@@ -1,9 +1,11 @@
-//! The mock's requests-per-minute limit, as a provider enforces it: at most
-//! `rpm` admitted requests in any 60-second window (a sliding log of admitted
-//! requests), refused ones not counted. Every answer carries the state in
-//! the provider's headers: OpenAI's `x-ratelimit-{limit,remaining,reset}-requests`
-//! or Anthropic's `anthropic-ratelimit-requests-{limit,remaining,reset}`, and
-//! a 429 carries `Retry-After`.
+//! The mock's rate limits, as a provider enforces them: at most `rpm`
+//! admitted requests and `tpm` admitted tokens in any 60-second window (a
+//! sliding log of admitted requests), refused ones not counted. A request's
+//! tokens are counted when it arrives, as providers do: its body's length / 4
+//! plus its `max_tokens`. Every answer carries the state in the provider's
+//! headers: OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`
+//! or Anthropic's `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`,
+//! and a 429 carries `Retry-After`.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -15,17 +17,31 @@ const WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 pub struct Limiter {
-    admitted: Mutex<VecDeque<Instant>>,
+    /// When each admitted request arrived, and its tokens.
+    admitted: Mutex<Log>,
+}
+
+#[derive(Default)]
+struct Log {
+    entries: VecDeque<(Instant, u64)>,
+    tokens: u64,
+}
+
+/// One limit's state after a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Remaining {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Until the oldest admitted request leaves the window (capacity frees).
+    pub reset: Duration,
 }
 
 /// What the limiter decided for one request.
 #[derive(Debug, Clone, Copy)]
 pub struct Verdict {
     pub allowed: bool,
-    pub limit: u64,
-    pub remaining: u64,
-    /// Until the oldest admitted request leaves the window (a slot frees).
-    pub reset: Duration,
+    pub requests: Option<Remaining>,
+    pub tokens: Option<Remaining>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,45 +51,60 @@ pub enum Style {
 }
 
 impl Limiter {
-    pub fn check(&self, rpm: u64) -> Verdict {
+    /// Admits or refuses a request of `tokens` under `rpm` and `tpm` (0 = no limit).
+    pub fn check(&self, rpm: u64, tpm: u64, tokens: u64) -> Verdict {
         let now = Instant::now();
         let mut log = self.admitted.lock().unwrap_or_else(|p| p.into_inner());
-        while log.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
-            log.pop_front();
+        while let Some((t, n)) = log.entries.front().copied() {
+            if now.duration_since(t) < WINDOW {
+                break;
+            }
+            log.entries.pop_front();
+            log.tokens -= n;
         }
-        let allowed = (log.len() as u64) < rpm;
+        let requests_ok = rpm == 0 || (log.entries.len() as u64) < rpm;
+        let tokens_ok = tpm == 0 || log.tokens + tokens <= tpm;
+        let allowed = requests_ok && tokens_ok;
         if allowed {
-            log.push_back(now);
+            log.entries.push_back((now, tokens));
+            log.tokens += tokens;
         }
-        let reset = log.front().map_or(Duration::ZERO, |t| (*t + WINDOW).saturating_duration_since(now));
-        Verdict { allowed, limit: rpm, remaining: rpm.saturating_sub(log.len() as u64), reset }
+        let reset = log.entries.front().map_or(Duration::ZERO, |(t, _)| (*t + WINDOW).saturating_duration_since(now));
+        let remaining = |limit: u64, used: u64| {
+            (limit > 0).then(|| Remaining { limit, remaining: limit.saturating_sub(used), reset })
+        };
+        Verdict { allowed, requests: remaining(rpm, log.entries.len() as u64), tokens: remaining(tpm, log.tokens) }
     }
 }
 
 impl Verdict {
     /// Adds the rate-limit headers in the provider's style.
     pub fn headers(&self, h: &mut HeaderMap, style: Style) {
-        let mut set = |name: &'static str, value: String| {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                h.insert(name, v);
+        let mut set = |name: String, value: String| {
+            if let (Ok(n), Ok(v)) = (axum::http::HeaderName::try_from(name), HeaderValue::from_str(&value)) {
+                h.insert(n, v);
             }
         };
-        match style {
-            Style::OpenAi => {
-                set("x-ratelimit-limit-requests", self.limit.to_string());
-                set("x-ratelimit-remaining-requests", self.remaining.to_string());
-                set("x-ratelimit-reset-requests", format!("{:.3}s", self.reset.as_secs_f64()));
-            }
-            Style::Anthropic => {
-                set("anthropic-ratelimit-requests-limit", self.limit.to_string());
-                set("anthropic-ratelimit-requests-remaining", self.remaining.to_string());
-                let at = std::time::SystemTime::now() + self.reset;
-                let ms = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-                set("anthropic-ratelimit-requests-reset", rfc3339(ms));
+        for (kind, state) in [("requests", self.requests), ("tokens", self.tokens)] {
+            let Some(r) = state else { continue };
+            match style {
+                Style::OpenAi => {
+                    set(format!("x-ratelimit-limit-{kind}"), r.limit.to_string());
+                    set(format!("x-ratelimit-remaining-{kind}"), r.remaining.to_string());
+                    set(format!("x-ratelimit-reset-{kind}"), format!("{:.3}s", r.reset.as_secs_f64()));
+                }
+                Style::Anthropic => {
+                    set(format!("anthropic-ratelimit-{kind}-limit"), r.limit.to_string());
+                    set(format!("anthropic-ratelimit-{kind}-remaining"), r.remaining.to_string());
+                    let at = std::time::SystemTime::now() + r.reset;
+                    let ms = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+                    set(format!("anthropic-ratelimit-{kind}-reset"), rfc3339(ms));
+                }
             }
         }
         if !self.allowed {
-            set("retry-after", self.reset.as_secs_f64().ceil().max(1.0).to_string());
+            let wait = [self.requests, self.tokens].into_iter().flatten().map(|r| r.reset).max().unwrap_or_default();
+            set("retry-after".into(), wait.as_secs_f64().ceil().max(1.0).to_string());
         }
     }
 }
@@ -103,11 +134,23 @@ mod tests {
     #[test]
     fn the_window_admits_rpm_then_refuses() {
         let l = Limiter::default();
-        assert!((0..5).all(|_| l.check(5).allowed));
-        let v = l.check(5);
+        assert!((0..5).all(|_| l.check(5, 0, 10).allowed));
+        let v = l.check(5, 0, 10);
         assert!(!v.allowed);
-        assert_eq!(v.remaining, 0);
-        assert!(v.reset > Duration::from_secs(59));
+        let r = v.requests.unwrap();
+        assert_eq!(r.remaining, 0);
+        assert!(r.reset > Duration::from_secs(59));
+        assert!(v.tokens.is_none());
         assert_eq!(rfc3339(1_795_330_801_500), "2026-11-22T07:00:01.500Z");
+    }
+
+    #[test]
+    fn tokens_are_limited_too() {
+        let l = Limiter::default();
+        assert!(l.check(0, 100, 60).allowed);
+        let refused = l.check(0, 100, 60);
+        assert!(!refused.allowed);
+        assert_eq!(refused.tokens.unwrap().remaining, 40);
+        assert!(l.check(0, 100, 40).allowed);
     }
 }

@@ -1,8 +1,8 @@
-//! `sluice-mock-provider [--listen ADDR] [--latency-ms N] [--completion-tokens N] [--rpm N] [--error-rate F] [--hang-rate F]`
+//! `sluice-mock-provider [--listen ADDR] [--latency-ms N] [--completion-tokens N] [--rpm N] [--tpm N] [--error-rate F] [--hang-rate F]`
 
 use sluice_mock_provider::{Settings, run};
 
-const USAGE: &str = "usage: sluice-mock-provider [--listen ADDR] [--latency-ms N] [--completion-tokens N] [--rpm N] [--error-rate F] [--hang-rate F]";
+const USAGE: &str = "usage: sluice-mock-provider [--listen ADDR] [--latency-ms N] [--completion-tokens N] [--rpm N] [--tpm N] [--error-rate F] [--hang-rate F]";
 
 #[tokio::main]
 async fn main() {

@@ -22,6 +22,9 @@ pub struct Faults {
     /// Requests admitted in any 60-second window; past it 429 with `Retry-After`
     /// and the provider's rate-limit headers (on every answer). 0 is no limit.
     pub rpm: u64,
+    /// Tokens admitted in any 60-second window (a request counts its body's
+    /// length / 4 plus its `max_tokens` on arrival); 0 is no limit.
+    pub tpm: u64,
     /// Share of requests answered with `error_status` (0.0 to 1.0).
     pub error_rate: f64,
     /// Share of requests that hang for `hang_ms` before any byte is sent.
@@ -45,7 +48,7 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// Reads `--latency-ms N`, `--completion-tokens N`, `--rpm N`,
+    /// Reads `--latency-ms N`, `--completion-tokens N`, `--rpm N`, `--tpm N`,
     /// `--error-rate F`, `--hang-rate F` from command-line arguments.
     pub fn from_args(args: &[String]) -> Result<Self, String> {
         let mut s = Settings::default();
@@ -61,6 +64,7 @@ impl Settings {
                 "--latency-ms" => s.latency_ms = value.parse().map_err(|_| bad())?,
                 "--completion-tokens" => s.completion_tokens = value.parse().map_err(|_| bad())?,
                 "--rpm" => s.faults.rpm = value.parse().map_err(|_| bad())?,
+                "--tpm" => s.faults.tpm = value.parse().map_err(|_| bad())?,
                 "--error-rate" => s.faults.error_rate = value.parse().map_err(|_| bad())?,
                 "--hang-rate" => s.faults.hang_rate = value.parse().map_err(|_| bad())?,
                 other => return Err(format!("unknown flag {other}")),
