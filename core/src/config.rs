@@ -16,8 +16,10 @@ use crate::secret::Secret;
 
 mod env;
 mod pools;
+mod scaler;
 use env::{env_value, set_path};
 pub use pools::{DeploymentConfig, PoolConfig, ProviderKind};
+pub use scaler::{ScalerConfig, ScheduleConfig};
 
 /// Exit code for a bad configuration (`EX_CONFIG` is 78; linkerd and the
 /// BSD `sysexits.h` use 64, `EX_USAGE`, for "the invocation is wrong").
@@ -52,6 +54,7 @@ pub struct Config {
     pub tenants: TenantDefaults,
     pub scheduler: SchedulerConfig,
     pub admin: AdminConfig,
+    pub scaler: ScalerConfig,
     pub log: LogConfig,
     /// Model aliases that clients name in `model`, each served by one or more deployments.
     pub pools: Vec<PoolConfig>,
@@ -470,6 +473,7 @@ impl Config {
                 return Err(ConfigError::key(key, "must be greater than zero"));
             }
         }
+        self.scaler.validate()?;
         if !(0.0..=0.5).contains(&self.upstream.budget_headroom) {
             return Err(ConfigError::key("upstream.budget_headroom", "must be between 0 and 0.5"));
         }

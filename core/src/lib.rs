@@ -15,7 +15,9 @@
 //! - [`counters`]: the shared counters in NATS behind admission control.
 //! - [`reload`]: values reloaded in the background, keeping the last good one.
 //! - [`shutdown`]: SIGTERM/SIGINT into one cancellation token.
+//! - [`clock`]: UTC calendar dates from Unix time and back.
 
+pub mod clock;
 pub mod config;
 pub mod counters;
 pub mod db;

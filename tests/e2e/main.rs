@@ -14,6 +14,7 @@ mod failures;
 mod fairness;
 mod jobs;
 mod providers;
+mod scaler;
 mod sdk;
 mod streaming;
 mod validation;

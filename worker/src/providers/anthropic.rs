@@ -62,7 +62,7 @@ impl Provider for Anthropic {
 
     fn limits(&self, h: &HeaderMap) -> RateInfo {
         let reset = |name: &str| {
-            let at = rfc3339_ms(h.get(name)?.to_str().ok()?)?;
+            let at = sluice_core::clock::rfc3339_ms(h.get(name)?.to_str().ok()?)?;
             Some(Duration::from_millis(at.saturating_sub(sluice_core::now_ms())))
         };
         RateInfo {
@@ -89,36 +89,18 @@ impl StreamRelay for ToChat {
     }
 }
 
-/// Milliseconds since the Unix epoch of an RFC 3339 UTC time such as
-/// `2026-11-22T07:00:01Z` or `2026-11-22T07:00:01.5Z` (offsets other than
-/// `Z` are refused: Anthropic sends UTC).
-pub fn rfc3339_ms(s: &str) -> Option<u64> {
-    let s = s.trim().strip_suffix('Z')?;
-    let (date, time) = s.split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let mut t = time.split(':');
-    let (hh, mm): (i64, i64) = (t.next()?.parse().ok()?, t.next()?.parse().ok()?);
-    let secs: f64 = t.next()?.parse().ok()?;
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let ms = (days * 86_400 + hh * 3600 + mm * 60) * 1000 + (secs * 1000.0) as i64;
-    u64::try_from(ms).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn reset_times_parse() {
-        assert_eq!(rfc3339_ms("1970-01-01T00:00:01Z"), Some(1000));
-        assert_eq!(rfc3339_ms("2026-11-22T07:00:01.5Z"), Some(1_795_330_801_500));
-        assert_eq!(rfc3339_ms("2026-11-22T07:00:01+01:00"), None);
+    fn rate_headers_are_read() {
+        let mut h = HeaderMap::new();
+        h.insert("anthropic-ratelimit-requests-limit", "50".parse().unwrap());
+        h.insert("anthropic-ratelimit-requests-remaining", "0".parse().unwrap());
+        h.insert("anthropic-ratelimit-requests-reset", "2999-01-01T00:00:00Z".parse().unwrap());
+        let r = Anthropic.limits(&h);
+        assert_eq!((r.limit_requests, r.remaining_requests), (Some(50), Some(0)));
+        assert!(r.reset_requests.is_some_and(|d| d > Duration::from_secs(3600)));
     }
 }

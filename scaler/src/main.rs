@@ -1,0 +1,55 @@
+//! `sluice-scaler [--config FILE]`
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use sluice_core::config::{Config, EXIT_BAD_CONFIG};
+
+const USAGE: &str = "usage: sluice-scaler [--config FILE]
+
+Serves KEDA's external scaler protocol (gRPC, externalscaler.ExternalScaler)
+on scaler.listen, with /healthz, /readyz and /metrics on scaler.ops_listen.
+Configuration: the TOML file named by --config or SLUICE_CONFIG, then
+SLUICE__SECTION__KEY variables.";
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let file = match args.as_slice() {
+        [] => std::env::var("SLUICE_CONFIG").ok(),
+        [flag, file] if flag == "--config" => Some(file.clone()),
+        [flag] if flag == "--help" || flag == "-h" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    let config = match Config::load(file.as_deref().map(std::path::Path::new), std::env::vars()) {
+        Ok(c) => c,
+        Err(error) => {
+            eprintln!("sluice-scaler: bad configuration: {error}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    sluice_core::telemetry::init_logging(&config.log);
+    let shutdown = sluice_core::shutdown::on_signal();
+    let (grpc, ops) = (config.scaler.listen, config.scaler.ops_listen);
+    let listeners = match (tokio::net::TcpListener::bind(grpc).await, tokio::net::TcpListener::bind(ops).await) {
+        (Ok(g), Ok(o)) => (g, o),
+        (Err(error), _) | (_, Err(error)) => {
+            eprintln!("sluice-scaler: cannot listen on {grpc} or {ops}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(%grpc, %ops, "scaler running");
+    match sluice_scaler::server::run(Arc::new(config), listeners.0, Some(listeners.1), shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sluice-scaler: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Running the scaler: NATS, the snapshot and wake-up tasks, the gRPC
+//! service and the ops endpoints, until shutdown.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_core::config::Config;
+use sluice_core::nats::{self, NatsError};
+use sluice_core::ops::{self, Readiness};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::proto::external_scaler_server::ExternalScalerServer;
+use crate::service::Scaler;
+use crate::snapshot::{self, Backlog};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error("jobs stream: {0}")]
+    Stream(String),
+    #[error("database url: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// Serves KEDA on `grpc` (and the ops endpoints on `ops`) until `shutdown`.
+pub async fn run(
+    config: Arc<Config>,
+    grpc: TcpListener,
+    ops: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    describe();
+    let client = nats::connect(&config.nats, "sluice-scaler").await?;
+    let js = nats::jetstream(client.clone(), &config.nats);
+    nats::ensure_streams(&js, &config.nats).await?;
+    let stream = js.get_stream(&config.nats.jobs_stream).await.map_err(|e| ServeError::Stream(e.to_string()))?;
+    let db = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_lazy(config.database.url.expose())?;
+
+    let (tx, rx) = watch::channel(Arc::new(Backlog::default()));
+    let (wakes, _) = broadcast::channel(1024);
+    let pools: HashMap<String, String> = config.pools.iter().map(|p| (p.subject_token(), p.name.clone())).collect();
+    let every = Duration::from_millis(config.scaler.refresh_ms);
+    tokio::spawn(snapshot::refresh(stream, every, pools, tx, shutdown.clone()));
+    tokio::spawn(snapshot::wake_ups(client.clone(), wakes.clone(), shutdown.clone()));
+
+    if let Some(listener) = ops {
+        let app = ops::router(Readiness { nats: Some(client.clone()), db: None });
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+        });
+    }
+    let scaler = Scaler::new(config, rx, wakes, db);
+    tonic::transport::Server::builder()
+        .add_service(ExternalScalerServer::new(scaler))
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+fn describe() {
+    metrics::describe_gauge!(snapshot::BACKLOG, "jobs queued or running per pool, as of the last snapshot");
+    metrics::describe_gauge!(snapshot::SNAPSHOT_AGE, "age of the backlog snapshot KEDA's calls are answered from");
+    metrics::describe_counter!(snapshot::REFRESH_FAILURES, "backlog reads from JetStream that failed");
+    metrics::describe_counter!(crate::service::REQUESTS, "scaler RPCs by method and gRPC code");
+}
