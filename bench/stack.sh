@@ -3,7 +3,8 @@
 # mock provider with MOCK_ARGS, one worker with WORKER_SLOTS slots, and one
 # ingress; creates tenant `bench` and sets KEY. POOL_EXTRA is appended to the
 # `bench` pool's settings (e.g. `rpm = 1200`); `extra_worker` starts another
-# worker process. Everything stops on exit.
+# worker process; NO_WORKER=1 starts none (the autoscale replay starts its
+# own). Everything stops on exit.
 # Builds the release binaries first, or runs prebuilt ones from
 # SLUICE_BENCH_BIN=DIR (to compare builds). Expects scripts/lib.sh loaded.
 
@@ -33,6 +34,7 @@ cleanup() {
 trap cleanup EXIT
 
 NATS_PORT="$(free_port)"; PG_PORT="$(free_port)"; MOCK_PORT="$(free_port)"; INGRESS_PORT="$(free_port)"; OPS_PORT="$(free_port)"
+SCALER_PORT="$(free_port)"; SCALER_OPS_PORT="$(free_port)"
 "$NATS_SERVER" -js -sd "$WORK/nats" -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats.log" 2>&1 &
 PIDS+=($!)
 pg_start "$PG_DIR" "$PG_PORT"
@@ -48,6 +50,9 @@ listen = "127.0.0.1:$INGRESS_PORT"
 [worker]
 ops_listen = "127.0.0.1:$OPS_PORT"
 max_in_flight = $WORKER_SLOTS
+[scaler]
+listen = "127.0.0.1:$SCALER_PORT"
+ops_listen = "127.0.0.1:$SCALER_OPS_PORT"
 [webhooks]
 allow_loopback_targets = true
 [log]
@@ -64,12 +69,16 @@ for _ in $(seq 1 120); do grep -q "Server is ready" "$WORK/nats.log" && break; s
 KEY="$("$BIN/sluice-ingress" create-key --tenant bench | awk '/^api key:/ {print $3}')"
 "$BIN/sluice-mock-provider" --listen "127.0.0.1:$MOCK_PORT" $MOCK_ARGS >"$WORK/mock.log" 2>&1 &
 PIDS+=($!)
-"$BIN/sluice-worker" >"$WORK/worker.log" 2>&1 &
-WORKER_PID=$!; PIDS+=($WORKER_PID)
+if [ "${NO_WORKER:-0}" != 1 ]; then
+  "$BIN/sluice-worker" >"$WORK/worker.log" 2>&1 &
+  WORKER_PID=$!; PIDS+=($WORKER_PID)
+fi
 "$BIN/sluice-ingress" serve >"$WORK/ingress.log" 2>&1 &
 INGRESS_PID=$!; PIDS+=($INGRESS_PID)
 wait_http "http://127.0.0.1:$INGRESS_PORT/readyz" 60 || die "ingress did not become ready"
-wait_http "http://127.0.0.1:$OPS_PORT/readyz" 60 || die "worker did not become ready"
+if [ "${NO_WORKER:-0}" != 1 ]; then
+  wait_http "http://127.0.0.1:$OPS_PORT/readyz" 60 || die "worker did not become ready"
+fi
 
 
 # Starts one more worker process (its own ops port) and waits until it is ready.

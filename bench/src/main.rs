@@ -4,7 +4,8 @@
 //! measures asynchronous jobs (see `jobs.rs`); `sluice-loadgen ttft …` the
 //! time to first token of streamed answers (`ttft.rs`); `sluice-loadgen
 //! submit …` submits one tenant's jobs for the fairness benchmark
-//! (`submit.rs`); otherwise:
+//! (`submit.rs`); `sluice-loadgen autoscale …` replays a traffic spike
+//! against the scaler and real worker processes (`autoscale.rs`); otherwise:
 //!
 //! `sluice-loadgen --direct URL --gateway URL --key KEY --model M
 //!   [--connections 1,32,128] [--seconds 10] [--warmup 2] [--repeats 3]
@@ -16,6 +17,7 @@
 //! answer arrived. It prints one line per measurement, the medians over the
 //! repeats, and last the headline comparison.
 
+mod autoscale;
 mod jobs;
 mod submit;
 mod ttft;
@@ -237,6 +239,27 @@ async fn main() {
                 key: text("--key", ""),
                 model: text("--model", "bench"),
                 requests: number("--requests", 500),
+            })
+            .await,
+        ),
+        "autoscale" => Some(
+            autoscale::run(autoscale::AutoscaleArgs {
+                gateway: text("--gateway", ""),
+                key: text("--key", ""),
+                model: text("--model", "bench"),
+                scaler: text("--scaler", "127.0.0.1:9095"),
+                worker_bin: text("--worker-bin", "sluice-worker"),
+                base_rps: get("--base-rps").and_then(|v| v.parse().ok()).unwrap_or(10.0),
+                spike_x: get("--spike-x").and_then(|v| v.parse().ok()).unwrap_or(10.0),
+                base_s: number("--base-s", 20) as u64,
+                spike_s: number("--spike-s", 20) as u64,
+                tail_s: number("--tail-s", 60) as u64,
+                target: get("--target").and_then(|v| v.parse().ok()).unwrap_or(20.0),
+                compress: get("--compress").and_then(|v| v.parse().ok()).unwrap_or(10.0),
+                poll_ms: number("--poll-ms", 1000) as u64,
+                min: number("--min", 1),
+                max: number("--max", 10),
+                out: text("--out", "autoscale.csv"),
             })
             .await,
         ),
