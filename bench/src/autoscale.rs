@@ -125,6 +125,8 @@ impl Workers {
 /// The HPA's decision, its periods compressed: `history` holds
 /// `(time, replicas)` after each decision and `desired` the raw desires.
 struct Hpa {
+    /// Replicas before the first decision.
+    initial: usize,
     compress: f64,
     min: usize,
     max: usize,
@@ -133,8 +135,9 @@ struct Hpa {
 }
 
 impl Hpa {
-    fn replicas_at(&self, t: f64, now: usize) -> usize {
-        self.history.iter().rev().find(|(at, _)| *at <= t).map_or(now, |(_, r)| *r)
+    /// The replicas decided last at or before `t`.
+    fn replicas_at(&self, t: f64) -> usize {
+        self.history.iter().rev().find(|(at, _)| *at <= t).map_or(self.initial, |(_, r)| *r)
     }
 
     fn decide(&mut self, t: f64, current: usize, desired: usize) -> usize {
@@ -146,13 +149,13 @@ impl Hpa {
         }
         let next = if desired > current {
             // Up: from the replicas one period ago, at most +100 % or +4.
-            let base = self.replicas_at(t - 15.0 / self.compress, current);
+            let base = self.replicas_at(t - 15.0 / self.compress);
             desired.min((base * 2).max(base + 4))
         } else {
             // Down: the highest desire of the stabilization window, at most
             // −10 % (rounded up, at least one pod) of the replicas a period ago.
             let stable = self.desires.iter().map(|(_, d)| *d).max().unwrap_or(desired).min(current);
-            let base = self.replicas_at(t - 60.0 / self.compress, current);
+            let base = self.replicas_at(t - 60.0 / self.compress);
             let step = (base as f64 * 0.10).ceil() as usize;
             stable.max(base.saturating_sub(step.max(1))).min(current)
         };
@@ -185,8 +188,14 @@ pub async fn run(a: AutoscaleArgs) -> Result<(), String> {
 
     let mut workers = Workers { bin: a.worker_bin.clone(), running: Vec::new() };
     workers.scale_to(a.min)?;
-    let mut hpa =
-        Hpa { compress: a.compress, min: a.min, max: a.max, history: VecDeque::new(), desires: VecDeque::new() };
+    let mut hpa = Hpa {
+        initial: a.min,
+        compress: a.compress,
+        min: a.min,
+        max: a.max,
+        history: VecDeque::new(),
+        desires: VecDeque::new(),
+    };
     let submitted = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let load = tokio::spawn(offer(a.clone(), submitted.clone(), started));
@@ -250,4 +259,37 @@ pub async fn run(a: AutoscaleArgs) -> Result<(), String> {
     }
     println!("scale events={events} max_replicas={}", hpa.history.iter().map(|(_, r)| *r).max().unwrap_or(0));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Hpa;
+
+    fn hpa(initial: usize) -> Hpa {
+        Hpa { initial, compress: 1.0, min: 1, max: 50, history: Default::default(), desires: Default::default() }
+    }
+
+    #[test]
+    fn scale_up_is_limited_per_period() {
+        let mut h = hpa(1);
+        // From 1: at most max(2 × 1, 1 + 4) = 5 in one period.
+        assert_eq!(h.decide(0.0, 1, 30), 5);
+        // Within the same 15 s period the base is still 1.
+        assert_eq!(h.decide(5.0, 5, 30), 5);
+        // A period later, from 5: max(10, 9) = 10.
+        assert_eq!(h.decide(20.0, 5, 30), 10);
+    }
+
+    #[test]
+    fn scale_down_waits_for_the_stabilization_window_then_goes_ten_percent_a_minute() {
+        let mut h = hpa(20);
+        assert_eq!(h.decide(0.0, 20, 20), 20);
+        // The desire drops, but the last 300 s held a desire of 20.
+        assert_eq!(h.decide(10.0, 20, 2), 20);
+        assert_eq!(h.decide(299.0, 20, 2), 20);
+        // Past the window: at most 10 % (2 pods) of the replicas a minute ago.
+        assert_eq!(h.decide(311.0, 20, 2), 18);
+        assert_eq!(h.decide(320.0, 18, 2), 18, "the same minute's base was 20 → floor 18");
+        assert_eq!(h.decide(372.0, 18, 2), 16);
+    }
 }
