@@ -107,6 +107,14 @@ pub struct IngressConfig {
     pub auth_refresh_ms: u64,
     /// Time given to in-flight requests after SIGTERM.
     pub shutdown_grace_ms: u64,
+    /// Open client connections at once; a connection past the limit is
+    /// closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (also the idle limit
+    /// of a keep-alive connection between requests).
+    pub header_timeout_ms: u64,
+    /// Time a client has to send a request's body (408 past it).
+    pub body_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -306,6 +314,9 @@ impl Default for IngressConfig {
             max_in_flight: 10_000,
             auth_refresh_ms: 5_000,
             shutdown_grace_ms: 25_000,
+            max_connections: 10_000,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
         }
     }
 }
@@ -446,6 +457,9 @@ impl Config {
             ("ingress.max_body_bytes", self.ingress.max_body_bytes as u64),
             ("ingress.max_in_flight", self.ingress.max_in_flight as u64),
             ("ingress.auth_refresh_ms", self.ingress.auth_refresh_ms),
+            ("ingress.max_connections", self.ingress.max_connections as u64),
+            ("ingress.header_timeout_ms", self.ingress.header_timeout_ms),
+            ("ingress.body_timeout_ms", self.ingress.body_timeout_ms),
             ("worker.max_in_flight", self.worker.max_in_flight as u64),
             ("worker.ack_wait_ms", self.worker.ack_wait_ms),
             ("worker.max_attempts", u64::from(self.worker.max_attempts)),

@@ -35,6 +35,8 @@ pub enum ErrorCode {
     /// Postgres or another dependency is not ready.
     Unavailable,
     Timeout,
+    /// The client did not send its request body in time (408).
+    RequestTimeout,
     Internal,
 }
 
@@ -56,6 +58,7 @@ impl ErrorCode {
             Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::QueueUnavailable | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -69,7 +72,8 @@ impl ErrorCode {
             | Self::NotFound
             | Self::Conflict
             | Self::PayloadTooLarge
-            | Self::UnsupportedMediaType => "invalid_request_error",
+            | Self::UnsupportedMediaType
+            | Self::RequestTimeout => "invalid_request_error",
             Self::InvalidApiKey => "authentication_error",
             Self::Overloaded
             | Self::QueueFull
@@ -104,6 +108,7 @@ impl ErrorCode {
             Self::QueueUnavailable => "queue_unavailable",
             Self::Unavailable => "unavailable",
             Self::Timeout => "timeout",
+            Self::RequestTimeout => "request_timeout",
             Self::Internal => "internal_error",
         }
     }

@@ -34,6 +34,9 @@ pub mod telemetry;
 pub mod tenant;
 pub mod webhook;
 
+#[cfg(test)]
+mod properties;
+
 /// Milliseconds since the Unix epoch, the time unit of envelopes and events.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)

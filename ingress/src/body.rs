@@ -1,4 +1,5 @@
-//! Reading a JSON request body: content type (415), size (413), JSON (400).
+//! Reading a JSON request body: content type (415), size (413), time
+//! (408), JSON (400).
 
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
@@ -6,8 +7,14 @@ use bytes::Bytes;
 use serde::Deserialize;
 use sluice_core::error::{ApiError, ErrorCode};
 
-/// Checks the content type and reads at most `limit` bytes of the body.
-pub async fn read_json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// Checks the content type and reads at most `limit` bytes of the body
+/// within `within`.
+pub async fn read_json_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    within: std::time::Duration,
+) -> Result<Bytes, ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = content_type.split(';').next().unwrap_or("").trim();
     if !mime.eq_ignore_ascii_case("application/json") {
@@ -22,7 +29,13 @@ pub async fn read_json_body(headers: &HeaderMap, body: Body, limit: usize) -> Re
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await.map_err(|_| {
+        ApiError::new(
+            ErrorCode::RequestTimeout,
+            format!("the request body did not arrive within {} ms", within.as_millis()),
+        )
+    })?;
+    read.map_err(|e| {
         // `to_bytes` reports an exceeded limit as a `LengthLimitError` in its source chain.
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = source {

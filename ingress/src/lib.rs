@@ -7,7 +7,8 @@
 //! - [`replies`]: one wildcard inbox per ingress; answers from workers are
 //!   routed to the request waiting for them.
 //! - [`body`]: content type, size limit and JSON parsing, with OpenAI errors.
-//! - [`routes`]: the OpenAI-compatible endpoints.
+//! - [`routes`]: the OpenAI-compatible endpoints and Anthropic's Messages API.
+//! - [`serve`]: the accept loop: connection limit, header deadline, graceful shutdown.
 //! - [`admin`]: command-line administration (migrations, tenants, keys).
 //! - [`metrics`]: every metric the ingress records.
 //!
@@ -22,6 +23,7 @@ pub mod body;
 pub mod metrics;
 pub mod replies;
 pub mod routes;
+pub mod serve;
 pub mod startup;
 
 pub use startup::Ingress;

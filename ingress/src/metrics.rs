@@ -13,9 +13,16 @@ pub const ORPHAN_REPLIES: &str = "sluice_ingress_orphan_replies_total";
 pub const ADMISSION_REJECTED: &str = "sluice_ingress_admission_rejected_total";
 pub const ADMISSION_ERRORS: &str = "sluice_ingress_admission_errors_total";
 pub const STREAMS_INTERRUPTED: &str = "sluice_ingress_streams_interrupted_total";
+pub const CONNECTIONS: &str = "sluice_ingress_connections";
+pub const CONNECTIONS_REFUSED: &str = "sluice_ingress_connections_refused_total";
 
 pub fn describe() {
     metrics::describe_counter!(REQUESTS, "HTTP requests answered, by route template and status code");
+    metrics::describe_gauge!(CONNECTIONS, "open client connections");
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED,
+        "client connections closed at accept, by reason (max_connections, accept_error)"
+    );
     metrics::describe_histogram!(REQUEST_SECONDS, metrics::Unit::Seconds, "time to answer, by route template");
     metrics::describe_histogram!(PUBLISH_SECONDS, metrics::Unit::Seconds, "JetStream publish until acknowledged");
     metrics::describe_counter!(REJECTED, "requests refused or failed, by error code");

@@ -50,6 +50,13 @@ pub struct AppState {
     pub pool_tokens: std::collections::HashMap<String, String>,
 }
 
+impl AppState {
+    /// How long a client may take to send a request body.
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.ingress.body_timeout_ms)
+    }
+}
+
 /// A built ingress, ready to serve on any listener.
 pub struct Ingress {
     state: Arc<AppState>,
@@ -119,10 +126,15 @@ impl Ingress {
         let grace = Duration::from_millis(self.state.config.ingress.shutdown_grace_ms);
         let app = self.router();
         let stop = shutdown.clone();
-        let server =
-            tokio::spawn(
-                async move { axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await },
-            );
+        let c = &self.state.config.ingress;
+        let limits = crate::serve::Limits {
+            max_connections: c.max_connections,
+            header_timeout: Duration::from_millis(c.header_timeout_ms),
+        };
+        let server = tokio::spawn(async move {
+            crate::serve::serve(listener, app, limits, stop).await;
+            Ok::<(), std::io::Error>(())
+        });
         tokio::pin!(server);
         let result = tokio::select! {
             done = &mut server => done,

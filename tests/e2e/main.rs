@@ -12,6 +12,7 @@ mod config;
 mod embeddings;
 mod failures;
 mod fairness;
+mod hostile;
 mod jobs;
 mod providers;
 mod scaler;

@@ -39,4 +39,7 @@ pub mod tenants;
 pub mod upstream;
 pub mod webhooks;
 
+#[cfg(test)]
+mod properties;
+
 pub use startup::Worker;

@@ -69,7 +69,8 @@ async fn handle(
     request_id: &str,
 ) -> Result<Response, ApiError> {
     let owner = state.keys.authenticate(headers)?;
-    let bytes = crate::body::read_json_body(headers, body, state.config.ingress.max_body_bytes).await?;
+    let bytes =
+        crate::body::read_json_body(headers, body, state.config.ingress.max_body_bytes, state.body_timeout()).await?;
     let checked = submit::validate(state, endpoint, &bytes)?;
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
         return Err(ApiError::new(ErrorCode::Overloaded, "this gateway has too many requests waiting; retry shortly")

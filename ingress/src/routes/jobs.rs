@@ -217,7 +217,8 @@ pub async fn cancel(State(state): State<Arc<AppState>>, headers: HeaderMap, Path
 
 async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
     let owner = state.keys.authenticate(headers)?;
-    let bytes = crate::body::read_json_body(headers, body, state.config.ingress.max_body_bytes).await?;
+    let bytes =
+        crate::body::read_json_body(headers, body, state.config.ingress.max_body_bytes, state.body_timeout()).await?;
     let request: JobRequest = crate::body::parse(&bytes)?;
     let Some(endpoint) = Endpoint::parse(&request.endpoint) else {
         return Err(ApiError::new(

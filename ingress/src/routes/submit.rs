@@ -26,6 +26,19 @@ struct ChatRequest<'a> {
     max_completion_tokens: Option<u64>,
 }
 
+/// What validation needs to know: the pools by name (with their subject
+/// tokens) and the output estimate of a request that sets no `max_tokens`.
+pub struct Catalog<'s> {
+    pub pool_tokens: &'s std::collections::HashMap<String, String>,
+    pub default_max_tokens: u64,
+}
+
+impl<'s> Catalog<'s> {
+    pub fn of(state: &'s AppState) -> Self {
+        Self { pool_tokens: &state.pool_tokens, default_max_tokens: state.config.scheduler.default_max_tokens }
+    }
+}
+
 /// A checked chat completion request.
 pub struct Checked<'s> {
     pub model: String,
@@ -38,16 +51,16 @@ pub struct Checked<'s> {
 
 /// Checks a chat completion body: its pool, the pool's subject token, and
 /// its token estimate.
-pub fn validate_chat<'s>(state: &'s AppState, bytes: &[u8]) -> Result<Checked<'s>, ApiError> {
+pub fn validate_chat<'s>(c: &Catalog<'s>, bytes: &[u8]) -> Result<Checked<'s>, ApiError> {
     let request: ChatRequest<'_> = crate::body::parse(bytes)?;
     if request.messages.is_empty() {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "`messages` must not be empty").param("messages"));
     }
-    let pool_token = pool_token(state, &request.model)?;
+    let pool_token = pool_token(c, &request.model)?;
     let est_tokens = sluice_core::tenant::estimate_tokens(
         bytes.len(),
         request.max_completion_tokens.or(request.max_tokens),
-        state.config.scheduler.default_max_tokens,
+        c.default_max_tokens,
     );
     Ok(Checked { model: request.model.into_owned(), pool_token, est_tokens, stream: request.stream == Some(true) })
 }
@@ -62,7 +75,7 @@ struct EmbeddingsRequest<'a> {
 
 /// Checks an embeddings body: `input` is a non-empty string or a non-empty
 /// array (of strings or of token arrays).
-pub fn validate_embeddings<'s>(state: &'s AppState, bytes: &[u8]) -> Result<Checked<'s>, ApiError> {
+pub fn validate_embeddings<'s>(c: &Catalog<'s>, bytes: &[u8]) -> Result<Checked<'s>, ApiError> {
     let request: EmbeddingsRequest<'_> = crate::body::parse(bytes)?;
     let ok = match &request.input {
         serde_json::Value::String(s) => !s.is_empty(),
@@ -76,7 +89,7 @@ pub fn validate_embeddings<'s>(state: &'s AppState, bytes: &[u8]) -> Result<Chec
         )
         .param("input"));
     }
-    let pool_token = pool_token(state, &request.model)?;
+    let pool_token = pool_token(c, &request.model)?;
     // No output tokens: an embedding costs its input.
     let est_tokens = (bytes.len() as u64).div_ceil(4);
     Ok(Checked { model: request.model.into_owned(), pool_token, est_tokens, stream: false })
@@ -95,7 +108,7 @@ struct MessagesRequest<'a> {
 
 /// Checks a Messages body: its pool, non-empty `messages`, and the
 /// `max_tokens` Anthropic's API requires.
-pub fn validate_messages<'s>(state: &'s AppState, bytes: &[u8]) -> Result<Checked<'s>, ApiError> {
+pub fn validate_messages<'s>(c: &Catalog<'s>, bytes: &[u8]) -> Result<Checked<'s>, ApiError> {
     let request: MessagesRequest<'_> = crate::body::parse(bytes)?;
     if request.messages.is_empty() {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "`messages` must not be empty").param("messages"));
@@ -104,23 +117,26 @@ pub fn validate_messages<'s>(state: &'s AppState, bytes: &[u8]) -> Result<Checke
         return Err(ApiError::new(ErrorCode::InvalidRequest, "`max_tokens` is required and must be at least 1")
             .param("max_tokens"));
     };
-    let pool_token = pool_token(state, &request.model)?;
-    let est_tokens =
-        sluice_core::tenant::estimate_tokens(bytes.len(), Some(max_tokens), state.config.scheduler.default_max_tokens);
+    let pool_token = pool_token(c, &request.model)?;
+    let est_tokens = sluice_core::tenant::estimate_tokens(bytes.len(), Some(max_tokens), c.default_max_tokens);
     Ok(Checked { model: request.model.into_owned(), pool_token, est_tokens, stream: request.stream == Some(true) })
 }
 
 /// Checks a request body for `endpoint`.
 pub fn validate<'s>(state: &'s AppState, endpoint: Endpoint, bytes: &[u8]) -> Result<Checked<'s>, ApiError> {
+    validate_with(&Catalog::of(state), endpoint, bytes)
+}
+
+pub fn validate_with<'s>(c: &Catalog<'s>, endpoint: Endpoint, bytes: &[u8]) -> Result<Checked<'s>, ApiError> {
     match endpoint {
-        Endpoint::ChatCompletions => validate_chat(state, bytes),
-        Endpoint::Embeddings => validate_embeddings(state, bytes),
-        Endpoint::Messages => validate_messages(state, bytes),
+        Endpoint::ChatCompletions => validate_chat(c, bytes),
+        Endpoint::Embeddings => validate_embeddings(c, bytes),
+        Endpoint::Messages => validate_messages(c, bytes),
     }
 }
 
-fn pool_token<'s>(state: &'s AppState, model: &str) -> Result<&'s str, ApiError> {
-    state.pool_tokens.get(model).map(String::as_str).ok_or_else(|| {
+fn pool_token<'s>(c: &Catalog<'s>, model: &str) -> Result<&'s str, ApiError> {
+    c.pool_tokens.get(model).map(String::as_str).ok_or_else(|| {
         ApiError::new(
             ErrorCode::ModelNotFound,
             format!("the model `{model}` does not exist or you do not have access to it"),
@@ -204,4 +220,82 @@ pub fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+#[cfg(test)]
+mod properties {
+    //! Whatever the body, validation answers a checked request or a 4xx
+    //! error in OpenAI's envelope; it never panics.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(
+                |f| serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)
+            ),
+            "\\PC{0,20}".prop_map(serde_json::Value::from),
+            Just(serde_json::Value::from("mock")),
+        ];
+        leaf.prop_recursive(6, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("model".to_owned()),
+                        Just("messages".to_owned()),
+                        Just("input".to_owned()),
+                        Just("max_tokens".to_owned()),
+                        Just("stream".to_owned()),
+                        "[a-z_]{1,12}"
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn endpoint() -> impl Strategy<Value = Endpoint> {
+        prop_oneof![Just(Endpoint::ChatCompletions), Just(Endpoint::Embeddings), Just(Endpoint::Messages)]
+    }
+
+    fn check(endpoint: Endpoint, bytes: &[u8]) -> Result<(), TestCaseError> {
+        let pools: std::collections::HashMap<String, String> = [("mock".to_owned(), "mock".to_owned())].into();
+        let catalog = Catalog { pool_tokens: &pools, default_max_tokens: 256 };
+        match validate_with(&catalog, endpoint, bytes) {
+            Ok(checked) => prop_assert_eq!(checked.model, "mock"),
+            Err(e) => {
+                prop_assert!(e.code.status().is_client_error(), "{:?}", e.code);
+                let body: serde_json::Value = serde_json::from_slice(&e.body()).unwrap_or_default();
+                prop_assert!(body["error"]["message"].is_string());
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_json_body_is_checked_or_refused_with_a_4xx(value in json(), endpoint in endpoint()) {
+            check(endpoint, &serde_json::to_vec(&value).unwrap_or_default())?;
+        }
+
+        #[test]
+        fn any_bytes_are_checked_or_refused_with_a_4xx(bytes in proptest::collection::vec(any::<u8>(), 0..300), endpoint in endpoint()) {
+            check(endpoint, &bytes)?;
+        }
+
+        #[test]
+        fn truncated_valid_bodies_are_refused_with_a_4xx(cut in 0usize..80, endpoint in endpoint()) {
+            let body = br#"{"model":"mock","messages":[{"role":"user","content":"hi"}],"input":"x","max_tokens":5}"#;
+            check(endpoint, &body[..cut.min(body.len())])?;
+        }
+    }
 }
