@@ -11,6 +11,8 @@ use crate::envelope::{EVENTS_SUBJECTS, JOBS_SUBJECTS};
 pub enum NatsError {
     #[error("cannot connect to NATS at {url}: {source}")]
     Connect { url: String, source: async_nats::ConnectError },
+    #[error("nats.url `{url}` is not a list of NATS URLs: {message}")]
+    Url { url: String, message: String },
     #[error("cannot declare stream {name}: {source}")]
     Stream { name: String, source: async_nats::jetstream::context::CreateStreamError },
     #[error("cannot open key-value bucket {name}: {message}")]
@@ -18,15 +20,24 @@ pub enum NatsError {
 }
 
 /// Connects with Sluice's options: a name for the server's monitoring, the
-/// configured connect timeout, and reconnects forever.
+/// configured connect timeout, and reconnects forever. `nats.url` may list
+/// several servers of a cluster, comma-separated: any of them that answers
+/// will do, and the client learns the others from the cluster.
 pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Client, NatsError> {
+    let servers =
+        server_addrs(&config.url).map_err(|e| NatsError::Url { url: config.url.clone(), message: e.to_string() })?;
     async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(ms(config.connect_timeout_ms))
         .request_timeout(Some(ms(config.request_timeout_ms)))
-        .connect(config.url.as_str())
+        .connect(servers)
         .await
         .map_err(|source| NatsError::Connect { url: config.url.clone(), source })
+}
+
+/// The servers of a `nats.url`: one URL or a comma-separated list.
+pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, std::io::Error> {
+    url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(|u| u.parse::<async_nats::ServerAddr>()).collect()
 }
 
 pub fn jetstream(client: async_nats::Client, config: &NatsConfig) -> jetstream::Context {

@@ -7,6 +7,7 @@ mod procs;
 
 mod admin;
 mod auth;
+mod chaos;
 mod chat;
 mod config;
 mod embeddings;

@@ -1,0 +1,590 @@
+//! The chaos suite: Sluice as it runs in production, attacked one fault at
+//! a time while it serves a mixed load, then audited.
+//!
+//! Set-up: a three-node NATS cluster (JetStream, every stream at three
+//! replicas), two `sluice-ingress` and two `sluice-worker` processes, a
+//! private Postgres instance (so that it can be restarted), the mock
+//! provider answering in 150 ms, and a webhook receiver. The load: one
+//! request every 15 ms for 6 seconds, alternating synchronous chat
+//! completions and asynchronous jobs with a webhook, spread over both
+//! ingresses, each with a unique marker in its prompt. Mid-load, one fault:
+//!
+//! - `worker`: kill -9 of a worker with calls in flight, then a new one;
+//! - `ingress`: kill -9 of an ingress, then a new one;
+//! - `nats-leader`: kill -9 of the JOBS stream's leader node, restarted 2 s later;
+//! - `postgres`: Postgres restarted;
+//! - `provider`: the mock fails the next 30 calls (503) and hangs 4 (past
+//!   the 1 s header timeout).
+//!
+//! Audit, after the load: every request whose submit got a 2xx (or a 504
+//! naming its job) has exactly one ledger row in a terminal state (else it
+//! is *lost*); every synchronous answer quotes its own marker and no two
+//! requests got the same job id (else *duplicated*); every completed
+//! asynchronous job's webhook arrived. The table is printed with the
+//! refusals by status and the time the fault took to heal (from the fault
+//! to the last refused request; every later one was accepted).
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+use crate::harness::{MODEL, Mock, TempDir, binary, http_client, wait_for};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Three nats-server processes in one JetStream cluster.
+struct NatsCluster {
+    bin: String,
+    nodes: Vec<(String, u16, u16, PathBuf, Option<Child>)>,
+    _dir: TempDir,
+}
+
+impl NatsCluster {
+    async fn start() -> Self {
+        let dir = TempDir::new("nats-cluster");
+        let nodes =
+            (0..3).map(|i| (format!("n{i}"), free_port(), free_port(), dir.0.join(format!("n{i}")), None)).collect();
+        let bin = std::env::var("SLUICE_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+        let mut c = Self { bin, nodes, _dir: dir };
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        let url = c.url();
+        wait_for("the NATS cluster to offer JetStream at three replicas", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move {
+                let servers = sluice_core::nats::server_addrs(&url).ok()?;
+                let client = async_nats::connect(servers).await.ok()?;
+                let js = async_nats::jetstream::new(client);
+                let cfg = async_nats::jetstream::stream::Config {
+                    name: "PROBE".into(),
+                    subjects: vec!["probe".into()],
+                    num_replicas: 3,
+                    ..Default::default()
+                };
+                js.get_or_create_stream(cfg).await.ok().map(|_| ())
+            }
+        })
+        .await;
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let routes: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, n)| format!("nats://127.0.0.1:{}", n.2))
+            .collect();
+        let (name, port, cport, store, _) = &self.nodes[i];
+        let child = Command::new(&self.bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-n", name, "--cluster_name", "sluice"])
+            .arg("-sd")
+            .arg(store)
+            .args(["--cluster", &format!("nats://127.0.0.1:{cport}"), "--routes", &routes.join(",")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.nodes[i].4 = Some(child);
+    }
+
+    fn url(&self) -> String {
+        self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.1)).collect::<Vec<_>>().join(",")
+    }
+
+    async fn kill(&mut self, name: &str) {
+        let node = self.nodes.iter_mut().find(|n| n.0 == name).unwrap();
+        if let Some(mut child) = node.4.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+
+    fn restart(&mut self, name: &str) {
+        let i = self.nodes.iter().position(|n| n.0 == name).unwrap();
+        self.spawn(i);
+    }
+
+    async fn leader_of(&self, stream: &str) -> String {
+        let client = async_nats::connect(sluice_core::nats::server_addrs(&self.url()).unwrap()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut s = js.get_stream(stream).await.unwrap();
+        s.info().await.unwrap().cluster.as_ref().and_then(|c| c.leader.clone()).unwrap()
+    }
+}
+
+/// A Postgres instance of this test's own, started by scripts/pg-instance.sh.
+struct Postgres {
+    dir: PathBuf,
+    port: u16,
+    script: PathBuf,
+}
+
+impl Postgres {
+    fn run(&self, cmd: &str) {
+        let out = std::process::Command::new("bash")
+            .arg(&self.script)
+            .arg(cmd)
+            .arg(&self.dir)
+            .arg(self.port.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg-instance.sh {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    async fn start() -> (Self, sqlx::PgPool, String) {
+        let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pg-instance.sh"));
+        let pg = Self {
+            dir: std::env::temp_dir().join(format!("sluice-chaos-pg-{}", Uuid::new_v4().simple())),
+            port: free_port(),
+            script,
+        };
+        pg.run("start");
+        let admin = format!("postgres://sluice@127.0.0.1:{}/postgres", pg.port);
+        let admin_pool = sqlx::PgPool::connect(&admin).await.unwrap();
+        sqlx::query("CREATE DATABASE chaos").execute(&admin_pool).await.unwrap();
+        let url = format!("postgres://sluice@127.0.0.1:{}/chaos", pg.port);
+        let db = sluice_core::db::connect(&sluice_core::config::DatabaseConfig {
+            url: sluice_core::secret::Secret::new(url.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        sluice_core::db::migrate(&db).await.unwrap();
+        (pg, db, url)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.run("stop");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What one request of the load saw.
+#[derive(Debug, Clone)]
+struct Outcome {
+    sync: bool,
+    /// HTTP status, or `None` when the connection failed.
+    status: Option<u16>,
+    job: Option<Uuid>,
+    /// For a synchronous 200: the answer quoted its own marker.
+    own_answer: bool,
+    sent: Instant,
+    base: String,
+}
+
+/// Sluice's processes, with their roles, on the cluster and the database.
+struct Sluice {
+    config: PathBuf,
+    ingresses: Vec<(String, Child)>,
+    workers: Vec<Child>,
+    _dir: TempDir,
+}
+
+impl Sluice {
+    fn spawn(config: &PathBuf, bin: &str, env: (&str, String)) -> Child {
+        let mut cmd = Command::new(binary(bin));
+        cmd.arg("--config").arg(config).kill_on_drop(true).stdin(Stdio::null()).env(env.0, env.1);
+        match std::env::var("SLUICE_TEST_LOG") {
+            Ok(filter) => cmd.env("SLUICE__LOG__FILTER", filter).stdout(Stdio::inherit()).stderr(Stdio::inherit()),
+            Err(_) => cmd.stdout(Stdio::null()).stderr(Stdio::null()),
+        };
+        cmd.spawn().unwrap()
+    }
+
+    async fn ready(url: &str) {
+        let http = http_client();
+        wait_for(&format!("{url} to be ready"), Duration::from_secs(30), || async {
+            http.get(url).send().await.ok().filter(|r| r.status() == 200).map(|_| ())
+        })
+        .await;
+    }
+
+    async fn add_ingress(&mut self) {
+        let port = free_port();
+        let child =
+            Self::spawn(&self.config, "sluice-ingress", ("SLUICE__INGRESS__LISTEN", format!("127.0.0.1:{port}")));
+        let base = format!("http://127.0.0.1:{port}");
+        Self::ready(&format!("{base}/readyz")).await;
+        self.ingresses.push((base, child));
+    }
+
+    async fn add_worker(&mut self) {
+        let port = free_port();
+        let child =
+            Self::spawn(&self.config, "sluice-worker", ("SLUICE__WORKER__OPS_LISTEN", format!("127.0.0.1:{port}")));
+        Self::ready(&format!("http://127.0.0.1:{port}/readyz")).await;
+        self.workers.push(child);
+    }
+
+    fn bases(&self) -> Vec<String> {
+        self.ingresses.iter().map(|(b, _)| b.clone()).collect()
+    }
+}
+
+/// Offers the load for `duration`; `bases` may change under it (an
+/// ingress killed, another started).
+async fn load(
+    bases: Arc<Mutex<Vec<String>>>,
+    key: String,
+    hook: String,
+    scenario: &'static str,
+    duration: Duration,
+) -> Vec<Outcome> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    let mut i = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(15));
+    while started.elapsed() < duration {
+        tick.tick().await;
+        let base = {
+            let b = bases.lock().unwrap();
+            b[i % b.len()].clone()
+        };
+        let (http, key, hook) = (http.clone(), key.clone(), hook.clone());
+        let marker = format!("{scenario}-{i}-{}", Uuid::new_v4().simple());
+        let sync = i.is_multiple_of(2);
+        i += 1;
+        let sent_at = Instant::now();
+        tasks.push(tokio::spawn(async move {
+            let chat = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": marker}]});
+            let sent = if sync {
+                http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key).json(&chat).send().await
+            } else {
+                let secret = sluice_core::webhook::new_secret().unwrap();
+                let body = serde_json::json!({"endpoint": "chat.completions", "body": chat,
+                    "webhook": {"url": hook, "secret": secret}});
+                http.post(format!("{base}/v1/jobs")).bearer_auth(&key).json(&body).send().await
+            };
+            let mut outcome =
+                Outcome { sync, status: None, job: None, own_answer: false, sent: sent_at, base: base.clone() };
+            let Ok(r) = sent else { return outcome };
+            outcome.status = Some(r.status().as_u16());
+            let header_job = r.headers().get("x-sluice-job-id").and_then(|v| v.to_str().ok()?.parse().ok());
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            outcome.job = header_job
+                .or_else(|| body["id"].as_str().and_then(|s| s.parse().ok()))
+                .or_else(|| body["error"]["job_id"].as_str().and_then(|s| s.parse().ok()));
+            if let Some(content) = body["choices"][0]["message"]["content"].as_str() {
+                outcome.own_answer = content == format!("mock reply to: {marker}");
+            }
+            outcome
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// A request counts as accepted when the gateway took responsibility for
+/// it: a 2xx, or a 504 that names the job it goes on as.
+fn accepted(o: &Outcome) -> bool {
+    matches!(o.status, Some(200..=299)) || (o.status == Some(504) && o.job.is_some())
+}
+
+#[derive(Debug)]
+struct Row {
+    scenario: &'static str,
+    sent: usize,
+    accepted: usize,
+    completed: i64,
+    failed: Vec<(String, i64)>,
+    lost: usize,
+    duplicated: usize,
+    webhooks_missing: usize,
+    /// Requests refused (not accepted), by status (`conn` when the
+    /// connection failed).
+    refused: Vec<(String, usize)>,
+    recovered_ms: u128,
+    /// Requests sent after the last refusal were accepted.
+    resumed: bool,
+}
+
+async fn audit(
+    db: &sqlx::PgPool,
+    scenario: &'static str,
+    outcomes: &[Outcome],
+    hooks: &Arc<Mutex<HashSet<Uuid>>>,
+    fault_at: Instant,
+) -> Row {
+    let took: Vec<&Outcome> = outcomes.iter().filter(|o| accepted(o)).collect();
+    let mut ids = Vec::new();
+    let mut seen = HashSet::new();
+    let mut duplicated = 0;
+    let mut lost = 0;
+    for o in &took {
+        match o.job {
+            Some(id) => {
+                if !seen.insert(id) {
+                    duplicated += 1;
+                }
+                ids.push(id);
+            }
+            // Accepted without a job to follow: nothing can prove it ran.
+            None => lost += 1,
+        }
+        if o.sync && o.status == Some(200) && !o.own_answer {
+            duplicated += 1;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut done: i64 = 0;
+    while Instant::now() < deadline {
+        done = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status IN ('completed', 'failed', 'expired', 'cancelled')",
+        )
+            .bind(&ids)
+            .fetch_one(db)
+            .await
+            .unwrap_or(0);
+        if done as usize == ids.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    lost += ids.len() - done as usize;
+    let completed_async: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM jobs WHERE id = ANY($1) AND status = 'completed'")
+            .bind(took.iter().filter(|o| !o.sync).filter_map(|o| o.job).collect::<Vec<_>>())
+            .fetch_all(db)
+            .await
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut missing = completed_async.len();
+    while Instant::now() < deadline {
+        missing = {
+            let got = hooks.lock().unwrap();
+            completed_async.iter().filter(|id| !got.contains(id)).count()
+        };
+        if missing == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let completed: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE id = ANY($1) AND status = 'completed'")
+        .bind(&ids)
+        .fetch_one(db)
+        .await
+        .unwrap();
+    let failed: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT coalesce(error_code, status), count(*) FROM jobs WHERE id = ANY($1) AND status <> 'completed' AND status IN ('failed', 'expired', 'cancelled') GROUP BY 1 ORDER BY 1",
+    )
+    .bind(&ids)
+    .fetch_all(db)
+    .await
+    .unwrap();
+    // Recovered: from the fault until the last refused request was sent
+    // (every request sent later was accepted); 0 when none was refused.
+    let recovered_ms = outcomes
+        .iter()
+        .filter(|o| !accepted(o))
+        .filter_map(|o| o.sent.checked_duration_since(fault_at))
+        .max()
+        .map_or(0, |d| d.as_millis());
+    let resumed = outcomes
+        .iter()
+        .any(|o| accepted(o) && o.sent.checked_duration_since(fault_at).is_some_and(|d| d.as_millis() > recovered_ms));
+    let mut refused: std::collections::BTreeMap<String, usize> = Default::default();
+    for o in outcomes.iter().filter(|o| !accepted(o)) {
+        if std::env::var("SLUICE_CHAOS_DEBUG").is_ok() {
+            println!(
+                "refused {} {:?} sent {:?} after fault",
+                o.base,
+                o.status,
+                o.sent.checked_duration_since(fault_at)
+            );
+        }
+        *refused.entry(o.status.map_or("conn".to_owned(), |s| s.to_string())).or_default() += 1;
+    }
+    Row {
+        scenario,
+        sent: outcomes.len(),
+        accepted: took.len(),
+        completed,
+        failed,
+        lost,
+        duplicated,
+        webhooks_missing: missing,
+        refused: refused.into_iter().collect(),
+        recovered_ms,
+        resumed,
+    }
+}
+
+#[tokio::test]
+async fn chaos_no_accepted_request_is_lost_or_duplicated() {
+    let mut nats = NatsCluster::start().await;
+    let (pg, db, db_url) = Postgres::start().await;
+    let mock = Mock::start(sluice_mock_provider::Settings { latency_ms: 150, ..Default::default() }).await;
+    let hooks: Arc<Mutex<HashSet<Uuid>>> = Arc::new(Mutex::new(HashSet::new()));
+    let receiver = {
+        let hooks = hooks.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: String| {
+                let hooks = hooks.clone();
+                async move {
+                    let event: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    if event["type"] == "job.completed"
+                        && let Some(id) = event["data"]["id"].as_str().and_then(|s| s.parse().ok())
+                    {
+                        hooks.lock().unwrap().insert(id);
+                    }
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/hook")
+    };
+    let dir = TempDir::new("chaos");
+    let config = dir.0.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[nats]
+url = "{nats}"
+replicas = 3
+request_timeout_ms = 3000
+connect_timeout_ms = 3000
+[database]
+url = "{db_url}"
+[ingress]
+auth_refresh_ms = 100
+sync_timeout_ms = 20000
+shutdown_grace_ms = 2000
+[worker]
+ack_wait_ms = 2000
+max_attempts = 8
+retry_min_delay_ms = 100
+retry_max_delay_ms = 1000
+shutdown_grace_ms = 2000
+[upstream]
+response_header_timeout_ms = 1000
+breaker_open_ms = 500
+[webhooks]
+allow_loopback_targets = true
+poll_ms = 100
+retry_schedule_ms = [200, 500, 1000, 2000, 4000]
+[log]
+filter = "warn"
+[[pools]]
+name = "{MODEL}"
+base_url = "{mock}/v1"
+api_key = "sk-upstream-test"
+"#,
+            nats = nats.url(),
+            mock = mock.base,
+        ),
+    )
+    .unwrap();
+    let tenant = sluice_core::db::ensure_tenant(&db, "chaos").await.unwrap();
+    let key = sluice_core::db::create_key(&db, tenant).await.unwrap().key.expose().to_owned();
+    let mut sluice = Sluice { config, ingresses: Vec::new(), workers: Vec::new(), _dir: dir };
+    for _ in 0..2 {
+        sluice.add_ingress().await;
+        sluice.add_worker().await;
+    }
+    // The key reaches both ingresses (100 ms refresh).
+    for base in sluice.bases() {
+        let http = http_client();
+        wait_for("the key on every ingress", Duration::from_secs(10), || async {
+            let r = http.get(format!("{base}/v1/models")).bearer_auth(&key).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+    }
+
+    let scenarios: [&'static str; 5] = ["worker", "ingress", "nats-leader", "postgres", "provider"];
+    let mut rows = Vec::new();
+    for scenario in scenarios {
+        let bases = Arc::new(Mutex::new(sluice.bases()));
+        // Long enough after the fault to see the service come back.
+        let length = if scenario == "nats-leader" { 14 } else { 6 };
+        let running =
+            tokio::spawn(load(bases.clone(), key.clone(), receiver.clone(), scenario, Duration::from_secs(length)));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let fault_at = Instant::now();
+        match scenario {
+            "worker" => {
+                let mut victim = sluice.workers.remove(0);
+                let _ = victim.start_kill();
+                let _ = victim.wait().await;
+                sluice.add_worker().await;
+            }
+            "ingress" => {
+                let (base, mut victim) = sluice.ingresses.remove(0);
+                let _ = victim.start_kill();
+                let _ = victim.wait().await;
+                bases.lock().unwrap().retain(|b| *b != base);
+                sluice.add_ingress().await;
+                *bases.lock().unwrap() = sluice.bases();
+            }
+            "nats-leader" => {
+                let leader = nats.leader_of("JOBS").await;
+                nats.kill(&leader).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                nats.restart(&leader);
+            }
+            "postgres" => pg.run("restart"),
+            "provider" => {
+                mock.faults(serde_json::json!({"fail_next": 30, "error_status": 503, "hang_next": 4, "hang_ms": 5000}))
+                    .await
+            }
+            _ => unreachable!(),
+        }
+        let outcomes = running.await.unwrap();
+        rows.push(audit(&db, scenario, &outcomes, &hooks, fault_at).await);
+        mock.faults(serde_json::json!({})).await;
+    }
+
+    println!(
+        "chaos scenario   sent accepted completed failed(reason)       lost duplicated webhooks_missing refused(status)   recovered_ms"
+    );
+    for r in &rows {
+        let failed: Vec<String> = r.failed.iter().map(|(k, n)| format!("{k}={n}")).collect();
+        let refused: Vec<String> = r.refused.iter().map(|(k, n)| format!("{k}x{n}")).collect();
+        println!(
+            "chaos {:<12} {:>5} {:>8} {:>9} {:<20} {:>4} {:>10} {:>16} {:<17} {:>9}",
+            r.scenario,
+            r.sent,
+            r.accepted,
+            r.completed,
+            if failed.is_empty() { "0".to_owned() } else { failed.join(",") },
+            r.lost,
+            r.duplicated,
+            r.webhooks_missing,
+            if refused.is_empty() { "0".to_owned() } else { refused.join(",") },
+            r.recovered_ms
+        );
+    }
+    let mock_calls = mock.requests().await;
+    println!("chaos upstream calls={mock_calls} (jobs re-run after a kill are counted again)");
+    for r in &rows {
+        assert_eq!(r.lost, 0, "{r:?}");
+        assert_eq!(r.duplicated, 0, "{r:?}");
+        assert_eq!(r.webhooks_missing, 0, "{r:?}");
+        assert!(r.resumed, "requests must be accepted again after the fault: {r:?}");
+        if r.scenario != "nats-leader" {
+            assert!(r.accepted > r.sent * 9 / 10, "nearly every request must be accepted: {r:?}");
+        }
+    }
+}
