@@ -115,6 +115,10 @@ pub struct IngressConfig {
     pub header_timeout_ms: u64,
     /// Time a client has to send a request's body (408 past it).
     pub body_timeout_ms: u64,
+    /// How long a job's publish is repeated while the jobs stream has no
+    /// leader or its acknowledgement is late, before the client gets a 503.
+    /// 0: no repeat.
+    pub publish_retry_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -317,6 +321,7 @@ impl Default for IngressConfig {
             max_connections: 10_000,
             header_timeout_ms: 10_000,
             body_timeout_ms: 30_000,
+            publish_retry_ms: 10_000,
         }
     }
 }

@@ -182,6 +182,8 @@ struct Outcome {
     /// For a synchronous 200: the answer quoted its own marker.
     own_answer: bool,
     sent: Instant,
+    /// When the answer (or the failure) arrived.
+    done: Instant,
     base: String,
 }
 
@@ -269,12 +271,21 @@ async fn load(
                     "webhook": {"url": hook, "secret": secret}});
                 http.post(format!("{base}/v1/jobs")).bearer_auth(&key).json(&body).send().await
             };
-            let mut outcome =
-                Outcome { sync, status: None, job: None, own_answer: false, sent: sent_at, base: base.clone() };
+            let mut outcome = Outcome {
+                sync,
+                status: None,
+                job: None,
+                own_answer: false,
+                sent: sent_at,
+                done: sent_at,
+                base: base.clone(),
+            };
+            outcome.done = Instant::now();
             let Ok(r) = sent else { return outcome };
             outcome.status = Some(r.status().as_u16());
             let header_job = r.headers().get("x-sluice-job-id").and_then(|v| v.to_str().ok()?.parse().ok());
             let body: serde_json::Value = r.json().await.unwrap_or_default();
+            outcome.done = Instant::now();
             outcome.job = header_job
                 .or_else(|| body["id"].as_str().and_then(|s| s.parse().ok()))
                 .or_else(|| body["error"]["job_id"].as_str().and_then(|s| s.parse().ok()));
@@ -313,6 +324,8 @@ struct Row {
     recovered_ms: u128,
     /// Requests sent after the last refusal were accepted.
     resumed: bool,
+    /// The longest an accepted request sent after the fault waited.
+    slowest_ms: u128,
 }
 
 async fn audit(
@@ -396,6 +409,12 @@ async fn audit(
         .filter_map(|o| o.sent.checked_duration_since(fault_at))
         .max()
         .map_or(0, |d| d.as_millis());
+    let slowest_ms = outcomes
+        .iter()
+        .filter(|o| accepted(o) && o.sent > fault_at)
+        .map(|o| o.done - o.sent)
+        .max()
+        .map_or(0, |d| d.as_millis());
     let resumed = outcomes
         .iter()
         .any(|o| accepted(o) && o.sent.checked_duration_since(fault_at).is_some_and(|d| d.as_millis() > recovered_ms));
@@ -423,6 +442,7 @@ async fn audit(
         refused: refused.into_iter().collect(),
         recovered_ms,
         resumed,
+        slowest_ms,
     }
 }
 
@@ -557,13 +577,13 @@ api_key = "sk-upstream-test"
     }
 
     println!(
-        "chaos scenario   sent accepted completed failed(reason)       lost duplicated webhooks_missing refused(status)   recovered_ms"
+        "chaos scenario   sent accepted completed failed(reason)       lost duplicated webhooks_missing refused(status)   recovered_ms slowest_after_fault_ms"
     );
     for r in &rows {
         let failed: Vec<String> = r.failed.iter().map(|(k, n)| format!("{k}={n}")).collect();
         let refused: Vec<String> = r.refused.iter().map(|(k, n)| format!("{k}x{n}")).collect();
         println!(
-            "chaos {:<12} {:>5} {:>8} {:>9} {:<20} {:>4} {:>10} {:>16} {:<17} {:>9}",
+            "chaos {:<12} {:>5} {:>8} {:>9} {:<20} {:>4} {:>10} {:>16} {:<17} {:>12} {:>22}",
             r.scenario,
             r.sent,
             r.accepted,
@@ -573,7 +593,8 @@ api_key = "sk-upstream-test"
             r.duplicated,
             r.webhooks_missing,
             if refused.is_empty() { "0".to_owned() } else { refused.join(",") },
-            r.recovered_ms
+            r.recovered_ms,
+            r.slowest_ms
         );
     }
     let mock_calls = mock.requests().await;

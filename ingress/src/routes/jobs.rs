@@ -297,7 +297,7 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     let subject = envelope::job_subject(checked.pool_token, class, owner.tenant_id);
 
     let admitted = state.admission.admit(owner.tenant_id, &policy, checked.est_tokens).await?;
-    let created = state.job_state.create(&key, to_bytes(&record)?).await.map(|_| ());
+    let created = create_state(state, &key, to_bytes(&record)?).await;
     // A replayed submit was counted when it was first accepted.
     let admitted = if created.is_ok() {
         env.queued_counted = admitted.queued_counted;
@@ -461,4 +461,31 @@ fn check_metadata(metadata: Option<&serde_json::Map<String, serde_json::Value>>)
         }
     }
     Ok(())
+}
+
+/// Creates the job's state, repeating while the bucket's stream has no
+/// leader (up to `ingress.publish_retry_ms`, as the job's publish does). A
+/// repeat that finds the key exists found its own earlier write (the key
+/// holds this request's new job id), unless the first attempt already did.
+async fn create_state(state: &AppState, key: &str, value: bytes::Bytes) -> Result<(), kv::CreateError> {
+    let give_up = tokio::time::Instant::now() + std::time::Duration::from_millis(state.config.ingress.publish_retry_ms);
+    let mut pause = std::time::Duration::from_millis(50);
+    let mut repeated = false;
+    loop {
+        match state.job_state.create(key, value.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if repeated && e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(()),
+            Err(e)
+                if matches!(e.kind(), kv::CreateErrorKind::Publish | kv::CreateErrorKind::Ack)
+                    && tokio::time::Instant::now() + pause < give_up =>
+            {
+                metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => "job_state").increment(1);
+                tracing::info!(error = %e, "storing a job's state failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+                repeated = true;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }

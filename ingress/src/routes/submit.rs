@@ -146,27 +146,55 @@ fn pool_token<'s>(c: &Catalog<'s>, model: &str) -> Result<&'s str, ApiError> {
 }
 
 /// Publishes the job and waits for JetStream's acknowledgement, then wakes
-/// the workers for its queue. `dedup` sets `Nats-Msg-Id` to the job id, for
-/// submits that may be repeated.
+/// the workers for its queue. Every job carries its id as `Nats-Msg-Id`, so
+/// that a publish repeated after a lost acknowledgement is stored once.
+///
+/// While the stream has no leader (a node died and the rest elect another,
+/// a few seconds) or an acknowledgement times out, the publish is repeated
+/// with backoff for up to `ingress.publish_retry_ms`: the client waits a
+/// little longer instead of getting a 503. Errors that another attempt
+/// cannot fix (too large, queue full) are answered at once. The `_dedup`
+/// argument is kept for callers that rely on it; every publish is deduplicated.
 pub async fn publish(
     state: &AppState,
     subject: String,
     env: &Envelope,
     body: bytes::Bytes,
-    dedup: bool,
+    _dedup: bool,
 ) -> Result<(), ApiError> {
     let mut headers = env.to_headers();
-    if dedup {
-        headers.insert(sluice_core::envelope::H_MSG_ID, env.job_id.to_string().as_str());
-    }
+    headers.insert(sluice_core::envelope::H_MSG_ID, env.job_id.to_string().as_str());
     let wake = sluice_core::envelope::wake_subject(&subject);
-    let ack = state.js.publish_with_headers(subject, headers, body).await.map_err(publish_error)?;
-    ack.await.map_err(publish_error)?;
+    let give_up = tokio::time::Instant::now() + std::time::Duration::from_millis(state.config.ingress.publish_retry_ms);
+    let mut pause = std::time::Duration::from_millis(50);
+    loop {
+        let attempt = async {
+            let ack = state.js.publish_with_headers(subject.clone(), headers.clone(), body.clone()).await?;
+            ack.await
+        };
+        match attempt.await {
+            Ok(_) => break,
+            Err(e) if transient(&e) && tokio::time::Instant::now() + pause < give_up => {
+                metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => e.kind().to_string()).increment(1);
+                tracing::info!(error = %e, job_id = %env.job_id, "publish failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+            Err(e) => return Err(publish_error(e)),
+        }
+    }
     // A hint only: workers also list the queues every `scheduler.discover_ms`.
     if let Err(error) = state.nats.publish(wake, bytes::Bytes::new()).await {
         tracing::debug!(%error, "could not wake the workers");
     }
     Ok(())
+}
+
+/// A publish error that may pass: no leader (no responders), a lost or late
+/// acknowledgement, a connection being re-established.
+fn transient(e: &async_nats::jetstream::context::PublishError) -> bool {
+    use async_nats::jetstream::context::PublishErrorKind;
+    matches!(e.kind(), PublishErrorKind::StreamNotFound | PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe)
 }
 
 pub fn publish_error(e: async_nats::jetstream::context::PublishError) -> ApiError {
