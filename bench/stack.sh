@@ -4,7 +4,8 @@
 # ingress; creates tenant `bench` and sets KEY. POOL_EXTRA is appended to the
 # `bench` pool's settings (e.g. `rpm = 1200`); `extra_worker` starts another
 # worker process; NO_WORKER=1 starts none (the autoscale replay starts its
-# own). Everything stops on exit.
+# own); NATS_SYNC=always runs JetStream with `sync_interval: always`.
+# Everything stops on exit.
 # Builds the release binaries first, or runs prebuilt ones from
 # SLUICE_BENCH_BIN=DIR (to compare builds). Expects scripts/lib.sh loaded.
 
@@ -35,7 +36,14 @@ trap cleanup EXIT
 
 NATS_PORT="$(free_port)"; PG_PORT="$(free_port)"; MOCK_PORT="$(free_port)"; INGRESS_PORT="$(free_port)"; OPS_PORT="$(free_port)"
 SCALER_PORT="$(free_port)"; SCALER_OPS_PORT="$(free_port)"
-"$NATS_SERVER" -js -sd "$WORK/nats" -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats.log" 2>&1 &
+# NATS_SYNC=always: every JetStream write on disk before it is acknowledged
+# (the production overlay's mode); otherwise the server's default.
+if [ "${NATS_SYNC:-default}" = always ]; then
+  printf 'jetstream { store_dir: "%s", sync_interval: always }\n' "$WORK/nats" >"$WORK/nats.conf"
+  "$NATS_SERVER" -c "$WORK/nats.conf" -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats.log" 2>&1 &
+else
+  "$NATS_SERVER" -js -sd "$WORK/nats" -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats.log" 2>&1 &
+fi
 PIDS+=($!)
 pg_start "$PG_DIR" "$PG_PORT"
 as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U sluice sluice

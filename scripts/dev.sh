@@ -9,6 +9,7 @@
 #   OPENAI_API_KEY          use OpenAI as the upstream of the gpt-* pools
 #   SLUICE_CONFIG           use this config file instead of config/dev*.toml
 #   SLUICE_DEV_RELEASE=1    build and run release binaries
+#   SLUICE_NATS_SYNC=always JetStream syncs every write to disk before acknowledging it
 #   SLUICE_DEV_NATS_PORT    default 4222
 #   SLUICE_DEV_PG_PORT      default 54329
 set -euo pipefail
@@ -57,7 +58,13 @@ trap on_signal INT TERM
 trap stop_all EXIT
 
 log "starting nats-server on 127.0.0.1:$NATS_PORT (JetStream data in .sluice/nats)"
-"$NATS_SERVER" -js -sd "$STATE/nats" -a 127.0.0.1 -p "$NATS_PORT" >"$LOGS/nats.log" 2>&1 &
+if [ "${SLUICE_NATS_SYNC:-default}" = always ]; then
+  # Every JetStream write on disk before it is acknowledged (docs/reliability.md).
+  printf 'jetstream { store_dir: "%s", sync_interval: always }\n' "$STATE/nats" >"$STATE/nats.conf"
+  "$NATS_SERVER" -c "$STATE/nats.conf" -a 127.0.0.1 -p "$NATS_PORT" >"$LOGS/nats.log" 2>&1 &
+else
+  "$NATS_SERVER" -js -sd "$STATE/nats" -a 127.0.0.1 -p "$NATS_PORT" >"$LOGS/nats.log" 2>&1 &
+fi
 NATS_PID=$!
 for _ in $(seq 1 120); do grep -q "Server is ready" "$LOGS/nats.log" && break; sleep 0.25; done
 grep -q "Server is ready" "$LOGS/nats.log" || { tail "$LOGS/nats.log" >&2; die "nats-server did not start"; }

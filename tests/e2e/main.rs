@@ -18,6 +18,8 @@ mod jobs;
 mod providers;
 mod scaler;
 mod sdk;
+mod security;
+mod soak;
 mod streaming;
 mod validation;
 mod webhooks;

@@ -25,6 +25,10 @@ pub struct Cluster {
     pub workers: Vec<String>,
     config: PathBuf,
     children: Vec<Child>,
+    /// The binary of each child, in order.
+    names: Vec<String>,
+    /// When set, each process logs at debug level to its own file here.
+    pub logs: Option<PathBuf>,
     _dir: TempDir,
 }
 
@@ -87,6 +91,8 @@ api_key = "sk-upstream-test"
             workers: Vec::new(),
             config,
             children: Vec::new(),
+            names: Vec::new(),
+            logs: None,
             _dir: dir,
         }
     }
@@ -95,9 +101,17 @@ api_key = "sk-upstream-test"
         let mut cmd = Command::new(binary(bin));
         cmd.arg("--config").arg(&self.config).kill_on_drop(true).stdin(Stdio::null());
         // SLUICE_TEST_LOG shows the processes' logs.
-        match std::env::var("SLUICE_TEST_LOG") {
-            Ok(filter) => cmd.env("SLUICE__LOG__FILTER", filter).stdout(Stdio::inherit()).stderr(Stdio::inherit()),
-            Err(_) => cmd.stdout(Stdio::null()).stderr(Stdio::null()),
+        match (&self.logs, std::env::var("SLUICE_TEST_LOG")) {
+            (Some(dir), _) => {
+                let file = dir.join(format!("{bin}-{}.log", self.children.len()));
+                let out = std::fs::File::create(&file).unwrap();
+                let err = out.try_clone().unwrap();
+                cmd.env("SLUICE__LOG__FILTER", "debug").stdout(out).stderr(err)
+            }
+            (None, Ok(filter)) => {
+                cmd.env("SLUICE__LOG__FILTER", filter).stdout(Stdio::inherit()).stderr(Stdio::inherit())
+            }
+            (None, Err(_)) => cmd.stdout(Stdio::null()).stderr(Stdio::null()),
         };
         // New tenants' settings reach the workers within 100 ms.
         cmd.env("SLUICE__SCHEDULER__TENANTS_REFRESH_MS", "100");
@@ -105,6 +119,7 @@ api_key = "sk-upstream-test"
             cmd.env(k, v);
         }
         self.children.push(cmd.spawn().unwrap());
+        self.names.push(bin.to_owned());
     }
 
     /// Starts one more ingress process; returns its base URL once it is ready.
@@ -124,6 +139,11 @@ api_key = "sk-upstream-test"
         let base = format!("http://127.0.0.1:{port}");
         self.wait_ready(&base).await;
         self.workers.push(base);
+    }
+
+    /// Each running process: its binary and its pid.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.names.iter().zip(&self.children).filter_map(|(n, c)| Some((n.clone(), c.id()?))).collect()
     }
 
     pub async fn mock_stats(&self) -> serde_json::Value {

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Durability modes, measured (release build): the same workload with
+# nats-server's JetStream in its default mode (writes acknowledged once
+# replicated to memory, synced to disk every two minutes) and with
+# `sync_interval: always` (every write on disk before it is acknowledged).
+# For each mode: asynchronous submits accepted per second (64 connections,
+# `sluice-loadgen jobs`) and synchronous chat completions per second
+# (32 connections against the mock answering at once). One node (R1) on
+# this machine's disk; a cluster syncs on every replica in parallel.
+#
+#   bench/durability.sh [--seconds 10]
+set -euo pipefail
+source "$(dirname "$0")/../scripts/lib.sh"
+cd "$ROOT"
+SECONDS_EACH=10
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) SECONDS_EACH="$2"; shift 2 ;;
+    *) die "unknown option $1" ;;
+  esac
+done
+
+declare -A JOBS SYNC
+for mode in default always; do
+  # Each mode in its own stack (a subshell), torn down at its end.
+  OUT="$(NATS_SYNC="$mode" bash -c '
+    set -euo pipefail
+    source scripts/lib.sh
+    source bench/stack.sh >&2
+    GW="http://127.0.0.1:$INGRESS_PORT"
+    "$BIN/sluice-loadgen" jobs --gateway "$GW" --key "$KEY" --model bench --connections 64 --seconds '"$SECONDS_EACH"' >&2 > "$WORK/jobs.txt"
+    "$BIN/sluice-loadgen" --direct "http://127.0.0.1:$MOCK_PORT/v1/chat/completions" --gateway "$GW/v1/chat/completions" \
+      --key "$KEY" --model bench --connections 32 --seconds '"$SECONDS_EACH"' --warmup 2 --repeats 1 > "$WORK/sync.txt"
+    jobs_rate="$(sed -n "s/^jobs conns=.* accepted\/s=\([0-9]*\).*/\1/p" "$WORK/jobs.txt" | tail -1)"
+    sync_rate="$(sed -n "s/^median sluice conns=32 req\/s=\([0-9]*\).*/\1/p" "$WORK/sync.txt" | tail -1)"
+    echo "$jobs_rate $sync_rate"
+  ')"
+  read -r JOBS[$mode] SYNC[$mode] <<<"$OUT"
+  echo "durability mode=$mode async_submits_per_s=${JOBS[$mode]} sync_requests_per_s=${SYNC[$mode]}"
+done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "nan" }'; }
+echo "summary: sync_interval=always keeps $(ratio "${JOBS[always]}" "${JOBS[default]}") of async submit throughput and $(ratio "${SYNC[always]}" "${SYNC[default]}") of sync request throughput (R1, this machine's disk)"
