@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::secret::Secret;
 
+pub mod cli;
 mod env;
 mod pools;
 mod scaler;

@@ -3,8 +3,6 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use sluice_core::config::{Config, EXIT_BAD_CONFIG};
-
 const USAGE: &str = "usage: sluice-scaler [--config FILE]
 
 Serves KEDA's external scaler protocol (gRPC, externalscaler.ExternalScaler)
@@ -14,25 +12,9 @@ SLUICE__SECTION__KEY variables.";
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let file = match args.as_slice() {
-        [] => std::env::var("SLUICE_CONFIG").ok(),
-        [flag, file] if flag == "--config" => Some(file.clone()),
-        [flag] if flag == "--help" || flag == "-h" => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        _ => {
-            eprintln!("{USAGE}");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
-        }
-    };
-    let config = match Config::load(file.as_deref().map(std::path::Path::new), std::env::vars()) {
+    let config = match sluice_core::config::cli::from_args("sluice-scaler", USAGE) {
         Ok(c) => c,
-        Err(error) => {
-            eprintln!("sluice-scaler: bad configuration: {error}");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
-        }
+        Err(code) => return code,
     };
     sluice_core::telemetry::init_logging(&config.log);
     let shutdown = sluice_core::shutdown::on_signal();

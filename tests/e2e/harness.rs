@@ -26,7 +26,20 @@ pub const ANTHROPIC_MODEL: &str = "mock-claude";
 pub const ALIASED_MODEL: &str = "team.chat-v1";
 
 /// Waits until `check` returns `Some`, polling every 25 ms, for at most `within`.
-pub async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, within: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    match poll_until(within, check).await {
+        Some(v) => v,
+        None => panic!("timed out after {within:?} waiting for {what}"),
+    }
+}
+
+/// Checks every 25 ms until `check` gives a value or `within` passes
+/// (`None`), for a test that reports what it found rather than failing.
+pub async fn poll_until<T, F, Fut>(within: Duration, mut check: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -34,10 +47,10 @@ where
     let deadline = tokio::time::Instant::now() + within;
     loop {
         if let Some(v) = check().await {
-            return v;
+            return Some(v);
         }
         if tokio::time::Instant::now() > deadline {
-            panic!("timed out after {within:?} waiting for {what}");
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use sluice_core::config::{Config, EXIT_BAD_CONFIG};
+use sluice_core::config::EXIT_BAD_CONFIG;
 use sluice_worker::{Worker, startup::StartError};
 
 const USAGE: &str = "usage: sluice-worker [--config FILE]
@@ -12,25 +12,9 @@ by --config or SLUICE_CONFIG, then SLUICE__SECTION__KEY variables.";
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let file = match args.as_slice() {
-        [] => std::env::var("SLUICE_CONFIG").ok(),
-        [flag, file] if flag == "--config" => Some(file.clone()),
-        [flag] if flag == "--help" || flag == "-h" => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        _ => {
-            eprintln!("{USAGE}");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
-        }
-    };
-    let config = match Config::load(file.as_deref().map(std::path::Path::new), std::env::vars()) {
+    let config = match sluice_core::config::cli::from_args("sluice-worker", USAGE) {
         Ok(c) => c,
-        Err(error) => {
-            eprintln!("sluice-worker: bad configuration: {error}");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
-        }
+        Err(code) => return code,
     };
     sluice_core::telemetry::init_logging(&config.log);
     let shutdown = sluice_core::shutdown::on_signal();

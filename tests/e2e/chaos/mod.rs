@@ -33,144 +33,10 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-use crate::harness::{MODEL, Mock, TempDir, binary, http_client, wait_for};
+use crate::harness::{MODEL, Mock, TempDir, binary, http_client, poll_until, wait_for};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Three nats-server processes in one JetStream cluster.
-struct NatsCluster {
-    bin: String,
-    nodes: Vec<(String, u16, u16, PathBuf, Option<Child>)>,
-    _dir: TempDir,
-}
-
-impl NatsCluster {
-    async fn start() -> Self {
-        let dir = TempDir::new("nats-cluster");
-        let nodes =
-            (0..3).map(|i| (format!("n{i}"), free_port(), free_port(), dir.0.join(format!("n{i}")), None)).collect();
-        let bin = std::env::var("SLUICE_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
-        let mut c = Self { bin, nodes, _dir: dir };
-        for i in 0..3 {
-            c.spawn(i);
-        }
-        let url = c.url();
-        wait_for("the NATS cluster to offer JetStream at three replicas", Duration::from_secs(30), || {
-            let url = url.clone();
-            async move {
-                let servers = sluice_core::nats::server_addrs(&url).ok()?;
-                let client = async_nats::connect(servers).await.ok()?;
-                let js = async_nats::jetstream::new(client);
-                let cfg = async_nats::jetstream::stream::Config {
-                    name: "PROBE".into(),
-                    subjects: vec!["probe".into()],
-                    num_replicas: 3,
-                    ..Default::default()
-                };
-                js.get_or_create_stream(cfg).await.ok().map(|_| ())
-            }
-        })
-        .await;
-        c
-    }
-
-    fn spawn(&mut self, i: usize) {
-        let routes: Vec<String> = self
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, n)| format!("nats://127.0.0.1:{}", n.2))
-            .collect();
-        let (name, port, cport, store, _) = &self.nodes[i];
-        let child = Command::new(&self.bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-n", name, "--cluster_name", "sluice"])
-            .arg("-sd")
-            .arg(store)
-            .args(["--cluster", &format!("nats://127.0.0.1:{cport}"), "--routes", &routes.join(",")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        self.nodes[i].4 = Some(child);
-    }
-
-    fn url(&self) -> String {
-        self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.1)).collect::<Vec<_>>().join(",")
-    }
-
-    async fn kill(&mut self, name: &str) {
-        let node = self.nodes.iter_mut().find(|n| n.0 == name).unwrap();
-        if let Some(mut child) = node.4.take() {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-        }
-    }
-
-    fn restart(&mut self, name: &str) {
-        let i = self.nodes.iter().position(|n| n.0 == name).unwrap();
-        self.spawn(i);
-    }
-
-    async fn leader_of(&self, stream: &str) -> String {
-        let client = async_nats::connect(sluice_core::nats::server_addrs(&self.url()).unwrap()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
-        let mut s = js.get_stream(stream).await.unwrap();
-        s.info().await.unwrap().cluster.as_ref().and_then(|c| c.leader.clone()).unwrap()
-    }
-}
-
-/// A Postgres instance of this test's own, started by scripts/pg-instance.sh.
-struct Postgres {
-    dir: PathBuf,
-    port: u16,
-    script: PathBuf,
-}
-
-impl Postgres {
-    fn run(&self, cmd: &str) {
-        let out = std::process::Command::new("bash")
-            .arg(&self.script)
-            .arg(cmd)
-            .arg(&self.dir)
-            .arg(self.port.to_string())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "pg-instance.sh {cmd}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    async fn start() -> (Self, sqlx::PgPool, String) {
-        let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pg-instance.sh"));
-        let pg = Self {
-            dir: std::env::temp_dir().join(format!("sluice-chaos-pg-{}", Uuid::new_v4().simple())),
-            port: free_port(),
-            script,
-        };
-        pg.run("start");
-        let admin = format!("postgres://sluice@127.0.0.1:{}/postgres", pg.port);
-        let admin_pool = sqlx::PgPool::connect(&admin).await.unwrap();
-        sqlx::query("CREATE DATABASE chaos").execute(&admin_pool).await.unwrap();
-        let url = format!("postgres://sluice@127.0.0.1:{}/chaos", pg.port);
-        let db = sluice_core::db::connect(&sluice_core::config::DatabaseConfig {
-            url: sluice_core::secret::Secret::new(url.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        sluice_core::db::migrate(&db).await.unwrap();
-        (pg, db, url)
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        self.run("stop");
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+mod cluster;
+use cluster::{NatsCluster, Postgres, free_port};
 
 /// What one request of the load saw.
 #[derive(Debug, Clone)]
@@ -239,6 +105,7 @@ impl Sluice {
 /// Offers the load for `duration`; `bases` may change under it (an
 /// ingress killed, another started).
 async fn load(
+    sent_count: Arc<std::sync::atomic::AtomicUsize>,
     bases: Arc<Mutex<Vec<String>>>,
     key: String,
     hook: String,
@@ -260,6 +127,7 @@ async fn load(
         let marker = format!("{scenario}-{i}-{}", Uuid::new_v4().simple());
         let sync = i.is_multiple_of(2);
         i += 1;
+        sent_count.store(i, std::sync::atomic::Ordering::Relaxed);
         let sent_at = Instant::now();
         tasks.push(tokio::spawn(async move {
             let chat = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": marker}]});
@@ -355,21 +223,18 @@ async fn audit(
             duplicated += 1;
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut done: i64 = 0;
-    while Instant::now() < deadline {
-        done = sqlx::query_scalar(
+    let terminal = || async {
+        sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status IN ('completed', 'failed', 'expired', 'cancelled')",
         )
-            .bind(&ids)
-            .fetch_one(db)
-            .await
-            .unwrap_or(0);
-        if done as usize == ids.len() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        .bind(&ids)
+        .fetch_one(db)
+        .await
+        .unwrap_or(0)
+    };
+    // Every accepted job reaches a terminal state, or it is counted lost.
+    poll_until(Duration::from_secs(90), || async { (terminal().await as usize == ids.len()).then_some(()) }).await;
+    let done = terminal().await;
     lost += ids.len() - done as usize;
     let completed_async: Vec<Uuid> =
         sqlx::query_scalar("SELECT id FROM jobs WHERE id = ANY($1) AND status = 'completed'")
@@ -377,18 +242,12 @@ async fn audit(
             .fetch_all(db)
             .await
             .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut missing = completed_async.len();
-    while Instant::now() < deadline {
-        missing = {
-            let got = hooks.lock().unwrap();
-            completed_async.iter().filter(|id| !got.contains(id)).count()
-        };
-        if missing == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let missing_hooks = || {
+        let got = hooks.lock().unwrap();
+        completed_async.iter().filter(|id| !got.contains(id)).count()
+    };
+    poll_until(Duration::from_secs(30), || async { (missing_hooks() == 0).then_some(()) }).await;
+    let missing = missing_hooks();
     let completed: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE id = ANY($1) AND status = 'completed'")
         .bind(&ids)
         .fetch_one(db)
@@ -539,9 +398,20 @@ api_key = "sk-upstream-test"
         let bases = Arc::new(Mutex::new(sluice.bases()));
         // Long enough after the fault to see the service come back.
         let length = if scenario == "nats-leader" { 14 } else { 6 };
-        let running =
-            tokio::spawn(load(bases.clone(), key.clone(), receiver.clone(), scenario, Duration::from_secs(length)));
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let running = tokio::spawn(load(
+            sent.clone(),
+            bases.clone(),
+            key.clone(),
+            receiver.clone(),
+            scenario,
+            Duration::from_secs(length),
+        ));
+        // The fault strikes once the load is under way (about 2 s of it).
+        wait_for("the load to be under way", Duration::from_secs(10), || async {
+            (sent.load(std::sync::atomic::Ordering::Relaxed) >= 130).then_some(())
+        })
+        .await;
         let fault_at = Instant::now();
         match scenario {
             "worker" => {
@@ -559,9 +429,13 @@ api_key = "sk-upstream-test"
                 *bases.lock().unwrap() = sluice.bases();
             }
             "nats-leader" => {
-                let leader = nats.leader_of("JOBS").await;
+                let leader = nats.leader_of("JOBS").await.expect("the JOBS stream has a leader");
                 nats.kill(&leader).await;
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                // The survivors elect a new leader; then the node comes back.
+                wait_for("a new JOBS leader", Duration::from_secs(30), || async {
+                    nats.leader_of("JOBS").await.filter(|l| *l != leader).map(|_| ())
+                })
+                .await;
                 nats.restart(&leader);
             }
             "postgres" => pg.run("restart"),

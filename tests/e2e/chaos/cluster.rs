@@ -1,0 +1,149 @@
+//! The chaos suite's infrastructure: a three-node NATS cluster whose nodes
+//! can be killed and restarted, and a Postgres instance of the suite's own.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+use crate::harness::{TempDir, wait_for};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Three nats-server processes in one JetStream cluster.
+pub struct NatsCluster {
+    bin: String,
+    nodes: Vec<(String, u16, u16, PathBuf, Option<Child>)>,
+    _dir: TempDir,
+}
+
+impl NatsCluster {
+    pub async fn start() -> Self {
+        let dir = TempDir::new("nats-cluster");
+        let nodes =
+            (0..3).map(|i| (format!("n{i}"), free_port(), free_port(), dir.0.join(format!("n{i}")), None)).collect();
+        let bin = std::env::var("SLUICE_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+        let mut c = Self { bin, nodes, _dir: dir };
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        let url = c.url();
+        wait_for("the NATS cluster to offer JetStream at three replicas", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move {
+                let servers = sluice_core::nats::server_addrs(&url).ok()?;
+                let client = async_nats::connect(servers).await.ok()?;
+                let js = async_nats::jetstream::new(client);
+                let cfg = async_nats::jetstream::stream::Config {
+                    name: "PROBE".into(),
+                    subjects: vec!["probe".into()],
+                    num_replicas: 3,
+                    ..Default::default()
+                };
+                js.get_or_create_stream(cfg).await.ok().map(|_| ())
+            }
+        })
+        .await;
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let routes: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, n)| format!("nats://127.0.0.1:{}", n.2))
+            .collect();
+        let (name, port, cport, store, _) = &self.nodes[i];
+        let child = Command::new(&self.bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-n", name, "--cluster_name", "sluice"])
+            .arg("-sd")
+            .arg(store)
+            .args(["--cluster", &format!("nats://127.0.0.1:{cport}"), "--routes", &routes.join(",")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.nodes[i].4 = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.1)).collect::<Vec<_>>().join(",")
+    }
+
+    pub async fn kill(&mut self, name: &str) {
+        let node = self.nodes.iter_mut().find(|n| n.0 == name).unwrap();
+        if let Some(mut child) = node.4.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+
+    pub fn restart(&mut self, name: &str) {
+        let i = self.nodes.iter().position(|n| n.0 == name).unwrap();
+        self.spawn(i);
+    }
+
+    /// The stream's leader node, when it has one.
+    pub async fn leader_of(&self, stream: &str) -> Option<String> {
+        let client = async_nats::connect(sluice_core::nats::server_addrs(&self.url()).ok()?).await.ok()?;
+        let js = async_nats::jetstream::new(client);
+        let mut s = js.get_stream(stream).await.ok()?;
+        s.info().await.ok()?.cluster.as_ref().and_then(|c| c.leader.clone())
+    }
+}
+
+/// A Postgres instance of this test's own, started by scripts/pg-instance.sh.
+pub struct Postgres {
+    dir: PathBuf,
+    port: u16,
+    script: PathBuf,
+}
+
+impl Postgres {
+    pub fn run(&self, cmd: &str) {
+        let out = std::process::Command::new("bash")
+            .arg(&self.script)
+            .arg(cmd)
+            .arg(&self.dir)
+            .arg(self.port.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg-instance.sh {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub async fn start() -> (Self, sqlx::PgPool, String) {
+        let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pg-instance.sh"));
+        let pg = Self {
+            dir: std::env::temp_dir().join(format!("sluice-chaos-pg-{}", Uuid::new_v4().simple())),
+            port: free_port(),
+            script,
+        };
+        pg.run("start");
+        let admin = format!("postgres://sluice@127.0.0.1:{}/postgres", pg.port);
+        let admin_pool = sqlx::PgPool::connect(&admin).await.unwrap();
+        sqlx::query("CREATE DATABASE chaos").execute(&admin_pool).await.unwrap();
+        let url = format!("postgres://sluice@127.0.0.1:{}/chaos", pg.port);
+        let db = sluice_core::db::connect(&sluice_core::config::DatabaseConfig {
+            url: sluice_core::secret::Secret::new(url.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        sluice_core::db::migrate(&db).await.unwrap();
+        (pg, db, url)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.run("stop");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
