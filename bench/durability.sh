@@ -20,6 +20,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+if ! "$VENV/bin/python" -c "import nats" 2>/dev/null; then
+  log "installing nats-py into .venv (bench/requirements.txt)"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/bench/requirements.txt" || die "pip install failed"
+fi
 declare -A JOBS SYNC
 for mode in default always; do
   # Each mode in its own stack (a subshell), torn down at its end.
@@ -33,6 +37,8 @@ for mode in default always; do
       --key "$KEY" --model bench --connections 32 --seconds '"$SECONDS_EACH"' --warmup 2 --repeats 1 > "$WORK/sync.txt"
     jobs_rate="$(sed -n "s/^jobs conns=.* accepted\/s=\([0-9]*\).*/\1/p" "$WORK/jobs.txt" | tail -1)"
     sync_rate="$(sed -n "s/^median sluice conns=32 req\/s=\([0-9]*\).*/\1/p" "$WORK/sync.txt" | tail -1)"
+    "$VENV/bin/python" bench/batch_probe.py "nats://127.0.0.1:$NATS_PORT" --seconds 5 --concurrency 64 --batch 64 \
+      | sed "s/^probe /probe mode=$NATS_SYNC /" >&2
     echo "$jobs_rate $sync_rate"
   ')"
   read -r JOBS[$mode] SYNC[$mode] <<<"$OUT"
