@@ -2,23 +2,32 @@
 
 use crate::harness::{ANTHROPIC_MODEL, MODEL, Stack};
 
+/// Runs a script of `tests/sdk/` with the test Python and `env`; returns its
+/// standard output once it succeeded.
+async fn run_sdk(script: &str, env: &[(&str, String)]) -> String {
+    let python =
+        std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON is not set: run the tests with scripts/test.sh");
+    let path = format!("{}/sdk/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out =
+        tokio::process::Command::new(python).arg(path).envs(env.iter().map(|(k, v)| (*k, v))).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
 #[tokio::test]
 async fn the_openai_python_sdk_gets_a_completion_a_stream_and_embeddings() {
     let stack = Stack::start().await;
-    let python =
-        std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON is not set: run the tests with scripts/test.sh");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/openai_chat.py");
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .env("OPENAI_BASE_URL", format!("{}/v1", stack.base))
-        .env("OPENAI_API_KEY", &stack.key)
-        .env("SLUICE_MODEL", MODEL)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "sdk script failed:\n{stdout}\n{stderr}");
+    let stdout = run_sdk(
+        "openai_chat.py",
+        &[
+            ("OPENAI_BASE_URL", format!("{}/v1", stack.base)),
+            ("OPENAI_API_KEY", stack.key.clone()),
+            ("SLUICE_MODEL", MODEL.to_owned()),
+        ],
+    )
+    .await;
     assert!(stdout.contains("content: mock reply to: hello from the openai sdk"), "{stdout}");
     assert!(stdout.contains("models: ['mock-claude', 'mock-model', 'team.chat-v1']"), "{stdout}");
     assert!(stdout.contains("error: 404 model_not_found"), "{stdout}");
@@ -29,20 +38,15 @@ async fn the_openai_python_sdk_gets_a_completion_a_stream_and_embeddings() {
 #[tokio::test]
 async fn the_anthropic_python_sdk_gets_a_message_and_a_stream() {
     let stack = Stack::start().await;
-    let python =
-        std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON is not set: run the tests with scripts/test.sh");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/anthropic_messages.py");
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .env("ANTHROPIC_BASE_URL", &stack.base)
-        .env("ANTHROPIC_API_KEY", &stack.key)
-        .env("SLUICE_MODELS", format!("{ANTHROPIC_MODEL},{MODEL}"))
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "sdk script failed:\n{stdout}\n{stderr}");
+    let stdout = run_sdk(
+        "anthropic_messages.py",
+        &[
+            ("ANTHROPIC_BASE_URL", stack.base.clone()),
+            ("ANTHROPIC_API_KEY", stack.key.clone()),
+            ("SLUICE_MODELS", format!("{ANTHROPIC_MODEL},{MODEL}")),
+        ],
+    )
+    .await;
     // Native: the deployment speaks Messages; translated: it speaks OpenAI's chat.
     for model in [ANTHROPIC_MODEL, MODEL] {
         let message = format!("{model} message: mock reply to: hello {model} from the anthropic sdk end_turn");
