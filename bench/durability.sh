@@ -3,8 +3,6 @@
 # nats-server's JetStream in its default mode (writes acknowledged once
 # replicated to memory, synced to disk every two minutes) and with
 # `sync_interval: always` (every write on disk before it is acknowledged).
-# A third run keeps `sync_interval: always` and sets `nats.batch_publishes`
-# (the ingress stores concurrent jobs in atomic batches, one sync each).
 # For each mode: asynchronous submits accepted per second (64 connections,
 # `sluice-loadgen jobs`) and synchronous chat completions per second
 # (32 connections against the mock answering at once). One node (R1) on
@@ -27,10 +25,9 @@ if ! "$VENV/bin/python" -c "import nats" 2>/dev/null; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/bench/requirements.txt" || die "pip install failed"
 fi
 declare -A JOBS SYNC
-for mode in default always always-batched; do
-  sync="${mode%-batched}"; batched=false; [ "$mode" = always-batched ] && batched=true
+for mode in default always; do
   # Each mode in its own stack (a subshell), torn down at its end.
-  OUT="$(NATS_SYNC="$sync" BATCH_PUBLISHES="$batched" bash -c '
+  OUT="$(NATS_SYNC="$mode" bash -c '
     set -euo pipefail
     source scripts/lib.sh
     source bench/stack.sh >&2
@@ -41,11 +38,11 @@ for mode in default always always-batched; do
     jobs_rate="$(sed -n "s/^jobs conns=.* accepted\/s=\([0-9]*\).*/\1/p" "$WORK/jobs.txt" | tail -1)"
     sync_rate="$(sed -n "s/^median sluice conns=32 req\/s=\([0-9]*\).*/\1/p" "$WORK/sync.txt" | tail -1)"
     "$VENV/bin/python" bench/batch_probe.py "nats://127.0.0.1:$NATS_PORT" --seconds 5 --concurrency 64 --batch 64 \
-      | sed "s/^probe /probe mode=$NATS_SYNC batch_publishes=$BATCH_PUBLISHES /" >&2
+      | sed "s/^probe /probe mode=$NATS_SYNC /" >&2
     echo "$jobs_rate $sync_rate"
   ')"
   read -r JOBS[$mode] SYNC[$mode] <<<"$OUT"
   echo "durability mode=$mode async_submits_per_s=${JOBS[$mode]} sync_requests_per_s=${SYNC[$mode]}"
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "nan" }'; }
-echo "summary: sync_interval=always keeps $(ratio "${JOBS[always]}" "${JOBS[default]}") of async submit throughput and $(ratio "${SYNC[always]}" "${SYNC[default]}") of sync request throughput; with nats.batch_publishes $(ratio "${JOBS[always-batched]}" "${JOBS[default]}") and $(ratio "${SYNC[always-batched]}" "${SYNC[default]}") (R1, this machine's disk)"
+echo "summary: sync_interval=always keeps $(ratio "${JOBS[always]}" "${JOBS[default]}") of async submit throughput and $(ratio "${SYNC[always]}" "${SYNC[default]}") of sync request throughput (R1, this machine's disk)"

@@ -4,8 +4,7 @@
 # ingress; creates tenant `bench` and sets KEY. POOL_EXTRA is appended to the
 # `bench` pool's settings (e.g. `rpm = 1200`); `extra_worker` starts another
 # worker process; NO_WORKER=1 starts none (the autoscale replay starts its
-# own); NATS_SYNC=always runs JetStream with `sync_interval: always`;
-# BATCH_PUBLISHES=true sets `nats.batch_publishes`.
+# own); NATS_SYNC=always runs JetStream with `sync_interval: always`.
 # Everything stops on exit.
 # Builds the release binaries first, or runs prebuilt ones from
 # SLUICE_BENCH_BIN=DIR (to compare builds). Expects scripts/lib.sh loaded.
@@ -52,7 +51,6 @@ as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U sluice sluice
 cat >"$WORK/bench.toml" <<TOML
 [nats]
 url = "nats://127.0.0.1:$NATS_PORT"
-batch_publishes = ${BATCH_PUBLISHES:-false}
 [database]
 url = "postgres://sluice@127.0.0.1:$PG_PORT/sluice"
 [ingress]

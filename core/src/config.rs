@@ -78,11 +78,6 @@ pub struct NatsConfig {
     pub replicas: usize,
     /// Upper bound on queued jobs; a submit beyond it is refused with 429.
     pub max_queued_jobs: i64,
-    /// Coalesce the job publishes an ingress has in flight into JetStream
-    /// atomic batches: one commit, one acknowledgement and, with
-    /// `sync_interval: always`, one disk sync per batch instead of per job.
-    /// A request is answered once its batch is stored. Needs nats-server 2.12+.
-    pub batch_publishes: bool,
     /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate.
     pub dedup_window_ms: u64,
     pub connect_timeout_ms: u64,
@@ -298,7 +293,6 @@ impl Default for NatsConfig {
             rates_stream: "SLUICE_RATES".into(),
             replicas: 1,
             max_queued_jobs: 1_000_000,
-            batch_publishes: false,
             dedup_window_ms: 120_000,
             connect_timeout_ms: 5_000,
             request_timeout_ms: 5_000,

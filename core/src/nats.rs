@@ -59,8 +59,6 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Res
         duplicate_window: ms(config.dedup_window_ms),
         max_messages: config.max_queued_jobs,
         discard: stream::DiscardPolicy::New,
-        // Lets ingresses store several jobs in one commit (`nats.batch_publishes`).
-        allow_atomic_publish: true,
         ..Default::default()
     };
     let events = stream::Config {
@@ -74,12 +72,10 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Res
         max_age: Duration::from_secs(7 * 24 * 3600),
         ..Default::default()
     };
-    // The jobs stream is updated too: one made by an earlier version lacks
-    // atomic publishes.
-    let name = jobs.name.clone();
-    js.create_or_update_stream(jobs).await.map_err(|source| NatsError::Stream { name, source })?;
-    let name = events.name.clone();
-    js.get_or_create_stream(events).await.map_err(|source| NatsError::Stream { name, source })?;
+    for cfg in [jobs, events] {
+        let name = cfg.name.clone();
+        js.get_or_create_stream(cfg).await.map_err(|source| NatsError::Stream { name, source })?;
+    }
     Ok(())
 }
 

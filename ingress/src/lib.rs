@@ -6,7 +6,6 @@
 //!   keys that a background task reloads from Postgres.
 //! - [`replies`]: one wildcard inbox per ingress; answers from workers are
 //!   routed to the request waiting for them.
-//! - [`batcher`]: job publishes coalesced into atomic batches (optional).
 //! - [`body`]: content type, size limit and JSON parsing, with OpenAI errors.
 //! - [`routes`]: the OpenAI-compatible endpoints and Anthropic's Messages API.
 //! - [`serve`]: the accept loop: connection limit, header deadline, graceful shutdown.
@@ -20,7 +19,6 @@ pub mod admin;
 pub mod admin_api;
 pub mod admission;
 pub mod auth;
-pub mod batcher;
 pub mod body;
 pub mod metrics;
 pub mod replies;

@@ -15,13 +15,11 @@ pub const ADMISSION_ERRORS: &str = "sluice_ingress_admission_errors_total";
 pub const STREAMS_INTERRUPTED: &str = "sluice_ingress_streams_interrupted_total";
 pub const CONNECTIONS: &str = "sluice_ingress_connections";
 pub const PUBLISH_RETRIES: &str = "sluice_ingress_publish_retries_total";
-pub const PUBLISH_BATCH: &str = "sluice_ingress_publish_batch_jobs";
 pub const CONNECTIONS_REFUSED: &str = "sluice_ingress_connections_refused_total";
 
 pub fn describe() {
     metrics::describe_counter!(REQUESTS, "HTTP requests answered, by route template and status code");
     metrics::describe_gauge!(CONNECTIONS, "open client connections");
-    metrics::describe_histogram!(PUBLISH_BATCH, "jobs per atomic batch (nats.batch_publishes)");
     metrics::describe_counter!(
         PUBLISH_RETRIES,
         "job publishes repeated (no stream leader, late acknowledgement), by reason"

@@ -44,8 +44,6 @@ pub struct AppState {
     /// Tenant limits, counted in NATS across all ingress replicas.
     pub admission: crate::admission::Admission,
     pub replies: Replies,
-    /// Set with `nats.batch_publishes`: job publishes go through it.
-    pub batcher: Option<crate::batcher::Batcher>,
     /// Bounds the synchronous requests waiting at once (`ingress.max_in_flight`).
     pub in_flight: Arc<Semaphore>,
     /// Pool name → subject token, precomputed.
@@ -96,9 +94,7 @@ impl Ingress {
             );
             config.ingress.max_body_bytes = fits;
         }
-        let batcher = config.nats.batch_publishes.then(|| crate::batcher::Batcher::start(client.clone(), js.clone()));
         let state = AppState {
-            batcher,
             in_flight: Arc::new(Semaphore::new(config.ingress.max_in_flight)),
             config,
             nats: client,

@@ -104,35 +104,3 @@ async fn request_id_and_trace_context_travel_to_the_worker_in_nats_headers() {
         .unwrap();
     assert_eq!(request_id, "req-abc-123");
 }
-
-#[tokio::test]
-async fn batched_publishes_store_every_job_once_and_answer_each_request() {
-    let stack = Stack::start_with(|c| c.nats.batch_publishes = true).await;
-    let calls = (0..48).map(|i| {
-        let stack = &stack;
-        async move {
-            if i % 2 == 0 {
-                let r = stack.chat(&Stack::chat_body(&format!("batched {i}"))).await;
-                assert_eq!(r.status(), 200);
-                let body: serde_json::Value = r.json().await.unwrap();
-                assert_eq!(body["choices"][0]["message"]["content"], format!("mock reply to: batched {i}"));
-            } else {
-                let r = stack.submit_job(&stack.key, &Stack::job_body(&format!("batched {i}")), None).await;
-                assert_eq!(r.status(), 202);
-            }
-        }
-    });
-    futures::future::join_all(calls).await;
-    crate::harness::wait_for("every job in the ledger", std::time::Duration::from_secs(15), || async {
-        (stack.ledger_count().await == 48).then_some(())
-    })
-    .await;
-    // Concurrent submits shared commits: more jobs than batches.
-    let metrics = stack.http.get(format!("{}/metrics", stack.base)).send().await.unwrap().text().await.unwrap();
-    let value =
-        |name: &str| -> f64 { metrics.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0) };
-    let (jobs, batches) =
-        (value("sluice_ingress_publish_batch_jobs_sum"), value("sluice_ingress_publish_batch_jobs_count"));
-    assert!(jobs >= 48.0 && batches >= 1.0 && batches < jobs, "jobs {jobs} in {batches} batches");
-    assert_eq!(stack.mock.requests().await, 48, "every job ran once");
-}

@@ -169,14 +169,11 @@ pub async fn publish(
     let mut pause = std::time::Duration::from_millis(50);
     loop {
         let attempt = async {
-            if let Some(batcher) = &state.batcher {
-                return batcher.publish(subject.clone(), headers.clone(), body.clone()).await;
-            }
             let ack = state.js.publish_with_headers(subject.clone(), headers.clone(), body.clone()).await?;
-            ack.await.map(|_| ())
+            ack.await
         };
         match attempt.await {
-            Ok(()) => break,
+            Ok(_) => break,
             Err(e) if transient(&e) && tokio::time::Instant::now() + pause < give_up => {
                 metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => e.kind().to_string()).increment(1);
                 tracing::info!(error = %e, job_id = %env.job_id, "publish failed; retrying");
