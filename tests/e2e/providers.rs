@@ -3,24 +3,16 @@
 
 use std::time::Duration;
 
-use sluice_core::config::{DeploymentConfig, PoolConfig, ProviderKind};
+use sluice_core::config::{DeploymentConfig, PoolConfig};
 use sluice_core::secret::Secret;
 
 use crate::harness::{ANTHROPIC_MODEL, MODEL, Mock, Stack, job_id_of, wait_for};
 
 fn deployment(name: &str, base: &str, rpm: u64) -> DeploymentConfig {
     DeploymentConfig {
-        name: name.to_owned(),
-        provider: ProviderKind::Openai,
-        base_url: format!("{base}/v1"),
-        model: None,
         api_key: Some(Secret::new("sk-upstream-test")),
-        api_key_env: None,
-        api_key_file: None,
         rpm,
-        tpm: 0,
-        max_concurrency: 0,
-        weight: 1,
+        ..DeploymentConfig::new(name, &format!("{base}/v1"))
     }
 }
 

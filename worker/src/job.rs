@@ -182,7 +182,7 @@ async fn execute(
                 Outcome::Retry { delay, reason: "no_deployment_ready" }
             }
             Called::Answered(result) => classify(ctx, env, pool, result, attempt, deadline),
-            Called::Streamed(crate::stream::Relayed::Finished { usage, error: None }) => Outcome::Answered {
+            Called::Streamed(crate::stream::Relayed { usage, error: None }) => Outcome::Answered {
                 status: JobStatus::Completed,
                 http_status: 200,
                 body: Bytes::new(),
@@ -190,7 +190,7 @@ async fn execute(
                 usage,
                 error: None,
             },
-            Called::Streamed(crate::stream::Relayed::Finished { usage, error: Some(error) }) => Outcome::Answered {
+            Called::Streamed(crate::stream::Relayed { usage, error: Some(error) }) => Outcome::Answered {
                 status: JobStatus::Failed,
                 http_status: error.code.status().as_u16(),
                 body: Bytes::from(error.body()),
@@ -383,8 +383,7 @@ async fn call(
         match (result, opened) {
             (_, Some(opened)) => {
                 let relayed = crate::stream::relay(ctx, message, env, opened, attempt).await;
-                let crate::stream::Relayed::Finished { usage, .. } = &relayed;
-                finish(usage);
+                finish(&relayed.usage);
                 drop(lease);
                 return Called::Streamed(relayed);
             }

@@ -18,9 +18,10 @@ use tokio::time::Instant;
 use crate::job::JobContext;
 use crate::providers::Event;
 
-pub enum Relayed {
-    /// The stream went out; `error` if it broke off.
-    Finished { usage: Usage, error: Option<ApiError> },
+/// A relayed stream: the usage it reported, and `error` if it broke off.
+pub struct Relayed {
+    pub usage: Usage,
+    pub error: Option<ApiError>,
 }
 
 /// Relays an opened stream to the ingress waiting on `env.reply`, until the
@@ -62,17 +63,17 @@ pub async fn relay(
             _ = progress.tick() => { let _ = message.ack_with(AckKind::Progress).await; continue; }
             _ = ctx.hard_stop.cancelled() => {
                 let error = ApiError::new(ErrorCode::Unavailable, "the worker serving this stream stopped");
-                return Relayed::Finished { usage, error: Some(error) };
+                return Relayed { usage, error: Some(error) };
             }
         };
         let bytes = match chunk {
             Err(_) => {
                 let error = ApiError::new(ErrorCode::Timeout, "the provider's stream did not finish in time");
-                return Relayed::Finished { usage, error: Some(error) };
+                return Relayed { usage, error: Some(error) };
             }
             Ok(Err(_)) => {
                 let error = ApiError::new(ErrorCode::UpstreamError, "the provider's stream broke off");
-                return Relayed::Finished { usage, error: Some(error) };
+                return Relayed { usage, error: Some(error) };
             }
             Ok(Ok(None)) => {
                 for p in publish(translate.finish(), &mut sent, &mut usage) {
@@ -80,7 +81,7 @@ pub async fn relay(
                         tracing::warn!(%error, "could not publish a stream chunk");
                     }
                 }
-                return Relayed::Finished { usage, error: None };
+                return Relayed { usage, error: None };
             }
             Ok(Ok(Some(bytes))) => bytes,
         };

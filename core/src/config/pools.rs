@@ -69,6 +69,26 @@ fn one() -> u32 {
     1
 }
 
+impl DeploymentConfig {
+    /// A deployment of an OpenAI-compatible server with no key, no limits
+    /// and weight 1; set the rest on the value.
+    pub fn new(name: &str, base_url: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            provider: ProviderKind::Openai,
+            base_url: base_url.to_owned(),
+            model: None,
+            api_key: None,
+            api_key_env: None,
+            api_key_file: None,
+            rpm: 0,
+            tpm: 0,
+            max_concurrency: 0,
+            weight: 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {

@@ -113,7 +113,7 @@ async fn handle(
     let _gauge = submit::scopeguard(move || in_flight.decrement(1.0));
 
     let publish_started = Instant::now();
-    if let Err(error) = submit::publish(state, subject, &env, bytes, false).await {
+    if let Err(error) = submit::publish(state, subject, &env, bytes).await {
         state.admission.rollback(admitted);
         return Err(error);
     }

@@ -326,7 +326,7 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     // retry. The stream drops the copy as a duplicate inside its dedup
     // window, and a worker runs a job only from `queued`, so it runs once.
     if (!replayed || record.status == JobStatus::Queued)
-        && let Err(error) = submit::publish(state, subject, &env, inner, idempotency_key.is_some()).await
+        && let Err(error) = submit::publish(state, subject, &env, inner).await
     {
         if !replayed {
             // Nothing was queued: take the job back so it is not visible.

@@ -153,15 +153,8 @@ fn pool_token<'s>(c: &Catalog<'s>, model: &str) -> Result<&'s str, ApiError> {
 /// a few seconds) or an acknowledgement times out, the publish is repeated
 /// with backoff for up to `ingress.publish_retry_ms`: the client waits a
 /// little longer instead of getting a 503. Errors that another attempt
-/// cannot fix (too large, queue full) are answered at once. The `_dedup`
-/// argument is kept for callers that rely on it; every publish is deduplicated.
-pub async fn publish(
-    state: &AppState,
-    subject: String,
-    env: &Envelope,
-    body: bytes::Bytes,
-    _dedup: bool,
-) -> Result<(), ApiError> {
+/// cannot fix (too large, queue full) are answered at once.
+pub async fn publish(state: &AppState, subject: String, env: &Envelope, body: bytes::Bytes) -> Result<(), ApiError> {
     let mut headers = env.to_headers();
     headers.insert(sluice_core::envelope::H_MSG_ID, env.job_id.to_string().as_str());
     let wake = sluice_core::envelope::wake_subject(&subject);

@@ -8,17 +8,8 @@ fn pool(weights: &[u32], failures: u32) -> Pools {
         .iter()
         .enumerate()
         .map(|(i, w)| DeploymentConfig {
-            name: format!("d{i}"),
-            provider: Default::default(),
-            base_url: format!("http://127.0.0.{}:9/v1", i + 1),
-            model: None,
-            api_key: None,
-            api_key_env: None,
-            api_key_file: None,
-            rpm: 0,
-            tpm: 0,
-            max_concurrency: 0,
             weight: *w,
+            ..DeploymentConfig::new(&format!("d{i}"), &format!("http://127.0.0.{}:9/v1", i + 1))
         })
         .collect();
     let settings = UpstreamConfig { breaker_failures: failures, breaker_open_ms: 50, ..Default::default() };
