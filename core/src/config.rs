@@ -78,6 +78,12 @@ pub struct NatsConfig {
     pub replicas: usize,
     /// Upper bound on queued jobs; a submit beyond it is refused with 429.
     pub max_queued_jobs: i64,
+    /// Store the writes on a job's path (its publish, its state's changes)
+    /// that a process has waiting at once in one JetStream atomic batch: one
+    /// commit and, with `sync_interval: always`, one disk sync per batch
+    /// instead of per write. Nothing is acknowledged before its batch is
+    /// stored. Needs nats-server 2.12 or later.
+    pub group_commit: bool,
     /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate.
     pub dedup_window_ms: u64,
     pub connect_timeout_ms: u64,
@@ -293,6 +299,7 @@ impl Default for NatsConfig {
             rates_stream: "SLUICE_RATES".into(),
             replicas: 1,
             max_queued_jobs: 1_000_000,
+            group_commit: false,
             dedup_window_ms: 120_000,
             connect_timeout_ms: 5_000,
             request_timeout_ms: 5_000,

@@ -6,6 +6,7 @@
 //! - [`event`]: the job outcome events the worker publishes and the ledger writes.
 //! - [`jobstate`]: the state of asynchronous jobs, as kept in a key-value bucket.
 //! - [`error`]: the one error-code enum, mapped to HTTP status and OpenAI's error body.
+//! - [`group_commit`]: many concurrent JetStream writes stored in one atomic batch.
 //! - [`nats`]: connecting to NATS and declaring Sluice's JetStream streams.
 //! - [`db`]: Postgres pool, embedded migrations, tenants and API keys.
 //! - [`telemetry`]: logging and the Prometheus recorder.
@@ -24,6 +25,7 @@ pub mod db;
 pub mod envelope;
 pub mod error;
 pub mod event;
+pub mod group_commit;
 pub mod jobstate;
 pub mod nats;
 pub mod ops;

@@ -59,6 +59,8 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Res
         duplicate_window: ms(config.dedup_window_ms),
         max_messages: config.max_queued_jobs,
         discard: stream::DiscardPolicy::New,
+        // Lets a process store several jobs in one commit (`nats.group_commit`).
+        allow_atomic_publish: true,
         ..Default::default()
     };
     let events = stream::Config {
@@ -72,25 +74,45 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Res
         max_age: Duration::from_secs(7 * 24 * 3600),
         ..Default::default()
     };
-    for cfg in [jobs, events] {
-        let name = cfg.name.clone();
-        js.get_or_create_stream(cfg).await.map_err(|source| NatsError::Stream { name, source })?;
-    }
+    // The jobs stream is updated as well: one declared by an earlier version
+    // of Sluice lacks atomic publishes.
+    let name = jobs.name.clone();
+    js.create_or_update_stream(jobs).await.map_err(|source| NatsError::Stream { name, source })?;
+    let name = events.name.clone();
+    js.get_or_create_stream(events).await.map_err(|source| NatsError::Stream { name, source })?;
     Ok(())
 }
 
 /// Opens the job-state bucket, creating it on first use: one value per key
 /// (no history), file storage, entries removed `jobs.retention_ms` after
-/// their last write.
+/// their last write; its stream allows atomic publishes (`nats.group_commit`).
 pub async fn state_bucket(
     js: &jetstream::Context,
     nats: &NatsConfig,
     jobs: &JobsConfig,
 ) -> Result<jetstream::kv::Store, NatsError> {
     let name = jobs.state_bucket.clone();
-    if let Ok(store) = js.get_key_value(&name).await {
-        return Ok(store);
+    let bucket_error = |e: &dyn std::fmt::Display| NatsError::Bucket { name: name.clone(), message: e.to_string() };
+    let store = match js.get_key_value(&name).await {
+        Ok(store) => store,
+        Err(_) => create_bucket(js, nats, jobs).await?,
+    };
+    let mut stream = js.get_stream(&store.stream_name).await.map_err(|e| bucket_error(&e))?;
+    let info = stream.info().await.map_err(|e| bucket_error(&e))?;
+    if !info.config.allow_atomic_publish {
+        let mut config = info.config.clone();
+        config.allow_atomic_publish = true;
+        js.update_stream(config).await.map_err(|e| bucket_error(&e))?;
     }
+    Ok(store)
+}
+
+async fn create_bucket(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    jobs: &JobsConfig,
+) -> Result<jetstream::kv::Store, NatsError> {
+    let name = jobs.state_bucket.clone();
     js.create_key_value(jetstream::kv::Config {
         bucket: name.clone(),
         history: 1,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use axum::Router;
 use sluice_core::config::{Config, ms};
+use sluice_core::group_commit::GroupCommit;
 use sluice_core::ops::{self, Readiness};
 use sluice_core::{db, nats};
 use sqlx::PgPool;
@@ -38,6 +39,10 @@ pub struct AppState {
     pub js: async_nats::jetstream::Context,
     /// State of asynchronous jobs.
     pub job_state: async_nats::jetstream::kv::Store,
+    /// Job publishes, batched with `nats.group_commit`.
+    pub jobs_commit: GroupCommit,
+    /// New jobs' states, batched with `nats.group_commit`.
+    pub state_commit: GroupCommit,
     /// Postgres, for the job history behind `GET /v1/jobs` (never on the submit path).
     pub db: PgPool,
     pub keys: KeyCache,
@@ -94,7 +99,12 @@ impl Ingress {
             );
             config.ingress.max_body_bytes = fits;
         }
+        let group = config.nats.group_commit;
+        let jobs_commit = GroupCommit::new(group, client.clone(), js.clone(), &config.nats.jobs_stream);
+        let state_commit = GroupCommit::new(group, client.clone(), js.clone(), &job_state.stream_name);
         let state = AppState {
+            jobs_commit,
+            state_commit,
             in_flight: Arc::new(Semaphore::new(config.ingress.max_in_flight)),
             config,
             nats: client,

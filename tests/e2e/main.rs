@@ -13,6 +13,7 @@ mod config;
 mod embeddings;
 mod failures;
 mod fairness;
+mod group_commit;
 mod hostile;
 mod jobs;
 mod providers;

@@ -45,6 +45,8 @@ pub struct JobContext {
     pub events: crate::events::EventSink,
     /// State of asynchronous jobs.
     pub job_state: async_nats::jetstream::kv::Store,
+    /// Writes to `job_state`, batched with `nats.group_commit`.
+    pub state_commit: sluice_core::group_commit::GroupCommit,
     pub pools: Pools,
     pub max_attempts: u32,
     pub ack_wait: Duration,
@@ -142,7 +144,7 @@ async fn execute(
     // `queued` (or `in_progress` on a redelivery), never once cancelled.
     let mut record = None;
     if env.reply.is_none() {
-        match state::begin(&ctx.job_state, env, attempt, remaining.is_zero()).await {
+        match state::begin(&ctx.job_state, &ctx.state_commit, env, attempt, remaining.is_zero()).await {
             Ok(Begin::Run(r)) => record = Some(*r),
             Ok(Begin::Expired) => return conclude(ctx, message, env, JobStatus::Expired, attempt).await,
             Ok(Begin::Skip(JobStatus::Cancelled)) => {
@@ -246,7 +248,8 @@ async fn execute(
                 tracing::info!(code = e.code.as_str(), message = %e.message, "job failed");
             }
             if let Some(record) = record
-                && let Err(e) = state::finish(&ctx.job_state, env, record, status, http_status, &body).await
+                && let Err(e) =
+                    state::finish(&ctx.job_state, &ctx.state_commit, env, record, status, http_status, &body).await
             {
                 tracing::warn!(error = %e, "cannot store the job's outcome; retrying in 1 s");
                 let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;

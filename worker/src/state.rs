@@ -1,11 +1,14 @@
 //! An asynchronous job's state in the key-value bucket, as the worker moves
 //! it on: `queued → in_progress` before the call (conditional on the revision
-//! read, so a cancel and a worker cannot both win), then the outcome.
+//! read, so a cancel and a worker cannot both win), then the outcome. Both
+//! writes go through the group commit (`nats.group_commit`).
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use sluice_core::envelope::Envelope;
 use sluice_core::event::JobStatus;
+use sluice_core::group_commit::{GroupCommit, expect_revision, kv_subject};
 use sluice_core::jobstate::{self, JobRecord};
 use sluice_core::now_ms;
 
@@ -30,8 +33,15 @@ fn err(e: impl std::fmt::Display) -> StateError {
     StateError(e.to_string())
 }
 
-pub async fn begin(store: &kv::Store, env: &Envelope, attempt: u32, expired: bool) -> Result<Begin, StateError> {
+pub async fn begin(
+    store: &kv::Store,
+    commit: &GroupCommit,
+    env: &Envelope,
+    attempt: u32,
+    expired: bool,
+) -> Result<Begin, StateError> {
     let key = jobstate::key(env.tenant, env.job_id);
+    let subject = kv_subject(store, &key);
     for _ in 0..3 {
         let Some(entry) = store.entry(&key).await.map_err(err)?.filter(|e| e.operation == kv::Operation::Put) else {
             return Ok(Begin::Missing);
@@ -59,9 +69,9 @@ pub async fn begin(store: &kv::Store, env: &Envelope, attempt: u32, expired: boo
             Begin::Run(Box::new(record.clone()))
         };
         let value = serde_json::to_vec(&record).map_err(err)?;
-        match store.update(&key, Bytes::from(value), entry.revision).await {
+        match commit.publish(subject.clone(), expect_revision(entry.revision), Bytes::from(value)).await {
             Ok(_) => return Ok(next),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
             Err(e) => return Err(err(e)),
         }
     }
@@ -71,6 +81,7 @@ pub async fn begin(store: &kv::Store, env: &Envelope, attempt: u32, expired: boo
 /// Stores the outcome: the provider's answer, or the error.
 pub async fn finish(
     store: &kv::Store,
+    commit: &GroupCommit,
     env: &Envelope,
     mut record: JobRecord,
     status: JobStatus,
@@ -79,6 +90,7 @@ pub async fn finish(
 ) -> Result<(), StateError> {
     record.conclude(status, http_status, body, now_ms() / 1000);
     let value = serde_json::to_vec(&record).map_err(err)?;
-    store.put(jobstate::key(env.tenant, env.job_id), Bytes::from(value)).await.map_err(err)?;
+    let subject = kv_subject(store, &jobstate::key(env.tenant, env.job_id));
+    commit.publish(subject, async_nats::HeaderMap::new(), Bytes::from(value)).await.map_err(err)?;
     Ok(())
 }

@@ -463,29 +463,37 @@ fn check_metadata(metadata: Option<&serde_json::Map<String, serde_json::Value>>)
     Ok(())
 }
 
-/// Creates the job's state, repeating while the bucket's stream has no
-/// leader (up to `ingress.publish_retry_ms`, as the job's publish does). A
-/// repeat that finds the key exists found its own earlier write (the key
-/// holds this request's new job id), unless the first attempt already did.
+/// Creates the job's state (through the group commit: the write must find
+/// no value for the key), repeating while the bucket's stream has no leader
+/// (up to `ingress.publish_retry_ms`, as the job's publish does). A repeat
+/// that finds the key exists found its own earlier write (the key holds this
+/// request's new job id), unless the first attempt already did.
 async fn create_state(state: &AppState, key: &str, value: bytes::Bytes) -> Result<(), kv::CreateError> {
+    use async_nats::jetstream::context::PublishErrorKind;
+    use sluice_core::group_commit::{expect_revision, kv_subject};
     let give_up = tokio::time::Instant::now() + std::time::Duration::from_millis(state.config.ingress.publish_retry_ms);
     let mut pause = std::time::Duration::from_millis(50);
     let mut repeated = false;
+    let subject = kv_subject(&state.job_state, key);
     loop {
-        match state.job_state.create(key, value.clone()).await {
+        match state.state_commit.publish(subject.clone(), expect_revision(0), value.clone()).await {
             Ok(_) => return Ok(()),
-            Err(e) if repeated && e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(()),
-            Err(e)
-                if matches!(e.kind(), kv::CreateErrorKind::Publish | kv::CreateErrorKind::Ack)
-                    && tokio::time::Instant::now() + pause < give_up =>
-            {
+            // The key has a value, or a tombstone (a submit taken back) that
+            // the bucket's own create writes over.
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                return match state.job_state.create(key, value.clone()).await {
+                    Err(e) if repeated && e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
+                    other => other.map(|_| ()),
+                };
+            }
+            Err(e) if submit::transient(&e) && tokio::time::Instant::now() + pause < give_up => {
                 metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => "job_state").increment(1);
                 tracing::info!(error = %e, "storing a job's state failed; retrying");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_secs(1));
                 repeated = true;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(kv::CreateError::with_source(kv::CreateErrorKind::Publish, e)),
         }
     }
 }

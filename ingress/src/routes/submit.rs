@@ -161,11 +161,7 @@ pub async fn publish(state: &AppState, subject: String, env: &Envelope, body: by
     let give_up = tokio::time::Instant::now() + std::time::Duration::from_millis(state.config.ingress.publish_retry_ms);
     let mut pause = std::time::Duration::from_millis(50);
     loop {
-        let attempt = async {
-            let ack = state.js.publish_with_headers(subject.clone(), headers.clone(), body.clone()).await?;
-            ack.await
-        };
-        match attempt.await {
+        match state.jobs_commit.publish(subject.clone(), headers.clone(), body.clone()).await {
             Ok(_) => break,
             Err(e) if transient(&e) && tokio::time::Instant::now() + pause < give_up => {
                 metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => e.kind().to_string()).increment(1);
@@ -185,7 +181,7 @@ pub async fn publish(state: &AppState, subject: String, env: &Envelope, body: by
 
 /// A publish error that may pass: no leader (no responders), a lost or late
 /// acknowledgement, a connection being re-established.
-fn transient(e: &async_nats::jetstream::context::PublishError) -> bool {
+pub(crate) fn transient(e: &async_nats::jetstream::context::PublishError) -> bool {
     use async_nats::jetstream::context::PublishErrorKind;
     matches!(e.kind(), PublishErrorKind::StreamNotFound | PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe)
 }

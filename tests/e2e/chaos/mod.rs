@@ -342,6 +342,8 @@ async fn chaos_no_accepted_request_is_lost_or_duplicated() {
 [nats]
 url = "{nats}"
 replicas = 3
+# The production overlay's setting: every fault below meets batched commits.
+group_commit = true
 request_timeout_ms = 3000
 connect_timeout_ms = 3000
 [database]

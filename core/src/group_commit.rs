@@ -1,0 +1,245 @@
+//! Group commit for the writes on a job's path (`nats.group_commit`).
+//!
+//! With `sync_interval: always` every JetStream write is synced to disk
+//! before it is acknowledged, one sync per message: that, not CPU, bounds
+//! how many jobs a second Sluice accepts and runs. A [`GroupCommit`] hands
+//! the writes of many concurrent requests to one task per process and
+//! stream, which stores whatever is waiting in one JetStream atomic batch:
+//! one commit, one sync and one acknowledgement for the lot.
+//!
+//! It never waits for more writes to arrive. While `in_flight` batches await
+//! their acknowledgement, new writes queue; the next batch takes all of them
+//! (up to [`MAX_BATCH`]). An idle process therefore sends each write alone,
+//! as an ordinary publish, and a busy one sends as many per commit as arrive
+//! during one sync — the batch grows with the load.
+//!
+//! Nothing is acknowledged before it is stored: a caller gets its answer
+//! from its batch's commit. A batch is stored whole or not at all; when the
+//! stream refuses one (a key's expected revision did not match, a duplicate
+//! message id, a stream without atomic publishes), every write of it is
+//! sent again on its own so that each caller gets its own answer. Errors
+//! that another attempt may fix (no stream leader, a lost acknowledgement)
+//! go to every caller of the batch, whose own retry applies.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::{self, publish::PublishAck};
+use bytes::Bytes;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+/// Writes in one batch at most (the server refuses batches over 1,000).
+pub const MAX_BATCH: usize = 256;
+/// A batch stops taking writes once their payloads pass this many bytes.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Batches of one stream awaiting their commit at once, per process.
+const IN_FLIGHT: usize = 2;
+
+/// Histogram of writes per commit, labelled with the stream.
+pub const BATCH_SIZE: &str = "sluice_group_commit_batch_size";
+/// Batches the stream refused and that were sent again write by write.
+pub const BATCH_FALLBACKS: &str = "sluice_group_commit_fallbacks_total";
+
+struct Write {
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+    done: oneshot::Sender<Result<PublishAck, PublishError>>,
+}
+
+/// Writes to one stream: through the batching task, or (disabled) each
+/// published and acknowledged on its own.
+#[derive(Clone)]
+pub struct GroupCommit {
+    js: jetstream::Context,
+    batches: Option<mpsc::Sender<Write>>,
+    counts: Arc<Counts>,
+}
+
+/// What a [`GroupCommit`] has sent since it started.
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// Commits: lone publishes and atomic batches.
+    pub commits: AtomicU64,
+    /// Writes in them.
+    pub writes: AtomicU64,
+    /// Batches the stream refused, sent again write by write.
+    pub fallbacks: AtomicU64,
+}
+
+impl GroupCommit {
+    /// Each write published on its own (`nats.group_commit = false`).
+    pub fn direct(js: jetstream::Context) -> Self {
+        Self { js, batches: None, counts: Arc::default() }
+    }
+
+    /// Starts the batching task for one stream; `stream` labels its metrics.
+    /// The stream must allow atomic publishes (nats-server 2.12 or later).
+    pub fn start(nats: async_nats::Client, js: jetstream::Context, stream: &str) -> Self {
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
+        let counts = Arc::<Counts>::default();
+        tokio::spawn(run(nats, js.clone(), rx, stream.to_owned(), counts.clone()));
+        Self { js, batches: Some(tx), counts }
+    }
+
+    /// Commits, writes and fallbacks so far (batched mode only).
+    pub fn counts(&self) -> &Counts {
+        &self.counts
+    }
+
+    /// `start` when `enabled`, else `direct`.
+    pub fn new(enabled: bool, nats: async_nats::Client, js: jetstream::Context, stream: &str) -> Self {
+        if enabled { Self::start(nats, js, stream) } else { Self::direct(js) }
+    }
+
+    /// Stores one message and returns its acknowledgement (its own sequence
+    /// in the stream), or the error of the publish, as a plain publish would.
+    pub async fn publish(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<PublishAck, PublishError> {
+        let Some(batches) = &self.batches else {
+            return self.js.publish_with_headers(subject, headers, payload).await?.await;
+        };
+        let (done, answer) = oneshot::channel();
+        if batches.send(Write { subject, headers, payload, done }).await.is_err() {
+            return Err(PublishError::new(PublishErrorKind::BrokenPipe));
+        }
+        answer.await.unwrap_or_else(|_| Err(PublishError::new(PublishErrorKind::BrokenPipe)))
+    }
+}
+
+async fn run(
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    mut rx: mpsc::Receiver<Write>,
+    stream: String,
+    counts: Arc<Counts>,
+) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let Some(first) = rx.recv().await else { return };
+        let mut bytes = first.payload.len();
+        let mut writes = vec![first];
+        while writes.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            let Ok(write) = rx.try_recv() else { break };
+            bytes += write.payload.len();
+            writes.push(write);
+        }
+        metrics::histogram!(BATCH_SIZE, "stream" => stream.clone()).record(writes.len() as f64);
+        counts.commits.fetch_add(1, Ordering::Relaxed);
+        counts.writes.fetch_add(writes.len() as u64, Ordering::Relaxed);
+        let (nats, js, stream, counts) = (nats.clone(), js.clone(), stream.clone(), counts.clone());
+        tokio::spawn(async move {
+            commit(&nats, &js, writes, &stream, &counts).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Stores `writes` in one atomic batch and answers each of them.
+async fn commit(
+    nats: &async_nats::Client,
+    js: &jetstream::Context,
+    mut writes: Vec<Write>,
+    stream: &str,
+    counts: &Counts,
+) {
+    if writes.len() == 1 {
+        let w = writes.pop().expect("one write");
+        let result = single(js, w.subject, w.headers, w.payload).await;
+        let _ = w.done.send(result);
+        return;
+    }
+    match send_batch(nats, js, &writes).await {
+        Ok(ack) => {
+            let last = writes.len() as u64 - 1;
+            for (i, w) in writes.into_iter().enumerate() {
+                let mut own = ack.clone();
+                // A batch is stored in one run of sequences, in order.
+                own.sequence = ack.sequence - (last - i as u64);
+                let _ = w.done.send(Ok(own));
+            }
+        }
+        Err(e) if retryable(&e) => {
+            let (kind, message) = (e.kind(), e.to_string());
+            for w in writes {
+                let _ = w.done.send(Err(PublishError::with_source(kind.clone(), message.clone())));
+            }
+        }
+        Err(e) => {
+            // The stream refused the batch as a whole: find out which write
+            // it objected to by sending each on its own.
+            metrics::counter!(BATCH_FALLBACKS, "stream" => stream.to_owned()).increment(1);
+            counts.fallbacks.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, writes = writes.len(), "atomic batch refused; writing one by one");
+            let each = writes.into_iter().map(|w| async move {
+                let result = single(js, w.subject, w.headers, w.payload).await;
+                let _ = w.done.send(result);
+            });
+            futures::future::join_all(each).await;
+        }
+    }
+}
+
+async fn single(
+    js: &jetstream::Context,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+) -> Result<PublishAck, PublishError> {
+    js.publish_with_headers(subject, headers, payload).await?.await
+}
+
+/// Sends every write but the last as a batch member, then the last with the
+/// commit marker, and returns the commit's acknowledgement.
+async fn send_batch(
+    nats: &async_nats::Client,
+    js: &jetstream::Context,
+    writes: &[Write],
+) -> Result<PublishAck, PublishError> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let n = writes.len();
+    let headers = |i: usize, w: &Write| {
+        let mut h = w.headers.clone();
+        h.insert("Nats-Batch-Id", id.as_str());
+        h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+        if i + 1 == n {
+            h.insert("Nats-Batch-Commit", "1");
+        }
+        h
+    };
+    for (i, w) in writes[..n - 1].iter().enumerate() {
+        nats.publish_with_headers(w.subject.clone(), headers(i, w), w.payload.clone())
+            .await
+            .map_err(|e| PublishError::with_source(PublishErrorKind::BrokenPipe, e))?;
+    }
+    let last = &writes[n - 1];
+    js.publish_with_headers(last.subject.clone(), headers(n - 1, last), last.payload.clone()).await?.await
+}
+
+/// Errors that say nothing about the writes themselves: the stream had no
+/// leader, the connection broke or the acknowledgement was lost. A batch
+/// may then have been stored; its callers retry as after a lone publish.
+fn retryable(e: &PublishError) -> bool {
+    matches!(e.kind(), PublishErrorKind::StreamNotFound | PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe)
+}
+
+/// The subject a key-value write to `key` goes to, as `kv::Store::put`
+/// builds it (Sluice uses no JetStream domain, so no API prefix).
+pub fn kv_subject(store: &jetstream::kv::Store, key: &str) -> String {
+    format!("{}{key}", store.put_prefix.as_ref().unwrap_or(&store.prefix))
+}
+
+/// Headers of a key-value write that must find `revision` as the key's last
+/// (0: the key must not exist), as `kv::Store::update` sends.
+pub fn expect_revision(revision: u64) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Expected-Last-Subject-Sequence", revision.to_string().as_str());
+    headers
+}
