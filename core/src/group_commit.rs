@@ -150,8 +150,9 @@ async fn commit(
     stream: &str,
     counts: &Counts,
 ) {
-    if writes.len() == 1 {
-        let w = writes.pop().expect("one write");
+    if writes.len() == 1
+        && let Some(w) = writes.pop()
+    {
         let result = single(js, w.subject, w.headers, w.payload).await;
         let _ = w.done.send(result);
         return;
@@ -169,7 +170,7 @@ async fn commit(
         Err(e) if retryable(&e) => {
             let (kind, message) = (e.kind(), e.to_string());
             for w in writes {
-                let _ = w.done.send(Err(PublishError::with_source(kind.clone(), message.clone())));
+                let _ = w.done.send(Err(PublishError::with_source(kind, message.clone())));
             }
         }
         Err(e) => {
