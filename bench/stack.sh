@@ -4,7 +4,8 @@
 # ingress; creates tenant `bench` and sets KEY. POOL_EXTRA is appended to the
 # `bench` pool's settings (e.g. `rpm = 1200`); `extra_worker` starts another
 # worker process; NO_WORKER=1 starts none (the autoscale replay starts its
-# own); NATS_SYNC=always runs JetStream with `sync_interval: always`.
+# own); NATS_SYNC=always runs JetStream with `sync_interval: always`;
+# GROUP_COMMIT=true sets `nats.group_commit`.
 # Everything stops on exit.
 # Builds the release binaries first, or runs prebuilt ones from
 # SLUICE_BENCH_BIN=DIR (to compare builds). Expects scripts/lib.sh loaded.
@@ -51,6 +52,7 @@ as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U sluice sluice
 cat >"$WORK/bench.toml" <<TOML
 [nats]
 url = "nats://127.0.0.1:$NATS_PORT"
+group_commit = ${GROUP_COMMIT:-false}
 [database]
 url = "postgres://sluice@127.0.0.1:$PG_PORT/sluice"
 [ingress]
