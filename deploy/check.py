@@ -315,6 +315,11 @@ def main():
     nats_conf = next(o for o in prod if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "nats-config")
     if "sync_interval: always" not in nats_conf["data"]["nats.conf"]:
         fail("overlays/production", "the production NATS config must choose its durability mode explicitly")
+    for name in ("sluice-ingress", "sluice-worker"):
+        deployment = next(o for o in prod if o["kind"] == "Deployment" and o["metadata"]["name"] == name)
+        env = {e["name"]: e.get("value") for c in deployment["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+        if env.get("SLUICE__NATS__GROUP_COMMIT") != "true":
+            fail("overlays/production", f"{name} must batch its synced writes (SLUICE__NATS__GROUP_COMMIT=true)")
     for f in failures:
         print("FAIL", f)
     if failures:
