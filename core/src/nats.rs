@@ -40,6 +40,20 @@ pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, std::io::E
     url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(|u| u.parse::<async_nats::ServerAddr>()).collect()
 }
 
+/// How long a process that is stopping waits for its last writes to reach
+/// NATS. The client waits for a reconnect forever; a process told to stop
+/// while NATS is down must still exit.
+pub const FINAL_FLUSH: Duration = Duration::from_secs(5);
+
+/// Sends what the client still buffers, waiting at most [`FINAL_FLUSH`].
+pub async fn final_flush(client: &async_nats::Client) {
+    match tokio::time::timeout(FINAL_FLUSH, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "could not flush NATS on shutdown"),
+        Err(_) => tracing::warn!("NATS did not answer within 5 s of shutdown; exiting without the final flush"),
+    }
+}
+
 pub fn jetstream(client: async_nats::Client, config: &NatsConfig) -> jetstream::Context {
     let mut js = jetstream::new(client);
     js.set_timeout(ms(config.request_timeout_ms));

@@ -161,9 +161,7 @@ impl Ingress {
             }
         };
         self.background.cancel();
-        if let Err(error) = self.state.nats.flush().await {
-            tracing::warn!(%error, "could not flush NATS on shutdown");
-        }
+        nats::final_flush(&self.state.nats).await;
         match result {
             Ok(served) => served.map_err(StartError::Io),
             Err(join) => Err(StartError::Io(std::io::Error::other(join))),

@@ -184,3 +184,20 @@ async fn an_upstream_rate_limit_keeps_the_job_waiting_instead_of_failing_it() {
     assert_eq!((stats["requests"].as_u64(), stats["rate_limited"].as_u64()), (Some(1), Some(0)), "{stats}");
     assert_eq!(stack.ledger_count().await, 1, "only the first job has finished");
 }
+
+#[tokio::test]
+async fn a_worker_told_to_stop_while_nats_is_down_still_exits() {
+    let mut stack = Stack::start_with(|c| c.worker.shutdown_grace_ms = 1_000).await;
+    // One job first, so that every loop of the worker has done work.
+    let response = stack.chat(&Stack::chat_body("before the outage")).await;
+    assert_eq!(response.status(), 200);
+    stack.nats.kill().await;
+    let worker = stack.worker.take().unwrap();
+    let began = Instant::now();
+    // Its grace (1 s), the bounded wait for its loops and the bounded final
+    // flush (5 s each): the client alone would wait for NATS forever.
+    tokio::time::timeout(Duration::from_secs(20), worker.shutdown())
+        .await
+        .expect("the worker did not exit within 20 s of its stop signal with NATS down");
+    assert!(began.elapsed() < Duration::from_secs(20));
+}

@@ -260,14 +260,20 @@ impl Worker {
             tracing::warn!("grace period ran out; unfinished jobs were handed back to the queue");
         }
         background.cancel();
-        let _ = ledger.await;
-        let _ = ledger_state.await;
-        let _ = enqueue.await;
-        let _ = deliver.await;
-        let _ = self.count_flusher.await;
-        if let Err(error) = self.nats.flush().await {
-            tracing::warn!(%error, "could not flush NATS on shutdown");
+        // The background loops finish their current round (a ledger batch,
+        // the last counter changes); with NATS or Postgres down that round
+        // would wait for them forever, so it is bounded.
+        let finish = async {
+            let _ = ledger.await;
+            let _ = ledger_state.await;
+            let _ = enqueue.await;
+            let _ = deliver.await;
+            let _ = self.count_flusher.await;
+        };
+        if tokio::time::timeout(nats::FINAL_FLUSH, finish).await.is_err() {
+            tracing::warn!("background work did not finish within 5 s of shutdown (NATS or Postgres down?); exiting");
         }
+        nats::final_flush(&self.nats).await;
         Ok(())
     }
 }
