@@ -10,6 +10,8 @@
 #   SLUICE_CONFIG           use this config file instead of config/dev*.toml
 #   SLUICE_DEV_RELEASE=1    build and run release binaries
 #   SLUICE_NATS_SYNC=always JetStream syncs every write to disk before acknowledging it
+#                           (and Sluice batches its writes: nats.group_commit, unless
+#                           SLUICE__NATS__GROUP_COMMIT says otherwise)
 #   SLUICE_DEV_NATS_PORT    default 4222
 #   SLUICE_DEV_PG_PORT      default 54329
 set -euo pipefail
@@ -62,6 +64,8 @@ if [ "${SLUICE_NATS_SYNC:-default}" = always ]; then
   # Every JetStream write on disk before it is acknowledged (docs/reliability.md).
   printf 'jetstream { store_dir: "%s", sync_interval: always }\n' "$STATE/nats" >"$STATE/nats.conf"
   "$NATS_SERVER" -c "$STATE/nats.conf" -a 127.0.0.1 -p "$NATS_PORT" >"$LOGS/nats.log" 2>&1 &
+  # One sync per batch of concurrent writes instead of per write.
+  export SLUICE__NATS__GROUP_COMMIT="${SLUICE__NATS__GROUP_COMMIT:-true}"
 else
   "$NATS_SERVER" -js -sd "$STATE/nats" -a 127.0.0.1 -p "$NATS_PORT" >"$LOGS/nats.log" 2>&1 &
 fi
