@@ -42,6 +42,12 @@ pub const BATCH_SIZE: &str = "sluice_group_commit_batch_size";
 /// Batches the stream refused and that were sent again write by write.
 pub const BATCH_FALLBACKS: &str = "sluice_group_commit_fallbacks_total";
 
+/// Describes the metrics above (called by each process's `describe`).
+pub fn describe() {
+    metrics::describe_histogram!(BATCH_SIZE, "writes stored per commit by the group commit, by stream");
+    metrics::describe_counter!(BATCH_FALLBACKS, "atomic batches the stream refused, sent again write by write");
+}
+
 struct Write {
     subject: String,
     headers: HeaderMap,

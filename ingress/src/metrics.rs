@@ -18,6 +18,7 @@ pub const PUBLISH_RETRIES: &str = "sluice_ingress_publish_retries_total";
 pub const CONNECTIONS_REFUSED: &str = "sluice_ingress_connections_refused_total";
 
 pub fn describe() {
+    sluice_core::group_commit::describe();
     metrics::describe_counter!(REQUESTS, "HTTP requests answered, by route template and status code");
     metrics::describe_gauge!(CONNECTIONS, "open client connections");
     metrics::describe_counter!(

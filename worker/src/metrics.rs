@@ -28,6 +28,7 @@ pub const COUNTER_FAILURES: &str = "sluice_worker_counter_failures_total";
 pub const COUNTER_REPAIRS: &str = "sluice_worker_counter_repairs_total";
 
 pub fn describe() {
+    sluice_core::group_commit::describe();
     metrics::describe_counter!(JOBS, "jobs finished, by pool, tenant and outcome (completed, failed, expired)");
     metrics::describe_histogram!(JOB_SECONDS, metrics::Unit::Seconds, "time a worker spent on a job, by pool");
     metrics::describe_histogram!(
