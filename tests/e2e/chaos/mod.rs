@@ -475,6 +475,21 @@ api_key = "sk-upstream-test"
     }
     let mock_calls = mock.requests().await;
     println!("chaos upstream calls={mock_calls} (jobs re-run after a kill are counted again)");
+    // The faults met batched commits: writes and commits of the ingresses
+    // still running (their job publishes and job states).
+    let (mut writes, mut commits) = (0.0, 0.0);
+    for base in sluice.bases() {
+        let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+        for line in text.lines() {
+            let value = || line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            if line.starts_with("sluice_group_commit_batch_size_sum{") {
+                writes += value();
+            } else if line.starts_with("sluice_group_commit_batch_size_count{") {
+                commits += value();
+            }
+        }
+    }
+    println!("chaos group_commit ingresses_running writes={writes} commits={commits}");
     for r in &rows {
         assert_eq!(r.lost, 0, "{r:?}");
         assert_eq!(r.duplicated, 0, "{r:?}");
