@@ -118,3 +118,105 @@ async fn jobs_submitted_at_once_through_the_group_commit_complete_once_each() {
     .await;
     assert_eq!(stack.mock.requests().await, 70, "each job ran once");
 }
+
+#[tokio::test]
+async fn batched_writes_through_a_stream_leader_kill_are_stored_exactly_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    use crate::chaos::cluster::NatsCluster;
+
+    const LANES: usize = 48;
+    const PER_LANE: usize = 40;
+    let mut nats = NatsCluster::start().await;
+    let servers = sluice_core::nats::server_addrs(&nats.url()).unwrap();
+    let client = async_nats::connect(servers).await.unwrap();
+    let mut js = jetstream::new(client.clone());
+    js.set_timeout(Duration::from_secs(3));
+    js.create_stream(stream::Config {
+        name: "GCR".into(),
+        subjects: vec!["gcr.>".into()],
+        storage: stream::StorageType::File,
+        num_replicas: 3,
+        allow_atomic_publish: true,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let commit = GroupCommit::start(client, js.clone(), "GCR");
+    let acked = Arc::new(AtomicUsize::new(0));
+    // Each lane writes its messages one after another, each under its own
+    // `Nats-Msg-Id`, repeating on errors that may pass for up to 20 s, as
+    // the ingress does with a job's publish.
+    let lanes = (0..LANES).map(|lane| {
+        let (commit, acked) = (commit.clone(), acked.clone());
+        tokio::spawn(async move {
+            let mut stored = Vec::new();
+            for n in 0..PER_LANE {
+                let id = format!("{lane}-{n}");
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", id.as_str());
+                let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+                loop {
+                    match commit.publish(format!("gcr.{lane}"), headers.clone(), Bytes::from(id.clone())).await {
+                        Ok(_) => break,
+                        Err(e) if tokio::time::Instant::now() < give_up => {
+                            assert!(
+                                matches!(
+                                    e.kind(),
+                                    PublishErrorKind::TimedOut
+                                        | PublishErrorKind::BrokenPipe
+                                        | PublishErrorKind::StreamNotFound
+                                ),
+                                "write {id} refused for good: {e}"
+                            );
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => panic!("write {id} still failing after 20 s: {e}"),
+                    }
+                }
+                acked.fetch_add(1, Ordering::Relaxed);
+                stored.push(id);
+            }
+            stored
+        })
+    });
+    let lanes: Vec<_> = lanes.collect();
+    // The fault strikes once a quarter of the writes are acknowledged.
+    let watched = acked.clone();
+    wait_for("a quarter of the writes acknowledged", Duration::from_secs(30), || {
+        let watched = watched.clone();
+        async move { (watched.load(Ordering::Relaxed) >= LANES * PER_LANE / 4).then_some(()) }
+    })
+    .await;
+    let leader = nats.leader_of("GCR").await.expect("the stream has a leader");
+    nats.kill(&leader).await;
+    let mut acknowledged = Vec::new();
+    for lane in futures::future::join_all(lanes).await {
+        acknowledged.extend(lane.unwrap());
+    }
+    assert_eq!(acknowledged.len(), LANES * PER_LANE);
+
+    // Audit: every acknowledged write is in the stream exactly once.
+    let mut stream = js.get_stream("GCR").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    for seq in 1..=last {
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            *seen.entry(String::from_utf8(message.payload.to_vec()).unwrap()).or_default() += 1;
+        }
+    }
+    let missing: Vec<&String> = acknowledged.iter().filter(|id| !seen.contains_key(*id)).collect();
+    let doubled: Vec<(&String, &usize)> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(missing.is_empty(), "acknowledged but not stored: {missing:?}");
+    assert!(doubled.is_empty(), "stored more than once: {doubled:?}");
+    let counts = commit.counts();
+    let (commits, written) = (counts.commits.load(Ordering::Relaxed), counts.writes.load(Ordering::Relaxed));
+    println!(
+        "group commit through a leader kill: {} writes acknowledged, {written} sent in {commits} commits, {} batches split",
+        acknowledged.len(),
+        counts.fallbacks.load(Ordering::Relaxed)
+    );
+    assert!(commits < written, "the writes shared commits");
+}

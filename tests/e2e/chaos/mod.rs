@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use crate::harness::{MODEL, Mock, TempDir, binary, http_client, poll_until, wait_for};
 
-mod cluster;
+pub(crate) mod cluster;
 use cluster::{NatsCluster, Postgres, free_port};
 
 /// What one request of the load saw.
