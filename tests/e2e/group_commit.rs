@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use bytes::Bytes;
 use sluice_core::group_commit::{GroupCommit, expect_revision};
 
-use crate::harness::{NatsServer, Stack, wait_for};
+use crate::harness::{NatsServer, Stack, poll_until, wait_for};
 
 async fn stream_with_atomic(nats: &NatsServer) -> (async_nats::Client, jetstream::Context, stream::Stream) {
     let client = async_nats::connect(&nats.url).await.unwrap();
@@ -147,10 +147,10 @@ async fn batched_writes_through_a_stream_leader_kill_are_stored_exactly_once() {
     let commit = GroupCommit::start(client, js.clone(), "GCR");
     let acked = Arc::new(AtomicUsize::new(0));
     // Each lane writes its messages one after another, each under its own
-    // `Nats-Msg-Id`, repeating on errors that may pass for up to 20 s, as
-    // the ingress does with a job's publish.
+    // `Nats-Msg-Id`, repeating on errors that may pass for up to 20 s (once
+    // the stream answers again), as the ingress does with a job's publish.
     let lanes = (0..LANES).map(|lane| {
-        let (commit, acked) = (commit.clone(), acked.clone());
+        let (commit, acked, js) = (commit.clone(), acked.clone(), js.clone());
         tokio::spawn(async move {
             let mut stored = Vec::new();
             for n in 0..PER_LANE {
@@ -171,7 +171,11 @@ async fn batched_writes_through_a_stream_leader_kill_are_stored_exactly_once() {
                                 ),
                                 "write {id} refused for good: {e}"
                             );
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            poll_until(Duration::from_secs(20), || {
+                                let js = js.clone();
+                                async move { js.get_stream("GCR").await.ok().map(|_| ()) }
+                            })
+                            .await;
                         }
                         Err(e) => panic!("write {id} still failing after 20 s: {e}"),
                     }
