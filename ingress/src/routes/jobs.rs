@@ -486,7 +486,12 @@ async fn create_state(state: &AppState, key: &str, value: bytes::Bytes) -> Resul
                     other => other.map(|_| ()),
                 };
             }
-            Err(e) if submit::transient(&e) && tokio::time::Instant::now() + pause < give_up => {
+            // Anything else but a value too large may pass (no leader, a lost
+            // or refused acknowledgement during an election).
+            Err(e)
+                if e.kind() != PublishErrorKind::MaxPayloadExceeded
+                    && tokio::time::Instant::now() + pause < give_up =>
+            {
                 metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => "job_state").increment(1);
                 tracing::info!(error = %e, "storing a job's state failed; retrying");
                 tokio::time::sleep(pause).await;
