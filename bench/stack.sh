@@ -52,7 +52,7 @@ as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U sluice sluice
 cat >"$WORK/bench.toml" <<TOML
 [nats]
 url = "nats://127.0.0.1:$NATS_PORT"
-group_commit = ${GROUP_COMMIT:-false}
+${GROUP_COMMIT:+group_commit = $GROUP_COMMIT}
 [database]
 url = "postgres://sluice@127.0.0.1:$PG_PORT/sluice"
 [ingress]
