@@ -247,6 +247,13 @@ async fn execute(
                 event.error_message = Some(e.message.clone());
                 tracing::info!(code = e.code.as_str(), message = %e.message, "job failed");
             }
+            // An asynchronous job's event carries what its state carries for
+            // the ledger: the event may reach the ledger before the state
+            // changes do, and a completed row is final.
+            if let Some(record) = &record {
+                event.metadata = record.metadata.as_ref().and_then(|m| serde_json::to_string(m).ok());
+                event.expires_ms = Some(record.expires_at * 1000);
+            }
             if let Some(record) = record
                 && let Err(e) =
                     state::finish(&ctx.job_state, &ctx.state_commit, env, record, status, http_status, &body).await
