@@ -26,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import tomllib
 
 import kubernetes_validate
@@ -297,9 +298,24 @@ def check_metrics(objects):
                 fail("monitoring", f"`{name}` is not a metric the code records")
 
 
+def check_nats_config(where, objects, nats_server):
+    """nats-server itself parses each rendered NATS config (unknown or misspelt keys fail)."""
+    for o in objects:
+        if o["kind"] != "ConfigMap" or "nats.conf" not in o.get("data", {}):
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".conf") as f:
+            f.write(o["data"]["nats.conf"])
+            f.flush()
+            env = dict(os.environ, POD_NAME="nats-0")
+            done = subprocess.run([nats_server, "-c", f.name, "-t"], capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                fail(where, f"nats-server refuses the NATS config: {(done.stderr or done.stdout).strip()}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bin", required=True, help="directory of the built Sluice binaries")
+    parser.add_argument("--nats-server", help="a nats-server binary: the NATS configs are tested with it (`-t`)")
     args = parser.parse_args()
     check_dockerfile(args.bin)
     rendered = {}
@@ -311,6 +327,9 @@ def main():
         check_structure(name, objects)
         print(f"{name}: {len(objects)} objects")
     check_metrics(rendered["overlays/production"])
+    if args.nats_server:
+        for name, objects in rendered.items():
+            check_nats_config(name, objects, args.nats_server)
     prod = rendered["overlays/production"]
     nats_conf = next(o for o in prod if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "nats-config")
     if "sync_interval: always" not in nats_conf["data"]["nats.conf"]:
@@ -320,6 +339,14 @@ def main():
         env = {e["name"]: e.get("value") for c in deployment["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
         if env.get("SLUICE__NATS__GROUP_COMMIT") != "true":
             fail("overlays/production", f"{name} must batch its synced writes (SLUICE__NATS__GROUP_COMMIT=true)")
+    # Every ingress and worker pod keeps up to two atomic batches in flight
+    # per stream; the NATS servers must allow that many at the largest scale.
+    hpa = next(o for o in prod if o["kind"] == "HorizontalPodAutoscaler" and o["metadata"]["name"] == "sluice-ingress")
+    scaled = next(o for o in prod if o["kind"] == "ScaledObject" and o["metadata"]["name"] == "sluice-worker")
+    pods = hpa["spec"]["maxReplicas"] + scaled["spec"]["maxReplicaCount"]
+    allowed = re.search(r"max_inflight_per_stream:\s*(\d+)", nats_conf["data"]["nats.conf"])
+    if not allowed or int(allowed.group(1)) < 2 * pods:
+        fail("overlays/production", f"NATS must allow 2 atomic batches per pod in flight per stream ({2 * pods}): jetstream.limits.batch.max_inflight_per_stream")
     for f in failures:
         print("FAIL", f)
     if failures:

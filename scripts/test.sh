@@ -15,7 +15,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "building binaries"
 cargo build --workspace --bins --locked
 log "deploy/ manifests (rendered offline, Kubernetes schemas, flags against --help)"
-"$VENV/bin/python" deploy/check.py --bin "${CARGO_TARGET_DIR:-$ROOT/target}/debug"
+"$VENV/bin/python" deploy/check.py --bin "${CARGO_TARGET_DIR:-$ROOT/target}/debug" --nats-server "$NATS_SERVER"
 
 PG_DIR="$(pg_dir_for "$(mktemp -d /tmp/sluice-test-XXXXXX)")"
 PG_PORT="$(free_port)"
