@@ -207,7 +207,26 @@ async fn batched_writes_through_a_stream_leader_kill_are_stored_exactly_once() {
     let last = stream.info().await.unwrap().state.last_sequence;
     let mut seen = std::collections::HashMap::<String, usize>::new();
     for seq in 1..=last {
-        if let Ok(message) = stream.get_raw_message(seq).await {
+        // A sequence holds a message or none (a batch refused by the new
+        // leader leaves a gap); any other answer is asked again.
+        let read = poll_until(Duration::from_secs(10), || {
+            let stream = stream.clone();
+            async move {
+                match stream.get_raw_message(seq).await {
+                    Ok(message) => Some(Some(message)),
+                    Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                        Some(None)
+                    }
+                    Err(e) => {
+                        println!("reading sequence {seq}: {e}; asking again");
+                        None
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|| panic!("sequence {seq} could not be read within 10 s"));
+        if let Some(message) = read {
             *seen.entry(String::from_utf8(message.payload.to_vec()).unwrap()).or_default() += 1;
         }
     }
@@ -223,4 +242,38 @@ async fn batched_writes_through_a_stream_leader_kill_are_stored_exactly_once() {
         counts.fallbacks.load(Ordering::Relaxed)
     );
     assert!(commits < written, "the writes shared commits");
+}
+
+#[tokio::test]
+async fn batches_beyond_the_servers_in_flight_limit_fall_back_to_single_writes() {
+    // One atomic batch in flight per stream: two processes' group commits,
+    // two slots each, exceed it at once.
+    let nats = NatsServer::start_with("limits { batch { max_inflight_per_stream: 1 } }").await;
+    let (client, js, stream) = stream_with_atomic(&nats).await;
+    let other = async_nats::connect(&nats.url).await.unwrap();
+    let commits =
+        [GroupCommit::start(client, js, "GC"), GroupCommit::start(other.clone(), jetstream::new(other), "GC")];
+    let writes = (0..2000).map(|i| {
+        let commit = commits[i % 2].clone();
+        tokio::spawn(async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("w-{i}").as_str());
+            commit
+                .publish(format!("gc.limit.{i}"), headers, Bytes::from(i.to_string()))
+                .await
+                .map(|ack| (i, ack.sequence))
+        })
+    });
+    let stored: Vec<(usize, u64)> = futures::future::join_all(writes)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().expect("every write is stored"))
+        .collect();
+    for (i, seq) in stored {
+        assert_eq!(stream.get_raw_message(seq).await.unwrap().payload, Bytes::from(i.to_string()));
+    }
+    assert_eq!(stream.clone().info().await.unwrap().state.messages, 2000, "each write stored once");
+    let split: u64 = commits.iter().map(|c| c.counts().fallbacks.load(Ordering::Relaxed)).sum();
+    println!("in-flight limit 1: {split} batches refused and written one by one");
+    assert!(split > 0, "the server refused batches beyond its limit");
 }

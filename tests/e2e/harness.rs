@@ -87,11 +87,21 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// A server whose `jetstream { … }` block also holds `jetstream` (for
+    /// example its `limits`).
+    pub async fn start_with(jetstream: &str) -> Self {
         let bin = std::env::var("SLUICE_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
         let dir = TempDir::new("nats");
+        let config = dir.0.join("nats.conf");
+        std::fs::write(&config, format!("jetstream {{\n  store_dir: {:?}\n  {jetstream}\n}}\n", dir.0.join("js")))
+            .unwrap();
         let mut child = Command::new(&bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
-            .arg(&dir.0)
+            .arg("-c")
+            .arg(&config)
+            .args(["-a", "127.0.0.1", "-p", "-1"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
