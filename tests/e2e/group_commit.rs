@@ -277,3 +277,35 @@ async fn batches_beyond_the_servers_in_flight_limit_fall_back_to_single_writes()
     println!("in-flight limit 1: {split} batches refused and written one by one");
     assert!(split > 0, "the server refused batches beyond its limit");
 }
+
+#[tokio::test]
+async fn a_repeated_message_id_in_a_batch_is_answered_as_the_duplicate_it_is() {
+    let nats = NatsServer::start().await;
+    let (client, js, stream) = stream_with_atomic(&nats).await;
+    let commit = GroupCommit::start(client, js, "GC");
+    let with_id = |id: &str| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        headers
+    };
+    let first = commit.publish("gc.dup".into(), with_id("job-7"), Bytes::from("first")).await.unwrap();
+    // The stream refuses a batch holding a repeated id as a whole (nats-server
+    // error 10201); every write of it must still get its own, right answer.
+    let writes = (0..100).map(|i| {
+        let (commit, headers) =
+            (commit.clone(), with_id(&if i == 50 { "job-7".to_owned() } else { format!("job-x{i}") }));
+        tokio::spawn(async move {
+            (i, commit.publish("gc.dup".into(), headers, Bytes::from(format!("w{i}"))).await.unwrap())
+        })
+    });
+    for (i, ack) in futures::future::join_all(writes).await.into_iter().map(Result::unwrap) {
+        if i == 50 {
+            assert!(ack.duplicate, "the repeated id is reported as a duplicate");
+            assert_eq!(ack.sequence, first.sequence, "and points at the stored original");
+        } else {
+            assert!(!ack.duplicate);
+            assert_eq!(stream.get_raw_message(ack.sequence).await.unwrap().payload, Bytes::from(format!("w{i}")));
+        }
+    }
+    assert_eq!(stream.clone().info().await.unwrap().state.messages, 100, "the original and 99 new writes");
+}
