@@ -230,10 +230,11 @@ async fn send_batch(
     js.publish_with_headers(last.subject.clone(), headers(n - 1, last), last.payload.clone()).await?.await
 }
 
-/// Errors that say nothing about the writes themselves: the stream had no
-/// leader, the connection broke or the acknowledgement was lost. A batch
-/// may then have been stored; its callers retry as after a lone publish.
-fn retryable(e: &PublishError) -> bool {
+/// Errors that say nothing about the writes themselves and may pass: the
+/// stream had no leader (no responders), the connection broke or the
+/// acknowledgement was lost or late. The write (or its batch) may then have
+/// been stored; callers retry it under its message id, as after a lone publish.
+pub fn retryable(e: &PublishError) -> bool {
     matches!(e.kind(), PublishErrorKind::StreamNotFound | PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe)
 }
 

@@ -163,7 +163,7 @@ pub async fn publish(state: &AppState, subject: String, env: &Envelope, body: by
     loop {
         match state.jobs_commit.publish(subject.clone(), headers.clone(), body.clone()).await {
             Ok(_) => break,
-            Err(e) if transient(&e) && tokio::time::Instant::now() + pause < give_up => {
+            Err(e) if sluice_core::group_commit::retryable(&e) && tokio::time::Instant::now() + pause < give_up => {
                 metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => e.kind().to_string()).increment(1);
                 tracing::info!(error = %e, job_id = %env.job_id, "publish failed; retrying");
                 tokio::time::sleep(pause).await;
@@ -177,13 +177,6 @@ pub async fn publish(state: &AppState, subject: String, env: &Envelope, body: by
         tracing::debug!(%error, "could not wake the workers");
     }
     Ok(())
-}
-
-/// A publish error that may pass: no leader (no responders), a lost or late
-/// acknowledgement, a connection being re-established.
-pub(crate) fn transient(e: &async_nats::jetstream::context::PublishError) -> bool {
-    use async_nats::jetstream::context::PublishErrorKind;
-    matches!(e.kind(), PublishErrorKind::StreamNotFound | PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe)
 }
 
 pub fn publish_error(e: async_nats::jetstream::context::PublishError) -> ApiError {
