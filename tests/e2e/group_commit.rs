@@ -6,7 +6,8 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, publish::PublishAck, stream};
 use bytes::Bytes;
 use sluice_core::group_commit::{GroupCommit, expect_revision};
 
@@ -28,23 +29,40 @@ async fn stream_with_atomic(nats: &NatsServer) -> (async_nats::Client, jetstream
     (client, js, stream)
 }
 
+/// Headers carrying `id` as the message id.
+fn with_id(id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id);
+    headers
+}
+
+/// Sends `n` writes at once, the i-th through `commits[i % commits.len()]`
+/// with the subject, headers and payload `write(i)` gives; their answers, in order.
+async fn write_at_once(
+    commits: &[GroupCommit],
+    n: usize,
+    write: impl Fn(usize) -> (String, HeaderMap, Bytes),
+) -> Vec<Result<PublishAck, PublishErrorKind>> {
+    let writes = (0..n).map(|i| {
+        let commit = commits[i % commits.len()].clone();
+        let (subject, headers, payload) = write(i);
+        tokio::spawn(async move { commit.publish(subject, headers, payload).await.map_err(|e| e.kind()) })
+    });
+    futures::future::join_all(writes).await.into_iter().map(Result::unwrap).collect()
+}
+
 #[tokio::test]
 async fn concurrent_writes_share_commits_and_each_learns_its_own_sequence() {
     let nats = NatsServer::start().await;
     let (client, js, stream) = stream_with_atomic(&nats).await;
     let commit = GroupCommit::start(client, js, "GC");
-    let writes = (0..300).map(|i| {
-        let commit = commit.clone();
-        tokio::spawn(async move {
-            let ack =
-                commit.publish(format!("gc.w.{i}"), async_nats::HeaderMap::new(), Bytes::from(i.to_string())).await;
-            (i, ack.unwrap().sequence)
-        })
-    });
-    let acks: Vec<(usize, u64)> = futures::future::join_all(writes).await.into_iter().map(Result::unwrap).collect();
-    let sequences: HashSet<u64> = acks.iter().map(|(_, seq)| *seq).collect();
-    assert_eq!(sequences.len(), 300, "every write has its own sequence");
-    for (i, seq) in acks {
+    let acks = write_at_once(std::slice::from_ref(&commit), 300, |i| {
+        (format!("gc.w.{i}"), HeaderMap::new(), Bytes::from(i.to_string()))
+    })
+    .await;
+    let sequences: Vec<u64> = acks.into_iter().map(|ack| ack.unwrap().sequence).collect();
+    assert_eq!(sequences.iter().collect::<HashSet<_>>().len(), 300, "every write has its own sequence");
+    for (i, seq) in sequences.into_iter().enumerate() {
         let stored = stream.get_raw_message(seq).await.unwrap();
         assert_eq!(stored.subject.as_str(), format!("gc.w.{i}"), "sequence {seq} holds another write");
         assert_eq!(stored.payload, Bytes::from(i.to_string()));
@@ -63,15 +81,13 @@ async fn a_refused_write_fails_alone_and_the_rest_of_its_batch_is_stored() {
     let commit = GroupCommit::start(client, js, "GC");
     // Ten creates of one key race 190 creates of fresh keys: one of the ten
     // wins, nine are refused, and the batches they were in are stored apart.
-    let writes = (0..200).map(|i| {
-        let commit = commit.clone();
-        let subject = if i % 20 == 7 { "gc.key.same".to_owned() } else { format!("gc.key.{i}") };
-        tokio::spawn(async move {
-            let result = commit.publish(subject.clone(), expect_revision(0), Bytes::from(i.to_string())).await;
-            (subject, result.map(|ack| ack.sequence).map_err(|e| e.kind()))
-        })
-    });
-    let results: Vec<_> = futures::future::join_all(writes).await.into_iter().map(Result::unwrap).collect();
+    let subject = |i: usize| if i % 20 == 7 { "gc.key.same".to_owned() } else { format!("gc.key.{i}") };
+    let answers = write_at_once(std::slice::from_ref(&commit), 200, |i| {
+        (subject(i), expect_revision(0), Bytes::from(i.to_string()))
+    })
+    .await;
+    let results: Vec<(String, Result<u64, PublishErrorKind>)> =
+        answers.into_iter().enumerate().map(|(i, r)| (subject(i), r.map(|ack| ack.sequence))).collect();
     let same: Vec<_> = results.iter().filter(|(s, _)| s == "gc.key.same").collect();
     assert_eq!(same.len(), 10);
     assert_eq!(same.iter().filter(|(_, r)| r.is_ok()).count(), 1, "one create of the key wins");
@@ -117,6 +133,16 @@ async fn jobs_submitted_at_once_through_the_group_commit_complete_once_each() {
     })
     .await;
     assert_eq!(stack.mock.requests().await, 70, "each job ran once");
+    // The jobs and their states went through the group commit (only this
+    // test sends Sluice's own streams through it in this process).
+    let metrics = stack.http.get(format!("{}/metrics", stack.base)).send().await.unwrap().text().await.unwrap();
+    let writes_to = |stream: &str| -> f64 {
+        let prefix = format!("sluice_group_commit_batch_size_sum{{stream=\"{stream}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    };
+    assert!(writes_to("JOBS") >= 70.0, "job publishes through the group commit:\n{metrics}");
+    // Each of the 70 jobs: created by the ingress, moved on twice by the worker.
+    assert!(writes_to("KV_JOB_STATE") >= 210.0, "state writes through the group commit:\n{metrics}");
 }
 
 #[tokio::test]
@@ -155,8 +181,7 @@ async fn batched_writes_through_a_stream_leader_kill_are_stored_exactly_once() {
             let mut stored = Vec::new();
             for n in 0..PER_LANE {
                 let id = format!("{lane}-{n}");
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", id.as_str());
+                let headers = with_id(&id);
                 let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
                 loop {
                     match commit.publish(format!("gcr.{lane}"), headers.clone(), Bytes::from(id.clone())).await {
@@ -253,23 +278,12 @@ async fn batches_beyond_the_servers_in_flight_limit_fall_back_to_single_writes()
     let other = async_nats::connect(&nats.url).await.unwrap();
     let commits =
         [GroupCommit::start(client, js, "GC"), GroupCommit::start(other.clone(), jetstream::new(other), "GC")];
-    let writes = (0..2000).map(|i| {
-        let commit = commits[i % 2].clone();
-        tokio::spawn(async move {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", format!("w-{i}").as_str());
-            commit
-                .publish(format!("gc.limit.{i}"), headers, Bytes::from(i.to_string()))
-                .await
-                .map(|ack| (i, ack.sequence))
-        })
-    });
-    let stored: Vec<(usize, u64)> = futures::future::join_all(writes)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap().expect("every write is stored"))
-        .collect();
-    for (i, seq) in stored {
+    let stored = write_at_once(&commits, 2000, |i| {
+        (format!("gc.limit.{i}"), with_id(&format!("w-{i}")), Bytes::from(i.to_string()))
+    })
+    .await;
+    for (i, ack) in stored.into_iter().enumerate() {
+        let seq = ack.expect("every write is stored").sequence;
         assert_eq!(stream.get_raw_message(seq).await.unwrap().payload, Bytes::from(i.to_string()));
     }
     assert_eq!(stream.clone().info().await.unwrap().state.messages, 2000, "each write stored once");
@@ -283,22 +297,16 @@ async fn a_repeated_message_id_in_a_batch_is_answered_as_the_duplicate_it_is() {
     let nats = NatsServer::start().await;
     let (client, js, stream) = stream_with_atomic(&nats).await;
     let commit = GroupCommit::start(client, js, "GC");
-    let with_id = |id: &str| {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id);
-        headers
-    };
     let first = commit.publish("gc.dup".into(), with_id("job-7"), Bytes::from("first")).await.unwrap();
     // The stream refuses a batch holding a repeated id as a whole (nats-server
     // error 10201); every write of it must still get its own, right answer.
-    let writes = (0..100).map(|i| {
-        let (commit, headers) =
-            (commit.clone(), with_id(&if i == 50 { "job-7".to_owned() } else { format!("job-x{i}") }));
-        tokio::spawn(async move {
-            (i, commit.publish("gc.dup".into(), headers, Bytes::from(format!("w{i}"))).await.unwrap())
-        })
-    });
-    for (i, ack) in futures::future::join_all(writes).await.into_iter().map(Result::unwrap) {
+    let acks = write_at_once(std::slice::from_ref(&commit), 100, |i| {
+        let id = if i == 50 { "job-7".to_owned() } else { format!("job-x{i}") };
+        ("gc.dup".into(), with_id(&id), Bytes::from(format!("w{i}")))
+    })
+    .await;
+    for (i, ack) in acks.into_iter().enumerate() {
+        let ack = ack.unwrap();
         if i == 50 {
             assert!(ack.duplicate, "the repeated id is reported as a duplicate");
             assert_eq!(ack.sequence, first.sequence, "and points at the stored original");
