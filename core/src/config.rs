@@ -525,7 +525,7 @@ impl Config {
         if !matches!(self.nats.replicas, 1 | 3 | 5) {
             return Err(ConfigError::key("nats.replicas", "must be 1, 3 or 5"));
         }
-        if crate::envelope::Class::parse(&self.tenants.tier).is_none() {
+        if crate::wire::envelope::Class::parse(&self.tenants.tier).is_none() {
             return Err(ConfigError::key("tenants.tier", "must be `interactive`, `normal` or `batch`"));
         }
         if self.tenants.weight > crate::tenant::MAX_WEIGHT {

@@ -20,10 +20,10 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use serde::Deserialize;
-use uuid::Uuid;
 
 use crate::config::NatsConfig;
 use crate::nats::NatsError;
+use crate::wire::subjects;
 
 const INCREMENT: &str = "Nats-Incr";
 const MSG_ID: &str = "Nats-Msg-Id";
@@ -42,33 +42,7 @@ pub enum CounterError {
     NoValue,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Rate {
-    Requests,
-    Tokens,
-}
-
-impl Rate {
-    fn token(self) -> &'static str {
-        match self {
-            Rate::Requests => "rpm",
-            Rate::Tokens => "tpm",
-        }
-    }
-}
-
-/// Jobs of the tenant running now, over all workers.
-pub fn in_flight_subject(tenant: Uuid) -> String {
-    format!("sluice.inflight.{}", tenant.simple())
-}
-
-pub fn queued_subject(tenant: Uuid) -> String {
-    format!("sluice.queued.{}", tenant.simple())
-}
-
-pub fn rate_subject(rate: Rate, tenant: Uuid, minute: u64) -> String {
-    format!("sluice.rate.{}.{}.{minute}", rate.token(), tenant.simple())
-}
+pub use crate::wire::subjects::Rate;
 
 #[derive(Clone)]
 pub struct Counters {
@@ -96,10 +70,10 @@ impl Counters {
             max_messages_per_subject: 1,
             ..Default::default()
         };
-        let counters = base(&config.counters_stream, &["sluice.queued.*", "sluice.inflight.*"]);
+        let counters = base(&config.counters_stream, &subjects::COUNTERS);
         let rates = stream::Config {
             max_age: std::time::Duration::from_secs(RATE_ENTRY_SECS),
-            ..base(&config.rates_stream, &["sluice.rate.>"])
+            ..base(&config.rates_stream, &[subjects::RATES])
         };
         let mut opened = Vec::with_capacity(2);
         for cfg in [counters, rates] {
@@ -118,7 +92,7 @@ impl Counters {
     }
 
     fn stream_of(&self, subject: &str) -> &stream::Stream {
-        if subject.starts_with("sluice.rate.") { &self.rates } else { &self.counters }
+        if subjects::is_rate(subject) { &self.rates } else { &self.counters }
     }
 
     /// Adds `delta` (which may be negative) and returns the new total.

@@ -1,5 +1,10 @@
 //! One error-code enum for everything a client can be told, mapped to an HTTP
-//! status and to OpenAI's error envelope `{"error":{"message","type","param","code"}}`.
+//! status and a gRPC status, and one error value ([`ApiError`]) that stays
+//! structured until the edge: the worker sends its parts on the wire (see
+//! [`crate::wire::reply`]) and the ingress renders it once, in the dialect of
+//! the route the client called ([`Dialect`]): OpenAI's envelope
+//! `{"error":{"message","type","param","code"}}` or Anthropic's
+//! `{"type":"error","error":{"type","message"}}`.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -37,10 +42,70 @@ pub enum ErrorCode {
     Timeout,
     /// The client did not send its request body in time (408).
     RequestTimeout,
+    /// A streamed answer broke off after events had gone out.
+    StreamInterrupted,
     Internal,
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 21] = [
+        Self::InvalidJson,
+        Self::InvalidRequest,
+        Self::InvalidApiKey,
+        Self::ModelNotFound,
+        Self::NotFound,
+        Self::Conflict,
+        Self::PayloadTooLarge,
+        Self::UnsupportedMediaType,
+        Self::Overloaded,
+        Self::QueueFull,
+        Self::UpstreamRateLimited,
+        Self::TenantRequestRate,
+        Self::TenantTokenRate,
+        Self::TenantQueuedCap,
+        Self::UpstreamError,
+        Self::QueueUnavailable,
+        Self::Unavailable,
+        Self::Timeout,
+        Self::RequestTimeout,
+        Self::StreamInterrupted,
+        Self::Internal,
+    ];
+
+    /// Reads back [`ErrorCode::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// The gRPC status code (the numbers of `google.rpc.Code`), for the scaler.
+    pub fn grpc_code(self) -> i32 {
+        const INVALID_ARGUMENT: i32 = 3;
+        const DEADLINE_EXCEEDED: i32 = 4;
+        const NOT_FOUND: i32 = 5;
+        const FAILED_PRECONDITION: i32 = 9;
+        const RESOURCE_EXHAUSTED: i32 = 8;
+        const INTERNAL: i32 = 13;
+        const UNAVAILABLE: i32 = 14;
+        const UNAUTHENTICATED: i32 = 16;
+        match self {
+            Self::InvalidJson | Self::InvalidRequest | Self::PayloadTooLarge | Self::UnsupportedMediaType => {
+                INVALID_ARGUMENT
+            }
+            Self::InvalidApiKey => UNAUTHENTICATED,
+            Self::ModelNotFound | Self::NotFound => NOT_FOUND,
+            Self::Conflict => FAILED_PRECONDITION,
+            Self::Overloaded
+            | Self::QueueFull
+            | Self::UpstreamRateLimited
+            | Self::TenantRequestRate
+            | Self::TenantTokenRate
+            | Self::TenantQueuedCap => RESOURCE_EXHAUSTED,
+            Self::UpstreamError | Self::QueueUnavailable | Self::Unavailable | Self::StreamInterrupted => UNAVAILABLE,
+            Self::Timeout | Self::RequestTimeout => DEADLINE_EXCEEDED,
+            Self::Internal => INTERNAL,
+        }
+    }
+
     pub fn status(self) -> StatusCode {
         match self {
             Self::InvalidJson | Self::InvalidRequest => StatusCode::BAD_REQUEST,
@@ -55,7 +120,7 @@ impl ErrorCode {
             | Self::TenantRequestRate
             | Self::TenantTokenRate
             | Self::TenantQueuedCap => StatusCode::TOO_MANY_REQUESTS,
-            Self::UpstreamError => StatusCode::BAD_GATEWAY,
+            Self::UpstreamError | Self::StreamInterrupted => StatusCode::BAD_GATEWAY,
             Self::QueueUnavailable | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -81,9 +146,12 @@ impl ErrorCode {
             | Self::TenantRequestRate
             | Self::TenantTokenRate
             | Self::TenantQueuedCap => "rate_limit_error",
-            Self::UpstreamError | Self::QueueUnavailable | Self::Unavailable | Self::Timeout | Self::Internal => {
-                "server_error"
-            }
+            Self::UpstreamError
+            | Self::QueueUnavailable
+            | Self::Unavailable
+            | Self::Timeout
+            | Self::StreamInterrupted
+            | Self::Internal => "server_error",
         }
     }
 
@@ -109,45 +177,82 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::Timeout => "timeout",
             Self::RequestTimeout => "request_timeout",
+            Self::StreamInterrupted => "stream_interrupted",
             Self::Internal => "internal_error",
         }
     }
 }
 
-/// An error as the client sees it.
-#[derive(Debug, Clone)]
+/// The error envelope a client expects: the one of the API its route speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// OpenAI's routes and Sluice's own (`/v1/jobs`, `/admin`).
+    OpenAi,
+    /// Anthropic's Messages API (`/v1/messages`).
+    Anthropic,
+}
+
+/// An error as the client sees it, before it is rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub code: ErrorCode,
+    /// The HTTP status: the code's own, or the provider's for a request the
+    /// provider refused.
+    pub status: u16,
     pub message: String,
-    pub param: Option<&'static str>,
+    /// The request field at fault.
+    pub param: Option<String>,
     pub retry_after_secs: Option<u64>,
     /// Set when the request became a job the client can look up later.
     pub job_id: Option<String>,
 }
 
 #[derive(Serialize)]
-struct Envelope<'a> {
-    error: Body<'a>,
+struct OpenAiEnvelope<'a> {
+    error: OpenAiBody<'a>,
 }
 
 #[derive(Serialize)]
-struct Body<'a> {
+struct OpenAiBody<'a> {
     message: &'a str,
     #[serde(rename = "type")]
     kind: &'static str,
-    param: Option<&'static str>,
+    param: Option<&'a str>,
     code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job_id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct AnthropicEnvelope<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    error: AnthropicBody<'a>,
+}
+
+#[derive(Serialize)]
+struct AnthropicBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     job_id: Option<&'a str>,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), param: None, retry_after_secs: None, job_id: None }
+        Self {
+            code,
+            status: code.status().as_u16(),
+            message: message.into(),
+            param: None,
+            retry_after_secs: None,
+            job_id: None,
+        }
     }
 
-    pub fn param(mut self, param: &'static str) -> Self {
-        self.param = Some(param);
+    pub fn param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
         self
     }
 
@@ -161,24 +266,55 @@ impl ApiError {
         self
     }
 
-    /// The OpenAI error envelope as JSON bytes.
-    pub fn body(&self) -> Vec<u8> {
-        let envelope = Envelope {
-            error: Body {
-                message: &self.message,
-                kind: self.code.kind(),
-                param: self.param,
-                code: self.code.as_str(),
-                job_id: self.job_id.as_deref(),
-            },
-        };
-        serde_json::to_vec(&envelope).unwrap_or_default()
+    /// Answers with `status` instead of the code's own (a provider's refusal).
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = status;
+        self
     }
-}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.code.status(), self.body()).into_response();
+    /// Anthropic's `error.type`: by the code's kind, else by the status.
+    fn anthropic_kind(&self) -> &'static str {
+        match self.code.kind() {
+            "server_error" => "api_error",
+            "rate_limit_error" => "rate_limit_error",
+            _ => match self.status {
+                400 | 409 | 415 | 422 => "invalid_request_error",
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                413 => "request_too_large",
+                429 => "rate_limit_error",
+                503 | 529 => "overloaded_error",
+                _ => "api_error",
+            },
+        }
+    }
+
+    /// The error's body in `dialect`'s envelope, as JSON bytes.
+    pub fn body(&self, dialect: Dialect) -> Vec<u8> {
+        let job_id = self.job_id.as_deref();
+        let json = match dialect {
+            Dialect::OpenAi => serde_json::to_vec(&OpenAiEnvelope {
+                error: OpenAiBody {
+                    message: &self.message,
+                    kind: self.code.kind(),
+                    param: self.param.as_deref(),
+                    code: self.code.as_str(),
+                    job_id,
+                },
+            }),
+            Dialect::Anthropic => serde_json::to_vec(&AnthropicEnvelope {
+                kind: "error",
+                error: AnthropicBody { kind: self.anthropic_kind(), message: &self.message, job_id },
+            }),
+        };
+        json.unwrap_or_default()
+    }
+
+    /// The whole HTTP answer in `dialect`.
+    pub fn render(&self, dialect: Dialect) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        let mut response = (status, self.body(dialect)).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(secs) = self.retry_after_secs {
@@ -188,18 +324,52 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// OpenAI's envelope: Sluice's own APIs answer in it.
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.render(Dialect::OpenAi)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn json(bytes: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(bytes).unwrap_or_default()
+    }
+
     #[test]
     fn body_is_openai_shaped() {
         let e = ApiError::new(ErrorCode::ModelNotFound, "model `x` does not exist").param("model");
-        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap_or_default();
+        let v = json(&e.body(Dialect::OpenAi));
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["code"], "model_not_found");
         assert_eq!(v["error"]["param"], "model");
         assert_eq!(v["error"]["message"], "model `x` does not exist");
-        assert_eq!(e.code.status(), StatusCode::NOT_FOUND);
+        assert_eq!(e.status, 404);
+    }
+
+    #[test]
+    fn anthropic_types_follow_the_code_then_the_status() {
+        let kind = |e: ApiError| json(&e.body(Dialect::Anthropic))["error"]["type"].as_str().map(str::to_owned);
+        assert_eq!(kind(ApiError::new(ErrorCode::ModelNotFound, "x")).as_deref(), Some("not_found_error"));
+        assert_eq!(kind(ApiError::new(ErrorCode::UpstreamError, "x")).as_deref(), Some("api_error"));
+        assert_eq!(kind(ApiError::new(ErrorCode::QueueFull, "x")).as_deref(), Some("rate_limit_error"));
+        assert_eq!(kind(ApiError::new(ErrorCode::InvalidApiKey, "x")).as_deref(), Some("authentication_error"));
+        let refused = ApiError::new(ErrorCode::InvalidRequest, "too long").with_status(413);
+        assert_eq!(kind(refused).as_deref(), Some("request_too_large"));
+        let v = json(&ApiError::new(ErrorCode::Timeout, "late").job("j1").body(Dialect::Anthropic));
+        assert_eq!((v["type"].as_str(), v["error"]["message"].as_str()), (Some("error"), Some("late")));
+        assert_eq!(v["error"]["job_id"], "j1");
+    }
+
+    #[test]
+    fn every_code_reads_back_and_has_a_grpc_status() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+            assert!((1..=16).contains(&code.grpc_code()), "{code:?}");
+        }
+        assert_eq!(ErrorCode::parse("no_such_code"), None);
     }
 }

@@ -238,12 +238,6 @@ pub fn retryable(e: &PublishError) -> bool {
     matches!(e.kind(), PublishErrorKind::StreamNotFound | PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe)
 }
 
-/// The subject a key-value write to `key` goes to, as `kv::Store::put`
-/// builds it (Sluice uses no JetStream domain, so no API prefix).
-pub fn kv_subject(store: &jetstream::kv::Store, key: &str) -> String {
-    format!("{}{key}", store.put_prefix.as_ref().unwrap_or(&store.prefix))
-}
-
 /// Headers of a key-value write that must find `revision` as the key's last
 /// (0: the key must not exist), as `kv::Store::update` sends.
 pub fn expect_revision(revision: u64) -> HeaderMap {

@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::event::JobStatus;
+use crate::wire::reply::Outcome;
 
 /// One job as clients see it on `GET /v1/jobs/{id}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,11 +114,19 @@ impl JobRecord {
 
     /// Sets the outcome: the provider's answer as `result` when `status` is
     /// `completed` (a body that is not JSON makes the job `failed`), else the
-    /// error from the OpenAI error envelope in `body`.
-    pub fn conclude(&mut self, status: JobStatus, http_status: u16, body: &[u8], now_s: u64) {
+    /// error: Sluice's own, or the one in a provider's refusal passed through.
+    pub fn conclude(&mut self, status: JobStatus, outcome: &Outcome, now_s: u64) {
         self.status = status;
         self.finished_at = Some(now_s);
         self.finished_ms = Some(crate::now_ms().max(now_s * 1000));
+        let (http_status, body) = match outcome {
+            Outcome::Error(e) => {
+                self.error =
+                    Some(JobError { code: e.code.as_str().to_owned(), message: e.message.clone(), status: e.status });
+                return;
+            }
+            Outcome::Body { status, body } => (*status, body),
+        };
         if status == JobStatus::Completed {
             match RawValue::from_string(String::from_utf8_lossy(body).into_owned()) {
                 Ok(raw) => self.result = Some(raw),

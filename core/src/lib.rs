@@ -2,10 +2,10 @@
 //!
 //! - [`config`]: the typed configuration, layered defaults → file → `SLUICE__…` env.
 //! - [`secret`]: a wrapper that keeps secrets out of logs.
-//! - [`envelope`]: the job envelope carried in NATS headers, and subject names.
+//! - [`wire`]: everything that crosses NATS: subjects, the job envelope, the reply.
 //! - [`event`]: the job outcome events the worker publishes and the ledger writes.
 //! - [`jobstate`]: the state of asynchronous jobs, as kept in a key-value bucket.
-//! - [`error`]: the one error-code enum, mapped to HTTP status and OpenAI's error body.
+//! - [`error`]: the one error-code enum, mapped to HTTP and gRPC status, rendered per client dialect.
 //! - [`group_commit`]: many concurrent JetStream writes stored in one atomic batch.
 //! - [`nats`]: connecting to NATS and declaring Sluice's JetStream streams.
 //! - [`db`]: Postgres pool, embedded migrations, tenants and API keys.
@@ -22,7 +22,6 @@ pub mod clock;
 pub mod config;
 pub mod counters;
 pub mod db;
-pub mod envelope;
 pub mod error;
 pub mod event;
 pub mod group_commit;
@@ -35,6 +34,7 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod tenant;
 pub mod webhook;
+pub mod wire;
 
 #[cfg(test)]
 mod properties;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 
 use crate::config::{JobsConfig, NatsConfig, ms};
-use crate::envelope::{EVENTS_SUBJECTS, JOBS_SUBJECTS};
+use crate::wire::subjects;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
@@ -66,7 +66,7 @@ pub fn jetstream(client: async_nats::Client, config: &NatsConfig) -> jetstream::
 pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Result<(), NatsError> {
     let jobs = stream::Config {
         name: config.jobs_stream.clone(),
-        subjects: vec![JOBS_SUBJECTS.into()],
+        subjects: vec![subjects::JOBS.into()],
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
@@ -79,7 +79,7 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Res
     };
     let events = stream::Config {
         name: config.events_stream.clone(),
-        subjects: vec![EVENTS_SUBJECTS.into()],
+        subjects: vec![subjects::EVENTS.into()],
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         num_replicas: config.replicas,

@@ -3,7 +3,7 @@
 //! RFC 3339 times. Whatever the input, decoding returns a value or an
 //! error, never panics; and what Sluice writes, it reads back unchanged.
 
-use crate::envelope::{
+use crate::wire::envelope::{
     Endpoint, Envelope, H_DEADLINE, H_ENDPOINT, H_JOB_ID, H_POOL, H_REQUEST_ID, H_SUBMITTED, H_TENANT,
 };
 use proptest::prelude::*;

@@ -4,7 +4,7 @@
 use uuid::Uuid;
 
 use crate::config::TenantDefaults;
-use crate::envelope::Class;
+use crate::wire::envelope::Class;
 
 /// Largest weight a tenant may have; bounds how far one tenant's share can
 /// exceed another's.

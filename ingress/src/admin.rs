@@ -88,7 +88,7 @@ pub fn tenant_changes(options: &[&str]) -> Result<db::TenantChanges, String> {
             "--tpm" => changes.tpm = number(flag, value)?,
             "--tier" if *value == "default" => changes.tier = Setting::Default,
             "--tier" => {
-                sluice_core::envelope::Class::parse(value)
+                sluice_core::wire::envelope::Class::parse(value)
                     .ok_or_else(|| format!("--tier must be interactive, normal, batch or default, not `{value}`"))?;
                 changes.tier = Setting::Value((*value).to_owned());
             }

@@ -138,7 +138,7 @@ async fn update(
                 v.as_i64().filter(|w| (1..=i64::from(sluice_core::tenant::MAX_WEIGHT)).contains(w)).map(|w| w as i32)
             })?,
             tier: field(&body, "tier", |v| {
-                v.as_str().filter(|t| sluice_core::envelope::Class::parse(t).is_some()).map(str::to_owned)
+                v.as_str().filter(|t| sluice_core::wire::envelope::Class::parse(t).is_some()).map(str::to_owned)
             })?,
             max_queued: field(&body, "max_queued", limit)?,
             max_in_flight: field(&body, "max_in_flight", limit)?,

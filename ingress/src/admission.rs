@@ -16,10 +16,11 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use sluice_core::counters::{CounterError, Counters, Rate, queued_subject, rate_subject};
+use sluice_core::counters::{CounterError, Counters, Rate};
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::now_ms;
 use sluice_core::tenant::TenantPolicy;
+use sluice_core::wire::subjects::{queued as queued_subject, tenant_rate as rate_subject};
 use uuid::Uuid;
 
 use crate::metrics as m;

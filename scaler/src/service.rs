@@ -20,8 +20,10 @@ use std::time::Duration;
 use futures::Stream;
 use sluice_core::clock::Civil;
 use sluice_core::config::Config;
+use sluice_core::db::DbError;
+use sluice_core::error::{ApiError, ErrorCode};
 use tokio::sync::{broadcast, mpsc, watch};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
 use crate::proto::external_scaler_server::ExternalScaler;
@@ -56,12 +58,12 @@ impl Scaler {
         Self { config, backlog, wakes, stale, db, tenant_ids: Mutex::new(HashMap::new()) }
     }
 
-    fn selection(&self, r: Option<&ScaledObjectRef>) -> Result<Selection, Status> {
-        let r = r.ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
-        Selection::parse(&r.scaler_metadata, &self.config).map_err(Status::invalid_argument)
+    fn selection(&self, r: Option<&ScaledObjectRef>) -> Result<Selection, ApiError> {
+        let r = r.ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "scaledObjectRef is required"))?;
+        Selection::parse(&r.scaler_metadata, &self.config).map_err(|m| ApiError::new(ErrorCode::InvalidRequest, m))
     }
 
-    async fn tenant_id(&self, tenant: &Option<TenantRef>) -> Result<Option<Uuid>, Status> {
+    async fn tenant_id(&self, tenant: &Option<TenantRef>) -> Result<Option<Uuid>, ApiError> {
         match tenant {
             None => Ok(None),
             Some(TenantRef::Id(id)) => Ok(Some(*id)),
@@ -69,12 +71,16 @@ impl Scaler {
                 if let Some(id) = self.tenant_ids.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
                     return Ok(Some(*id));
                 }
-                let id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM tenants WHERE name = $1")
-                    .bind(name)
-                    .fetch_optional(&self.db)
-                    .await
-                    .map_err(|e| Status::unavailable(format!("cannot resolve tenant `{name}`: {e}")))?;
-                let id = id.ok_or_else(|| Status::not_found(format!("no tenant `{name}`")))?;
+                let id = match sluice_core::db::tenant_id(&self.db, name).await {
+                    Ok(id) => id,
+                    Err(DbError::NoTenant(_)) => {
+                        return Err(ApiError::new(ErrorCode::NotFound, format!("no tenant `{name}`")));
+                    }
+                    Err(e) => {
+                        let message = format!("cannot resolve tenant `{name}`: {e}");
+                        return Err(ApiError::new(ErrorCode::Unavailable, message));
+                    }
+                };
                 self.tenant_ids.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), id);
                 Ok(Some(id))
             }
@@ -82,24 +88,30 @@ impl Scaler {
     }
 
     /// The selection's metric from the current snapshot.
-    fn measure(&self, s: &Selection, tenant: Option<Uuid>) -> Result<f64, Status> {
+    fn measure(&self, s: &Selection, tenant: Option<Uuid>) -> Result<f64, ApiError> {
         let backlog = self.backlog.borrow().clone();
         measure(&backlog, self.stale, s, tenant)
     }
 }
 
-fn measure(backlog: &Backlog, stale: Duration, s: &Selection, tenant: Option<Uuid>) -> Result<f64, Status> {
+fn measure(backlog: &Backlog, stale: Duration, s: &Selection, tenant: Option<Uuid>) -> Result<f64, ApiError> {
     match backlog.taken {
         Some(at) if at.elapsed() <= stale => Ok(s.metric(backlog.of(&s.pool_token, tenant), &Civil::now())),
-        Some(at) => Err(Status::unavailable(format!(
-            "the backlog could not be read from NATS for {} ms",
-            at.elapsed().as_millis()
-        ))),
-        None => Err(Status::unavailable("the backlog has not been read from NATS yet")),
+        Some(at) => Err(ApiError::new(
+            ErrorCode::Unavailable,
+            format!("the backlog could not be read from NATS for {} ms", at.elapsed().as_millis()),
+        )),
+        None => Err(ApiError::new(ErrorCode::Unavailable, "the backlog has not been read from NATS yet")),
     }
 }
 
-fn counted<T>(rpc: &'static str, result: Result<T, Status>) -> Result<T, Status> {
+/// The gRPC status of an error: its code's (see [`ErrorCode::grpc_code`]).
+fn grpc(error: ApiError) -> Status {
+    Status::new(Code::from_i32(error.code.grpc_code()), error.message)
+}
+
+fn counted<T>(rpc: &'static str, result: Result<T, ApiError>) -> Result<T, Status> {
+    let result = result.map_err(grpc);
     let code = match &result {
         Ok(_) => "ok".to_owned(),
         Err(s) => format!("{:?}", s.code()).to_ascii_lowercase(),
@@ -217,8 +229,8 @@ async fn push_active(
                 }
             }
             Ok(_) => {}
-            Err(status) => {
-                let _ = tx.send(Err(status)).await;
+            Err(error) => {
+                let _ = tx.send(Err(grpc(error))).await;
                 return;
             }
         }

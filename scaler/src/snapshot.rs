@@ -7,6 +7,7 @@
 //! The per-subject message counts of the jobs stream are exactly the jobs
 //! queued or running: the stream keeps a job until a worker acks it.
 
+use sluice_core::wire::subjects;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,12 +43,11 @@ impl Backlog {
 /// Reads the counts once, within `timeout`.
 pub async fn read(stream: &async_nats::jetstream::stream::Stream, timeout: Duration) -> Result<Backlog, String> {
     let list = async {
-        let mut info =
-            stream.info_with_subjects(sluice_core::envelope::JOBS_SUBJECTS).await.map_err(|e| e.to_string())?;
+        let mut info = stream.info_with_subjects(subjects::JOBS).await.map_err(|e| e.to_string())?;
         let mut counts: HashMap<String, HashMap<Uuid, u64>> = HashMap::new();
         while let Some((subject, count)) = info.try_next().await.map_err(|e| e.to_string())? {
-            if let Some((pool, _class, tenant)) = sluice_core::envelope::parse_job_subject(&subject) {
-                *counts.entry(pool.to_owned()).or_default().entry(tenant).or_insert(0) += count as u64;
+            if let Some(q) = subjects::parse_job(&subject) {
+                *counts.entry(q.pool.to_owned()).or_default().entry(q.tenant).or_insert(0) += count as u64;
             }
         }
         Ok::<_, String>(counts)
@@ -91,7 +91,7 @@ pub async fn refresh(
 /// Forwards the submit wake-ups (`sluice.wake.<pool>.<class>.<tenant>`) as
 /// `(pool token, tenant)`: work arrived, before the next snapshot shows it.
 pub async fn wake_ups(nats: async_nats::Client, tx: broadcast::Sender<(String, Uuid)>, shutdown: CancellationToken) {
-    let mut sub = match nats.subscribe("sluice.wake.>").await {
+    let mut sub = match nats.subscribe(subjects::WAKES).await {
         Ok(s) => s,
         Err(error) => {
             tracing::warn!(%error, "cannot subscribe to wake-ups; StreamIsActive follows the snapshot only");
@@ -103,9 +103,8 @@ pub async fn wake_ups(nats: async_nats::Client, tx: broadcast::Sender<(String, U
             _ = shutdown.cancelled() => return,
             m = sub.next() => match m { Some(m) => m, None => return },
         };
-        let job_subject = format!("jobs.{}", message.subject.trim_start_matches("sluice.wake."));
-        if let Some((pool, _, tenant)) = sluice_core::envelope::parse_job_subject(&job_subject) {
-            let _ = tx.send((pool.to_owned(), tenant));
+        if let Some(q) = subjects::parse_wake(&message.subject) {
+            let _ = tx.send((q.pool.to_owned(), q.tenant));
         }
     }
 }

@@ -335,14 +335,14 @@ async fn a_queued_count_left_high_by_a_crash_is_repaired_from_the_stream() {
     let nats = async_nats::connect(&stack.nats.url).await.unwrap();
     let js = async_nats::jetstream::new(nats);
     let counters = sluice_core::counters::Counters::open(&js, &stack.config.nats).await.unwrap();
-    counters.add(&sluice_core::counters::queued_subject(tenant), 2).await.unwrap();
+    counters.add(&sluice_core::wire::subjects::queued(tenant), 2).await.unwrap();
     wait_for("the cap to refuse the tenant", Duration::from_secs(5), || async {
         (stack.submit_job(&stack.key, &Stack::job_body("refused"), None).await.status() == 429).then_some(())
     })
     .await;
     // Nothing is queued, so the workers set the count back to 0.
     wait_for("the drifted count to be repaired", Duration::from_secs(10), || async {
-        let (value, _) = counters.get(&sluice_core::counters::queued_subject(tenant)).await.unwrap();
+        let (value, _) = counters.get(&sluice_core::wire::subjects::queued(tenant)).await.unwrap();
         (value == 0).then_some(())
     })
     .await;

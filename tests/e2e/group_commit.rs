@@ -142,7 +142,10 @@ async fn jobs_submitted_at_once_through_the_group_commit_complete_once_each() {
     };
     assert!(writes_to("JOBS") >= 70.0, "job publishes through the group commit:\n{metrics}");
     // Each of the 70 jobs: created by the ingress, moved on twice by the worker.
-    assert!(writes_to("KV_JOB_STATE") >= 210.0, "state writes through the group commit:\n{metrics}");
+    assert!(
+        writes_to(&sluice_core::wire::subjects::kv_stream("JOB_STATE")) >= 210.0,
+        "state writes through the group commit:\n{metrics}"
+    );
 }
 
 #[tokio::test]

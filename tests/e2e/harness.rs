@@ -398,7 +398,7 @@ impl Stack {
     pub async fn watch_jobs(&self) -> async_nats::Subscriber {
         use futures::StreamExt;
         let nats = async_nats::connect(&self.nats.url).await.unwrap();
-        let jobs = nats.subscribe("jobs.>").await.unwrap();
+        let jobs = nats.subscribe(sluice_core::wire::subjects::JOBS).await.unwrap();
         let mut probe = nats.subscribe("sluice-test.probe").await.unwrap();
         nats.publish("sluice-test.probe", "".into()).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), probe.next()).await.unwrap().unwrap();

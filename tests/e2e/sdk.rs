@@ -59,3 +59,35 @@ async fn the_anthropic_python_sdk_gets_a_message_and_a_stream() {
     // The Anthropic-speaking pool reached the mock's /v1/messages (two calls).
     assert_eq!(stack.mock.stats().await["messages"], 2);
 }
+
+#[tokio::test]
+async fn the_anthropic_python_sdk_reads_the_workers_errors_in_its_own_shape() {
+    let stack = Stack::start_with(|c| c.worker.max_attempts = 1).await;
+    let env = [
+        ("ANTHROPIC_BASE_URL", stack.base.clone()),
+        ("ANTHROPIC_API_KEY", stack.key.clone()),
+        ("SLUICE_MODELS", format!("{ANTHROPIC_MODEL},{MODEL}")),
+    ];
+    // The provider fails: the worker gives up and sends its error structured;
+    // the ingress renders it once, as Anthropic's `api_error`.
+    stack.mock.faults(serde_json::json!({"error_rate": 1.0, "error_status": 503})).await;
+    let stdout = run_sdk("anthropic_errors.py", &env).await;
+    for model in [ANTHROPIC_MODEL, MODEL] {
+        let line = format!(
+            "{model} error: InternalServerError 502 api_error the upstream failed (upstream_5xx) on every attempt"
+        );
+        assert!(stdout.contains(&line), "{stdout}");
+    }
+    // The provider refuses the request: an Anthropic deployment's own error
+    // reaches the client as it came; an OpenAI deployment's is translated.
+    stack.mock.faults(serde_json::json!({"error_rate": 1.0, "error_status": 400})).await;
+    let stdout = run_sdk("anthropic_errors.py", &env).await;
+    assert!(
+        stdout.contains(&format!("{ANTHROPIC_MODEL} error: BadRequestError 400 api_error injected failure")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("{MODEL} error: BadRequestError 400 invalid_request_error injected failure")),
+        "{stdout}"
+    );
+}

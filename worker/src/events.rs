@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
-use sluice_core::envelope::{self, H_MSG_ID};
 use sluice_core::event::JobEvent;
+use sluice_core::wire::envelope::H_MSG_ID;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -73,7 +73,7 @@ async fn publish(js: &async_nats::jetstream::Context, events: &[JobEvent]) -> bo
     let Ok(payload) = serde_json::to_vec(events) else { return false };
     let payload = Bytes::from(payload);
     let msg_id = Uuid::now_v7().to_string();
-    let subject = envelope::event_subject("batch");
+    let subject = sluice_core::wire::subjects::events();
     let attempt = || async {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(H_MSG_ID, msg_id.as_str());

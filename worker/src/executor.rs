@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
-use sluice_core::counters::in_flight_subject;
-use sluice_core::envelope::H_EST_TOKENS;
+use sluice_core::wire::envelope::H_EST_TOKENS;
+use sluice_core::wire::subjects::in_flight as in_flight_subject;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -61,7 +61,7 @@ pub struct Executor {
 /// A finished job's real usage, to correct the scheduler's estimate.
 struct Done {
     tenant: Uuid,
-    class: sluice_core::envelope::Class,
+    class: sluice_core::wire::envelope::Class,
     estimate: f64,
     charged: f64,
     used: f64,

@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sluice_core::envelope::Class;
+use sluice_core::wire::envelope::Class;
 use uuid::Uuid;
 
 /// A tenant queue: one JetStream subject `jobs.<pool>.<class>.<tenant>`.

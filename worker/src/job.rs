@@ -19,12 +19,11 @@ use async_nats::jetstream::{self, AckKind};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use serde::Deserialize;
-use sluice_core::envelope::{
-    Envelope, H_ATTEMPTS, H_DEADLINE, H_ENDPOINT, H_JOB_ID, H_POOL, H_RETRY_AFTER, H_STATUS, H_SUBMITTED, H_TENANT,
-};
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::{JobEvent, JobStatus, Usage};
 use sluice_core::now_ms;
+use sluice_core::wire::envelope::Envelope;
+use sluice_core::wire::reply::{self, Answer, JobRef, Reply};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -57,18 +56,8 @@ pub struct JobContext {
 }
 
 enum Outcome {
-    Answered {
-        status: JobStatus,
-        http_status: u16,
-        body: Bytes,
-        upstream_status: Option<u16>,
-        usage: Usage,
-        error: Option<ApiError>,
-    },
-    Retry {
-        delay: Duration,
-        reason: &'static str,
-    },
+    Answered { status: JobStatus, outcome: reply::Outcome, upstream_status: Option<u16>, usage: Usage },
+    Retry { delay: Duration, reason: &'static str },
 }
 
 /// How a job's message ended up.
@@ -112,7 +101,7 @@ pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message, lease: Optio
 /// Takes a job that left the queue off its tenant's queued count, and
 /// corrects the tokens-per-minute count by the real usage.
 fn release(ctx: &JobContext, env: &Envelope, tokens: Option<u64>) {
-    use sluice_core::counters::{Rate, queued_subject, rate_subject};
+    use sluice_core::wire::subjects::{Rate, queued as queued_subject, tenant_rate as rate_subject};
     if env.queued_counted {
         ctx.counts.add(queued_subject(env.tenant), -1);
     }
@@ -186,19 +175,15 @@ async fn execute(
             Called::Answered(result) => classify(ctx, env, pool, result, attempt, deadline),
             Called::Streamed(crate::stream::Relayed { usage, error: None }) => Outcome::Answered {
                 status: JobStatus::Completed,
-                http_status: 200,
-                body: Bytes::new(),
+                outcome: reply::Outcome::Body { status: 200, body: Bytes::new() },
                 upstream_status: Some(200),
                 usage,
-                error: None,
             },
             Called::Streamed(crate::stream::Relayed { usage, error: Some(error) }) => Outcome::Answered {
                 status: JobStatus::Failed,
-                http_status: error.code.status().as_u16(),
-                body: Bytes::from(error.body()),
+                outcome: reply::Outcome::Error(error),
                 upstream_status: Some(200),
                 usage,
-                error: Some(error),
             },
         }
     } else {
@@ -214,38 +199,33 @@ async fn execute(
             }
             Exit::Stayed
         }
-        Outcome::Answered { status, http_status, body, upstream_status, usage, error } => {
-            if let Some(reply) = &env.reply {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert(H_STATUS, http_status.to_string().as_str());
-                // Enough for an ingress whose client left to store the outcome.
-                headers.insert(H_JOB_ID, env.job_id.to_string().as_str());
-                headers.insert(H_TENANT, env.tenant.to_string().as_str());
-                headers.insert(H_POOL, env.pool.as_str());
-                headers.insert(H_ENDPOINT, env.endpoint.as_str());
-                if env.stream {
-                    headers.insert(sluice_core::envelope::H_STREAM_END, "1");
-                }
-                headers.insert(H_SUBMITTED, env.submitted_ms.to_string().as_str());
-                headers.insert(H_DEADLINE, env.deadline_ms.to_string().as_str());
-                headers.insert(H_ATTEMPTS, attempt.to_string().as_str());
-                if let Some(secs) = error.as_ref().and_then(|e| e.retry_after_secs) {
-                    headers.insert(H_RETRY_AFTER, secs.to_string().as_str());
-                }
-                if let Err(error) = ctx.nats.publish_with_headers(reply.clone(), headers, body.clone()).await {
+        Outcome::Answered { status, outcome, upstream_status, usage } => {
+            let reported = (usage != Usage::default()).then(|| usage.clone());
+            let answer = Answer {
+                job: JobRef::of(env),
+                attempt,
+                outcome,
+                ends_stream: env.stream,
+                usage: reported,
+                headers: Vec::new(),
+            };
+            if let Some(subject) = &env.reply {
+                let (headers, payload) = Reply::Answer(Box::new(answer.clone())).encode();
+                if let Err(error) = ctx.nats.publish_with_headers(subject.clone(), headers, payload).await {
                     tracing::warn!(%error, "could not publish the answer to the ingress");
                 }
             }
+            let outcome = answer.outcome;
             let tokens = usage.total_tokens.map(|t| t.max(0) as u64);
             let mut event = JobEvent::from_envelope(env, status, attempt as i32);
             event.upstream_status = upstream_status.map(i32::from);
             event.usage = usage;
             event.started_ms = Some(started_ms);
             event.finished_ms = Some(now_ms());
-            if let Some(e) = &error {
-                event.error_code = Some(e.code.as_str().to_owned());
-                event.error_message = Some(e.message.clone());
-                tracing::info!(code = e.code.as_str(), message = %e.message, "job failed");
+            if let Some((code, message)) = failure_of(&outcome) {
+                tracing::info!(code, message = %message, "job failed");
+                event.error_code = Some(code.to_owned());
+                event.error_message = Some(message);
             }
             // An asynchronous job's event carries what its state carries for
             // the ledger: the event may reach the ledger before the state
@@ -255,8 +235,7 @@ async fn execute(
                 event.expires_ms = Some(record.expires_at * 1000);
             }
             if let Some(record) = record
-                && let Err(e) =
-                    state::finish(&ctx.job_state, &ctx.state_commit, env, record, status, http_status, &body).await
+                && let Err(e) = state::finish(&ctx.job_state, &ctx.state_commit, env, record, status, &outcome).await
             {
                 tracing::warn!(error = %e, "cannot store the job's outcome; retrying in 1 s");
                 let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
@@ -451,12 +430,38 @@ async fn with_progress<F: std::future::Future>(
 fn failed(error: ApiError, upstream_status: Option<u16>) -> Outcome {
     Outcome::Answered {
         status: JobStatus::Failed,
-        http_status: error.code.status().as_u16(),
-        body: Bytes::from(error.body()),
+        outcome: reply::Outcome::Error(error),
         upstream_status,
         usage: Usage::default(),
-        error: Some(error),
     }
+}
+
+/// The error code and message a failed outcome records.
+fn failure_of(outcome: &reply::Outcome) -> Option<(&'static str, String)> {
+    match outcome {
+        reply::Outcome::Error(e) => Some((e.code.as_str(), e.message.clone())),
+        reply::Outcome::Body { status: 200..=299, .. } => None,
+        reply::Outcome::Body { body, .. } => Some((
+            ErrorCode::InvalidRequest.as_str(),
+            String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        )),
+    }
+}
+
+/// The message of a provider's error body (`error.message`, in either API's
+/// shape), or its first bytes.
+fn provider_message(body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct Envelope {
+        error: Inner,
+    }
+    #[derive(Deserialize)]
+    struct Inner {
+        message: String,
+    }
+    serde_json::from_slice::<Envelope>(body)
+        .map(|e| e.error.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
 }
 
 fn classify(
@@ -470,22 +475,25 @@ fn classify(
     match result {
         Ok(answer) => Outcome::Answered {
             status: JobStatus::Completed,
-            http_status: answer.status,
             usage: usage_of(&answer.body),
             upstream_status: Some(answer.status),
-            body: answer.body,
-            error: None,
+            outcome: reply::Outcome::Body { status: answer.status, body: answer.body },
         },
-        Err(CallError::Rejected { status, body }) => {
-            let message = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-            Outcome::Answered {
-                status: JobStatus::Failed,
-                http_status: status,
-                body,
-                upstream_status: Some(status),
-                usage: Usage::default(),
-                error: Some(ApiError::new(ErrorCode::InvalidRequest, message)),
-            }
+        // A provider of the client's API refused: its own words, as they came.
+        Err(CallError::Rejected { status, body, native: true }) => Outcome::Answered {
+            status: JobStatus::Failed,
+            outcome: reply::Outcome::Body { status, body },
+            upstream_status: Some(status),
+            usage: Usage::default(),
+        },
+        // One of the other API: its message, in the client's envelope.
+        Err(CallError::Rejected { status, body, native: false }) => {
+            failed(ApiError::new(ErrorCode::InvalidRequest, provider_message(&body)).with_status(status), Some(status))
+        }
+        Err(CallError::Unsupported(e)) => {
+            let mut error = ApiError::new(ErrorCode::InvalidRequest, e.to_string());
+            error.param = e.param();
+            failed(error, None)
         }
         Err(CallError::DeadlineExceeded) => {
             metrics::counter!(m::UPSTREAM_FAILURES, "pool" => env.pool.clone(), "reason" => "deadline").increment(1);

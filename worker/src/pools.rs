@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use sluice_core::config::{ConfigError, PoolConfig, UpstreamConfig, ms};
 use sluice_core::counters::Counters;
+use sluice_core::wire::subjects::{self, Rate};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -100,13 +101,13 @@ struct Window {
 /// counted in windows of `window_ms`. A window's limit is its share of the
 /// minute, the fractions carried over so that the windows of a minute add
 /// up to the budget (19.5 per window alternates 19 and 20).
-fn window(kind: &str, token: &str, per_minute: f64, window_ms: u64) -> Window {
+fn window(kind: Rate, token: &str, per_minute: f64, window_ms: u64) -> Window {
     let now = sluice_core::now_ms();
     let index = now / window_ms;
     let per_window = per_minute * window_ms as f64 / 60_000.0;
     let limit = ((per_window * (index + 1) as f64).floor() - (per_window * index as f64).floor()) as i64;
     let ends = Instant::now() + Duration::from_millis((index + 1) * window_ms - now);
-    Window { subject: format!("sluice.rate.dep.{kind}.{token}.{index}"), limit, ends }
+    Window { subject: subjects::deployment_rate(kind, token, index), limit, ends }
 }
 
 impl Deployment {
@@ -129,7 +130,7 @@ impl Deployment {
     /// Windows of a second, or of one call when the limit is below one a second.
     fn rpm_window(&self, rpm: u64) -> Window {
         let window_ms = 60_000u64.div_ceil(rpm.max(1)).max(1_000);
-        window("rpm", &self.token, rpm as f64 * (1.0 - self.headroom), window_ms)
+        window(Rate::Requests, &self.token, rpm as f64 * (1.0 - self.headroom), window_ms)
     }
 
     /// When this deployment can next take a call; `None` when it can now.
@@ -231,7 +232,7 @@ impl Deployment {
         if tpm == 0 {
             return None;
         }
-        let w = window("tpm", &self.token, tpm as f64 * (1.0 - self.headroom), TPM_WINDOW_MS);
+        let w = window(Rate::Tokens, &self.token, tpm as f64 * (1.0 - self.headroom), TPM_WINDOW_MS);
         match shared.counters.add(&w.subject, estimate as i64).await {
             Ok(total) => {
                 if total >= w.limit {
@@ -255,7 +256,7 @@ impl Deployment {
         let [(_, pool), (_, name)] = self.label();
         let kind = match outcome {
             Ok(()) => "ok",
-            Err(CallError::Rejected { .. }) => "rejected",
+            Err(CallError::Rejected { .. } | CallError::Unsupported(_)) => "rejected",
             Err(CallError::Retryable { status: Some(429), .. }) => "rate_limited",
             Err(CallError::DeadlineExceeded) => "deadline",
             Err(_) => "error",
@@ -506,7 +507,7 @@ impl Pools {
                 deployments.push(Arc::new(Deployment {
                     client,
                     pool: pool.name.clone(),
-                    token: sluice_core::envelope::subject_token(&d.name),
+                    token: sluice_core::wire::subjects::token(&d.name),
                     weight: d.weight,
                     rpm: d.rpm,
                     tpm: d.tpm,

@@ -3,7 +3,7 @@
 //! Whatever the bytes, each returns a value or an error, never panics.
 
 use proptest::prelude::*;
-use sluice_core::envelope::Endpoint;
+use sluice_core::wire::envelope::Endpoint;
 
 use crate::providers::{self, translate};
 

@@ -28,7 +28,7 @@ use async_nats::jetstream::Message;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::stream::Stream;
 use futures::{StreamExt, TryStreamExt};
-use sluice_core::envelope::{WAKE_SUBJECTS, job_subject, parse_job_subject};
+use sluice_core::wire::subjects;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -215,7 +215,7 @@ impl Queues {
         let name = consumer_name(&self.prefix, key);
         let config = pull::Config {
             durable_name: Some(name.clone()),
-            filter_subject: job_subject(&key.pool, key.class, key.tenant),
+            filter_subject: subjects::job(&key.pool, key.class, key.tenant),
             ack_policy: AckPolicy::Explicit,
             ack_wait: self.ack_wait,
             // Attempts are counted by the worker, which fails a job past
@@ -272,7 +272,7 @@ async fn fetch_now(consumer: &PullConsumer, max: usize) -> Result<Vec<Message>, 
 /// Forwards wake-ups until `shutdown`. A full channel drops them: they are
 /// hints, and discovery catches up.
 pub async fn wake_ups(nats: async_nats::Client, tx: mpsc::Sender<Hint>, shutdown: CancellationToken) {
-    let mut sub = match nats.subscribe(WAKE_SUBJECTS).await {
+    let mut sub = match nats.subscribe(subjects::WAKES).await {
         Ok(s) => s,
         Err(error) => {
             tracing::warn!(%error, "cannot subscribe to wake-ups; relying on discovery");
@@ -284,9 +284,8 @@ pub async fn wake_ups(nats: async_nats::Client, tx: mpsc::Sender<Hint>, shutdown
             _ = shutdown.cancelled() => return,
             m = sub.next() => match m { Some(m) => m, None => return },
         };
-        let subject = format!("jobs.{}", message.subject.as_str().trim_start_matches("sluice.wake."));
-        if let Some((pool, class, tenant)) = parse_job_subject(&subject) {
-            let _ = tx.try_send(Hint::Wake(QueueKey { pool: pool.to_owned(), class, tenant }));
+        if let Some(q) = subjects::parse_wake(message.subject.as_str()) {
+            let _ = tx.try_send(Hint::Wake(QueueKey { pool: q.pool.to_owned(), class: q.class, tenant: q.tenant }));
         }
     }
 }
@@ -318,11 +317,11 @@ pub async fn discover(
 }
 
 async fn list(stream: &Stream) -> Result<Vec<(QueueKey, u64)>, async_nats::Error> {
-    let mut info = stream.info_with_subjects(sluice_core::envelope::JOBS_SUBJECTS).await?;
+    let mut info = stream.info_with_subjects(subjects::JOBS).await?;
     let mut out = Vec::new();
     while let Some((subject, count)) = info.try_next().await? {
-        if let Some((pool, class, tenant)) = parse_job_subject(&subject) {
-            out.push((QueueKey { pool: pool.to_owned(), class, tenant }, count as u64));
+        if let Some(q) = subjects::parse_job(&subject) {
+            out.push((QueueKey { pool: q.pool.to_owned(), class: q.class, tenant: q.tenant }, count as u64));
         }
     }
     Ok(out)

@@ -105,7 +105,7 @@ impl Worker {
         let events =
             js.get_stream(&config.nats.events_stream).await.map_err(|e| consumer_error(LEDGER_CONSUMER, &e))?;
         let ledger = durable(&events, LEDGER_CONSUMER, w.ack_wait_ms).await?;
-        let state_stream = format!("KV_{}", config.jobs.state_bucket);
+        let state_stream = sluice_core::wire::subjects::kv_stream(&config.jobs.state_bucket);
         let states = js.get_stream(&state_stream).await.map_err(|e| consumer_error(LEDGER_STATE_CONSUMER, &e))?;
         let ledger_state = durable(&states, LEDGER_STATE_CONSUMER, w.ack_wait_ms).await?;
         let webhooks = durable(&states, WEBHOOK_CONSUMER, w.ack_wait_ms).await?;
@@ -296,7 +296,7 @@ async fn repair_counts(
     while ticker.tick(&shutdown).await {
         let listed = counts.borrow().clone();
         let truth = queues::per_tenant(&listed);
-        let subject = sluice_core::counters::queued_subject;
+        let subject = sluice_core::wire::subjects::queued;
         let mut repaired = crate::counts::repair(&counters, subject, &truth, &tenants.capped(), &mut seen).await;
         let limited = tenants.capped_in_flight();
         if !limited.is_empty() {
@@ -306,7 +306,7 @@ async fn repair_counts(
                     *running.entry(key.tenant).or_insert(0) += info.num_ack_pending as i64;
                 }
             }
-            let subject = sluice_core::counters::in_flight_subject;
+            let subject = sluice_core::wire::subjects::in_flight;
             repaired += crate::counts::repair(&counters, subject, &running, &limited, &mut seen_running).await;
         }
         metrics::counter!(crate::metrics::COUNTER_REPAIRS).increment(repaired as u64);

@@ -6,11 +6,13 @@
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use sluice_core::envelope::Envelope;
 use sluice_core::event::JobStatus;
-use sluice_core::group_commit::{GroupCommit, expect_revision, kv_subject};
+use sluice_core::group_commit::{GroupCommit, expect_revision};
 use sluice_core::jobstate::{self, JobRecord};
 use sluice_core::now_ms;
+use sluice_core::wire::envelope::Envelope;
+use sluice_core::wire::reply::Outcome;
+use sluice_core::wire::subjects::kv_key;
 
 /// What the worker may do with an asynchronous job.
 pub enum Begin {
@@ -41,7 +43,7 @@ pub async fn begin(
     expired: bool,
 ) -> Result<Begin, StateError> {
     let key = jobstate::key(env.tenant, env.job_id);
-    let subject = kv_subject(store, &key);
+    let subject = kv_key(store, &key);
     for _ in 0..3 {
         let Some(entry) = store.entry(&key).await.map_err(err)?.filter(|e| e.operation == kv::Operation::Put) else {
             return Ok(Begin::Missing);
@@ -85,12 +87,11 @@ pub async fn finish(
     env: &Envelope,
     mut record: JobRecord,
     status: JobStatus,
-    http_status: u16,
-    body: &[u8],
+    outcome: &Outcome,
 ) -> Result<(), StateError> {
-    record.conclude(status, http_status, body, now_ms() / 1000);
+    record.conclude(status, outcome, now_ms() / 1000);
     let value = serde_json::to_vec(&record).map_err(err)?;
-    let subject = kv_subject(store, &jobstate::key(env.tenant, env.job_id));
+    let subject = kv_key(store, &jobstate::key(env.tenant, env.job_id));
     commit.publish(subject, async_nats::HeaderMap::new(), Bytes::from(value)).await.map_err(err)?;
     Ok(())
 }

@@ -1,18 +1,19 @@
 //! Streaming an answer through the queue: the worker reads the provider's
 //! server-sent events, turns them into the client's API when the two differ
 //! (see [`crate::providers`]), and publishes each event's data, in order, to
-//! the waiting ingress (core NATS, `Sluice-Chunk: <n>`, `Sluice-Attempts`,
-//! and `Sluice-Event` when the event has a name), which forwards them as
-//! they come. The job's final reply then carries `Sluice-Stream-End`. A
+//! the waiting ingress as chunks ([`sluice_core::wire::reply::Chunk`], core
+//! NATS), which forwards them as they come. The job's final answer then
+//! ends the stream. A
 //! failure before the stream opened is an ordinary failure (failed over or
 //! retried like any other); once events have gone out the stream cannot be
 //! replayed, so a failure ends it with an error.
 
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
-use sluice_core::envelope::{Envelope, H_ATTEMPTS, H_CHUNK, H_EVENT};
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::Usage;
+use sluice_core::wire::envelope::Envelope;
+use sluice_core::wire::reply::{Chunk, Reply};
 use tokio::time::Instant;
 
 use crate::job::JobContext;
@@ -46,14 +47,10 @@ pub async fn relay(
             if let Some(u) = usage_in(e.data.as_bytes()) {
                 merge(usage, u);
             }
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(H_CHUNK, sent.to_string().as_str());
-            headers.insert(H_ATTEMPTS, attempt.to_string().as_str());
-            if let Some(name) = &e.name {
-                headers.insert(H_EVENT, name.as_str());
-            }
+            let chunk = Chunk { index: *sent, attempt, event: e.name, data: Bytes::from(e.data) };
+            let (headers, payload) = Reply::Chunk(chunk).encode();
             *sent += 1;
-            out.push(ctx.nats.publish_with_headers(reply.clone(), headers, Bytes::from(e.data)));
+            out.push(ctx.nats.publish_with_headers(reply.clone(), headers, payload));
         }
         out
     };

@@ -9,18 +9,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderValue;
 use sluice_core::config::{ConfigError, DeploymentConfig, UpstreamConfig, ms};
-use sluice_core::envelope::Endpoint;
+use sluice_core::wire::envelope::Endpoint;
 use tokio::time::Instant;
 
+use crate::providers::translate::TranslateError;
 use crate::providers::{Provider, RateInfo, StreamRelay};
 
 /// A call that ended without a usable answer.
 #[derive(Debug)]
 pub enum CallError {
-    /// The upstream refused the request itself (4xx other than 408/429), or
-    /// the request cannot be put to this provider: retrying cannot help, the
-    /// client gets this answer as is.
-    Rejected { status: u16, body: Bytes },
+    /// The upstream refused the request itself (4xx other than 408/429):
+    /// retrying cannot help. `native` when the provider speaks the client's
+    /// API, so its body can reach the client as it came.
+    Rejected { status: u16, body: Bytes, native: bool },
+    /// The request cannot be put to this provider (the client gets a 400).
+    Unsupported(TranslateError),
     /// A failure that another attempt may not meet.
     Retryable { reason: &'static str, status: Option<u16>, retry_after: Option<Duration> },
     /// The job's deadline passed during the call.
@@ -140,7 +143,7 @@ impl Client {
             Err(e) => return (Err(e), RateInfo::default()),
         };
         let rate = self.provider.limits(response.headers());
-        let answer = read_answer(response, end, deadline, rate.retry_after).await.map(|a| Answer {
+        let answer = read_answer(response, end, deadline, rate.retry_after, self.native(api)).await.map(|a| Answer {
             status: a.status,
             body: if (200..300).contains(&a.status) { self.provider.answer(api, a.body) } else { a.body },
         });
@@ -165,10 +168,20 @@ impl Client {
             return (Ok((response, end, self.provider.stream(api))), rate);
         }
         // Not a stream: an error to classify like any other answer.
-        let result = read_answer(response, end, deadline, rate.retry_after)
+        let native = self.native(api);
+        let result = read_answer(response, end, deadline, rate.retry_after, native)
             .await
-            .and_then(|a| Err(CallError::Rejected { status: a.status, body: a.body }));
+            .and_then(|a| Err(CallError::Rejected { status: a.status, body: a.body, native }));
         (result, rate)
+    }
+
+    /// Whether this deployment speaks `api` itself (no translation).
+    fn native(&self, api: Endpoint) -> bool {
+        use sluice_core::config::ProviderKind;
+        match self.provider.kind() {
+            ProviderKind::Openai => api != Endpoint::Messages,
+            ProviderKind::Anthropic => api == Endpoint::Messages,
+        }
     }
 
     async fn send(
@@ -177,10 +190,7 @@ impl Client {
         body: Bytes,
         deadline: Instant,
     ) -> Result<(reqwest::Response, Instant, Instant), CallError> {
-        let (path, body) = self.provider.request(api, &body, &self.model).map_err(|message| {
-            let error = sluice_core::error::ApiError::new(sluice_core::error::ErrorCode::InvalidRequest, message);
-            CallError::Rejected { status: 400, body: Bytes::from(error.body()) }
-        })?;
+        let (path, body) = self.provider.request(api, &body, &self.model).map_err(CallError::Unsupported)?;
         let now = Instant::now();
         let by_deadline = deadline.saturating_duration_since(now);
         if by_deadline.is_zero() {
@@ -216,6 +226,7 @@ async fn read_answer(
     end: Instant,
     deadline: Instant,
     retry_after: Option<Duration>,
+    native: bool,
 ) -> Result<Answer, CallError> {
     let timed_out = || {
         if end >= deadline { CallError::DeadlineExceeded } else { retryable("timeout", None, None) }
@@ -232,7 +243,7 @@ async fn read_answer(
         429 => Err(retryable("upstream_429", Some(status), retry_after)),
         // Anthropic's "overloaded" status.
         529 => Err(retryable("upstream_5xx", Some(status), retry_after)),
-        400..=499 => Err(CallError::Rejected { status, body }),
+        400..=499 => Err(CallError::Rejected { status, body, native }),
         _ => Err(retryable("upstream_5xx", Some(status), retry_after)),
     }
 }

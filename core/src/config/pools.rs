@@ -170,7 +170,7 @@ impl PoolConfig {
     /// Subject token for this pool: NATS tokens may not hold `.`, `*`, `>`
     /// or whitespace, which model names such as `gpt-4.1` do.
     pub fn subject_token(&self) -> String {
-        crate::envelope::subject_token(&self.name)
+        crate::wire::subjects::token(&self.name)
     }
 
     pub(super) fn validate(&self, i: usize) -> Result<(), ConfigError> {
@@ -210,7 +210,7 @@ impl PoolConfig {
             if d.weight == 0 || d.weight > 1000 {
                 return Err(ConfigError::key(key("weight"), "must be 1 to 1000"));
             }
-            if !names.insert(crate::envelope::subject_token(&d.name)) {
+            if !names.insert(crate::wire::subjects::token(&d.name)) {
                 return Err(ConfigError::key(key("name"), "collides with another deployment's name"));
             }
         }

@@ -1,18 +1,27 @@
 //! `POST /v1/chat/completions`, `POST /v1/embeddings` and `POST /v1/messages`, answered
 //! synchronously through the queue: authenticate, validate, publish the job
 //! to JetStream, wait for the worker's answer on this ingress's reply inbox.
+//!
+//! Anthropic's Messages API takes the same path (sync, streamed or as a
+//! job), answered in Anthropic's shapes; a pool's deployments may speak
+//! either API and the worker translates. Errors reach the handler
+//! structured (from validation, admission or the worker's reply) and are
+//! rendered once, in the route's dialect: OpenAI's envelope, or Anthropic's
+//! `{"type":"error","error":{"type":"invalid_request_error","message":"…"}}`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use sluice_core::envelope::{self, Class, Endpoint, Envelope};
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::jobstate::{self, JobRecord};
 use sluice_core::now_ms;
+use sluice_core::wire::envelope::{Class, Endpoint, Envelope};
+use sluice_core::wire::reply::{Outcome, Reply};
+use sluice_core::wire::subjects;
 use uuid::Uuid;
 
 use super::submit;
@@ -44,15 +53,12 @@ async fn answer(
         Ok(response) => response,
         Err(error) => {
             crate::metrics::rejected(error.code);
-            if error.code.status().is_server_error() {
+            if error.status >= 500 {
                 tracing::warn!(%job_id, request_id, route, code = error.code.as_str(), message = %error.message, "request failed");
             }
-            error.into_response()
+            error.render(endpoint.dialect())
         }
     };
-    if endpoint == Endpoint::Messages && !response.status().is_success() {
-        response = super::messages::anthropic_error(response).await;
-    }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
@@ -107,7 +113,7 @@ async fn handle(
         stream: checked.stream,
     };
     let class = Class::Interactive.capped_by(policy.tier);
-    let subject = envelope::job_subject(checked.pool_token, class, owner.tenant_id);
+    let subject = subjects::job(checked.pool_token, class, owner.tenant_id);
     let in_flight = metrics::gauge!(crate::metrics::IN_FLIGHT);
     in_flight.increment(1.0);
     let _gauge = submit::scopeguard(move || in_flight.decrement(1.0));
@@ -151,21 +157,33 @@ async fn handle(
             .job(job_id.to_string()));
         }
     };
-    if reply.chunk.is_some() {
-        return Ok(super::sse::response(reply, waiter, job_id, endpoint));
-    }
-    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut response = (status, reply.body).into_response();
+    let answer = match reply {
+        Reply::Chunk(first) => return Ok(super::sse::response(first, waiter, job_id, endpoint)),
+        Reply::Answer(answer) => answer,
+    };
+    let mut response = match answer.outcome {
+        Outcome::Body { status, body } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            if !status.is_success() {
+                crate::metrics::rejected(ErrorCode::InvalidRequest);
+            }
+            let mut response = (status, body).into_response();
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Outcome::Error(error) => {
+            crate::metrics::rejected(error.code);
+            error.render(endpoint.dialect())
+        }
+    };
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Some(secs) = reply.retry_after {
-        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    for (name, value) in &answer.headers {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
+            h.insert(name, value);
+        }
     }
     if let Ok(v) = HeaderValue::from_str(&job_id.to_string()) {
         h.insert("x-sluice-job-id", v);
-    }
-    if !status.is_success() {
-        crate::metrics::rejected(upstream_code(status));
     }
     Ok(response)
 }
@@ -197,14 +215,5 @@ async fn detach(state: &AppState, env: &Envelope) {
         && error.kind() != async_nats::jetstream::kv::CreateErrorKind::AlreadyExists
     {
         tracing::warn!(%error, job_id = %env.job_id, "could not record a timed-out request as a job");
-    }
-}
-
-fn upstream_code(status: StatusCode) -> ErrorCode {
-    match status.as_u16() {
-        429 => ErrorCode::UpstreamRateLimited,
-        504 => ErrorCode::Timeout,
-        400..=499 => ErrorCode::InvalidRequest,
-        _ => ErrorCode::UpstreamError,
     }
 }

@@ -19,12 +19,12 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use sluice_core::envelope::{self, Class, Endpoint, Envelope};
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::JobStatus;
 use sluice_core::jobstate::{self, JobRecord, WebhookTarget};
 use sluice_core::now_ms;
 use sluice_core::webhook;
+use sluice_core::wire::envelope::{Class, Endpoint, Envelope};
 use uuid::Uuid;
 
 use super::submit;
@@ -294,7 +294,7 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         tpm_window: None,
         stream: false,
     };
-    let subject = envelope::job_subject(checked.pool_token, class, owner.tenant_id);
+    let subject = sluice_core::wire::subjects::job(checked.pool_token, class, owner.tenant_id);
 
     let admitted = state.admission.admit(owner.tenant_id, &policy, checked.est_tokens).await?;
     let created = create_state(state, &key, to_bytes(&record)?).await;
@@ -470,11 +470,12 @@ fn check_metadata(metadata: Option<&serde_json::Map<String, serde_json::Value>>)
 /// request's new job id), unless the first attempt already did.
 async fn create_state(state: &AppState, key: &str, value: bytes::Bytes) -> Result<(), kv::CreateError> {
     use async_nats::jetstream::context::PublishErrorKind;
-    use sluice_core::group_commit::{expect_revision, kv_subject};
+    use sluice_core::group_commit::expect_revision;
+    use sluice_core::wire::subjects::kv_key;
     let give_up = tokio::time::Instant::now() + std::time::Duration::from_millis(state.config.ingress.publish_retry_ms);
     let mut pause = std::time::Duration::from_millis(50);
     let mut repeated = false;
-    let subject = kv_subject(&state.job_state, key);
+    let subject = kv_key(&state.job_state, key);
     loop {
         match state.state_commit.publish(subject.clone(), expect_revision(0), value.clone()).await {
             Ok(_) => return Ok(()),

@@ -2,7 +2,6 @@
 
 mod chat;
 mod jobs;
-mod messages;
 mod models;
 mod sse;
 mod submit;

@@ -24,21 +24,23 @@ use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use sluice_core::envelope::Endpoint;
+use sluice_core::error::{ApiError, Dialect, ErrorCode};
+use sluice_core::wire::envelope::Endpoint;
+use sluice_core::wire::reply::{Chunk, Outcome, Reply};
 use uuid::Uuid;
 
-use crate::replies::{Reply, Waiter};
+use crate::replies::Waiter;
 
 /// Longest wait for the next chunk.
 pub const CHUNK_GAP: Duration = Duration::from_secs(60);
 
 struct Forward {
     waiter: Waiter,
-    first: Option<Reply>,
+    first: Option<Chunk>,
     next: u64,
-    attempt: Option<u64>,
+    attempt: u32,
     done: bool,
-    anthropic: bool,
+    dialect: Dialect,
 }
 
 fn event(name: Option<&str>, data: &[u8]) -> Bytes {
@@ -55,40 +57,41 @@ fn event(name: Option<&str>, data: &[u8]) -> Bytes {
 }
 
 impl Forward {
-    /// The stream's end after a failure whose OpenAI-shaped error is `error`.
-    fn failed(&self, error: &[u8]) -> Bytes {
-        if self.anthropic {
-            let (kind, message) = super::messages::error_parts(error);
-            let body = serde_json::json!({"type": "error", "error": {"type": kind, "message": message}});
-            return event(Some("error"), body.to_string().as_bytes());
+    /// The stream's end after a failure, in the client's dialect.
+    fn failed(&self, error: &ApiError) -> Bytes {
+        let body = error.body(self.dialect);
+        match self.dialect {
+            Dialect::Anthropic => event(Some("error"), &body),
+            Dialect::OpenAi => {
+                let mut out = event(None, &body).to_vec();
+                out.extend_from_slice(b"data: [DONE]\n\n");
+                Bytes::from(out)
+            }
         }
-        let mut out = event(None, error).to_vec();
-        out.extend_from_slice(b"data: [DONE]\n\n");
-        Bytes::from(out)
     }
 
     fn interrupted(&self, why: &str) -> Bytes {
-        let error = serde_json::json!({"error": {"message": format!("stream interrupted: {why}"),
-            "type": "server_error", "param": null, "code": "stream_interrupted"}});
-        self.failed(error.to_string().as_bytes())
+        self.failed(&ApiError::new(ErrorCode::StreamInterrupted, format!("stream interrupted: {why}")))
     }
 
     fn finished(&self) -> Bytes {
-        if self.anthropic { Bytes::new() } else { Bytes::from_static(b"data: [DONE]\n\n") }
+        match self.dialect {
+            Dialect::Anthropic => Bytes::new(),
+            Dialect::OpenAi => Bytes::from_static(b"data: [DONE]\n\n"),
+        }
     }
 }
 
 /// Builds the response from the first chunk; the rest follow as they come.
-pub fn response(first: Reply, waiter: Waiter, job_id: Uuid, endpoint: Endpoint) -> Response {
+pub fn response(first: Chunk, waiter: Waiter, job_id: Uuid, endpoint: Endpoint) -> Response {
     let attempt = first.attempt;
-    let anthropic = endpoint == Endpoint::Messages;
-    let state = Forward { waiter, first: Some(first), next: 0, attempt, done: false, anthropic };
+    let state = Forward { waiter, first: Some(first), next: 0, attempt, done: false, dialect: endpoint.dialect() };
     let stream = futures::stream::unfold(state, |mut s| async move {
         if s.done {
             return None;
         }
         let reply = match s.first.take() {
-            Some(r) => r,
+            Some(c) => Reply::Chunk(c),
             None => match tokio::time::timeout(CHUNK_GAP, s.waiter.recv()).await {
                 Ok(Some(r)) => r,
                 Ok(None) => {
@@ -104,30 +107,38 @@ pub fn response(first: Reply, waiter: Waiter, job_id: Uuid, endpoint: Endpoint) 
                 }
             },
         };
-        if reply.end {
-            s.done = true;
-            if (200..300).contains(&reply.status) {
-                let out = s.finished();
+        let chunk = match reply {
+            Reply::Chunk(chunk) => chunk,
+            Reply::Answer(answer) => {
+                s.done = true;
+                let out = match &answer.outcome {
+                    Outcome::Body { status: 200..=299, .. } => s.finished(),
+                    Outcome::Body { .. } => {
+                        metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "upstream").increment(1);
+                        s.interrupted("the provider refused the request when it was run again")
+                    }
+                    Outcome::Error(error) => {
+                        metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "upstream").increment(1);
+                        s.failed(error)
+                    }
+                };
                 return Some((Ok(out), s));
             }
-            metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "upstream").increment(1);
-            let out = s.failed(&reply.body);
-            return Some((Ok(out), s));
-        }
-        if reply.attempt != s.attempt {
+        };
+        if chunk.attempt != s.attempt {
             s.done = true;
             metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "restarted").increment(1);
             let out = s.interrupted("the worker serving it stopped and the request was run again");
             return Some((Ok(out), s));
         }
-        if reply.chunk != Some(s.next) {
+        if chunk.index != s.next {
             s.done = true;
             metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "gap").increment(1);
             let out = s.interrupted("a chunk was lost");
             return Some((Ok(out), s));
         }
         s.next += 1;
-        Some((Ok(event(reply.event.as_deref(), &reply.body)), s))
+        Some((Ok(event(chunk.event.as_deref(), &chunk.data)), s))
     });
     let mut response = (StatusCode::OK, Body::from_stream(stream)).into_response();
     let h = response.headers_mut();

@@ -5,8 +5,8 @@ use std::borrow::Cow;
 
 use axum::http::HeaderMap;
 use serde::Deserialize;
-use sluice_core::envelope::{Endpoint, Envelope};
 use sluice_core::error::{ApiError, ErrorCode};
+use sluice_core::wire::envelope::{Endpoint, Envelope};
 use uuid::Uuid;
 
 use crate::startup::AppState;
@@ -156,8 +156,8 @@ fn pool_token<'s>(c: &Catalog<'s>, model: &str) -> Result<&'s str, ApiError> {
 /// cannot fix (too large, queue full) are answered at once.
 pub async fn publish(state: &AppState, subject: String, env: &Envelope, body: bytes::Bytes) -> Result<(), ApiError> {
     let mut headers = env.to_headers();
-    headers.insert(sluice_core::envelope::H_MSG_ID, env.job_id.to_string().as_str());
-    let wake = sluice_core::envelope::wake_subject(&subject);
+    headers.insert(sluice_core::wire::envelope::H_MSG_ID, env.job_id.to_string().as_str());
+    let wake = sluice_core::wire::subjects::wake_of(&subject);
     let give_up = tokio::time::Instant::now() + std::time::Duration::from_millis(state.config.ingress.publish_retry_ms);
     let mut pause = std::time::Duration::from_millis(50);
     loop {
@@ -173,7 +173,9 @@ pub async fn publish(state: &AppState, subject: String, env: &Envelope, body: by
         }
     }
     // A hint only: workers also list the queues every `scheduler.discover_ms`.
-    if let Err(error) = state.nats.publish(wake, bytes::Bytes::new()).await {
+    if let Some(wake) = wake
+        && let Err(error) = state.nats.publish(wake, bytes::Bytes::new()).await
+    {
         tracing::debug!(%error, "could not wake the workers");
     }
     Ok(())
@@ -282,7 +284,8 @@ mod properties {
             Ok(checked) => prop_assert_eq!(checked.model, "mock"),
             Err(e) => {
                 prop_assert!(e.code.status().is_client_error(), "{:?}", e.code);
-                let body: serde_json::Value = serde_json::from_slice(&e.body()).unwrap_or_default();
+                let body: serde_json::Value =
+                    serde_json::from_slice(&e.body(sluice_core::error::Dialect::OpenAi)).unwrap_or_default();
                 prop_assert!(body["error"]["message"].is_string());
             }
         }

@@ -1,5 +1,6 @@
 use super::*;
 use sluice_core::config::DeploymentConfig;
+use sluice_core::wire::subjects::{Rate, Subject};
 
 fn pool(weights: &[u32], failures: u32) -> Pools {
     let mut p = PoolConfig::single("p", "http://127.0.0.1:9/v1");
@@ -108,12 +109,15 @@ fn the_retry_budget_allows_a_share_of_first_attempts() {
 #[test]
 fn windows_pace_the_minute() {
     // 1200 a minute at 97.5 %: 19.5 a second, alternating 19 and 20.
-    let now = window("rpm", "d", 1170.0, 1_000).limit;
+    let now = window(Rate::Requests, "d", 1170.0, 1_000).limit;
     assert!(now == 19 || now == 20, "{now}");
     let per_window = 1170.0 * 1_000.0 / 60_000.0;
     let minute: f64 = (0..60u64).map(|i| (per_window * (i + 1) as f64).floor() - (per_window * i as f64).floor()).sum();
     assert_eq!(minute, 1170.0);
-    let w = window("rpm", "d", 10.0, 6_000);
+    let w = window(Rate::Requests, "d", 10.0, 6_000);
     assert_eq!(w.limit, 1);
-    assert!(w.subject.starts_with("sluice.rate.dep.rpm.d."));
+    assert!(matches!(
+        Subject::parse(&w.subject),
+        Some(Subject::DeploymentRate { rate: Rate::Requests, deployment: "d", .. })
+    ));
 }

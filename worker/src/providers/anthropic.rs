@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderMap;
 use sluice_core::config::ProviderKind;
-use sluice_core::envelope::Endpoint;
+use sluice_core::wire::envelope::Endpoint;
 
 use super::translate::{self, Event, MessagesToChat};
 use super::{Passthrough, Provider, RateInfo, StreamRelay, header_u64, retry_after, rewrite_model};
@@ -22,13 +22,18 @@ impl Provider for Anthropic {
         ProviderKind::Anthropic
     }
 
-    fn request(&self, api: Endpoint, body: &[u8], model: &str) -> Result<(&'static str, Bytes), String> {
+    fn request(
+        &self,
+        api: Endpoint,
+        body: &[u8],
+        model: &str,
+    ) -> Result<(&'static str, Bytes), translate::TranslateError> {
         match api {
             Endpoint::Messages => Ok(("/messages", rewrite_model(body, model).unwrap_or_default())),
             Endpoint::ChatCompletions => {
                 Ok(("/messages", Bytes::from(translate::chat_to_messages_request(body, model)?)))
             }
-            Endpoint::Embeddings => Err("this pool's provider (Anthropic) has no embeddings endpoint".into()),
+            Endpoint::Embeddings => Err(translate::TranslateError::NoEmbeddings),
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderMap;
 use sluice_core::config::ProviderKind;
-use sluice_core::envelope::Endpoint;
+use sluice_core::wire::envelope::Endpoint;
 
 pub mod anthropic;
 pub mod openai;
@@ -43,7 +43,12 @@ pub trait Provider: Send + Sync {
     /// The upstream path (under the base URL) and body for a client request
     /// made in `api`'s shape, sent to the upstream `model`. An `Err` is a
     /// request this provider cannot take (the client gets a 400 with it).
-    fn request(&self, api: Endpoint, body: &[u8], model: &str) -> Result<(&'static str, Bytes), String>;
+    fn request(
+        &self,
+        api: Endpoint,
+        body: &[u8],
+        model: &str,
+    ) -> Result<(&'static str, Bytes), translate::TranslateError>;
     /// Adds the provider's authentication and version headers.
     fn authorize(&self, request: reqwest::RequestBuilder, key: Option<&http::HeaderValue>) -> reqwest::RequestBuilder;
     /// The header value that carries `key` (built once, marked sensitive).

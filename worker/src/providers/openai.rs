@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderMap;
 use sluice_core::config::ProviderKind;
-use sluice_core::envelope::Endpoint;
+use sluice_core::wire::envelope::Endpoint;
 
 use super::translate::{self, ChatToMessages, Event};
 use super::{Passthrough, Provider, RateInfo, StreamRelay, header_u64, retry_after, rewrite_model};
@@ -19,7 +19,12 @@ impl Provider for OpenAi {
         ProviderKind::Openai
     }
 
-    fn request(&self, api: Endpoint, body: &[u8], model: &str) -> Result<(&'static str, Bytes), String> {
+    fn request(
+        &self,
+        api: Endpoint,
+        body: &[u8],
+        model: &str,
+    ) -> Result<(&'static str, Bytes), translate::TranslateError> {
         match api {
             Endpoint::ChatCompletions => Ok(("/chat/completions", rewrite_model(body, model).unwrap_or_default())),
             Endpoint::Embeddings => Ok(("/embeddings", rewrite_model(body, model).unwrap_or_default())),

@@ -12,12 +12,41 @@ pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 type Obj = Map<String, Value>;
 
-fn object(body: &[u8]) -> Result<Obj, String> {
-    serde_json::from_slice(body).map_err(|e| format!("the request body is not a JSON object: {e}"))
+/// A request that cannot be put to a provider of the other API.
+#[derive(Debug, thiserror::Error)]
+pub enum TranslateError {
+    #[error("the request body is not a JSON object: {0}")]
+    NotAnObject(#[source] serde_json::Error),
+    #[error("`{field}` holds a `{kind}` part, which this pool's provider cannot take")]
+    Part { field: String, kind: String },
+    #[error("`{0}` must be a string or an array of text parts")]
+    NotText(String),
+    #[error("`tools` cannot be translated to this pool's provider")]
+    Tools,
+    #[error("messages[{0}].role `{1}` cannot be translated")]
+    Role(usize, String),
+    #[error("this pool's provider (Anthropic) has no embeddings endpoint")]
+    NoEmbeddings,
+}
+
+impl TranslateError {
+    /// The request field at fault.
+    pub fn param(&self) -> Option<String> {
+        match self {
+            TranslateError::Part { field, .. } | TranslateError::NotText(field) => Some(field.clone()),
+            TranslateError::Tools => Some("tools".into()),
+            TranslateError::Role(i, _) => Some(format!("messages[{i}].role")),
+            TranslateError::NotAnObject(_) | TranslateError::NoEmbeddings => None,
+        }
+    }
+}
+
+fn object(body: &[u8]) -> Result<Obj, TranslateError> {
+    serde_json::from_slice(body).map_err(TranslateError::NotAnObject)
 }
 
 /// Text of a content value: a string, or an array of `{type: text, text}` parts.
-fn text_of(content: &Value, field: &str) -> Result<String, String> {
+fn text_of(content: &Value, field: &str) -> Result<String, TranslateError> {
     match content {
         Value::String(s) => Ok(s.clone()),
         Value::Null => Ok(String::new()),
@@ -27,16 +56,16 @@ fn text_of(content: &Value, field: &str) -> Result<String, String> {
                 match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
                     (Some("text"), Some(text)) => out.push_str(text),
                     (kind, _) => {
-                        return Err(format!(
-                            "`{field}` holds a `{}` part, which this pool's provider cannot take",
-                            kind.unwrap_or("untyped")
-                        ));
+                        return Err(TranslateError::Part {
+                            field: field.to_owned(),
+                            kind: kind.unwrap_or("untyped").to_owned(),
+                        });
                     }
                 }
             }
             Ok(out)
         }
-        _ => Err(format!("`{field}` must be a string or an array of text parts")),
+        _ => Err(TranslateError::NotText(field.to_owned())),
     }
 }
 
@@ -49,10 +78,10 @@ fn copy(from: &Obj, to: &mut Obj, keys: &[(&str, &str)]) {
 }
 
 /// A Chat Completions request as a Messages request for `model`.
-pub fn chat_to_messages_request(body: &[u8], model: &str) -> Result<Vec<u8>, String> {
+pub fn chat_to_messages_request(body: &[u8], model: &str) -> Result<Vec<u8>, TranslateError> {
     let chat = object(body)?;
     if chat.get("tools").is_some_and(|t| !t.is_null()) {
-        return Err("`tools` cannot be translated to this pool's provider".into());
+        return Err(TranslateError::Tools);
     }
     let mut system = Vec::new();
     let mut messages = Vec::new();
@@ -62,7 +91,7 @@ pub fn chat_to_messages_request(body: &[u8], model: &str) -> Result<Vec<u8>, Str
         match m.get("role").and_then(Value::as_str) {
             Some("system" | "developer") => system.push(text),
             Some(role @ ("user" | "assistant")) => messages.push(json!({"role": role, "content": text})),
-            other => return Err(format!("messages[{i}].role `{}` cannot be translated", other.unwrap_or(""))),
+            other => return Err(TranslateError::Role(i, other.unwrap_or("").to_owned())),
         }
     }
     let mut out = Obj::new();
@@ -86,14 +115,14 @@ pub fn chat_to_messages_request(body: &[u8], model: &str) -> Result<Vec<u8>, Str
     if let Some(user) = chat.get("user").and_then(Value::as_str) {
         out.insert("metadata".into(), json!({"user_id": user}));
     }
-    serde_json::to_vec(&out).map_err(|e| e.to_string())
+    serde_json::to_vec(&out).map_err(TranslateError::NotAnObject)
 }
 
 /// A Messages request as a Chat Completions request for `model`.
-pub fn messages_to_chat_request(body: &[u8], model: &str) -> Result<Vec<u8>, String> {
+pub fn messages_to_chat_request(body: &[u8], model: &str) -> Result<Vec<u8>, TranslateError> {
     let req = object(body)?;
     if req.get("tools").is_some_and(|t| !t.is_null()) {
-        return Err("`tools` cannot be translated to this pool's provider".into());
+        return Err(TranslateError::Tools);
     }
     let mut messages = Vec::new();
     if let Some(system) = req.get("system") {
@@ -103,7 +132,7 @@ pub fn messages_to_chat_request(body: &[u8], model: &str) -> Result<Vec<u8>, Str
         let text = text_of(m.get("content").unwrap_or(&Value::Null), &format!("messages[{i}].content"))?;
         match m.get("role").and_then(Value::as_str) {
             Some(role @ ("user" | "assistant")) => messages.push(json!({"role": role, "content": text})),
-            other => return Err(format!("messages[{i}].role `{}` cannot be translated", other.unwrap_or(""))),
+            other => return Err(TranslateError::Role(i, other.unwrap_or("").to_owned())),
         }
     }
     let mut out = Obj::new();
@@ -118,7 +147,7 @@ pub fn messages_to_chat_request(body: &[u8], model: &str) -> Result<Vec<u8>, Str
         out.insert("stream".into(), true.into());
         out.insert("stream_options".into(), json!({"include_usage": true}));
     }
-    serde_json::to_vec(&out).map_err(|e| e.to_string())
+    serde_json::to_vec(&out).map_err(TranslateError::NotAnObject)
 }
 
 pub fn finish_to_stop_reason(finish: &str) -> &'static str {
@@ -334,7 +363,7 @@ mod tests {
         assert_eq!((out["max_tokens"].clone(), out["stop_sequences"].clone()), (json!(20), json!(["END"])));
         assert_eq!(out["temperature"], 0.5);
         let image = br#"{"model":"a","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#;
-        assert!(chat_to_messages_request(image, "m").unwrap_err().contains("image_url"));
+        assert!(chat_to_messages_request(image, "m").unwrap_err().to_string().contains("image_url"));
         let no_max = v(&chat_to_messages_request(br#"{"model":"a","messages":[]}"#, "m").unwrap());
         assert_eq!(no_max["max_tokens"], DEFAULT_MAX_TOKENS);
     }

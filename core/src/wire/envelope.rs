@@ -1,14 +1,10 @@
-//! The job envelope: what the ingress publishes and the worker executes.
+//! The job envelope: what the ingress publishes on `jobs.<pool>.<class>.<tenant>`
+//! and the worker executes.
 //!
 //! The payload of a job message is the client's request body, byte for byte;
 //! everything else travels in NATS headers, so nothing is re-encoded on the
-//! hot path.
-//!
-//! `Sluice-Job-Id` carries the job id. `Nats-Msg-Id` (JetStream's duplicate
-//! detection) is set only for submits that must be idempotent: tracking an id
-//! for every synchronous request over the dedup window costs the server memory
-//! and CPU in proportion to the request rate, for submits that are never
-//! republished (the ingress answers 503 instead of retrying a publish).
+//! hot path. `Sluice-Job-Id` carries the job id; `Nats-Msg-Id` (JetStream's
+//! duplicate detection) is set by the ingress's publish (decision 0001).
 
 use async_nats::HeaderMap;
 use uuid::Uuid;
@@ -23,22 +19,8 @@ pub const H_DEADLINE: &str = "Sluice-Deadline-Ms";
 pub const H_SUBMITTED: &str = "Sluice-Submitted-Ms";
 pub const H_REQUEST_ID: &str = "Sluice-Request-Id";
 pub const H_TRACEPARENT: &str = "traceparent";
-/// On a reply: the HTTP status the ingress answers with.
-pub const H_STATUS: &str = "Sluice-Status";
-/// On a reply: seconds the client should wait before retrying.
-pub const H_RETRY_AFTER: &str = "Sluice-Retry-After";
-/// On a reply: deliveries the job took.
-pub const H_ATTEMPTS: &str = "Sluice-Attempts";
 /// Present on a job whose answer is streamed (`stream: true`).
 pub const H_STREAM: &str = "Sluice-Stream";
-/// On a streamed answer's chunk: its position, from 0.
-pub const H_CHUNK: &str = "Sluice-Chunk";
-/// On a streamed answer's last message: the stream is over (the status
-/// header says how it ended; an error's body is the error).
-pub const H_STREAM_END: &str = "Sluice-Stream-End";
-/// On a streamed answer's chunk: the server-sent event's name, when it has
-/// one (Anthropic's streams name every event).
-pub const H_EVENT: &str = "Sluice-Event";
 /// Tokens the job is expected to use (prompt estimate plus requested output).
 pub const H_EST_TOKENS: &str = "Sluice-Est-Tokens";
 /// Present when the ingress counted the job in its tenant's queued-jobs
@@ -47,11 +29,6 @@ pub const H_QUEUED_COUNTED: &str = "Sluice-Queued-Counted";
 /// The minute window whose tokens-per-minute counter holds this job's
 /// estimate; the worker corrects it by the real usage.
 pub const H_TPM_WINDOW: &str = "Sluice-Tpm-Window";
-
-/// Subject prefix of the jobs stream: `jobs.<pool>.<class>.<tenant>`.
-pub const JOBS_SUBJECTS: &str = "jobs.>";
-/// Subject prefix of the events stream: `events.job.<status>`.
-pub const EVENTS_SUBJECTS: &str = "events.job.>";
 
 /// The API a job calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +45,14 @@ impl Endpoint {
             Endpoint::ChatCompletions => "chat.completions",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Messages => "messages",
+        }
+    }
+
+    /// The error envelope its clients expect.
+    pub fn dialect(self) -> crate::error::Dialect {
+        match self {
+            Endpoint::ChatCompletions | Endpoint::Embeddings => crate::error::Dialect::OpenAi,
+            Endpoint::Messages => crate::error::Dialect::Anthropic,
         }
     }
 
@@ -126,39 +111,6 @@ impl Class {
     pub fn index(self) -> usize {
         self as usize
     }
-}
-
-/// A subject-safe form of a name: anything but `[A-Za-z0-9_-]` becomes `_`.
-pub fn subject_token(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
-}
-
-pub fn job_subject(pool_token: &str, class: Class, tenant: Uuid) -> String {
-    format!("jobs.{pool_token}.{}.{}", class.as_str(), tenant.simple())
-}
-
-/// The parts of a job subject: pool token, class, tenant.
-pub fn parse_job_subject(subject: &str) -> Option<(&str, Class, Uuid)> {
-    let mut parts = subject.split('.');
-    let (Some("jobs"), Some(pool), Some(class), Some(tenant), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return None;
-    };
-    Some((pool, Class::parse(class)?, tenant.parse().ok()?))
-}
-
-/// Core-NATS subjects on which the ingress tells the workers that a queue
-/// got a job: `sluice.wake.<pool>.<class>.<tenant>`, no payload.
-pub const WAKE_SUBJECTS: &str = "sluice.wake.>";
-
-/// The wake-up subject of a job subject.
-pub fn wake_subject(job_subject: &str) -> String {
-    format!("sluice.wake.{}", job_subject.strip_prefix("jobs.").unwrap_or(job_subject))
-}
-
-pub fn event_subject(status: &str) -> String {
-    format!("events.job.{status}")
 }
 
 /// Everything a worker needs to know about a job, besides its body.
@@ -288,27 +240,9 @@ mod tests {
     }
 
     #[test]
-    fn job_subjects_parse_back() {
-        let t = Uuid::new_v4();
-        let s = job_subject("mock", Class::Batch, t);
-        assert_eq!(parse_job_subject(&s), Some(("mock", Class::Batch, t)));
-        assert_eq!(parse_job_subject("jobs.mock.sync.x"), None);
-        assert_eq!(parse_job_subject("jobs.a.b.c.d"), None);
-    }
-
-    #[test]
     fn classes_are_lowered_to_the_tier() {
         assert_eq!(Class::Interactive.capped_by(Class::Batch), Class::Batch);
         assert_eq!(Class::Batch.capped_by(Class::Interactive), Class::Batch);
         assert_eq!(Class::Interactive.capped_by(Class::Normal), Class::Normal);
-    }
-
-    #[test]
-    fn subjects_are_safe_tokens() {
-        let t = Uuid::nil();
-        assert_eq!(
-            job_subject(&subject_token("gpt-4.1 mini>*"), Class::Interactive, t),
-            format!("jobs.gpt-4_1_mini__.interactive.{}", t.simple())
-        );
     }
 }
