@@ -250,6 +250,73 @@ pub async fn set_tenant(
     row.ok_or_else(|| DbError::NoTenant(name.to_owned()))
 }
 
+/// The tenant's jobs from the ledger, newest first, after the cursor job
+/// (`GET /v1/jobs`), as the API shows them.
+pub async fn job_history(
+    db: &PgPool,
+    tenant: Uuid,
+    after: Option<Uuid>,
+    status: Option<&str>,
+    limit: i64,
+) -> Result<Vec<serde_json::Value>, DbError> {
+    let rows = sqlx::query(
+        "SELECT id, endpoint, pool, status, attempts,
+                extract(epoch FROM submitted_at)::int8 AS created_at,
+                extract(epoch FROM finished_at)::int8 AS finished_at,
+                metadata::text AS metadata, error_code
+         FROM jobs
+         WHERE tenant_id = $1
+           AND ($2::text IS NULL OR status = $2)
+           AND ($3::uuid IS NULL OR (submitted_at, id) <
+                (SELECT submitted_at, id FROM jobs WHERE id = $3 AND tenant_id = $1))
+         ORDER BY submitted_at DESC, id DESC
+         LIMIT $4",
+    )
+    .bind(tenant)
+    .bind(status)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let metadata: Option<String> = r.try_get("metadata")?;
+            Ok(serde_json::json!({
+                "id": r.try_get::<Uuid, _>("id")?,
+                "object": "job",
+                "endpoint": r.try_get::<String, _>("endpoint")?,
+                "model": r.try_get::<String, _>("pool")?,
+                "status": r.try_get::<String, _>("status")?,
+                "attempts": r.try_get::<i32, _>("attempts")?,
+                "created_at": r.try_get::<i64, _>("created_at")?,
+                "finished_at": r.try_get::<Option<i64>, _>("finished_at")?,
+                "metadata": metadata.and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok()),
+                "error_code": r.try_get::<Option<String>, _>("error_code")?,
+            }))
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(DbError::from)
+}
+
+/// Schedules a job's webhook delivery again from a fresh retry schedule
+/// (`POST /v1/jobs/{id}/webhook/redeliver`); a delivery still being
+/// attempted is left alone. The statuses of the job's deliveries, `reset`
+/// for those rescheduled; empty when the job has none.
+pub async fn redeliver_webhook(db: &PgPool, job: Uuid, tenant: Uuid) -> Result<Vec<String>, DbError> {
+    let statuses = sqlx::query_scalar(
+        "WITH reset AS (
+             UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = now()
+             WHERE job_id = $1 AND tenant_id = $2 AND status <> 'pending' RETURNING id)
+         SELECT CASE WHEN id IN (SELECT id FROM reset) THEN 'reset' ELSE status END
+         FROM webhook_deliveries WHERE job_id = $1 AND tenant_id = $2",
+    )
+    .bind(job)
+    .bind(tenant)
+    .fetch_all(db)
+    .await?;
+    Ok(statuses)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

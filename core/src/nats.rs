@@ -138,3 +138,17 @@ async fn create_bucket(
     .await
     .map_err(|e| NatsError::Bucket { name, message: e.to_string() })
 }
+
+/// Whether a publish failed because the stream is at its limits (its
+/// `max_msgs` or `max_bytes`, or the server's storage): JetStream's error
+/// code 10077, "stream store failed", read from the error's source chain.
+pub fn is_storage_full(e: &jetstream::context::PublishError) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(js) = s.downcast_ref::<jetstream::Error>() {
+            return js.error_code() == jetstream::ErrorCode::STREAM_STORE_FAILED;
+        }
+        source = s.source();
+    }
+    false
+}

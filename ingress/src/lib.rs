@@ -7,7 +7,10 @@
 //! - [`replies`]: one wildcard inbox per ingress; answers from workers are
 //!   routed to the request waiting for them.
 //! - [`body`]: content type, size limit and JSON parsing, with OpenAI errors.
-//! - [`routes`]: the OpenAI-compatible endpoints and Anthropic's Messages API.
+//! - [`routes`]: the handlers: OpenAI-compatible endpoints, Anthropic's Messages API, jobs.
+//! - [`validate`]: checking each endpoint's body and a job's fields before anything is queued.
+//! - [`publish`]: the request path's JetStream writes, repeated with backoff while the error may pass.
+//! - [`state`]: what every handler shares.
 //! - [`serve`]: the accept loop: connection limit, header deadline, graceful shutdown.
 //! - [`admin`]: command-line administration (migrations, tenants, keys).
 //! - [`metrics`]: every metric the ingress records.
@@ -21,9 +24,12 @@ pub mod admission;
 pub mod auth;
 pub mod body;
 pub mod metrics;
+pub mod publish;
 pub mod replies;
 pub mod routes;
 pub mod serve;
 pub mod startup;
+pub mod state;
+pub mod validate;
 
 pub use startup::Ingress;

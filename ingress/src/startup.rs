@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::auth::KeyCache;
 use crate::replies::Replies;
+use crate::state::AppState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -31,36 +32,6 @@ pub enum StartError {
 
 /// Bytes kept free in a NATS message for the envelope's headers.
 const ENVELOPE_HEADROOM: usize = 8 * 1024;
-
-/// What every request handler shares.
-pub struct AppState {
-    pub config: Config,
-    pub nats: async_nats::Client,
-    pub js: async_nats::jetstream::Context,
-    /// State of asynchronous jobs.
-    pub job_state: async_nats::jetstream::kv::Store,
-    /// Job publishes, batched with `nats.group_commit`.
-    pub jobs_commit: GroupCommit,
-    /// New jobs' states, batched with `nats.group_commit`.
-    pub state_commit: GroupCommit,
-    /// Postgres, for the job history behind `GET /v1/jobs` (never on the submit path).
-    pub db: PgPool,
-    pub keys: KeyCache,
-    /// Tenant limits, counted in NATS across all ingress replicas.
-    pub admission: crate::admission::Admission,
-    pub replies: Replies,
-    /// Bounds the synchronous requests waiting at once (`ingress.max_in_flight`).
-    pub in_flight: Arc<Semaphore>,
-    /// Pool name → subject token, precomputed.
-    pub pool_tokens: std::collections::HashMap<String, String>,
-}
-
-impl AppState {
-    /// How long a client may take to send a request body.
-    pub fn body_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.ingress.body_timeout_ms)
-    }
-}
 
 /// A built ingress, ready to serve on any listener.
 pub struct Ingress {

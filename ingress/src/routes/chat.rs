@@ -17,15 +17,15 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sluice_core::error::{ApiError, ErrorCode};
-use sluice_core::jobstate::{self, JobRecord};
+
 use sluice_core::now_ms;
 use sluice_core::wire::envelope::{Class, Endpoint, Envelope};
 use sluice_core::wire::reply::{Outcome, Reply};
 use sluice_core::wire::subjects;
 use uuid::Uuid;
 
-use super::submit;
-use crate::startup::AppState;
+use crate::state::AppState;
+use crate::{publish, validate};
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     answer(state, headers, body, Endpoint::ChatCompletions, "chat_completions").await
@@ -48,7 +48,7 @@ async fn answer(
 ) -> Response {
     let started = Instant::now();
     let job_id = Uuid::now_v7();
-    let request_id = submit::request_id(&headers, job_id);
+    let request_id = validate::request_id(&headers, job_id);
     let mut response = match handle(&state, &headers, body, endpoint, job_id, &request_id).await {
         Ok(response) => response,
         Err(error) => {
@@ -77,7 +77,7 @@ async fn handle(
     let owner = state.keys.authenticate(headers)?;
     let bytes =
         crate::body::read_json_body(headers, body, state.config.ingress.max_body_bytes, state.body_timeout()).await?;
-    let checked = submit::validate(state, endpoint, &bytes)?;
+    let checked = validate::validate(state, endpoint, &bytes)?;
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
         return Err(ApiError::new(ErrorCode::Overloaded, "this gateway has too many requests waiting; retry shortly")
             .retry_after(1));
@@ -106,7 +106,7 @@ async fn handle(
         deadline_ms: submitted_ms + state.config.jobs.default_expiry_ms,
         submitted_ms,
         request_id: request_id.to_owned(),
-        traceparent: Some(submit::traceparent(headers, job_id)),
+        traceparent: Some(validate::traceparent(headers, job_id)),
         est_tokens: checked.est_tokens,
         queued_counted: admitted.queued_counted,
         tpm_window: admitted.tpm_window,
@@ -116,10 +116,10 @@ async fn handle(
     let subject = subjects::job(checked.pool_token, class, owner.tenant_id);
     let in_flight = metrics::gauge!(crate::metrics::IN_FLIGHT);
     in_flight.increment(1.0);
-    let _gauge = submit::scopeguard(move || in_flight.decrement(1.0));
+    let _gauge = validate::scopeguard(move || in_flight.decrement(1.0));
 
     let publish_started = Instant::now();
-    if let Err(error) = submit::publish(state, subject, &env, bytes).await {
+    if let Err(error) = publish::job(state, subject, &env, bytes).await {
         state.admission.rollback(admitted);
         return Err(error);
     }
@@ -128,7 +128,7 @@ async fn handle(
     // From here the job exists; if this handler is dropped (the client went
     // away) before the answer, the job is recorded so its answer is kept.
     // A streamed answer goes out as it comes and is not kept for later.
-    let mut on_drop = DetachOnDrop((!env.stream).then(|| (state.clone(), env.clone())));
+    let mut on_drop = publish::DetachOnDrop((!env.stream).then(|| (state.clone(), env.clone())));
     let reply = match tokio::time::timeout_at(deadline, waiter.recv()).await {
         Ok(Some(reply)) => {
             on_drop.0 = None;
@@ -146,7 +146,7 @@ async fn handle(
         }
         Err(_) => {
             on_drop.0 = None;
-            detach(state, &env).await;
+            publish::detached(state, &env).await;
             return Err(ApiError::new(
                 ErrorCode::Timeout,
                 format!(
@@ -186,34 +186,4 @@ async fn handle(
         h.insert("x-sluice-job-id", v);
     }
     Ok(response)
-}
-
-/// Records the job when the handler is dropped mid-wait (client disconnect).
-struct DetachOnDrop(Option<(Arc<AppState>, Envelope)>);
-
-impl Drop for DetachOnDrop {
-    fn drop(&mut self) {
-        if let Some((state, env)) = self.0.take() {
-            tokio::spawn(async move { detach(&state, &env).await });
-        }
-    }
-}
-
-/// Makes a synchronous request whose wait ran out visible as a job. `create`
-/// never overwrites: if the answer arrived meanwhile, it stays.
-async fn detach(state: &AppState, env: &Envelope) {
-    let record = JobRecord::queued(
-        env.job_id,
-        env.endpoint.as_str(),
-        &env.pool,
-        env.submitted_ms,
-        env.deadline_ms.saturating_sub(env.submitted_ms),
-    );
-    let Ok(value) = serde_json::to_vec(&record) else { return };
-    let key = jobstate::key(env.tenant, env.job_id);
-    if let Err(error) = state.job_state.create(&key, value.into()).await
-        && error.kind() != async_nats::jetstream::kv::CreateErrorKind::AlreadyExists
-    {
-        tracing::warn!(%error, job_id = %env.job_id, "could not record a timed-out request as a job");
-    }
 }

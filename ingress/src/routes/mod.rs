@@ -1,17 +1,20 @@
-//! The OpenAI-compatible routes, and Anthropic's `POST /v1/messages`.
+//! The routes: OpenAI-compatible endpoints, Anthropic's `POST /v1/messages`,
+//! and Sluice's jobs. Handlers only: checks live in [`crate::validate`], JetStream
+//! writes in [`crate::publish`].
 
 mod chat;
+mod job_list;
+mod job_submit;
 mod jobs;
 mod models;
 mod sse;
-mod submit;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::{get, post};
 
-use crate::startup::AppState;
+use crate::state::AppState;
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -19,7 +22,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(chat::embeddings))
         .route("/v1/messages", post(chat::messages))
         .route("/v1/models", get(models::list))
-        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
+        .route("/v1/jobs", post(job_submit::submit).get(job_list::list))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/webhook/redeliver", post(jobs::redeliver))

@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::startup::AppState;
+use crate::state::AppState;
 
 pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let started = Instant::now();

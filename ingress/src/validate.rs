@@ -1,15 +1,22 @@
-//! What every submit path shares: validating an endpoint's body, publishing
-//! a job to JetStream, request ids and trace context.
+//! Checking what a client sends before anything is queued: each endpoint's
+//! body (its pool, its token estimate), a job submit's own fields (endpoint,
+//! metadata, priority, expiry, webhook, `Idempotency-Key`), and the request's
+//! identity (request id, trace context). Every refusal is a structured
+//! [`ApiError`] naming the field.
 
 use std::borrow::Cow;
 
 use axum::http::HeaderMap;
+use bytes::Bytes;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use sluice_core::error::{ApiError, ErrorCode};
-use sluice_core::wire::envelope::{Endpoint, Envelope};
+use sluice_core::jobstate::WebhookTarget;
+use sluice_core::webhook;
+use sluice_core::wire::envelope::{Class, Endpoint};
 use uuid::Uuid;
 
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// The fields of a chat completion the ingress checks; the rest of the body
 /// is passed on as is.
@@ -145,58 +152,6 @@ fn pool_token<'s>(c: &Catalog<'s>, model: &str) -> Result<&'s str, ApiError> {
     })
 }
 
-/// Publishes the job and waits for JetStream's acknowledgement, then wakes
-/// the workers for its queue. Every job carries its id as `Nats-Msg-Id`, so
-/// that a publish repeated after a lost acknowledgement is stored once.
-///
-/// While the stream has no leader (a node died and the rest elect another,
-/// a few seconds) or an acknowledgement times out, the publish is repeated
-/// with backoff for up to `ingress.publish_retry_ms`: the client waits a
-/// little longer instead of getting a 503. Errors that another attempt
-/// cannot fix (too large, queue full) are answered at once.
-pub async fn publish(state: &AppState, subject: String, env: &Envelope, body: bytes::Bytes) -> Result<(), ApiError> {
-    let mut headers = env.to_headers();
-    headers.insert(sluice_core::wire::envelope::H_MSG_ID, env.job_id.to_string().as_str());
-    let wake = sluice_core::wire::subjects::wake_of(&subject);
-    let give_up = tokio::time::Instant::now() + std::time::Duration::from_millis(state.config.ingress.publish_retry_ms);
-    let mut pause = std::time::Duration::from_millis(50);
-    loop {
-        match state.jobs_commit.publish(subject.clone(), headers.clone(), body.clone()).await {
-            Ok(_) => break,
-            Err(e) if sluice_core::group_commit::retryable(&e) && tokio::time::Instant::now() + pause < give_up => {
-                metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => e.kind().to_string()).increment(1);
-                tracing::info!(error = %e, job_id = %env.job_id, "publish failed; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(1));
-            }
-            Err(e) => return Err(publish_error(e)),
-        }
-    }
-    // A hint only: workers also list the queues every `scheduler.discover_ms`.
-    if let Some(wake) = wake
-        && let Err(error) = state.nats.publish(wake, bytes::Bytes::new()).await
-    {
-        tracing::debug!(%error, "could not wake the workers");
-    }
-    Ok(())
-}
-
-pub fn publish_error(e: async_nats::jetstream::context::PublishError) -> ApiError {
-    use async_nats::jetstream::context::PublishErrorKind;
-    match e.kind() {
-        PublishErrorKind::MaxPayloadExceeded => {
-            ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large for the job queue")
-        }
-        PublishErrorKind::Other if e.to_string().contains("maximum messages") => {
-            ApiError::new(ErrorCode::QueueFull, "the job queue is full; retry later").retry_after(5)
-        }
-        kind => {
-            ApiError::new(ErrorCode::QueueUnavailable, format!("the job queue is unavailable ({kind}); retry shortly"))
-                .retry_after(1)
-        }
-    }
-}
-
 /// The client's `x-request-id` when it is sane, else the job id.
 pub fn request_id(headers: &HeaderMap, job_id: Uuid) -> String {
     headers
@@ -232,6 +187,150 @@ pub fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+/// A checked `POST /v1/jobs` body.
+pub struct CheckedJob<'s> {
+    pub endpoint: Endpoint,
+    /// The endpoint's request, as the job's payload.
+    pub inner: Bytes,
+    pub checked: Checked<'s>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub priority: Option<String>,
+    /// The class asked for (before the tenant's tier lowers it).
+    pub class: Class,
+    pub expiry_ms: u64,
+    pub webhook: Option<WebhookTarget>,
+}
+
+/// Checks a job submit's body: the endpoint and its request, then the job's
+/// own fields (the webhook target is resolved and checked here).
+pub async fn job<'s>(state: &'s AppState, bytes: &[u8]) -> Result<CheckedJob<'s>, ApiError> {
+    let request: JobRequest = crate::body::parse(bytes)?;
+    let Some(endpoint) = Endpoint::parse(&request.endpoint) else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("unknown endpoint `{}`; supported: chat.completions, embeddings, messages", request.endpoint),
+        )
+        .param("endpoint"));
+    };
+    let inner = Bytes::copy_from_slice(request.body.get().as_bytes());
+    let checked = validate(state, endpoint, &inner)?;
+    if checked.stream {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "a job cannot stream; use POST /v1/chat/completions for `stream: true`",
+        )
+        .param("stream"));
+    }
+    check_metadata(request.metadata.as_ref())?;
+    let class = match request.priority.as_deref() {
+        None => Class::Normal,
+        Some(p) => Class::parse(p).ok_or_else(|| {
+            ApiError::new(ErrorCode::InvalidRequest, "`priority` must be interactive, normal or batch")
+                .param("priority")
+        })?,
+    };
+    let jobs = &state.config.jobs;
+    let expiry_ms = match request.expires_in {
+        Some(0) => {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "`expires_in` must be positive").param("expires_in"));
+        }
+        Some(secs) if secs.saturating_mul(1000) > jobs.max_expiry_ms => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("`expires_in` may be at most {} seconds", jobs.max_expiry_ms / 1000),
+            )
+            .param("expires_in"));
+        }
+        Some(secs) => secs * 1000,
+        None => jobs.default_expiry_ms,
+    };
+    let webhook = match request.webhook {
+        Some(hook) => Some(check_webhook(state, hook).await?),
+        None => None,
+    };
+    Ok(CheckedJob {
+        endpoint,
+        inner,
+        checked,
+        metadata: request.metadata,
+        priority: request.priority,
+        class,
+        expiry_ms,
+        webhook,
+    })
+}
+
+const MAX_METADATA_KEYS: usize = 16;
+const MAX_METADATA_VALUE: usize = 512;
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobRequest {
+    endpoint: String,
+    body: Box<RawValue>,
+    #[serde(default)]
+    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    priority: Option<String>,
+    /// Seconds the job may wait in the queue before it expires.
+    #[serde(default)]
+    expires_in: Option<u64>,
+    #[serde(default)]
+    webhook: Option<WebhookRequest>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookRequest {
+    url: String,
+    /// `whsec_…`; one is made (and shown once, in the 202) when absent.
+    #[serde(default)]
+    secret: Option<String>,
+}
+
+async fn check_webhook(state: &AppState, hook: WebhookRequest) -> Result<WebhookTarget, ApiError> {
+    let bad = |message: String| ApiError::new(ErrorCode::InvalidRequest, message).param("webhook");
+    if hook.url.len() > 2048 {
+        return Err(bad("`webhook.url` is longer than 2048 characters".into()));
+    }
+    webhook::check_target(&hook.url, state.config.webhooks.policy()).await.map_err(|e| bad(e.to_string()))?;
+    let secret = match hook.secret {
+        Some(secret) => {
+            webhook::check_secret(&secret).map_err(|e| bad(e.to_string()))?;
+            secret
+        }
+        None => webhook::new_secret().map_err(|_| ApiError::new(ErrorCode::Internal, "cannot make a secret"))?,
+    };
+    Ok(WebhookTarget { url: hook.url, secret })
+}
+
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    match value.to_str() {
+        Ok(key) if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY => Ok(Some(key)),
+        _ => Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("`Idempotency-Key` must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+        )),
+    }
+}
+
+fn check_metadata(metadata: Option<&serde_json::Map<String, serde_json::Value>>) -> Result<(), ApiError> {
+    let Some(map) = metadata else { return Ok(()) };
+    let bad = |message: String| Err(ApiError::new(ErrorCode::InvalidRequest, message).param("metadata"));
+    if map.len() > MAX_METADATA_KEYS {
+        return bad(format!("`metadata` may hold at most {MAX_METADATA_KEYS} keys"));
+    }
+    for (key, value) in map {
+        match value.as_str() {
+            Some(s) if s.len() <= MAX_METADATA_VALUE && key.len() <= 64 => {}
+            _ => return bad(format!("`metadata.{key}` must be a string of at most {MAX_METADATA_VALUE} characters")),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

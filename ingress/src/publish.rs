@@ -1,0 +1,134 @@
+//! The request path's writes to JetStream: a job's publish and its state's
+//! creation, both repeated with backoff (`backon`) while the error may pass
+//! (the stream has no leader for a few seconds while a node dies and the
+//! rest elect another; an acknowledgement is lost), for up to
+//! `ingress.publish_retry_ms`: the client waits a little longer instead of
+//! getting a 503. Errors another attempt cannot fix (too large, queue full)
+//! are answered at once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::kv;
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use sluice_core::error::{ApiError, ErrorCode};
+use sluice_core::group_commit::expect_revision;
+use sluice_core::jobstate::{self, JobRecord};
+use sluice_core::wire::envelope::{Envelope, H_MSG_ID};
+use sluice_core::wire::subjects;
+
+use crate::state::AppState;
+
+/// The pauses between attempts: 50 ms doubling to 1 s, at most
+/// `ingress.publish_retry_ms` in all.
+fn backoff(state: &AppState) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(1))
+        .with_total_delay(Some(Duration::from_millis(state.config.ingress.publish_retry_ms)))
+        .without_max_times()
+}
+
+/// Publishes the job and waits for JetStream's acknowledgement, then wakes
+/// the workers for its queue. Every job carries its id as `Nats-Msg-Id`, so
+/// that a publish repeated after a lost acknowledgement is stored once.
+pub async fn job(state: &AppState, subject: String, env: &Envelope, body: Bytes) -> Result<(), ApiError> {
+    let mut headers = env.to_headers();
+    headers.insert(H_MSG_ID, env.job_id.to_string().as_str());
+    let wake = subjects::wake_of(&subject);
+    (|| state.jobs_commit.publish(subject.clone(), headers.clone(), body.clone()))
+        .retry(backoff(state))
+        .when(sluice_core::group_commit::retryable)
+        .notify(|e, _| {
+            metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => e.kind().to_string()).increment(1);
+            tracing::info!(error = %e, job_id = %env.job_id, "publish failed; retrying");
+        })
+        .await
+        .map_err(publish_error)?;
+    // A hint only: workers also list the queues every `scheduler.discover_ms`.
+    if let Some(wake) = wake
+        && let Err(error) = state.nats.publish(wake, Bytes::new()).await
+    {
+        tracing::debug!(%error, "could not wake the workers");
+    }
+    Ok(())
+}
+
+/// The client's error for a publish that failed for good.
+pub fn publish_error(e: PublishError) -> ApiError {
+    if sluice_core::nats::is_storage_full(&e) {
+        return ApiError::new(ErrorCode::QueueFull, "the job queue is full; retry later").retry_after(5);
+    }
+    match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded => {
+            ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large for the job queue")
+        }
+        kind => {
+            ApiError::new(ErrorCode::QueueUnavailable, format!("the job queue is unavailable ({kind}); retry shortly"))
+                .retry_after(1)
+        }
+    }
+}
+
+/// Creates the job's state (through the group commit: the write must find
+/// no value for the key), repeating like the job's publish. A repeat that
+/// finds the key exists found its own earlier write (the key holds this
+/// request's new job id), unless the first attempt already did.
+pub async fn job_state(state: &AppState, key: &str, value: Bytes) -> Result<(), kv::CreateError> {
+    let repeated = AtomicBool::new(false);
+    let subject = subjects::kv_key(&state.job_state, key);
+    let written = (|| state.state_commit.publish(subject.clone(), expect_revision(0), value.clone()))
+        .retry(backoff(state))
+        // Anything but a taken key or a value too large may pass (no leader,
+        // a lost or refused acknowledgement during an election).
+        .when(|e| !matches!(e.kind(), PublishErrorKind::WrongLastSequence | PublishErrorKind::MaxPayloadExceeded))
+        .notify(|e, _| {
+            metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => "job_state").increment(1);
+            tracing::info!(error = %e, "storing a job's state failed; retrying");
+            repeated.store(true, Ordering::Relaxed);
+        })
+        .await;
+    match written {
+        Ok(_) => Ok(()),
+        // The key has a value, or a tombstone (a submit taken back) that
+        // the bucket's own create writes over.
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => match state.job_state.create(key, value).await {
+            Err(e) if repeated.load(Ordering::Relaxed) && e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
+            other => other.map(|_| ()),
+        },
+        Err(e) => Err(kv::CreateError::with_source(kv::CreateErrorKind::Publish, e)),
+    }
+}
+
+/// Records the job when the handler is dropped mid-wait (client disconnect).
+pub struct DetachOnDrop(pub Option<(Arc<AppState>, Envelope)>);
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        if let Some((state, env)) = self.0.take() {
+            tokio::spawn(async move { detached(&state, &env).await });
+        }
+    }
+}
+
+/// Makes a synchronous request whose wait ran out visible as a job. `create`
+/// never overwrites: if the answer arrived meanwhile, it stays.
+pub async fn detached(state: &AppState, env: &Envelope) {
+    let record = JobRecord::queued(
+        env.job_id,
+        env.endpoint.as_str(),
+        &env.pool,
+        env.submitted_ms,
+        env.deadline_ms.saturating_sub(env.submitted_ms),
+    );
+    let Ok(value) = serde_json::to_vec(&record) else { return };
+    let key = jobstate::key(env.tenant, env.job_id);
+    if let Err(error) = state.job_state.create(&key, value.into()).await
+        && error.kind() != async_nats::jetstream::kv::CreateErrorKind::AlreadyExists
+    {
+        tracing::warn!(%error, job_id = %env.job_id, "could not record a timed-out request as a job");
+    }
+}
