@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 use sluice_core::wire::envelope::Endpoint;
 
-use crate::providers::{self, translate};
+use crate::upstream::providers::{self, translate};
 
 fn endpoint() -> impl Strategy<Value = Endpoint> {
     prop_oneof![Just(Endpoint::ChatCompletions), Just(Endpoint::Embeddings), Just(Endpoint::Messages)]

@@ -13,11 +13,11 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::Executor;
-use crate::fair::{Fair, QueueKey};
-use crate::job::JobContext;
-use crate::pools::Pools;
-use crate::queues::{self, Queues};
+use crate::exec::executor::Executor;
+use crate::exec::fair::{Fair, QueueKey};
+use crate::exec::job::JobContext;
+use crate::exec::queues::{self, Queues};
+use crate::upstream::pools::Pools;
 
 /// Name of the durable consumer that feeds the ledger with outcome events.
 pub const LEDGER_CONSUMER: &str = "ledger";
@@ -111,21 +111,21 @@ impl Worker {
         let webhooks = durable(&states, WEBHOOK_CONSUMER, w.ack_wait_ms).await?;
 
         let background = CancellationToken::new();
-        let tenants = crate::tenants::TenantBook::start(
+        let tenants = crate::exec::tenants::TenantBook::start(
             db.clone(),
             config.tenants.clone(),
             ms(config.scheduler.tenants_refresh_ms),
             background.clone(),
         )
         .await?;
-        let (counts, count_flusher) = crate::counts::CountSink::start(counters.clone(), background.clone());
+        let (counts, count_flusher) = crate::exec::counts::CountSink::start(counters.clone(), background.clone());
         pools.attach(counters.clone(), counts.clone());
         let ctx = Arc::new(JobContext {
             tenants,
             counts,
             default_max_tokens: config.scheduler.default_max_tokens,
             nats: client.clone(),
-            events: crate::events::EventSink::start(js.clone()),
+            events: crate::ledger::events::EventSink::start(js.clone()),
             state_commit: sluice_core::group_commit::GroupCommit::new(
                 config.nats.group_commit,
                 client.clone(),
@@ -279,13 +279,13 @@ impl Worker {
 }
 
 /// Every `every` (`scheduler.repair_ms`), sets drifted counts to the truth (see
-/// [`crate::counts::repair`]): queued jobs from the latest discovery, running
+/// [`crate::exec::counts::repair`]): queued jobs from the latest discovery, running
 /// jobs from the acknowledgements pending on the tenant's queue consumers.
 async fn repair_counts(
     counters: sluice_core::counters::Counters,
     jobs: async_nats::jetstream::stream::Stream,
     prefix: String,
-    tenants: crate::tenants::TenantBook,
+    tenants: crate::exec::tenants::TenantBook,
     counts: tokio::sync::watch::Receiver<Arc<Vec<(QueueKey, u64)>>>,
     every: std::time::Duration,
     shutdown: CancellationToken,
@@ -297,7 +297,7 @@ async fn repair_counts(
         let listed = counts.borrow().clone();
         let truth = queues::per_tenant(&listed);
         let subject = sluice_core::wire::subjects::queued;
-        let mut repaired = crate::counts::repair(&counters, subject, &truth, &tenants.capped(), &mut seen).await;
+        let mut repaired = crate::exec::counts::repair(&counters, subject, &truth, &tenants.capped(), &mut seen).await;
         let limited = tenants.capped_in_flight();
         if !limited.is_empty() {
             let mut running = std::collections::HashMap::new();
@@ -307,7 +307,7 @@ async fn repair_counts(
                 }
             }
             let subject = sluice_core::wire::subjects::in_flight;
-            repaired += crate::counts::repair(&counters, subject, &running, &limited, &mut seen_running).await;
+            repaired += crate::exec::counts::repair(&counters, subject, &running, &limited, &mut seen_running).await;
         }
         metrics::counter!(crate::metrics::COUNTER_REPAIRS).increment(repaired as u64);
     }

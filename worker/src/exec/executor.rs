@@ -23,10 +23,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::fair::{Fair, QueueKey};
-use crate::job::{self, JobContext};
+use crate::exec::fair::{Fair, QueueKey};
+use crate::exec::job::{self, JobContext};
+use crate::exec::queues::{Hint, Queues};
 use crate::metrics as m;
-use crate::queues::{Hint, Queues};
 
 /// How long a tenant at its running-jobs limit is left alone, unless one of
 /// its jobs on this worker ends first.
@@ -301,7 +301,7 @@ impl Executor {
         permit: OwnedSemaphorePermit,
         limited: bool,
         done: mpsc::UnboundedSender<Done>,
-        lease: Option<crate::pools::Lease>,
+        lease: Option<crate::upstream::pools::Lease>,
     ) {
         let estimate = estimated_tokens(&message, self.ctx.default_max_tokens) as f64;
         let policy = self.ctx.tenants.get(key.tenant);

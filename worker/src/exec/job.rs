@@ -28,20 +28,20 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::exec::state::{self, Begin};
 use crate::metrics as m;
-use crate::pools::{Lease, Pools};
-use crate::state::{self, Begin};
-use crate::upstream::CallError;
+use crate::upstream::client::CallError;
+use crate::upstream::pools::{Lease, Pools};
 
 /// What every job task shares.
 pub struct JobContext {
     /// Tenants' weights and names (for metric labels).
-    pub tenants: crate::tenants::TenantBook,
+    pub tenants: crate::exec::tenants::TenantBook,
     /// Admission counters to release and correct.
-    pub counts: crate::counts::CountSink,
+    pub counts: crate::exec::counts::CountSink,
     pub default_max_tokens: u64,
     pub nats: async_nats::Client,
-    pub events: crate::events::EventSink,
+    pub events: crate::ledger::events::EventSink,
     /// State of asynchronous jobs.
     pub job_state: async_nats::jetstream::kv::Store,
     /// Writes to `job_state`, batched with `nats.group_commit`.
@@ -173,13 +173,13 @@ async fn execute(
                 Outcome::Retry { delay, reason: "no_deployment_ready" }
             }
             Called::Answered(result) => classify(ctx, env, pool, result, attempt, deadline),
-            Called::Streamed(crate::stream::Relayed { usage, error: None }) => Outcome::Answered {
+            Called::Streamed(crate::exec::stream::Relayed { usage, error: None }) => Outcome::Answered {
                 status: JobStatus::Completed,
                 outcome: reply::Outcome::Body { status: 200, body: Bytes::new() },
                 upstream_status: Some(200),
                 usage,
             },
-            Called::Streamed(crate::stream::Relayed { usage, error: Some(error) }) => Outcome::Answered {
+            Called::Streamed(crate::exec::stream::Relayed { usage, error: Some(error) }) => Outcome::Answered {
                 status: JobStatus::Failed,
                 outcome: reply::Outcome::Error(error),
                 upstream_status: Some(200),
@@ -291,8 +291,8 @@ async fn conclude(
 
 /// What the calls of one attempt came to.
 enum Called {
-    Answered(Result<crate::upstream::Answer, CallError>),
-    Streamed(crate::stream::Relayed),
+    Answered(Result<crate::upstream::client::Answer, CallError>),
+    Streamed(crate::exec::stream::Relayed),
     /// No deployment could take the call; when one may next.
     NoDeployment(Option<Instant>),
     /// The worker is stopping; the job went back to the queue.
@@ -307,7 +307,7 @@ async fn call(
     ctx: &JobContext,
     message: &jetstream::Message,
     env: &Envelope,
-    pool: &crate::pools::Pool,
+    pool: &crate::upstream::pools::Pool,
     mut lease: Option<Lease>,
     attempt: u32,
     deadline: Instant,
@@ -371,7 +371,7 @@ async fn call(
         tracing::debug!(deployment = %d.client.name, upstream_us = started.elapsed().as_micros() as u64, "upstream answered");
         match (result, opened) {
             (_, Some(opened)) => {
-                let relayed = crate::stream::relay(ctx, message, env, opened, attempt).await;
+                let relayed = crate::exec::stream::relay(ctx, message, env, opened, attempt).await;
                 finish(&relayed.usage);
                 drop(lease);
                 return Called::Streamed(relayed);
@@ -467,8 +467,8 @@ fn provider_message(body: &[u8]) -> String {
 fn classify(
     ctx: &JobContext,
     env: &Envelope,
-    pool: &crate::pools::Pool,
-    result: Result<crate::upstream::Answer, CallError>,
+    pool: &crate::upstream::pools::Pool,
+    result: Result<crate::upstream::client::Answer, CallError>,
     attempt: u32,
     deadline: Instant,
 ) -> Outcome {

@@ -12,8 +12,8 @@ use sluice_core::config::{ConfigError, DeploymentConfig, UpstreamConfig, ms};
 use sluice_core::wire::envelope::Endpoint;
 use tokio::time::Instant;
 
-use crate::providers::translate::TranslateError;
-use crate::providers::{Provider, RateInfo, StreamRelay};
+use crate::upstream::providers::translate::TranslateError;
+use crate::upstream::providers::{Provider, RateInfo, StreamRelay};
 
 /// A call that ended without a usable answer.
 #[derive(Debug)]
@@ -103,7 +103,7 @@ pub fn build(
         ),
         _ => None,
     };
-    let provider = crate::providers::of(d.provider);
+    let provider = crate::upstream::providers::of(d.provider);
     let key = match key {
         Some(k) => Some(provider.key_header(&k).ok_or_else(|| ConfigError::Key {
             key: format!("{key_prefix}.api_key"),

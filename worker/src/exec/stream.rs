@@ -1,6 +1,6 @@
 //! Streaming an answer through the queue: the worker reads the provider's
 //! server-sent events, turns them into the client's API when the two differ
-//! (see [`crate::providers`]), and publishes each event's data, in order, to
+//! (see [`crate::upstream::providers`]), and publishes each event's data, in order, to
 //! the waiting ingress as chunks ([`sluice_core::wire::reply::Chunk`], core
 //! NATS), which forwards them as they come. The job's final answer then
 //! ends the stream. A
@@ -16,8 +16,8 @@ use sluice_core::wire::envelope::Envelope;
 use sluice_core::wire::reply::{Chunk, Reply};
 use tokio::time::Instant;
 
-use crate::job::JobContext;
-use crate::providers::Event;
+use crate::exec::job::JobContext;
+use crate::upstream::providers::Event;
 
 /// A relayed stream: the usage it reported, and `error` if it broke off.
 pub struct Relayed {
@@ -31,7 +31,7 @@ pub async fn relay(
     ctx: &JobContext,
     message: &jetstream::Message,
     env: &Envelope,
-    opened: crate::upstream::Opened,
+    opened: crate::upstream::client::Opened,
     attempt: u32,
 ) -> Relayed {
     let (mut response, end, mut translate) = opened;

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::fair::QueueKey;
+use crate::exec::fair::QueueKey;
 use crate::metrics as m;
 
 /// Most in-flight or delayed jobs one queue's consumer holds at once.

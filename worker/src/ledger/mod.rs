@@ -6,6 +6,8 @@
 //! overwritten, so a redelivered event or a job that ran twice leaves one
 //! record.
 
+pub mod events;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 

@@ -37,10 +37,10 @@ use sluice_core::wire::subjects::{self, Rate};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::counts::CountSink;
+use crate::exec::counts::CountSink;
 use crate::metrics as m;
-use crate::providers::RateInfo;
-use crate::upstream::{self, CallError, Client};
+use crate::upstream::client::{self, CallError, Client};
+use crate::upstream::providers::RateInfo;
 
 /// Window of the shared tokens-per-minute count.
 const TPM_WINDOW_MS: u64 = 6_000;
@@ -501,7 +501,7 @@ impl Pools {
                 } else {
                     format!("pools[{i}].deployments[{j}]")
                 };
-                let client = upstream::build(&prefix, d, settings, &mut shared_http, env)?;
+                let client = client::build(&prefix, d, settings, &mut shared_http, env)?;
                 let label = (pool.name.clone(), d.name.clone());
                 metrics::gauge!(m::BREAKER_STATE, "pool" => label.0, "deployment" => label.1).set(0.0);
                 deployments.push(Arc::new(Deployment {
