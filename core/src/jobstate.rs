@@ -167,6 +167,12 @@ pub fn key(tenant: Uuid, job: Uuid) -> String {
     format!("{}.{}", tenant.simple(), job.simple())
 }
 
+/// The tenant and job of a KV key made by [`key`].
+pub fn parse_key(key: &str) -> Option<(Uuid, Uuid)> {
+    let (tenant, job) = key.split_once('.')?;
+    Some((Uuid::parse_str(tenant).ok()?, Uuid::parse_str(job).ok()?))
+}
+
 /// The job id of a submit carrying `Idempotency-Key`: derived from the tenant
 /// and the key, so every ingress replica and every retry finds the same job.
 pub fn idempotent_job_id(tenant: Uuid, idempotency_key: &str) -> Uuid {
@@ -187,6 +193,13 @@ pub fn hash_hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_parse_back() {
+        let (t, j) = (Uuid::new_v4(), Uuid::now_v7());
+        assert_eq!(parse_key(&key(t, j)), Some((t, j)));
+        assert_eq!(parse_key("nope"), None);
+    }
 
     #[test]
     fn idempotent_ids_depend_on_tenant_and_key() {

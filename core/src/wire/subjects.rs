@@ -229,6 +229,13 @@ pub fn kv_key(store: &kv::Store, key: &str) -> String {
     format!("{}{key}", store.put_prefix.as_ref().unwrap_or(&store.prefix))
 }
 
+/// The bucket and key of a key-value write's subject (`$KV.<bucket>.<key>`),
+/// as a bucket's stream delivers it to a consumer.
+pub fn parse_kv_key(subject: &str) -> Option<(&str, &str)> {
+    let (bucket, key) = subject.strip_prefix("$KV.")?.split_once('.')?;
+    (!bucket.is_empty() && !key.is_empty()).then_some((bucket, key))
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -311,5 +318,8 @@ mod tests {
             format!("jobs.gpt-4_1_mini__.interactive.{}", t.simple())
         );
         assert_eq!(kv_stream("JOB_STATE"), "KV_JOB_STATE");
+        assert_eq!(parse_kv_key("$KV.JOB_STATE.a.b"), Some(("JOB_STATE", "a.b")));
+        assert_eq!(parse_kv_key("$KV.JOB_STATE"), None);
+        assert_eq!(parse_kv_key("jobs.a.b"), None);
     }
 }

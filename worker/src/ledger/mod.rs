@@ -23,8 +23,19 @@ use crate::metrics as m;
 /// Longest a received event waits for more to fill its batch.
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
 
+/// A stream message the ledger cannot read (it is terminated).
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a job-state subject: {0}")]
+    Subject(String),
+    #[error("undecodable payload: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("job id in subject and record differ")]
+    Mismatch,
+}
+
 /// A job-state message: its tenant and record; `None` for a deletion.
-pub fn parse_state(message: &Message) -> Result<Option<(uuid::Uuid, JobRecord)>, String> {
+pub fn parse_state(message: &Message) -> Result<Option<(uuid::Uuid, JobRecord)>, DecodeError> {
     let deleted = message
         .headers
         .as_ref()
@@ -33,28 +44,29 @@ pub fn parse_state(message: &Message) -> Result<Option<(uuid::Uuid, JobRecord)>,
     if deleted {
         return Ok(None);
     }
-    let mut tokens = message.subject.rsplitn(3, '.');
-    let job = tokens.next().and_then(|t| uuid::Uuid::parse_str(t).ok()).ok_or("bad job id in subject")?;
-    let tenant = tokens.next().and_then(|t| uuid::Uuid::parse_str(t).ok()).ok_or("bad tenant in subject")?;
-    let record: JobRecord = serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
+    let subject = message.subject.as_str();
+    let (tenant, job) = sluice_core::wire::subjects::parse_kv_key(subject)
+        .and_then(|(_, key)| sluice_core::jobstate::parse_key(key))
+        .ok_or_else(|| DecodeError::Subject(subject.to_owned()))?;
+    let record: JobRecord = serde_json::from_slice(&message.payload)?;
     if record.id != job {
-        return Err("job id in subject and record differ".into());
+        return Err(DecodeError::Mismatch);
     }
     Ok(Some((tenant, record)))
 }
 
 /// Turns one stream message into the job rows it speaks of.
-pub type Decode = fn(&Message) -> Result<Vec<JobEvent>, String>;
+pub type Decode = fn(&Message) -> Result<Vec<JobEvent>, DecodeError>;
 
 /// Outcome events, as the worker's event sink publishes them: a batch each.
-pub fn decode_events(message: &Message) -> Result<Vec<JobEvent>, String> {
-    serde_json::from_slice(&message.payload).map_err(|e| e.to_string())
+pub fn decode_events(message: &Message) -> Result<Vec<JobEvent>, DecodeError> {
+    Ok(serde_json::from_slice(&message.payload)?)
 }
 
 /// Job-state changes of asynchronous jobs, from the key-value bucket's
 /// stream (`$KV.<bucket>.<tenant>.<job>`): the ledger learns of a job when it
 /// is queued, not only when it ends.
-pub fn decode_state(message: &Message) -> Result<Vec<JobEvent>, String> {
+pub fn decode_state(message: &Message) -> Result<Vec<JobEvent>, DecodeError> {
     let Some((tenant, record)) = parse_state(message)? else { return Ok(Vec::new()) };
     let job = record.id;
     Ok(vec![JobEvent {
