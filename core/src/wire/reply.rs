@@ -135,6 +135,47 @@ fn number(n: Option<i32>) -> String {
     n.map(|n| n.to_string()).unwrap_or_default()
 }
 
+impl Answer {
+    /// The answer's headers and payload (what [`Reply::encode`] sends for it,
+    /// without building a `Reply`).
+    pub fn encode(&self) -> (HeaderMap, Bytes) {
+        let a = self;
+        let mut h = HeaderMap::new();
+        h.insert(H_STATUS, a.outcome.status().to_string().as_str());
+        h.insert(H_ATTEMPTS, a.attempt.to_string().as_str());
+        h.insert(H_JOB_ID, a.job.job_id.to_string().as_str());
+        h.insert(H_TENANT, a.job.tenant.to_string().as_str());
+        h.insert(H_POOL, a.job.pool.as_str());
+        h.insert(H_ENDPOINT, a.job.endpoint.as_str());
+        h.insert(H_SUBMITTED, a.job.submitted_ms.to_string().as_str());
+        h.insert(H_DEADLINE, a.job.deadline_ms.to_string().as_str());
+        if a.ends_stream {
+            h.insert(H_STREAM_END, "1");
+        }
+        if let Some(u) = &a.usage {
+            let usage =
+                format!("{},{},{}", number(u.prompt_tokens), number(u.completion_tokens), number(u.total_tokens));
+            h.insert(H_USAGE, usage.as_str());
+        }
+        for (name, value) in &a.headers {
+            h.insert(format!("{H_PASS}{name}").as_str(), header_safe(value).as_str());
+        }
+        match &a.outcome {
+            Outcome::Body { body, .. } => (h, body.clone()),
+            Outcome::Error(e) => {
+                h.insert(H_ERROR_CODE, e.code.as_str());
+                if let Some(p) = &e.param {
+                    h.insert(H_ERROR_PARAM, header_safe(p).as_str());
+                }
+                if let Some(secs) = e.retry_after_secs {
+                    h.insert(H_RETRY_AFTER, secs.to_string().as_str());
+                }
+                (h, Bytes::from(e.message.clone().into_bytes()))
+            }
+        }
+    }
+}
+
 impl Reply {
     pub fn encode(&self) -> (HeaderMap, Bytes) {
         let mut h = HeaderMap::new();
@@ -147,44 +188,7 @@ impl Reply {
                 }
                 (h, c.data.clone())
             }
-            Reply::Answer(a) => {
-                h.insert(H_STATUS, a.outcome.status().to_string().as_str());
-                h.insert(H_ATTEMPTS, a.attempt.to_string().as_str());
-                h.insert(H_JOB_ID, a.job.job_id.to_string().as_str());
-                h.insert(H_TENANT, a.job.tenant.to_string().as_str());
-                h.insert(H_POOL, a.job.pool.as_str());
-                h.insert(H_ENDPOINT, a.job.endpoint.as_str());
-                h.insert(H_SUBMITTED, a.job.submitted_ms.to_string().as_str());
-                h.insert(H_DEADLINE, a.job.deadline_ms.to_string().as_str());
-                if a.ends_stream {
-                    h.insert(H_STREAM_END, "1");
-                }
-                if let Some(u) = &a.usage {
-                    let usage = format!(
-                        "{},{},{}",
-                        number(u.prompt_tokens),
-                        number(u.completion_tokens),
-                        number(u.total_tokens)
-                    );
-                    h.insert(H_USAGE, usage.as_str());
-                }
-                for (name, value) in &a.headers {
-                    h.insert(format!("{H_PASS}{name}").as_str(), header_safe(value).as_str());
-                }
-                match &a.outcome {
-                    Outcome::Body { body, .. } => (h, body.clone()),
-                    Outcome::Error(e) => {
-                        h.insert(H_ERROR_CODE, e.code.as_str());
-                        if let Some(p) = &e.param {
-                            h.insert(H_ERROR_PARAM, header_safe(p).as_str());
-                        }
-                        if let Some(secs) = e.retry_after_secs {
-                            h.insert(H_RETRY_AFTER, secs.to_string().as_str());
-                        }
-                        (h, Bytes::from(e.message.clone().into_bytes()))
-                    }
-                }
-            }
+            Reply::Answer(a) => a.encode(),
         }
     }
 

@@ -23,7 +23,7 @@ use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::{JobEvent, JobStatus, Usage};
 use sluice_core::now_ms;
 use sluice_core::wire::envelope::Envelope;
-use sluice_core::wire::reply::{self, Answer, JobRef, Reply};
+use sluice_core::wire::reply::{self, Answer, JobRef};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -210,7 +210,7 @@ async fn execute(
                 headers: Vec::new(),
             };
             if let Some(subject) = &env.reply {
-                let (headers, payload) = Reply::Answer(Box::new(answer.clone())).encode();
+                let (headers, payload) = answer.encode();
                 if let Err(error) = ctx.nats.publish_with_headers(subject.clone(), headers, payload).await {
                     tracing::warn!(%error, "could not publish the answer to the ingress");
                 }
