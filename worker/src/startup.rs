@@ -17,7 +17,7 @@ use crate::exec::executor::Executor;
 use crate::exec::fair::{Fair, QueueKey};
 use crate::exec::job::JobContext;
 use crate::exec::queues::{self, Queues};
-use crate::upstream::pools::Pools;
+use crate::upstream::pools::{Pools, Shared};
 
 /// Name of the durable consumer that feeds the ledger with outcome events.
 pub const LEDGER_CONSUMER: &str = "ledger";
@@ -80,7 +80,7 @@ impl Worker {
     /// builds the upstream clients. `env` resolves `api_key_env` names.
     pub async fn build(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, StartError> {
         crate::metrics::describe();
-        let pools = Pools::new(&config.pools, &config.upstream, &env)?;
+        let pools = Pools::configure(&config.pools, &config.upstream, &env)?;
         let client = nats::connect(&config.nats, "sluice-worker").await?;
         let js = nats::jetstream(client.clone(), &config.nats);
         nats::ensure_streams(&js, &config.nats).await?;
@@ -119,10 +119,9 @@ impl Worker {
         )
         .await?;
         let (counts, count_flusher) = crate::exec::counts::CountSink::start(counters.clone(), background.clone());
-        pools.attach(counters.clone(), counts.clone());
         let ctx = Arc::new(JobContext {
             tenants,
-            counts,
+            counts: counts.clone(),
             default_max_tokens: config.scheduler.default_max_tokens,
             nats: client.clone(),
             events: crate::ledger::events::EventSink::start(js.clone()),
@@ -133,7 +132,7 @@ impl Worker {
                 &job_state.stream_name,
             ),
             job_state,
-            pools,
+            pools: pools.with_budgets(Shared { counters: counters.clone(), counts: counts.clone() }),
             max_attempts: w.max_attempts,
             ack_wait: ms(w.ack_wait_ms),
             retry_min: ms(w.retry_min_delay_ms),

@@ -1,3 +1,4 @@
+use super::budget::window;
 use super::*;
 use sluice_core::config::DeploymentConfig;
 use sluice_core::wire::subjects::{Rate, Subject};
@@ -14,7 +15,7 @@ fn pool(weights: &[u32], failures: u32) -> Pools {
         })
         .collect();
     let settings = UpstreamConfig { breaker_failures: failures, breaker_open_ms: 50, ..Default::default() };
-    Pools::new(&[p], &settings, &|_| None).unwrap()
+    Pools::configure(&[p], &settings, &|_| None).unwrap().unbudgeted()
 }
 
 fn failure() -> CallError {

@@ -2,8 +2,9 @@
 //! takes the next call (by weight, among those healthy and within budget),
 //! each deployment's circuit breaker, its rate budget shared with every
 //! other worker through NATS counters, and each pool's retry budget.
+//! The weighted choice is in `choice.rs`.
 //!
-//! **Budgets.** A deployment's `rpm` is spent in windows of at least a
+//! **Budgets** (`budget.rs`). A deployment's `rpm` is spent in windows of at least a
 //! second (`60 / rpm` seconds when that is longer), each allowing its share
 //! of the minute, counted in `sluice.rate.dep.rpm.<deployment>.<window>` on
 //! the rates stream: a worker adds the calls it is about to make and gets
@@ -20,51 +21,33 @@
 //! answers 429 fills the current window for every worker and blocks the
 //! deployment here until its reset.
 //!
-//! **Breaker.** After `upstream.breaker_failures` consecutive failures
+//! **Breaker** (`breaker.rs`). After `upstream.breaker_failures` consecutive failures
 //! (5xx, timeouts, connection errors) a deployment is left out for
 //! `upstream.breaker_open_ms`; then one probe call is let through
 //! (half-open): success closes the breaker, failure opens it again for twice
 //! as long (up to 16 times). A breaker is per worker process.
 
+mod breaker;
+mod budget;
+mod choice;
+
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice_core::config::{ConfigError, PoolConfig, UpstreamConfig, ms};
-use sluice_core::counters::Counters;
-use sluice_core::wire::subjects::{self, Rate};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::exec::counts::CountSink;
 use crate::metrics as m;
 use crate::upstream::client::{self, CallError, Client};
 use crate::upstream::providers::RateInfo;
+use breaker::Breaker;
+pub use budget::Shared;
+use budget::{RetryBudget, Window, effective};
 
-/// Window of the shared tokens-per-minute count.
-const TPM_WINDOW_MS: u64 = 6_000;
 /// How long a deployment at its concurrency limit is left alone.
 const BUSY_PAUSE: Duration = Duration::from_millis(20);
-/// A budget that cannot be counted (NATS unreachable) is not risked for this long.
-const COUNT_FAILED_PAUSE: Duration = Duration::from_secs(1);
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Breaker {
-    Closed { failures: u32 },
-    Open { until: Instant, cooldown: Duration },
-    HalfOpen { probing: bool, cooldown: Duration },
-}
-
-impl Breaker {
-    fn gauge(&self) -> f64 {
-        match self {
-            Breaker::Closed { .. } => 0.0,
-            Breaker::HalfOpen { .. } => 1.0,
-            Breaker::Open { .. } => 2.0,
-        }
-    }
-}
 
 struct Health {
     breaker: Breaker,
@@ -90,26 +73,6 @@ pub struct Deployment {
     headroom: f64,
 }
 
-/// A window of a shared budget: its counter subject, its limit, its end.
-struct Window {
-    subject: String,
-    limit: i64,
-    ends: Instant,
-}
-
-/// The current window of a budget of `per_minute` (already less headroom)
-/// counted in windows of `window_ms`. A window's limit is its share of the
-/// minute, the fractions carried over so that the windows of a minute add
-/// up to the budget (19.5 per window alternates 19 and 20).
-fn window(kind: Rate, token: &str, per_minute: f64, window_ms: u64) -> Window {
-    let now = sluice_core::now_ms();
-    let index = now / window_ms;
-    let per_window = per_minute * window_ms as f64 / 60_000.0;
-    let limit = ((per_window * (index + 1) as f64).floor() - (per_window * index as f64).floor()) as i64;
-    let ends = Instant::now() + Duration::from_millis((index + 1) * window_ms - now);
-    Window { subject: subjects::deployment_rate(kind, token, index), limit, ends }
-}
-
 impl Deployment {
     fn label(&self) -> [(&'static str, String); 2] {
         [("pool", self.pool.clone()), ("deployment", self.client.name.clone())]
@@ -127,25 +90,11 @@ impl Deployment {
         effective(self.tpm, h.learned_tpm)
     }
 
-    /// Windows of a second, or of one call when the limit is below one a second.
-    fn rpm_window(&self, rpm: u64) -> Window {
-        let window_ms = 60_000u64.div_ceil(rpm.max(1)).max(1_000);
-        window(Rate::Requests, &self.token, rpm as f64 * (1.0 - self.headroom), window_ms)
-    }
-
     /// When this deployment can next take a call; `None` when it can now.
     fn ready_at(&self, now: Instant) -> Option<Instant> {
         let mut h = self.health();
         let blocked = h.blocked_until.filter(|t| *t > now);
-        let breaker = match h.breaker {
-            Breaker::Open { until, cooldown } if until <= now => {
-                h.breaker = Breaker::HalfOpen { probing: false, cooldown };
-                None
-            }
-            Breaker::Open { until, .. } => Some(until),
-            Breaker::HalfOpen { probing: true, .. } => Some(now + BUSY_PAUSE),
-            _ => None,
-        };
+        let breaker = h.breaker.ready_at(now);
         let busy = self.concurrency.as_ref().filter(|s| s.available_permits() == 0).map(|_| now + BUSY_PAUSE);
         [blocked, breaker, busy].into_iter().flatten().max()
     }
@@ -199,57 +148,6 @@ impl Deployment {
         (0..n).map(|_| Lease { deployment: self.clone(), _permit: permits.next(), tpm_window: None }).collect()
     }
 
-    async fn reserve_requests(&self, s: &Shared, rpm: u64, n: usize) -> usize {
-        let w = self.rpm_window(rpm);
-        match s.counters.add(&w.subject, n as i64).await {
-            Ok(total) => {
-                let over = (total - w.limit).clamp(0, n as i64);
-                if over > 0 {
-                    s.counts.add(w.subject.clone(), -over);
-                    self.block(w.ends);
-                }
-                if total >= w.limit {
-                    self.block(w.ends);
-                }
-                metrics::gauge!(m::BUDGET_REMAINING, "pool" => self.pool.clone(), "deployment" => self.client.name.clone(), "kind" => "requests")
-                    .set((w.limit - total.min(w.limit)) as f64);
-                n - over as usize
-            }
-            Err(error) => {
-                metrics::counter!(m::COUNTER_FAILURES).increment(1);
-                tracing::warn!(%error, deployment = %self.client.name, "cannot count the deployment's budget; pausing it");
-                self.block(Instant::now() + COUNT_FAILED_PAUSE);
-                0
-            }
-        }
-    }
-
-    /// Counts a fetched job's estimated tokens in the shared window; a window
-    /// over its share blocks the deployment until the next one. Returns the
-    /// window's subject, to correct by the real usage.
-    pub async fn charge_tokens(&self, shared: &Shared, estimate: u64) -> Option<String> {
-        let tpm = self.tpm(&self.health());
-        if tpm == 0 {
-            return None;
-        }
-        let w = window(Rate::Tokens, &self.token, tpm as f64 * (1.0 - self.headroom), TPM_WINDOW_MS);
-        match shared.counters.add(&w.subject, estimate as i64).await {
-            Ok(total) => {
-                if total >= w.limit {
-                    self.block(w.ends);
-                }
-                metrics::gauge!(m::BUDGET_REMAINING, "pool" => self.pool.clone(), "deployment" => self.client.name.clone(), "kind" => "tokens")
-                    .set((w.limit - total.min(w.limit)) as f64);
-                Some(w.subject)
-            }
-            Err(error) => {
-                metrics::counter!(m::COUNTER_FAILURES).increment(1);
-                tracing::warn!(%error, deployment = %self.client.name, "cannot count the deployment's tokens");
-                None
-            }
-        }
-    }
-
     /// Learns from a call's outcome and its rate-limit headers.
     pub fn record(&self, outcome: &Result<(), &CallError>, rate: &RateInfo, took: Duration, shared: Option<&Shared>) {
         let now = Instant::now();
@@ -297,24 +195,7 @@ impl Deployment {
                     .set(r as f64);
             }
             let unhealthy = matches!(outcome, Err(e) if e.is_unhealthy());
-            h.breaker = match (h.breaker, unhealthy) {
-                (Breaker::HalfOpen { cooldown, .. }, true) => {
-                    let cooldown = (cooldown * 2).min(self.breaker_open * 16);
-                    tracing::warn!(deployment = %name, cooldown_ms = cooldown.as_millis() as u64, "probe failed; breaker open again");
-                    Breaker::Open { until: now + cooldown, cooldown }
-                }
-                (Breaker::Closed { failures }, true) if failures + 1 >= self.breaker_failures => {
-                    tracing::warn!(deployment = %name, failures = failures + 1, "breaker open");
-                    Breaker::Open { until: now + self.breaker_open, cooldown: self.breaker_open }
-                }
-                (Breaker::Closed { failures }, true) => Breaker::Closed { failures: failures + 1 },
-                (b @ Breaker::Open { .. }, true) => b,
-                (Breaker::HalfOpen { .. }, false) => {
-                    tracing::info!(deployment = %name, "probe succeeded; breaker closed");
-                    Breaker::Closed { failures: 0 }
-                }
-                (_, false) => Breaker::Closed { failures: 0 },
-            };
+            h.breaker = h.breaker.after(unhealthy, now, self.breaker_failures, self.breaker_open, &name);
             h.breaker
         };
         metrics::gauge!(m::BREAKER_STATE, "pool" => pool, "deployment" => name).set(breaker.gauge());
@@ -325,14 +206,6 @@ impl Deployment {
                 s.counts.add(w.subject, w.limit);
             }
         }
-    }
-}
-
-fn effective(configured: u64, learned: Option<u64>) -> u64 {
-    match (configured, learned) {
-        (0, Some(l)) => l,
-        (c, Some(l)) => c.min(l),
-        (c, None) => c,
     }
 }
 
@@ -357,18 +230,6 @@ impl Lease {
             *probing = false;
         }
     }
-}
-
-/// The NATS side of the budgets.
-pub struct Shared {
-    pub counters: Counters,
-    pub counts: CountSink,
-}
-
-struct RetryBudget {
-    tokens: f64,
-    cap: f64,
-    ratio: f64,
 }
 
 pub struct Pool {
@@ -411,24 +272,8 @@ impl Pool {
         if ready.is_empty() {
             return Vec::new();
         }
-        let total: u64 = ready.iter().map(|d| u64::from(d.weight)).sum();
-        let mut asked = vec![0usize; ready.len()];
-        for _ in 0..want {
-            let mut r = random() % total.max(1);
-            let i = ready
-                .iter()
-                .position(|d| {
-                    let w = u64::from(d.weight);
-                    if r < w {
-                        true
-                    } else {
-                        r -= w;
-                        false
-                    }
-                })
-                .unwrap_or(0);
-            asked[i] += 1;
-        }
+        let weights: Vec<u64> = ready.iter().map(|d| u64::from(d.weight)).collect();
+        let asked = choice::spread(&weights, want);
         let mut leases = Vec::with_capacity(want);
         let mut short = 0;
         let mut full = Vec::new();
@@ -454,18 +299,13 @@ impl Pool {
 
     /// Counts a first attempt toward the retry budget.
     pub fn first_attempt(&self) {
-        let mut r = self.retry.lock().unwrap_or_else(|p| p.into_inner());
-        r.tokens = (r.tokens + r.ratio).min(r.cap);
+        self.retry.lock().unwrap_or_else(|p| p.into_inner()).first_attempt();
     }
 
     /// Spends one retry from the budget; `false` when none is left.
     pub fn try_retry(&self) -> bool {
-        let mut r = self.retry.lock().unwrap_or_else(|p| p.into_inner());
-        // (a float sum of ratios may fall a hair short of a whole retry)
-        let allowed = r.tokens >= 1.0 - 1e-9;
-        if allowed {
-            r.tokens = (r.tokens - 1.0).max(0.0);
-        } else {
+        let allowed = self.retry.lock().unwrap_or_else(|p| p.into_inner()).try_retry();
+        if !allowed {
             metrics::counter!(m::RETRIES, "pool" => self.name.clone(), "kind" => "denied").increment(1);
         }
         allowed
@@ -476,20 +316,40 @@ impl Pool {
     }
 }
 
-/// Every configured pool, with the NATS counters attached once connected.
+/// Every configured pool, with the NATS counters that share its budgets.
 pub struct Pools {
     by_name: HashMap<String, Arc<Pool>>,
-    shared: OnceLock<Shared>,
+    /// `None` only in unit tests: budgets are then not enforced.
+    shared: Option<Shared>,
+}
+
+/// Every pool built from the config, checked before anything connects, not
+/// yet given the NATS counters its budgets are shared through.
+pub struct Configured {
+    by_name: HashMap<String, Arc<Pool>>,
+}
+
+impl Configured {
+    /// The pools, their budgets shared through these counters.
+    pub fn with_budgets(self, shared: Shared) -> Pools {
+        Pools { by_name: self.by_name, shared: Some(shared) }
+    }
+
+    /// The pools without shared budgets (`rpm` and `tpm` not enforced).
+    #[cfg(test)]
+    pub fn unbudgeted(self) -> Pools {
+        Pools { by_name: self.by_name, shared: None }
+    }
 }
 
 impl Pools {
     /// Builds every pool's deployments. `env` resolves `api_key_env`; a
     /// missing variable or unreadable key file is a config error naming the key.
-    pub fn new(
+    pub fn configure(
         pools: &[PoolConfig],
         settings: &UpstreamConfig,
         env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Configured, ConfigError> {
         let mut shared_http = HashMap::new();
         let mut by_name = HashMap::new();
         for (i, pool) in pools.iter().enumerate() {
@@ -523,40 +383,22 @@ impl Pools {
                     headroom: settings.budget_headroom,
                 }));
             }
-            let min = f64::from(settings.retry_budget_min.max(1));
-            let retry = RetryBudget { tokens: min, cap: min, ratio: settings.retry_budget_ratio };
+            let retry = RetryBudget::new(settings.retry_budget_min, settings.retry_budget_ratio);
             by_name.insert(
                 pool.name.clone(),
                 Arc::new(Pool { name: pool.name.clone(), deployments, retry: Mutex::new(retry) }),
             );
         }
-        Ok(Self { by_name, shared: OnceLock::new() })
-    }
-
-    /// Attaches the shared counters; until then budgets are not enforced.
-    pub fn attach(&self, counters: Counters, counts: CountSink) {
-        let _ = self.shared.set(Shared { counters, counts });
+        Ok(Configured { by_name })
     }
 
     pub fn shared(&self) -> Option<&Shared> {
-        self.shared.get()
+        self.shared.as_ref()
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
         self.by_name.get(name)
     }
-}
-
-/// A cheap pseudo-random number (splitmix64 over a shared counter): good
-/// enough to spread calls by weight.
-fn random() -> u64 {
-    static STATE: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
-    let mut x = STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Relaxed) ^ u64::from(std::process::id());
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 #[cfg(test)]
