@@ -86,15 +86,41 @@ pub struct Cron {
 const RANGES: [(u32, u32); 5] = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)];
 const NAMES: [&str; 5] = ["minute", "hour", "day of month", "month", "day of week"];
 
+/// A cron expression that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CronError {
+    #[error("`{0}` needs five fields (minute hour day-of-month month day-of-week)")]
+    Fields(String),
+    #[error("{field} `{spec}`: {problem}")]
+    Field { field: &'static str, spec: String, problem: FieldProblem },
+}
+
+/// What is wrong with one field of a cron expression.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldProblem {
+    #[error("bad step `{0}`")]
+    Step(String),
+    #[error("a step must be at least 1")]
+    ZeroStep,
+    #[error("out of range {0}-{1}")]
+    Range(u32, u32),
+    #[error("`{0}` is not a number")]
+    NotNumber(String),
+}
+
 impl Cron {
-    pub fn parse(expr: &str) -> Result<Self, String> {
+    pub fn parse(expr: &str) -> Result<Self, CronError> {
         let parts: Vec<&str> = expr.split_whitespace().collect();
         if parts.len() != 5 {
-            return Err(format!("`{expr}` needs five fields (minute hour day-of-month month day-of-week)"));
+            return Err(CronError::Fields(expr.to_owned()));
         }
         let mut fields = [0u64; 5];
         for (i, part) in parts.iter().enumerate() {
-            fields[i] = field(part, RANGES[i]).map_err(|e| format!("{} `{part}`: {e}", NAMES[i]))?;
+            fields[i] = field(part, RANGES[i]).map_err(|problem| CronError::Field {
+                field: NAMES[i],
+                spec: (*part).to_owned(),
+                problem,
+            })?;
         }
         // Sunday is 0 or 7.
         if fields[4] & (1 << 7) != 0 {
@@ -115,15 +141,15 @@ impl Cron {
     }
 }
 
-fn field(spec: &str, (lo, hi): (u32, u32)) -> Result<u64, String> {
+fn field(spec: &str, (lo, hi): (u32, u32)) -> Result<u64, FieldProblem> {
     let mut bits = 0u64;
     for item in spec.split(',') {
         let (range, step) = match item.split_once('/') {
-            Some((r, s)) => (r, s.parse::<u32>().map_err(|_| format!("bad step `{s}`"))?),
+            Some((r, s)) => (r, s.parse::<u32>().map_err(|_| FieldProblem::Step(s.to_owned()))?),
             None => (item, 1),
         };
         if step == 0 {
-            return Err("a step must be at least 1".into());
+            return Err(FieldProblem::ZeroStep);
         }
         let (a, b) = match range {
             "*" => (lo, hi),
@@ -134,7 +160,7 @@ fn field(spec: &str, (lo, hi): (u32, u32)) -> Result<u64, String> {
             },
         };
         if a < lo || b > hi || a > b {
-            return Err(format!("out of range {lo}-{hi}"));
+            return Err(FieldProblem::Range(lo, hi));
         }
         let mut v = a;
         while v <= b {
@@ -145,8 +171,8 @@ fn field(spec: &str, (lo, hi): (u32, u32)) -> Result<u64, String> {
     Ok(bits)
 }
 
-fn num(s: &str) -> Result<u32, String> {
-    s.parse().map_err(|_| format!("`{s}` is not a number"))
+fn num(s: &str) -> Result<u32, FieldProblem> {
+    s.parse().map_err(|_| FieldProblem::NotNumber(s.to_owned()))
 }
 
 #[cfg(test)]
@@ -175,7 +201,7 @@ mod tests {
         assert!(!Cron::parse("*/7 * * * *").unwrap().matches(&Civil::from_unix(1_795_330_801 + 60)));
         assert!(Cron::parse("* * 1 * 0").unwrap().matches(&sunday_7am), "either restricted day field may match");
         assert!(Cron::parse("* * *").is_err());
-        assert!(Cron::parse("61 * * * *").unwrap_err().contains("minute"));
+        assert!(Cron::parse("61 * * * *").unwrap_err().to_string().contains("minute"));
         assert!(Cron::parse("*/0 * * * *").is_err());
     }
 }

@@ -26,7 +26,7 @@ impl Readiness {
             return Err("nats unreachable");
         }
         if let Some(db) = &self.db {
-            let ping = sqlx::query("SELECT 1").execute(db);
+            let ping = crate::db::ping(db);
             match tokio::time::timeout(Duration::from_secs(2), ping).await {
                 Ok(Ok(_)) => {}
                 _ => return Err("postgres unreachable"),

@@ -29,9 +29,6 @@ pub async fn revoke_key(config: &Config, key_id: Uuid) -> Result<bool, db::DbErr
     db::revoke_key(&pool, key_id).await
 }
 
-/// How long the previous secret keeps signing after `set-webhook` rotates it.
-const ROTATION_OVERLAP: &str = "24 hours";
-
 /// Sets the tenant's default webhook endpoint with a new secret, printed
 /// once. Run again, it rotates: the previous secret keeps signing (a second
 /// signature) for 24 hours, so receivers can switch without losing events.
@@ -40,19 +37,7 @@ pub async fn set_webhook(config: &Config, tenant: &str, url: &str) -> Result<Str
     let secret = sluice_core::webhook::new_secret().map_err(|e| e.to_string())?;
     let pool = db::connect(&config.database).await.map_err(|e| e.to_string())?;
     let tenant_id = db::tenant_id(&pool, tenant).await.map_err(|e| e.to_string())?;
-    sqlx::query(
-        "INSERT INTO webhook_endpoints (tenant_id, url, secret) VALUES ($1, $2, $3)
-         ON CONFLICT (tenant_id) DO UPDATE SET url = EXCLUDED.url, secret = EXCLUDED.secret, disabled_at = NULL,
-             previous_secret = webhook_endpoints.secret,
-             previous_expires_at = now() + $4::interval",
-    )
-    .bind(tenant_id)
-    .bind(url)
-    .bind(&secret)
-    .bind(ROTATION_OVERLAP)
-    .execute(&pool)
-    .await
-    .map_err(|e| e.to_string())?;
+    db::webhooks::set_endpoint(&pool, tenant_id, url, &secret).await.map_err(|e| e.to_string())?;
     println!("tenant:  {tenant}");
     println!("url:     {url}");
     println!("secret:  {secret}");

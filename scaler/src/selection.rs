@@ -37,12 +37,33 @@ pub struct Selection {
     pub metric_name: String,
 }
 
-fn number(meta: &HashMap<String, String>, key: &str, default: Option<f64>) -> Result<Option<f64>, String> {
+/// Trigger metadata the scaler cannot use (KEDA gets `InvalidArgument`).
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("metadata `{0}` is required")]
+    Required(&'static str),
+    #[error("no pool `{0}` in the scaler's config")]
+    NoPool(String),
+    #[error("metadata `{key}` must be {expected}, not `{value}`")]
+    Invalid { key: &'static str, expected: &'static str, value: String },
+    #[error("metadata `callsPerMinutePerReplica` (> 0) is required with capacityAware")]
+    NoCallRate,
+    #[error("capacityAware needs `rpm` on every deployment of pool `{0}`")]
+    NoRpm(String),
+    #[error("schedule `{window}`: {reason}")]
+    Schedule { window: String, reason: String },
+}
+
+fn number(
+    meta: &HashMap<String, String>,
+    key: &'static str,
+    default: Option<f64>,
+) -> Result<Option<f64>, MetadataError> {
     match meta.get(key) {
         None => Ok(default),
         Some(v) => match v.trim().parse::<f64>() {
             Ok(n) if n.is_finite() && n >= 0.0 => Ok(Some(n)),
-            _ => Err(format!("metadata `{key}` must be a non-negative number, not `{v}`")),
+            _ => Err(MetadataError::Invalid { key, expected: "a non-negative number", value: v.clone() }),
         },
     }
 }
@@ -50,10 +71,10 @@ fn number(meta: &HashMap<String, String>, key: &str, default: Option<f64>) -> Re
 impl Selection {
     /// Reads the metadata against the config (the pool must exist; config
     /// schedules of the pool are added to the metadata's).
-    pub fn parse(meta: &HashMap<String, String>, config: &Config) -> Result<Self, String> {
+    pub fn parse(meta: &HashMap<String, String>, config: &Config) -> Result<Self, MetadataError> {
         let pool_name =
-            meta.get("pool").map(|p| p.trim()).filter(|p| !p.is_empty()).ok_or("metadata `pool` is required")?;
-        let pool = config.pool(pool_name).ok_or_else(|| format!("no pool `{pool_name}` in the scaler's config"))?;
+            meta.get("pool").map(|p| p.trim()).filter(|p| !p.is_empty()).ok_or(MetadataError::Required("pool"))?;
+        let pool = config.pool(pool_name).ok_or_else(|| MetadataError::NoPool(pool_name.to_owned()))?;
         let tenant =
             meta.get("tenant").map(|t| t.trim()).filter(|t| !t.is_empty()).map(|t| match uuid::Uuid::parse_str(t) {
                 Ok(id) => TenantRef::Id(id),
@@ -61,22 +82,29 @@ impl Selection {
             });
         let target = number(meta, "targetBacklogPerReplica", Some(10.0))?.unwrap_or(10.0);
         if target <= 0.0 {
-            return Err("metadata `targetBacklogPerReplica` must be greater than zero".into());
+            let value = meta.get("targetBacklogPerReplica").cloned().unwrap_or_default();
+            return Err(MetadataError::Invalid {
+                key: "targetBacklogPerReplica",
+                expected: "greater than zero",
+                value,
+            });
         }
         let activation = number(meta, "activationBacklog", Some(0.0))?.unwrap_or(0.0);
         let capacity_aware = match meta.get("capacityAware").map(|v| v.trim().to_ascii_lowercase()) {
             None => false,
             Some(v) if v == "true" => true,
             Some(v) if v == "false" => false,
-            Some(v) => return Err(format!("metadata `capacityAware` must be true or false, not `{v}`")),
+            Some(value) => {
+                return Err(MetadataError::Invalid { key: "capacityAware", expected: "true or false", value });
+            }
         };
         let max_useful_replicas = if capacity_aware {
             let per_replica = number(meta, "callsPerMinutePerReplica", None)?
                 .filter(|n| *n > 0.0)
-                .ok_or("metadata `callsPerMinutePerReplica` (> 0) is required with capacityAware")?;
+                .ok_or(MetadataError::NoCallRate)?;
             let deployments = pool.deployments();
             if deployments.iter().any(|d| d.rpm == 0) {
-                return Err(format!("capacityAware needs `rpm` on every deployment of pool `{pool_name}`"));
+                return Err(MetadataError::NoRpm(pool_name.to_owned()));
             }
             let rpm: u64 = deployments.iter().map(|d| d.rpm).sum();
             Some((rpm as f64 / per_replica).ceil().max(1.0))
@@ -86,11 +114,10 @@ impl Selection {
         let mut schedules = Vec::new();
         if let Some(spec) = meta.get("minBacklogSchedule") {
             for window in spec.split(';').map(str::trim).filter(|w| !w.is_empty()) {
-                let (cron, floor) =
-                    window.rsplit_once('=').ok_or_else(|| format!("schedule `{window}` is not `cron=N`"))?;
-                let cron = Cron::parse(cron.trim()).map_err(|e| format!("schedule `{window}`: {e}"))?;
-                let floor: f64 =
-                    floor.trim().parse().map_err(|_| format!("schedule `{window}`: `{floor}` is not a number"))?;
+                let bad = |reason: String| MetadataError::Schedule { window: window.to_owned(), reason };
+                let (cron, floor) = window.rsplit_once('=').ok_or_else(|| bad("not `cron=N`".into()))?;
+                let cron = Cron::parse(cron.trim()).map_err(|e| bad(e.to_string()))?;
+                let floor: f64 = floor.trim().parse().map_err(|_| bad(format!("`{floor}` is not a number")))?;
                 schedules.push((cron, floor));
             }
         }
@@ -152,12 +179,12 @@ mod tests {
     fn defaults_and_errors() {
         let s = Selection::parse(&meta(&[("pool", "chat.v1")]), &config()).unwrap();
         assert_eq!((s.target, s.activation, s.metric_name.as_str()), (10.0, 0.0, "sluice-backlog-chat_v1"));
-        assert!(Selection::parse(&meta(&[]), &config()).unwrap_err().contains("pool"));
-        assert!(Selection::parse(&meta(&[("pool", "nope")]), &config()).unwrap_err().contains("nope"));
+        assert!(Selection::parse(&meta(&[]), &config()).unwrap_err().to_string().contains("pool"));
+        assert!(Selection::parse(&meta(&[("pool", "nope")]), &config()).unwrap_err().to_string().contains("nope"));
         let bad = meta(&[("pool", "chat.v1"), ("targetBacklogPerReplica", "lots")]);
-        assert!(Selection::parse(&bad, &config()).unwrap_err().contains("targetBacklogPerReplica"));
+        assert!(Selection::parse(&bad, &config()).unwrap_err().to_string().contains("targetBacklogPerReplica"));
         let no_rate = meta(&[("pool", "chat.v1"), ("capacityAware", "true")]);
-        assert!(Selection::parse(&no_rate, &config()).unwrap_err().contains("callsPerMinutePerReplica"));
+        assert!(Selection::parse(&no_rate, &config()).unwrap_err().to_string().contains("callsPerMinutePerReplica"));
     }
 
     #[test]

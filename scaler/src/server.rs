@@ -22,8 +22,8 @@ pub enum ServeError {
     Nats(#[from] NatsError),
     #[error("jobs stream: {0}")]
     Stream(String),
-    #[error("database url: {0}")]
-    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Db(#[from] sluice_core::db::DbError),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
 }
@@ -40,10 +40,7 @@ pub async fn run(
     let js = nats::jetstream(client.clone(), &config.nats);
     nats::ensure_streams(&js, &config.nats).await?;
     let stream = js.get_stream(&config.nats.jobs_stream).await.map_err(|e| ServeError::Stream(e.to_string()))?;
-    let db = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(3))
-        .connect_lazy(config.database.url.expose())?;
+    let db = sluice_core::db::connect_lazy(&config.database, 2)?;
 
     let (tx, rx) = watch::channel(Arc::new(Backlog::default()));
     let (wakes, _) = broadcast::channel(1024);

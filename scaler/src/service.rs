@@ -60,7 +60,8 @@ impl Scaler {
 
     fn selection(&self, r: Option<&ScaledObjectRef>) -> Result<Selection, ApiError> {
         let r = r.ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "scaledObjectRef is required"))?;
-        Selection::parse(&r.scaler_metadata, &self.config).map_err(|m| ApiError::new(ErrorCode::InvalidRequest, m))
+        Selection::parse(&r.scaler_metadata, &self.config)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.to_string()))
     }
 
     async fn tenant_id(&self, tenant: &Option<TenantRef>) -> Result<Option<Uuid>, ApiError> {

@@ -40,22 +40,32 @@ impl Backlog {
     }
 }
 
+/// A backlog that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot list the jobs stream's subjects: {0}")]
+    List(#[source] async_nats::Error),
+    #[error("no answer within {} ms", .0.as_millis())]
+    Timeout(Duration),
+}
+
 /// Reads the counts once, within `timeout`.
-pub async fn read(stream: &async_nats::jetstream::stream::Stream, timeout: Duration) -> Result<Backlog, String> {
+pub async fn read(stream: &async_nats::jetstream::stream::Stream, timeout: Duration) -> Result<Backlog, ReadError> {
     let list = async {
-        let mut info = stream.info_with_subjects(subjects::JOBS).await.map_err(|e| e.to_string())?;
+        let list_error = |e| ReadError::List(async_nats::Error::from(e));
+        let mut info = stream.info_with_subjects(subjects::JOBS).await.map_err(list_error)?;
         let mut counts: HashMap<String, HashMap<Uuid, u64>> = HashMap::new();
-        while let Some((subject, count)) = info.try_next().await.map_err(|e| e.to_string())? {
+        while let Some((subject, count)) = info.try_next().await.map_err(|e| ReadError::List(e.into()))? {
             if let Some(q) = subjects::parse_job(&subject) {
                 *counts.entry(q.pool.to_owned()).or_default().entry(q.tenant).or_insert(0) += count as u64;
             }
         }
-        Ok::<_, String>(counts)
+        Ok::<_, ReadError>(counts)
     };
     match tokio::time::timeout(timeout, list).await {
         Ok(Ok(counts)) => Ok(Backlog { taken: Some(Instant::now()), counts }),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        Err(_) => Err(ReadError::Timeout(timeout)),
     }
 }
 

@@ -57,7 +57,7 @@ impl ScalerConfig {
         }
         for (i, s) in self.schedules.iter().enumerate() {
             crate::clock::Cron::parse(&s.cron)
-                .map_err(|e| ConfigError::key(format!("scaler.schedules[{i}].cron"), e))?;
+                .map_err(|e| ConfigError::key(format!("scaler.schedules[{i}].cron"), e.to_string()))?;
         }
         Ok(())
     }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
+use sluice_core::db;
 use sluice_core::event::{JobEvent, JobStatus};
 use sluice_core::jobstate::JobRecord;
 use sqlx::PgPool;
@@ -124,7 +125,7 @@ async fn write_batch(db: &PgPool, batch: Vec<Message>, decode: Decode) {
     }
     let started = Instant::now();
     let count = events.len();
-    match upsert(db, events.into_values().collect()).await {
+    match db::jobs::record_events(db, events.into_values().collect()).await {
         Ok(()) => {
             metrics::histogram!(m::LEDGER_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
             metrics::counter!(m::LEDGER_WRITES).increment(count as u64);
@@ -153,99 +154,4 @@ fn rank(e: &JobEvent) -> (u8, i32) {
         _ => 0,
     };
     (status, e.attempts)
-}
-
-async fn upsert(db: &PgPool, events: Vec<JobEvent>) -> Result<(), sqlx::Error> {
-    let ms = |v: u64| v as i64;
-    let mut ids = Vec::new();
-    let mut tenants = Vec::new();
-    let mut pools = Vec::new();
-    let mut endpoints = Vec::new();
-    let mut statuses = Vec::new();
-    let mut attempts = Vec::new();
-    let mut upstream = Vec::new();
-    let mut prompt = Vec::new();
-    let mut completion = Vec::new();
-    let mut total = Vec::new();
-    let mut codes = Vec::new();
-    let mut messages = Vec::new();
-    let mut request_ids = Vec::new();
-    let mut submitted = Vec::new();
-    let mut started = Vec::new();
-    let mut finished = Vec::new();
-    let mut metadata = Vec::new();
-    let mut expires = Vec::new();
-    for e in events {
-        ids.push(e.job_id);
-        tenants.push(e.tenant_id);
-        pools.push(e.pool);
-        endpoints.push(e.endpoint);
-        statuses.push(e.status.as_str().to_owned());
-        attempts.push(e.attempts);
-        upstream.push(e.upstream_status);
-        prompt.push(e.usage.prompt_tokens);
-        completion.push(e.usage.completion_tokens);
-        total.push(e.usage.total_tokens);
-        codes.push(e.error_code);
-        messages.push(e.error_message);
-        request_ids.push(e.request_id);
-        submitted.push(ms(e.submitted_ms));
-        started.push(e.started_ms.map(ms));
-        finished.push(e.finished_ms.map(ms));
-        metadata.push(e.metadata);
-        expires.push(e.expires_ms.map(ms));
-    }
-    sqlx::query(
-        "INSERT INTO jobs (id, tenant_id, pool, endpoint, status, attempts, upstream_status,
-                           prompt_tokens, completion_tokens, total_tokens, error_code, error_message,
-                           request_id, submitted_at, started_at, finished_at, metadata, expires_at)
-         SELECT id, tenant_id, pool, endpoint, status, attempts, upstream_status,
-                prompt_tokens, completion_tokens, total_tokens, error_code, error_message, request_id,
-                to_timestamp(submitted / 1000.0), to_timestamp(started / 1000.0), to_timestamp(finished / 1000.0),
-                metadata::jsonb, to_timestamp(expires / 1000.0)
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::int4[],
-                     $8::int4[], $9::int4[], $10::int4[], $11::text[], $12::text[], $13::text[],
-                     $14::int8[], $15::int8[], $16::int8[], $17::text[], $18::int8[])
-              AS e(id, tenant_id, pool, endpoint, status, attempts, upstream_status, prompt_tokens,
-                   completion_tokens, total_tokens, error_code, error_message, request_id,
-                   submitted, started, finished, metadata, expires)
-         ON CONFLICT (id) DO UPDATE SET
-             status = EXCLUDED.status,
-             attempts = GREATEST(jobs.attempts, EXCLUDED.attempts),
-             upstream_status = COALESCE(EXCLUDED.upstream_status, jobs.upstream_status),
-             prompt_tokens = COALESCE(EXCLUDED.prompt_tokens, jobs.prompt_tokens),
-             completion_tokens = COALESCE(EXCLUDED.completion_tokens, jobs.completion_tokens),
-             total_tokens = COALESCE(EXCLUDED.total_tokens, jobs.total_tokens),
-             error_code = COALESCE(EXCLUDED.error_code, jobs.error_code),
-             error_message = COALESCE(EXCLUDED.error_message, jobs.error_message),
-             request_id = COALESCE(NULLIF(jobs.request_id, ''), EXCLUDED.request_id),
-             started_at = LEAST(jobs.started_at, EXCLUDED.started_at),
-             finished_at = COALESCE(EXCLUDED.finished_at, jobs.finished_at),
-             metadata = COALESCE(EXCLUDED.metadata, jobs.metadata),
-             expires_at = COALESCE(EXCLUDED.expires_at, jobs.expires_at),
-             recorded_at = now()
-         WHERE jobs.status <> 'completed'
-           AND job_status_rank(EXCLUDED.status) >= job_status_rank(jobs.status)",
-    )
-    .bind(ids)
-    .bind(tenants)
-    .bind(pools)
-    .bind(endpoints)
-    .bind(statuses)
-    .bind(attempts)
-    .bind(upstream)
-    .bind(prompt)
-    .bind(completion)
-    .bind(total)
-    .bind(codes)
-    .bind(messages)
-    .bind(request_ids)
-    .bind(submitted)
-    .bind(started)
-    .bind(finished)
-    .bind(metadata)
-    .bind(expires)
-    .execute(db)
-    .await?;
-    Ok(())
 }

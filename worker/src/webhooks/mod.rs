@@ -12,17 +12,18 @@
 //!   delivery and disables a tenant endpoint; the target is checked against
 //!   private addresses again, after DNS resolution, before every attempt.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
 use sluice_core::config::WebhooksConfig;
+use sluice_core::db::DbError;
+use sluice_core::db::webhooks::{self as hooks, AttemptRecord, Due, NewDelivery};
 use sluice_core::event::JobStatus;
 use sluice_core::jobstate::JobRecord;
 use sluice_core::webhook;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -89,28 +90,13 @@ fn event_type(status: JobStatus) -> Option<&'static str> {
 
 /// Records one delivery per finished job that has a target, in one
 /// statement; returns how many jobs had one.
-async fn record_deliveries(db: &PgPool, finished: Vec<(Uuid, &'static str, JobRecord)>) -> Result<usize, sqlx::Error> {
+async fn record_deliveries(db: &PgPool, finished: Vec<(Uuid, &'static str, JobRecord)>) -> Result<usize, DbError> {
     // Tenants' default endpoints, for jobs without a webhook of their own.
-    // During a rotation the previous secret signs too, until it expires.
     let tenants: Vec<Uuid> = finished.iter().filter(|(_, _, r)| r.webhook.is_none()).map(|(t, _, _)| *t).collect();
-    let mut defaults: HashMap<Uuid, (String, String)> = HashMap::new();
-    if !tenants.is_empty() {
-        let rows = sqlx::query(
-            "SELECT tenant_id, url, secret || CASE WHEN previous_secret IS NOT NULL AND previous_expires_at > now()
-                                                   THEN ' ' || previous_secret ELSE '' END AS secret
-             FROM webhook_endpoints WHERE tenant_id = ANY($1) AND disabled_at IS NULL",
-        )
-        .bind(&tenants)
-        .fetch_all(db)
-        .await?;
-        for row in rows {
-            defaults.insert(row.try_get("tenant_id")?, (row.try_get("url")?, row.try_get("secret")?));
-        }
-    }
+    let defaults = hooks::endpoints(db, &tenants).await?;
     let timestamp = sluice_core::now_ms() / 1000;
     let mut seen = std::collections::HashSet::new();
-    let (mut ids, mut jobs, mut owners, mut kinds, mut urls, mut secrets, mut tenant_endpoints, mut payloads) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut deliveries = Vec::new();
     for (tenant, kind, record) in finished {
         let (url, secret, tenant_endpoint) = match &record.webhook {
             Some(hook) => (hook.url.clone(), hook.secret.clone(), false),
@@ -124,47 +110,20 @@ async fn record_deliveries(db: &PgPool, finished: Vec<(Uuid, &'static str, JobRe
             continue;
         }
         let payload = serde_json::json!({"type": kind, "timestamp": timestamp, "data": record.public()});
-        ids.push(id);
-        jobs.push(record.id);
-        owners.push(tenant);
-        kinds.push(kind);
-        urls.push(url);
-        secrets.push(secret);
-        tenant_endpoints.push(tenant_endpoint);
-        payloads.push(payload.to_string());
+        deliveries.push(NewDelivery {
+            id,
+            job_id: record.id,
+            tenant_id: tenant,
+            event_type: kind,
+            url,
+            secret,
+            tenant_endpoint,
+            payload: payload.to_string(),
+        });
     }
-    if ids.is_empty() {
-        return Ok(0);
-    }
-    let count = ids.len();
-    sqlx::query(
-        "INSERT INTO webhook_deliveries (id, job_id, tenant_id, event_type, url, secret, tenant_endpoint, payload, status)
-         SELECT id, job_id, tenant_id, event_type, url, secret, tenant_endpoint, payload, 'pending'
-         FROM UNNEST($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::bool[], $8::text[])
-              AS d(id, job_id, tenant_id, event_type, url, secret, tenant_endpoint, payload)
-         ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(ids)
-    .bind(jobs)
-    .bind(owners)
-    .bind(kinds)
-    .bind(urls)
-    .bind(secrets)
-    .bind(tenant_endpoints)
-    .bind(payloads)
-    .execute(db)
-    .await?;
+    let count = deliveries.len();
+    hooks::insert_deliveries(db, deliveries).await?;
     Ok(count)
-}
-
-struct Due {
-    id: String,
-    tenant_id: Uuid,
-    url: String,
-    secret: String,
-    payload: String,
-    attempts: i32,
-    tenant_endpoint: bool,
 }
 
 pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, shutdown: CancellationToken) {
@@ -208,7 +167,7 @@ pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, shutdown: C
         // A claimed delivery is reserved for three attempt timeouts: if its
         // worker dies mid-attempt, another takes it after that.
         let lease_ms = (config.timeout_ms * 3) as i64;
-        let due = match claim(&db, permits.len() as i64, lease_ms).await {
+        let due = match hooks::claim_deliveries(&db, permits.len() as i64, lease_ms).await {
             Ok(d) => d,
             Err(error) => {
                 tracing::warn!(%error, "cannot claim webhook deliveries");
@@ -226,33 +185,6 @@ pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, shutdown: C
             });
         }
     }
-}
-
-async fn claim(db: &PgPool, limit: i64, lease_ms: i64) -> Result<Vec<Due>, sqlx::Error> {
-    let rows = sqlx::query(
-        "UPDATE webhook_deliveries SET next_attempt_at = now() + $2 * interval '1 millisecond'
-         WHERE id IN (SELECT id FROM webhook_deliveries
-                      WHERE status = 'pending' AND next_attempt_at <= now()
-                      ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-         RETURNING id, tenant_id, url, secret, payload, attempts, tenant_endpoint",
-    )
-    .bind(limit)
-    .bind(lease_ms)
-    .fetch_all(db)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(Due {
-                id: r.try_get("id")?,
-                tenant_id: r.try_get("tenant_id")?,
-                url: r.try_get("url")?,
-                secret: r.try_get("secret")?,
-                payload: r.try_get("payload")?,
-                attempts: r.try_get("attempts")?,
-                tenant_endpoint: r.try_get("tenant_endpoint")?,
-            })
-        })
-        .collect()
 }
 
 enum Attempt {
@@ -290,47 +222,25 @@ async fn attempt(db: &PgPool, client: &reqwest::Client, config: &WebhooksConfig,
     if let Some(e) = &error {
         tracing::info!(delivery = %d.id, attempt = attempt_no, error = %e, "webhook attempt failed");
     }
-    let next_ms = next.map(|n| n.as_millis() as i64);
-    let write = async {
-        let mut tx = db.begin().await?;
-        sqlx::query(
-            "INSERT INTO webhook_attempts (delivery_id, attempt, response_status, error, latency_ms, next_attempt_at)
-             VALUES ($1, $2, $3, $4, $5, now() + $6 * interval '1 millisecond')",
-        )
-        .bind(&d.id)
-        .bind(attempt_no)
-        .bind(status_code)
-        .bind(&error)
-        .bind(latency_ms)
-        .bind(next_ms)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE webhook_deliveries SET status = $2, attempts = $3, last_status = $4,
-                 next_attempt_at = COALESCE(now() + $5 * interval '1 millisecond', next_attempt_at),
-                 delivered_at = CASE WHEN $2 = 'delivered' THEN now() ELSE delivered_at END
-             WHERE id = $1",
-        )
-        .bind(&d.id)
-        .bind(status)
-        .bind(attempt_no)
-        .bind(status_code)
-        .bind(next_ms)
-        .execute(&mut *tx)
-        .await?;
-        if matches!(result, Attempt::Gone(_)) && d.tenant_endpoint {
-            sqlx::query("UPDATE webhook_endpoints SET disabled_at = now() WHERE tenant_id = $1 AND url = $2")
-                .bind(d.tenant_id)
-                .bind(&d.url)
-                .execute(&mut *tx)
-                .await?;
+    let record = AttemptRecord {
+        delivery: &d,
+        attempt: attempt_no,
+        response_status: status_code,
+        error: error.as_deref(),
+        latency_ms,
+        status,
+        next_in_ms: next.map(|n| n.as_millis() as i64),
+        disable_endpoint: matches!(result, Attempt::Gone(_)),
+    };
+    match hooks::record_attempt(db, &record).await {
+        Ok(()) if record.disable_endpoint && d.tenant_endpoint => {
             tracing::warn!(tenant = %d.tenant_id, "webhook endpoint answered 410 Gone; disabled");
         }
-        tx.commit().await
-    };
-    if let Err(error) = write.await {
-        metrics::counter!(m::WEBHOOK_FAILURES, "reason" => "record").increment(1);
-        tracing::warn!(%error, delivery = %d.id, "cannot record a webhook attempt; it will be retried after its lease");
+        Ok(()) => {}
+        Err(error) => {
+            metrics::counter!(m::WEBHOOK_FAILURES, "reason" => "record").increment(1);
+            tracing::warn!(%error, delivery = %d.id, "cannot record a webhook attempt; it will be retried after its lease");
+        }
     }
 }
 

@@ -1,4 +1,7 @@
-//! Postgres: the pool, the embedded migrations, tenants and API keys.
+//! Postgres, Sluice's one storage module: the pool, the embedded
+//! migrations, tenants and API keys here; the job ledger in [`jobs`];
+//! webhook endpoints, deliveries and attempts in [`webhooks`]. No other
+//! module writes SQL.
 //!
 //! API keys are random 192-bit tokens shown once at creation; only their
 //! SHA-256 digest is stored. A slow password hash would add nothing for keys
@@ -16,18 +19,24 @@ use uuid::Uuid;
 
 use crate::config::DatabaseConfig;
 
+pub mod jobs;
+pub mod webhooks;
+
+pub use jobs::job_history;
+pub use webhooks::redeliver_webhook;
+
 /// Prefix of every Sluice API key, so that secret scanners can find leaked ones.
 pub const KEY_PREFIX: &str = "sk-sluice-";
 
 /// The files of `migrations/`, embedded so the binaries carry their schema.
 /// `migration_list_matches_directory` keeps this list honest.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (1, "tenants keys jobs", include_str!("../../migrations/0001_tenants_keys_jobs.sql")),
-    (2, "job metadata and status rank", include_str!("../../migrations/0002_job_metadata_and_status_rank.sql")),
-    (3, "webhooks", include_str!("../../migrations/0003_webhooks.sql")),
-    (4, "webhook secret rotation", include_str!("../../migrations/0004_webhook_secret_rotation.sql")),
-    (5, "tenant limits", include_str!("../../migrations/0005_tenant_limits.sql")),
-    (6, "tenant max in flight", include_str!("../../migrations/0006_tenant_max_in_flight.sql")),
+    (1, "tenants keys jobs", include_str!("../../../migrations/0001_tenants_keys_jobs.sql")),
+    (2, "job metadata and status rank", include_str!("../../../migrations/0002_job_metadata_and_status_rank.sql")),
+    (3, "webhooks", include_str!("../../../migrations/0003_webhooks.sql")),
+    (4, "webhook secret rotation", include_str!("../../../migrations/0004_webhook_secret_rotation.sql")),
+    (5, "tenant limits", include_str!("../../../migrations/0005_tenant_limits.sql")),
+    (6, "tenant max in flight", include_str!("../../../migrations/0006_tenant_max_in_flight.sql")),
 ];
 
 pub type KeyDigest = [u8; 32];
@@ -53,6 +62,17 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, DbError> {
     Ok(pool)
 }
 
+/// A pool that connects on first use, for a process to which Postgres is
+/// optional (the scaler looks tenants up in it): it starts while Postgres
+/// is down. At most `max_connections`, or the config's if that is lower.
+pub fn connect_lazy(config: &DatabaseConfig, max_connections: u32) -> Result<PgPool, DbError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections.min(config.max_connections).max(1))
+        .acquire_timeout(Duration::from_millis(config.connect_timeout_ms))
+        .connect_lazy(config.url.expose())?;
+    Ok(pool)
+}
+
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     let migrations = MIGRATIONS
         .iter()
@@ -61,6 +81,12 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
         })
         .collect();
     Migrator::with_migrations(migrations).run(pool).await?;
+    Ok(())
+}
+
+/// Answers when Postgres does (readiness checks).
+pub async fn ping(pool: &PgPool) -> Result<(), DbError> {
+    sqlx::query("SELECT 1").execute(pool).await?;
     Ok(())
 }
 
@@ -248,73 +274,6 @@ pub async fn set_tenant(
     .await?;
     let row = tenants(pool).await?.into_iter().find(|t| t.id == id);
     row.ok_or_else(|| DbError::NoTenant(name.to_owned()))
-}
-
-/// The tenant's jobs from the ledger, newest first, after the cursor job
-/// (`GET /v1/jobs`), as the API shows them.
-pub async fn job_history(
-    db: &PgPool,
-    tenant: Uuid,
-    after: Option<Uuid>,
-    status: Option<&str>,
-    limit: i64,
-) -> Result<Vec<serde_json::Value>, DbError> {
-    let rows = sqlx::query(
-        "SELECT id, endpoint, pool, status, attempts,
-                extract(epoch FROM submitted_at)::int8 AS created_at,
-                extract(epoch FROM finished_at)::int8 AS finished_at,
-                metadata::text AS metadata, error_code
-         FROM jobs
-         WHERE tenant_id = $1
-           AND ($2::text IS NULL OR status = $2)
-           AND ($3::uuid IS NULL OR (submitted_at, id) <
-                (SELECT submitted_at, id FROM jobs WHERE id = $3 AND tenant_id = $1))
-         ORDER BY submitted_at DESC, id DESC
-         LIMIT $4",
-    )
-    .bind(tenant)
-    .bind(status)
-    .bind(after)
-    .bind(limit)
-    .fetch_all(db)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            let metadata: Option<String> = r.try_get("metadata")?;
-            Ok(serde_json::json!({
-                "id": r.try_get::<Uuid, _>("id")?,
-                "object": "job",
-                "endpoint": r.try_get::<String, _>("endpoint")?,
-                "model": r.try_get::<String, _>("pool")?,
-                "status": r.try_get::<String, _>("status")?,
-                "attempts": r.try_get::<i32, _>("attempts")?,
-                "created_at": r.try_get::<i64, _>("created_at")?,
-                "finished_at": r.try_get::<Option<i64>, _>("finished_at")?,
-                "metadata": metadata.and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok()),
-                "error_code": r.try_get::<Option<String>, _>("error_code")?,
-            }))
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(DbError::from)
-}
-
-/// Schedules a job's webhook delivery again from a fresh retry schedule
-/// (`POST /v1/jobs/{id}/webhook/redeliver`); a delivery still being
-/// attempted is left alone. The statuses of the job's deliveries, `reset`
-/// for those rescheduled; empty when the job has none.
-pub async fn redeliver_webhook(db: &PgPool, job: Uuid, tenant: Uuid) -> Result<Vec<String>, DbError> {
-    let statuses = sqlx::query_scalar(
-        "WITH reset AS (
-             UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = now()
-             WHERE job_id = $1 AND tenant_id = $2 AND status <> 'pending' RETURNING id)
-         SELECT CASE WHEN id IN (SELECT id FROM reset) THEN 'reset' ELSE status END
-         FROM webhook_deliveries WHERE job_id = $1 AND tenant_id = $2",
-    )
-    .bind(job)
-    .bind(tenant)
-    .fetch_all(db)
-    .await?;
-    Ok(statuses)
 }
 
 #[cfg(test)]
