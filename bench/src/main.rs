@@ -16,6 +16,10 @@
 //! a persistent HTTP/1.1 connection sending the next request when the last
 //! answer arrived. It prints one line per measurement, the medians over the
 //! repeats, and last the headline comparison.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the load generator's connections and receivers are its own; the ban on bare spawns is for the services"
+)]
 
 mod autoscale;
 mod jobs;

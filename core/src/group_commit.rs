@@ -21,6 +21,7 @@
 //! that another attempt may fix (no stream leader, a lost acknowledgement)
 //! go to every caller of the batch, whose own retry applies.
 
+use crate::tasks::Tasks;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -83,10 +84,10 @@ impl GroupCommit {
 
     /// Starts the batching task for one stream; `stream` labels its metrics.
     /// The stream must allow atomic publishes (nats-server 2.12 or later).
-    pub fn start(nats: async_nats::Client, js: jetstream::Context, stream: &str) -> Self {
+    pub fn start(tasks: &Tasks, nats: async_nats::Client, js: jetstream::Context, stream: &str) -> Self {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         let counts = Arc::<Counts>::default();
-        tokio::spawn(run(nats, js.clone(), rx, stream.to_owned(), counts.clone()));
+        tasks.spawn(run(tasks.clone(), nats, js.clone(), rx, stream.to_owned(), counts.clone()));
         Self { js, batches: Some(tx), counts }
     }
 
@@ -96,8 +97,8 @@ impl GroupCommit {
     }
 
     /// `start` when `enabled`, else `direct`.
-    pub fn new(enabled: bool, nats: async_nats::Client, js: jetstream::Context, stream: &str) -> Self {
-        if enabled { Self::start(nats, js, stream) } else { Self::direct(js) }
+    pub fn new(tasks: &Tasks, enabled: bool, nats: async_nats::Client, js: jetstream::Context, stream: &str) -> Self {
+        if enabled { Self::start(tasks, nats, js, stream) } else { Self::direct(js) }
     }
 
     /// Stores one message and returns its acknowledgement (its own sequence
@@ -119,7 +120,11 @@ impl GroupCommit {
     }
 }
 
+/// Commits what the channel brings until shutdown begins, then what is
+/// still queued in it, and stops (a write sent after that fails as a
+/// broken pipe would).
 async fn run(
+    tasks: Tasks,
     nats: async_nats::Client,
     js: jetstream::Context,
     mut rx: mpsc::Receiver<Write>,
@@ -127,9 +132,15 @@ async fn run(
     counts: Arc<Counts>,
 ) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let stopping = tasks.stopping();
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let Some(first) = rx.recv().await else { return };
+        let next = tokio::select! {
+            biased;
+            write = rx.recv() => write,
+            _ = stopping.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(first) = next else { return };
         let mut bytes = first.payload.len();
         let mut writes = vec![first];
         while writes.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
@@ -141,7 +152,7 @@ async fn run(
         counts.commits.fetch_add(1, Ordering::Relaxed);
         counts.writes.fetch_add(writes.len() as u64, Ordering::Relaxed);
         let (nats, js, stream, counts) = (nats.clone(), js.clone(), stream.clone(), counts.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             commit(&nats, &js, writes, &stream, &counts).await;
             drop(slot);
         });

@@ -31,6 +31,7 @@ pub mod ops;
 pub mod reload;
 pub mod secret;
 pub mod shutdown;
+pub mod tasks;
 pub mod telemetry;
 pub mod tenant;
 pub mod webhook;

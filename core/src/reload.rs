@@ -33,7 +33,7 @@ impl Ticker {
 
 pub async fn start<T, E, F, Fut, L>(
     every: Duration,
-    shutdown: CancellationToken,
+    tasks: &crate::tasks::Tasks,
     mut load: F,
     mut loaded: L,
 ) -> Result<watch::Receiver<Arc<T>>, E>
@@ -47,7 +47,8 @@ where
     let first = load().await?;
     loaded(Ok(&first));
     let (tx, rx) = watch::channel(Arc::new(first));
-    tokio::spawn(async move {
+    let shutdown = tasks.stopping();
+    tasks.spawn(async move {
         let mut ticker = Ticker::new(every);
         // The first tick is now: the value was just loaded.
         ticker.tick(&shutdown).await;

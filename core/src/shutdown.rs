@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 pub fn on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
-    tokio::spawn(async move {
+    crate::tasks::detach(async move {
         wait_for_signal().await;
         tracing::info!("shutdown signal received");
         trigger.cancel();

@@ -19,6 +19,7 @@ use std::sync::Mutex;
 use sluice_core::counters::{CounterError, Counters, Rate};
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::now_ms;
+use sluice_core::tasks::Tasks;
 use sluice_core::tenant::TenantPolicy;
 use sluice_core::wire::subjects::{queued as queued_subject, tenant_rate as rate_subject};
 use uuid::Uuid;
@@ -29,6 +30,7 @@ const MINUTE_MS: u64 = 60_000;
 
 pub struct Admission {
     counters: Counters,
+    tasks: Tasks,
     /// The previous minute's total per tenant and rate, read once a minute.
     /// Held only for a map lookup, never across an await; touched only for
     /// tenants with rate limits.
@@ -52,8 +54,8 @@ struct Check {
 }
 
 impl Admission {
-    pub fn new(counters: Counters) -> Self {
-        Self { counters, previous: Mutex::new(HashMap::new()) }
+    pub fn new(counters: Counters, tasks: Tasks) -> Self {
+        Self { counters, tasks, previous: Mutex::new(HashMap::new()) }
     }
 
     /// Counts the request against the tenant's limits, or refuses it.
@@ -126,7 +128,7 @@ impl Admission {
             return;
         }
         let counters = self.counters.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             for (subject, delta) in admitted.applied {
                 if let Err(error) = counters.add(&subject, -delta).await {
                     metrics::counter!(m::ADMISSION_ERRORS).increment(1);

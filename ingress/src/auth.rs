@@ -9,6 +9,7 @@
 //! a key: an attacker who times it learns about digests of guesses, not about
 //! the keys.
 
+use sluice_core::tasks::Tasks;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,6 @@ use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::tenant::TenantPolicy;
 use sqlx::PgPool;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 struct Loaded {
@@ -51,12 +51,12 @@ impl KeyCache {
         db: PgPool,
         defaults: TenantDefaults,
         every: Duration,
-        shutdown: CancellationToken,
+        tasks: &Tasks,
     ) -> Result<Self, db::DbError> {
         let fallback = Arc::new(TenantPolicy::defaults(&defaults));
         let keys = sluice_core::reload::start(
             every,
-            shutdown,
+            tasks,
             move || {
                 let (db, defaults) = (db.clone(), defaults.clone());
                 async move { load(&db, &defaults).await }

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use sluice_core::config::{Config, EXIT_BAD_CONFIG};
+use sluice_ingress::startup::Listeners;
 use sluice_ingress::{Ingress, admin};
 
 const USAGE: &str = "usage: sluice-ingress [--config FILE] [COMMAND]
@@ -77,24 +78,19 @@ async fn main() -> ExitCode {
 
 async fn serve(config: Config) -> Result<(), String> {
     let shutdown = sluice_core::shutdown::on_signal();
-    let listen = config.ingress.listen;
-    let listener =
-        tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let admin_listen = config.admin.listen;
+    let bind = |addr| async move {
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let http = bind(config.ingress.listen).await?;
+    // (the config refuses admin.listen without admin.token)
+    let admin = match config.admin.listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     let ingress = Ingress::build(config).await.map_err(|e| e.to_string())?;
-    if let (Some(addr), Some(router)) = (admin_listen, ingress.admin_router()) {
-        let admin = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        tracing::info!(%addr, "admin API listening");
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(error) = axum::serve(admin, router).with_graceful_shutdown(stop.cancelled_owned()).await {
-                tracing::warn!(%error, "admin API stopped");
-            }
-        });
-    }
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let addr = http.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%addr, "ingress listening");
-    ingress.run(listener, shutdown).await.map_err(|e| e.to_string())?;
+    ingress.run(Listeners { http, admin }, shutdown).await.map_err(|e| e.to_string())?;
     tracing::info!("ingress stopped");
     Ok(())
 }

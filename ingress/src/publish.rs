@@ -109,7 +109,8 @@ pub struct DetachOnDrop(pub Option<(Arc<AppState>, Envelope)>);
 impl Drop for DetachOnDrop {
     fn drop(&mut self) {
         if let Some((state, env)) = self.0.take() {
-            tokio::spawn(async move { detached(&state, &env).await });
+            let tasks = state.tasks.clone();
+            tasks.spawn(async move { detached(&state, &env).await });
         }
     }
 }

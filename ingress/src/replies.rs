@@ -9,6 +9,7 @@
 //! is not lost: it is stored as the job's state, where
 //! `GET /v1/jobs/{id}` finds it with the job id the 504 named.
 
+use sluice_core::tasks::Tasks;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -20,7 +21,6 @@ use sluice_core::now_ms;
 use sluice_core::wire::reply::{Answer, Reply};
 use sluice_core::wire::subjects;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 enum Command {
     Register(u64, mpsc::UnboundedSender<Reply>),
@@ -61,11 +61,12 @@ impl Replies {
         client: &async_nats::Client,
         ingress_id: &str,
         job_state: kv::Store,
-        shutdown: CancellationToken,
+        tasks: &Tasks,
     ) -> Result<Self, async_nats::SubscribeError> {
         let mut subscription = client.subscribe(subjects::replies_of(ingress_id)).await?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Command>();
-        tokio::spawn(async move {
+        let (shutdown, orphans) = (tasks.stopping(), tasks.clone());
+        tasks.spawn(async move {
             let mut waiting: HashMap<u64, mpsc::UnboundedSender<Reply>> = HashMap::new();
             loop {
                 tokio::select! {
@@ -80,7 +81,7 @@ impl Replies {
                     message = subscription.next() => {
                         let Some(message) = message else { return };
                         if let Some(orphan) = route(&mut waiting, message) {
-                            tokio::spawn(store_orphan(job_state.clone(), orphan));
+                            orphans.spawn(store_orphan(job_state.clone(), orphan));
                         }
                     }
                 }

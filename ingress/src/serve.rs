@@ -14,6 +14,7 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use sluice_core::tasks::Tasks;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +26,7 @@ pub struct Limits {
 
 /// Serves `app` on `listener` until `shutdown`, then waits for the open
 /// connections to finish their requests (the caller bounds the wait).
-pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, app: Router, limits: Limits, tasks: Tasks, shutdown: CancellationToken) {
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -55,7 +56,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown:
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         let open = metrics::gauge!(crate::metrics::CONNECTIONS);
         open.increment(1.0);
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "connection ended with an error");
             }

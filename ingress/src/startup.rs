@@ -7,6 +7,7 @@ use axum::Router;
 use sluice_core::config::{Config, ms};
 use sluice_core::group_commit::GroupCommit;
 use sluice_core::ops::{self, Readiness};
+use sluice_core::tasks::Tasks;
 use sluice_core::{db, nats};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -37,7 +38,21 @@ const ENVELOPE_HEADROOM: usize = 8 * 1024;
 pub struct Ingress {
     state: Arc<AppState>,
     db: PgPool,
-    background: CancellationToken,
+    tasks: Tasks,
+}
+
+/// Where the ingress serves: the public API, and the admin API (served
+/// only when `admin.token` is set; never on the public listener).
+pub struct Listeners {
+    pub http: TcpListener,
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// The public API only.
+    pub fn http(http: TcpListener) -> Self {
+        Self { http, admin: None }
+    }
 }
 
 impl Ingress {
@@ -52,11 +67,10 @@ impl Ingress {
         let job_state = nats::state_bucket(&js, &config.nats, &config.jobs).await?;
         let counters = sluice_core::counters::Counters::open(&js, &config.nats).await?;
         let db = db::connect(&config.database).await?;
-        let background = CancellationToken::new();
+        let tasks = Tasks::new();
         let keys =
-            KeyCache::start(db.clone(), config.tenants.clone(), ms(config.ingress.auth_refresh_ms), background.clone())
-                .await?;
-        let replies = Replies::start(&client, &ingress_id, job_state.clone(), background.clone()).await?;
+            KeyCache::start(db.clone(), config.tenants.clone(), ms(config.ingress.auth_refresh_ms), &tasks).await?;
+        let replies = Replies::start(&client, &ingress_id, job_state.clone(), &tasks).await?;
         let pool_tokens = config.pools.iter().map(|p| (p.name.clone(), p.subject_token())).collect();
         let mut config = config;
         // A job is one NATS message: its body plus headers must fit the
@@ -71,8 +85,8 @@ impl Ingress {
             config.ingress.max_body_bytes = fits;
         }
         let group = config.nats.group_commit;
-        let jobs_commit = GroupCommit::new(group, client.clone(), js.clone(), &config.nats.jobs_stream);
-        let state_commit = GroupCommit::new(group, client.clone(), js.clone(), &job_state.stream_name);
+        let jobs_commit = GroupCommit::new(&tasks, group, client.clone(), js.clone(), &config.nats.jobs_stream);
+        let state_commit = GroupCommit::new(&tasks, group, client.clone(), js.clone(), &job_state.stream_name);
         let state = AppState {
             jobs_commit,
             state_commit,
@@ -83,16 +97,16 @@ impl Ingress {
             job_state,
             db: db.clone(),
             keys,
-            admission: crate::admission::Admission::new(counters),
+            admission: crate::admission::Admission::new(counters, tasks.clone()),
             replies,
+            tasks: tasks.clone(),
             pool_tokens,
         };
-        Ok(Self { state: Arc::new(state), db, background })
+        Ok(Self { state: Arc::new(state), db, tasks })
     }
 
-    /// The admin API's router, when `admin.token` is set; serve it on
-    /// `admin.listen`, never on the public listener.
-    pub fn admin_router(&self) -> Option<Router> {
+    /// The admin API's router, when `admin.token` is set.
+    fn admin_router(&self) -> Option<Router> {
         crate::admin_api::router(&self.state.config, self.db.clone())
     }
 
@@ -101,10 +115,21 @@ impl Ingress {
         crate::routes::router(self.state.clone()).merge(ops::router(readiness))
     }
 
-    /// Serves on `listener` until `shutdown` fires, then lets in-flight
-    /// requests finish for `ingress.shutdown_grace_ms` before giving up.
-    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
+    /// Serves until `shutdown` fires, then lets in-flight requests finish
+    /// for `ingress.shutdown_grace_ms` before giving up, stops the
+    /// background loops and waits (bounded) for the work they left.
+    pub async fn run(self, listeners: Listeners, shutdown: CancellationToken) -> Result<(), StartError> {
         let grace = Duration::from_millis(self.state.config.ingress.shutdown_grace_ms);
+        if let (Some(admin), Some(router)) = (listeners.admin, self.admin_router()) {
+            tracing::info!(addr = ?admin.local_addr().ok(), "admin API listening");
+            let stop = shutdown.clone();
+            self.tasks.spawn(async move {
+                if let Err(error) = axum::serve(admin, router).with_graceful_shutdown(stop.cancelled_owned()).await {
+                    tracing::warn!(%error, "admin API stopped");
+                }
+            });
+        }
+        let listener = listeners.http;
         let app = self.router();
         let stop = shutdown.clone();
         let c = &self.state.config.ingress;
@@ -112,8 +137,9 @@ impl Ingress {
             max_connections: c.max_connections,
             header_timeout: Duration::from_millis(c.header_timeout_ms),
         };
-        let server = tokio::spawn(async move {
-            crate::serve::serve(listener, app, limits, stop).await;
+        let tasks = self.tasks.clone();
+        let server = self.tasks.spawn(async move {
+            crate::serve::serve(listener, app, limits, tasks, stop).await;
             Ok::<(), std::io::Error>(())
         });
         tokio::pin!(server);
@@ -131,7 +157,9 @@ impl Ingress {
                 }
             }
         };
-        self.background.cancel();
+        // What requests left behind (a timed-out request recorded as a job,
+        // an orphan answer stored, a count taken back) finishes here.
+        self.tasks.shutdown(nats::FINAL_FLUSH).await;
         nats::final_flush(&self.state.nats).await;
         match result {
             Ok(served) => served.map_err(StartError::Io),

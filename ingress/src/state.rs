@@ -32,6 +32,8 @@ pub struct AppState {
     pub replies: Replies,
     /// Bounds the synchronous requests waiting at once (`ingress.max_in_flight`).
     pub in_flight: Arc<Semaphore>,
+    /// Every task the ingress starts; shutdown waits for them.
+    pub tasks: sluice_core::tasks::Tasks,
     /// Pool name → subject token, precomputed.
     pub pool_tokens: std::collections::HashMap<String, String>,
 }

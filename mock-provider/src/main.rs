@@ -29,6 +29,10 @@ async fn main() {
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let trigger = shutdown.clone();
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the mock stands in for a provider, not a Sluice service: its one task is this signal listener"
+    )]
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let term = async {

@@ -1,7 +1,6 @@
 //! `sluice-scaler [--config FILE]`
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 const USAGE: &str = "usage: sluice-scaler [--config FILE]
 
@@ -26,8 +25,16 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let server = match sluice_scaler::server::Server::build(config).await {
+        Ok(s) => s,
+        Err(error) => {
+            eprintln!("sluice-scaler: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing::info!(%grpc, %ops, "scaler running");
-    match sluice_scaler::server::run(Arc::new(config), listeners.0, Some(listeners.1), shutdown).await {
+    let listeners = sluice_scaler::server::Listeners { grpc: listeners.0, ops: Some(listeners.1) };
+    match server.run(listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("sluice-scaler: {error}");

@@ -8,6 +8,7 @@ use std::time::Duration;
 use sluice_core::config::Config;
 use sluice_core::nats::{self, NatsError};
 use sluice_core::ops::{self, Readiness};
+use sluice_core::tasks::Tasks;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -28,40 +29,63 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
 }
 
-/// Serves KEDA on `grpc` (and the ops endpoints on `ops`) until `shutdown`.
-pub async fn run(
+/// A scaler connected to NATS, ready to serve.
+pub struct Server {
     config: Arc<Config>,
-    grpc: TcpListener,
-    ops: Option<TcpListener>,
-    shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    describe();
-    let client = nats::connect(&config.nats, "sluice-scaler").await?;
-    let js = nats::jetstream(client.clone(), &config.nats);
-    nats::ensure_streams(&js, &config.nats).await?;
-    let stream = js.get_stream(&config.nats.jobs_stream).await.map_err(|e| ServeError::Stream(e.to_string()))?;
-    let db = sluice_core::db::connect_lazy(&config.database, 2)?;
+    client: async_nats::Client,
+    stream: async_nats::jetstream::stream::Stream,
+    db: sqlx::PgPool,
+    tasks: Tasks,
+}
 
-    let (tx, rx) = watch::channel(Arc::new(Backlog::default()));
-    let (wakes, _) = broadcast::channel(1024);
-    let pools: HashMap<String, String> = config.pools.iter().map(|p| (p.subject_token(), p.name.clone())).collect();
-    let every = Duration::from_millis(config.scaler.refresh_ms);
-    tokio::spawn(snapshot::refresh(stream, every, pools, tx, shutdown.clone()));
-    tokio::spawn(snapshot::wake_ups(client.clone(), wakes.clone(), shutdown.clone()));
+/// Where the scaler serves: KEDA's gRPC protocol, and the ops endpoints
+/// (`/healthz`, `/readyz`, `/metrics`) when given.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub ops: Option<TcpListener>,
+}
 
-    if let Some(listener) = ops {
-        let app = ops::router(Readiness { nats: Some(client.clone()), db: None });
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
-        });
+impl Server {
+    /// Connects NATS, declares the streams, and opens the Postgres pool
+    /// lazily (only metadata that names a tenant needs it).
+    pub async fn build(config: Config) -> Result<Self, ServeError> {
+        describe();
+        let client = nats::connect(&config.nats, "sluice-scaler").await?;
+        let js = nats::jetstream(client.clone(), &config.nats);
+        nats::ensure_streams(&js, &config.nats).await?;
+        let stream = js.get_stream(&config.nats.jobs_stream).await.map_err(|e| ServeError::Stream(e.to_string()))?;
+        let db = sluice_core::db::connect_lazy(&config.database, 2)?;
+        Ok(Self { config: Arc::new(config), client, stream, db, tasks: Tasks::new() })
     }
-    let scaler = Scaler::new(config, rx, wakes, db);
-    tonic::transport::Server::builder()
-        .add_service(ExternalScalerServer::new(scaler))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), shutdown.cancelled_owned())
-        .await?;
-    Ok(())
+
+    /// Serves until `shutdown`, then waits (bounded) for its tasks.
+    pub async fn run(self, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServeError> {
+        let Self { config, client, stream, db, tasks } = self;
+        let (tx, rx) = watch::channel(Arc::new(Backlog::default()));
+        let (wakes, _) = broadcast::channel(1024);
+        let pools: HashMap<String, String> = config.pools.iter().map(|p| (p.subject_token(), p.name.clone())).collect();
+        let every = Duration::from_millis(config.scaler.refresh_ms);
+        tasks.spawn(snapshot::refresh(stream, every, pools, tx, tasks.stopping()));
+        tasks.spawn(snapshot::wake_ups(client.clone(), wakes.clone(), tasks.stopping()));
+        if let Some(listener) = listeners.ops {
+            let app = ops::router(Readiness { nats: Some(client.clone()), db: None });
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+            });
+        }
+        let scaler = Scaler::new(config, rx, wakes, db, tasks.clone());
+        let served = tonic::transport::Server::builder()
+            .add_service(ExternalScalerServer::new(scaler))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listeners.grpc),
+                shutdown.cancelled_owned(),
+            )
+            .await;
+        tasks.shutdown(nats::FINAL_FLUSH).await;
+        served?;
+        Ok(())
+    }
 }
 
 fn describe() {

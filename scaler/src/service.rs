@@ -43,6 +43,8 @@ pub struct Scaler {
     stale: Duration,
     db: sqlx::PgPool,
     tenant_ids: Mutex<HashMap<String, Uuid>>,
+    /// The `StreamIsActive` pushers.
+    tasks: sluice_core::tasks::Tasks,
 }
 
 impl Scaler {
@@ -53,9 +55,10 @@ impl Scaler {
         backlog: watch::Receiver<Arc<Backlog>>,
         wakes: broadcast::Sender<(String, Uuid)>,
         db: sqlx::PgPool,
+        tasks: sluice_core::tasks::Tasks,
     ) -> Self {
         let stale = Duration::from_millis(config.scaler.stale_ms);
-        Self { config, backlog, wakes, stale, db, tenant_ids: Mutex::new(HashMap::new()) }
+        Self { config, backlog, wakes, stale, db, tenant_ids: Mutex::new(HashMap::new()), tasks }
     }
 
     fn selection(&self, r: Option<&ScaledObjectRef>) -> Result<Selection, ApiError> {
@@ -150,7 +153,15 @@ impl ExternalScaler for Scaler {
             let first = self.measure(&s, tenant)? > s.activation;
             let (tx, rx) = mpsc::channel(4);
             let _ = tx.send(Ok(IsActiveResponse { result: first })).await;
-            tokio::spawn(push_active(s, tenant, first, self.backlog.clone(), self.wakes.subscribe(), self.stale, tx));
+            self.tasks.spawn(push_active(
+                s,
+                tenant,
+                first,
+                self.backlog.clone(),
+                self.wakes.subscribe(),
+                self.stale,
+                tx,
+            ));
             let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
             Ok(Response::new(Box::pin(stream) as ActiveStream))
         }

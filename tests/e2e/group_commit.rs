@@ -10,6 +10,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, publish::PublishAck, stream};
 use bytes::Bytes;
 use sluice_core::group_commit::{GroupCommit, expect_revision};
+use sluice_core::tasks::Tasks;
 
 use crate::harness::{NatsServer, Stack, poll_until, wait_for};
 
@@ -55,7 +56,7 @@ async fn write_at_once(
 async fn concurrent_writes_share_commits_and_each_learns_its_own_sequence() {
     let nats = NatsServer::start().await;
     let (client, js, stream) = stream_with_atomic(&nats).await;
-    let commit = GroupCommit::start(client, js, "GC");
+    let commit = GroupCommit::start(&Tasks::new(), client, js, "GC");
     let acks = write_at_once(std::slice::from_ref(&commit), 300, |i| {
         (format!("gc.w.{i}"), HeaderMap::new(), Bytes::from(i.to_string()))
     })
@@ -78,7 +79,7 @@ async fn concurrent_writes_share_commits_and_each_learns_its_own_sequence() {
 async fn a_refused_write_fails_alone_and_the_rest_of_its_batch_is_stored() {
     let nats = NatsServer::start().await;
     let (client, js, stream) = stream_with_atomic(&nats).await;
-    let commit = GroupCommit::start(client, js, "GC");
+    let commit = GroupCommit::start(&Tasks::new(), client, js, "GC");
     // Ten creates of one key race 190 creates of fresh keys: one of the ten
     // wins, nine are refused, and the batches they were in are stored apart.
     let subject = |i: usize| if i % 20 == 7 { "gc.key.same".to_owned() } else { format!("gc.key.{i}") };
@@ -173,7 +174,7 @@ async fn batched_writes_through_a_stream_leader_kill_are_stored_exactly_once() {
     })
     .await
     .unwrap();
-    let commit = GroupCommit::start(client, js.clone(), "GCR");
+    let commit = GroupCommit::start(&Tasks::new(), client, js.clone(), "GCR");
     let acked = Arc::new(AtomicUsize::new(0));
     // Each lane writes its messages one after another, each under its own
     // `Nats-Msg-Id`, repeating on errors that may pass for up to 20 s (once
@@ -279,8 +280,10 @@ async fn batches_beyond_the_servers_in_flight_limit_fall_back_to_single_writes()
     let nats = NatsServer::start_with("limits { batch { max_inflight_per_stream: 1 } }").await;
     let (client, js, stream) = stream_with_atomic(&nats).await;
     let other = async_nats::connect(&nats.url).await.unwrap();
-    let commits =
-        [GroupCommit::start(client, js, "GC"), GroupCommit::start(other.clone(), jetstream::new(other), "GC")];
+    let commits = [
+        GroupCommit::start(&Tasks::new(), client, js, "GC"),
+        GroupCommit::start(&Tasks::new(), other.clone(), jetstream::new(other), "GC"),
+    ];
     let stored = write_at_once(&commits, 2000, |i| {
         (format!("gc.limit.{i}"), with_id(&format!("w-{i}")), Bytes::from(i.to_string()))
     })
@@ -299,7 +302,7 @@ async fn batches_beyond_the_servers_in_flight_limit_fall_back_to_single_writes()
 async fn a_repeated_message_id_in_a_batch_is_answered_as_the_duplicate_it_is() {
     let nats = NatsServer::start().await;
     let (client, js, stream) = stream_with_atomic(&nats).await;
-    let commit = GroupCommit::start(client, js, "GC");
+    let commit = GroupCommit::start(&Tasks::new(), client, js, "GC");
     let first = commit.publish("gc.dup".into(), with_id("job-7"), Bytes::from("first")).await.unwrap();
     // The stream refuses a batch holding a repeated id as a whole (nats-server
     // error 10201); every write of it must still get its own, right answer.

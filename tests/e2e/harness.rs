@@ -346,7 +346,7 @@ impl Stack {
         let addr = listener.local_addr().unwrap();
         let ingress = sluice_ingress::Ingress::build(config).await.unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(ingress.run(listener, stop.clone()));
+        tokio::spawn(ingress.run(sluice_ingress::startup::Listeners::http(listener), stop.clone()));
         (format!("http://{addr}"), stop)
     }
 

@@ -1,6 +1,10 @@
 //! Sluice's end-to-end tests: one test binary, one module per concern, every
 //! test on its own nats-server and its own Postgres database.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a panic in a test is a failed test")]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests start servers, clients and load of their own; the ban on bare spawns is for the services"
+)]
 
 mod harness;
 mod procs;

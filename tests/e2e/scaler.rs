@@ -2,7 +2,6 @@
 //! generated from KEDA's own message layout, against a real nats-server.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_scaler::proto::external_scaler_client::ExternalScalerClient;
@@ -39,7 +38,8 @@ async fn the_keda_scaler_reports_the_real_backlog_pushes_activity_and_fails_with
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     let _guard = stop.clone().drop_guard();
-    tokio::spawn(sluice_scaler::server::run(Arc::new(stack.config.clone()), listener, None, stop));
+    let server = sluice_scaler::server::Server::build(stack.config.clone()).await.unwrap();
+    tokio::spawn(server.run(sluice_scaler::server::Listeners { grpc: listener, ops: None }, stop));
     let mut client = wait_for("the scaler to listen", Duration::from_secs(10), || async {
         let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).ok()?.connect().await.ok()?;
         Some(ExternalScalerClient::new(channel))

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use sluice_core::config::{Config, ConfigError, ms};
 use sluice_core::ops::{self, Readiness};
+use sluice_core::tasks::Tasks;
 use sluice_core::{db, nats};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -67,9 +68,8 @@ pub struct Worker {
     jobs: async_nats::jetstream::stream::Stream,
     counters: sluice_core::counters::Counters,
     hints: tokio::sync::mpsc::Sender<queues::Hint>,
-    count_flusher: tokio::task::JoinHandle<()>,
-    /// Stops the background tasks started by `build`.
-    background: CancellationToken,
+    /// Every task the worker starts, those of `build` included.
+    tasks: Tasks,
     ledger: PullConsumer,
     ledger_state: PullConsumer,
     webhooks: PullConsumer,
@@ -110,22 +110,23 @@ impl Worker {
         let ledger_state = durable(&states, LEDGER_STATE_CONSUMER, w.ack_wait_ms).await?;
         let webhooks = durable(&states, WEBHOOK_CONSUMER, w.ack_wait_ms).await?;
 
-        let background = CancellationToken::new();
+        let tasks = Tasks::new();
         let tenants = crate::exec::tenants::TenantBook::start(
             db.clone(),
             config.tenants.clone(),
             ms(config.scheduler.tenants_refresh_ms),
-            background.clone(),
+            &tasks,
         )
         .await?;
-        let (counts, count_flusher) = crate::exec::counts::CountSink::start(counters.clone(), background.clone());
+        let counts = crate::exec::counts::CountSink::start(counters.clone(), &tasks);
         let ctx = Arc::new(JobContext {
             tenants,
             counts: counts.clone(),
             default_max_tokens: config.scheduler.default_max_tokens,
             nats: client.clone(),
-            events: crate::ledger::events::EventSink::start(js.clone()),
+            events: crate::ledger::events::EventSink::start(js.clone(), &tasks),
             state_commit: sluice_core::group_commit::GroupCommit::new(
+                &tasks,
                 config.nats.group_commit,
                 client.clone(),
                 js,
@@ -138,6 +139,7 @@ impl Worker {
             retry_min: ms(w.retry_min_delay_ms),
             retry_max: ms(w.retry_max_delay_ms),
             hard_stop: CancellationToken::new(),
+            tasks: tasks.clone(),
         });
         let sc = &config.scheduler;
         let (hints, hints_rx) = tokio::sync::mpsc::channel(4096);
@@ -158,28 +160,16 @@ impl Worker {
             max_fetch: sc.max_fetch,
             discover: ms(sc.discover_ms),
         };
-        Ok(Self {
-            config,
-            nats: client,
-            db,
-            executor,
-            jobs,
-            counters,
-            hints,
-            count_flusher,
-            background,
-            ledger,
-            ledger_state,
-            webhooks,
-        })
+        Ok(Self { config, nats: client, db, executor, jobs, counters, hints, tasks, ledger, ledger_state, webhooks })
     }
 
     /// Runs the executor and the ledger (and the ops server on `ops`, if
     /// given) until `shutdown` fires; then stops fetching, lets running jobs
     /// finish within `worker.shutdown_grace_ms`, and hands back the rest.
     pub async fn run(mut self, ops: Option<TcpListener>, shutdown: CancellationToken) -> Result<(), StartError> {
-        let background = self.background.clone();
-        tokio::spawn(queues::wake_ups(self.nats.clone(), self.hints.clone(), background.clone()));
+        let tasks = self.tasks.clone();
+        let background = tasks.stopping();
+        tasks.spawn(queues::wake_ups(self.nats.clone(), self.hints.clone(), background.clone()));
         let (counts_tx, counts_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
         let book = self.executor.ctx.tenants.clone();
         let mut shown: HashSet<QueueKey> = HashSet::new();
@@ -195,14 +185,14 @@ impl Worker {
             shown = now;
             counts_tx.send_replace(Arc::new(counts.to_vec()));
         };
-        tokio::spawn(queues::discover(
+        tasks.spawn(queues::discover(
             self.jobs.clone(),
             ms(self.config.scheduler.discover_ms),
             self.hints.clone(),
             observe,
             background.clone(),
         ));
-        tokio::spawn(repair_counts(
+        tasks.spawn(repair_counts(
             self.counters.clone(),
             self.jobs.clone(),
             self.config.worker.consumer.clone(),
@@ -215,20 +205,20 @@ impl Worker {
             let readiness = Readiness { nats: Some(self.nats.clone()), db: Some(self.db.clone()) };
             let app = ops::router(readiness);
             let stop = background.clone();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
                     tracing::warn!(%error, "ops server stopped");
                 }
             });
         }
-        let ledger = tokio::spawn(crate::ledger::run(
+        tasks.spawn(crate::ledger::run(
             self.ledger.clone(),
             self.db.clone(),
             self.config.worker.ledger_batch,
             crate::ledger::decode_events,
             background.clone(),
         ));
-        let ledger_state = tokio::spawn(crate::ledger::run(
+        tasks.spawn(crate::ledger::run(
             self.ledger_state.clone(),
             self.db.clone(),
             self.config.worker.ledger_batch,
@@ -237,18 +227,8 @@ impl Worker {
         ));
 
         let wake = crate::webhooks::Wake::default();
-        let enqueue = tokio::spawn(crate::webhooks::enqueue(
-            self.webhooks.clone(),
-            self.db.clone(),
-            wake.clone(),
-            background.clone(),
-        ));
-        let deliver = tokio::spawn(crate::webhooks::deliver(
-            self.db.clone(),
-            self.config.webhooks.clone(),
-            wake,
-            background.clone(),
-        ));
+        tasks.spawn(crate::webhooks::enqueue(self.webhooks.clone(), self.db.clone(), wake.clone(), background.clone()));
+        tasks.spawn(crate::webhooks::deliver(self.db.clone(), self.config.webhooks.clone(), wake, tasks.clone()));
 
         self.executor.run(shutdown).await;
         let grace = ms(self.config.worker.shutdown_grace_ms);
@@ -258,18 +238,10 @@ impl Worker {
         } else {
             tracing::warn!("grace period ran out; unfinished jobs were handed back to the queue");
         }
-        background.cancel();
         // The background loops finish their current round (a ledger batch,
-        // the last counter changes); with NATS or Postgres down that round
-        // would wait for them forever, so it is bounded.
-        let finish = async {
-            let _ = ledger.await;
-            let _ = ledger_state.await;
-            let _ = enqueue.await;
-            let _ = deliver.await;
-            let _ = self.count_flusher.await;
-        };
-        if tokio::time::timeout(nats::FINAL_FLUSH, finish).await.is_err() {
+        // the last counter changes, a webhook attempt); with NATS or Postgres
+        // down that round would wait for them forever, so it is bounded.
+        if !tasks.shutdown(nats::FINAL_FLUSH).await {
             tracing::warn!("background work did not finish within 5 s of shutdown (NATS or Postgres down?); exiting");
         }
         nats::final_flush(&self.nats).await;

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use sluice_core::counters::Counters;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::metrics as m;
@@ -35,10 +34,11 @@ impl CountSink {
         }
     }
 
-    /// Starts the flusher; it sends what is left when `shutdown` fires.
-    pub fn start(counters: Counters, shutdown: CancellationToken) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Starts the flusher; it sends what is left when shutdown begins.
+    pub fn start(counters: Counters, tasks: &sluice_core::tasks::Tasks) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<(String, i64)>();
-        let task = tokio::spawn(async move {
+        let shutdown = tasks.stopping();
+        tasks.spawn(async move {
             let mut pending: HashMap<String, i64> = HashMap::new();
             loop {
                 let stopping = tokio::select! {
@@ -69,7 +69,7 @@ impl CountSink {
                 }
             }
         });
-        (Self { tx }, task)
+        Self { tx }
     }
 }
 

@@ -254,7 +254,7 @@ impl Executor {
             let Ok(consumer) = self.queues.consumer(&key).await else { continue };
             let held: Vec<OwnedSemaphorePermit> = permits.drain(..each).collect();
             standing.insert(key.clone());
-            tokio::spawn(standing_pull(consumer, key, held, tx.clone(), stop.clone()));
+            self.ctx.tasks.spawn(standing_pull(consumer, key, held, tx.clone(), stop.clone()));
         }
     }
 
@@ -314,7 +314,7 @@ impl Executor {
         let tenant_gauge =
             metrics::gauge!(m::TENANT_IN_FLIGHT, "pool" => key.pool.clone(), "tenant" => policy.name.clone());
         tenant_gauge.increment(1.0);
-        tokio::spawn(async move {
+        self.ctx.tasks.spawn(async move {
             let used = job::run(ctx.clone(), message, lease).await;
             gauge.decrement(1.0);
             tenant_gauge.decrement(1.0);

@@ -53,6 +53,8 @@ pub struct JobContext {
     pub retry_max: Duration,
     /// Fired when the grace period after SIGTERM runs out.
     pub hard_stop: CancellationToken,
+    /// Every task the worker starts; shutdown waits for them.
+    pub tasks: sluice_core::tasks::Tasks,
 }
 
 enum Outcome {

@@ -2,6 +2,7 @@
 //! name for metric labels (bounded by the tenants in Postgres, never taken
 //! from a request), and limits for counter repair. Reloaded in the background.
 
+use sluice_core::tasks::Tasks;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,6 @@ use sluice_core::db;
 use sluice_core::tenant::TenantPolicy;
 use sqlx::PgPool;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Label of a tenant not found in Postgres (deleted since it submitted).
@@ -33,12 +33,12 @@ impl TenantBook {
         db: PgPool,
         defaults: TenantDefaults,
         every: Duration,
-        shutdown: CancellationToken,
+        tasks: &Tasks,
     ) -> Result<Self, db::DbError> {
         let fallback = Arc::new(TenantPolicy { name: UNKNOWN.into(), ..TenantPolicy::defaults(&defaults) });
         let tenants = sluice_core::reload::start(
             every,
-            shutdown,
+            tasks,
             move || {
                 let (db, defaults) = (db.clone(), defaults.clone());
                 async move { load(&db, &defaults).await }

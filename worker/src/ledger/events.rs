@@ -28,10 +28,11 @@ pub struct EventSink {
 }
 
 impl EventSink {
-    /// Starts the batching task; it ends when every sink is dropped.
-    pub fn start(js: async_nats::jetstream::Context) -> Self {
+    /// Starts the batching task; it ends when shutdown begins and what was
+    /// sent before is recorded, or when every sink is dropped.
+    pub fn start(js: async_nats::jetstream::Context, tasks: &sluice_core::tasks::Tasks) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(js, rx));
+        tasks.spawn(run(js, rx, tasks.stopping()));
         Self { tx }
     }
 
@@ -45,8 +46,18 @@ impl EventSink {
     }
 }
 
-async fn run(js: async_nats::jetstream::Context, mut rx: mpsc::Receiver<Pending>) {
-    while let Some(first) = rx.recv().await {
+async fn run(
+    js: async_nats::jetstream::Context,
+    mut rx: mpsc::Receiver<Pending>,
+    stopping: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            p = rx.recv() => p,
+            _ = stopping.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(first) = next else { return };
         let mut batch = vec![first];
         let linger = tokio::time::sleep(LINGER);
         tokio::pin!(linger);

@@ -22,6 +22,7 @@ use sluice_core::db::DbError;
 use sluice_core::db::webhooks::{self as hooks, AttemptRecord, Due, NewDelivery};
 use sluice_core::event::JobStatus;
 use sluice_core::jobstate::JobRecord;
+use sluice_core::tasks::Tasks;
 use sluice_core::webhook;
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
@@ -126,7 +127,10 @@ async fn record_deliveries(db: &PgPool, finished: Vec<(Uuid, &'static str, JobRe
     Ok(count)
 }
 
-pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, shutdown: CancellationToken) {
+/// Claims and attempts due deliveries until shutdown begins; attempts under
+/// way then finish (they are tracked in `tasks`).
+pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, tasks: Tasks) {
+    let shutdown = tasks.stopping();
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_millis(config.timeout_ms))
         .redirect(reqwest::redirect::Policy::none())
@@ -179,7 +183,7 @@ pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, shutdown: C
         for delivery in due {
             let Some(permit) = permits.pop() else { break };
             let (db, client, config) = (db.clone(), client.clone(), config.clone());
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 attempt(&db, &client, &config, delivery).await;
                 drop(permit);
             });
