@@ -35,7 +35,7 @@ GW="http://127.0.0.1:$INGRESS_PORT"
 log "$("$NATS_SERVER" --version), $(nproc) cores; one worker with $SLOTS slots; mock latency 20 ms"
 
 sql() { "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U sluice -d sluice -Atq -F ' ' -c "$1"; }
-key_of() { "$BIN/sluice-ingress" create-key --tenant "$1" | awk '/^api key:/ {print $3}'; }
+key_of() { new_key "$1" | awk '/^api key:/ {print $3}'; }
 submit() { # LABEL KEY [loadgen submit options]
   local label="$1" key="$2"; shift 2
   "$BIN/sluice-loadgen" submit --gateway "$GW" --key "$key" --model bench --label "$label" "$@"

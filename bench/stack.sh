@@ -20,6 +20,17 @@ else
   BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 fi
 
+# new_key TENANT prints a new key's output; migrate applies the schema.
+# Builds from before sluice-admin (compared through SLUICE_BENCH_BIN) have
+# the same commands on sluice-ingress.
+if [ -x "$BIN/sluice-admin" ]; then
+  new_key() { "$BIN/sluice-admin" keys create --tenant "$1"; }
+  migrate() { "$BIN/sluice-admin" migrate; }
+else
+  new_key() { "$BIN/sluice-ingress" create-key --tenant "$1"; }
+  migrate() { "$BIN/sluice-ingress" migrate; }
+fi
+
 MOCK_ARGS="${MOCK_ARGS:-}"
 POOL_EXTRA="${POOL_EXTRA:-}"
 WORKER_SLOTS="${WORKER_SLOTS:-256}"
@@ -75,8 +86,8 @@ TOML
 export SLUICE_CONFIG="$WORK/bench.toml"
 for _ in $(seq 1 120); do grep -q "Server is ready" "$WORK/nats.log" && break; sleep 0.25; done
 
-"$BIN/sluice-ingress" migrate >/dev/null
-KEY="$("$BIN/sluice-ingress" create-key --tenant bench | awk '/^api key:/ {print $3}')"
+migrate >/dev/null
+KEY="$(new_key bench | awk '/^api key:/ {print $3}')"
 "$BIN/sluice-mock-provider" --listen "127.0.0.1:$MOCK_PORT" $MOCK_ARGS >"$WORK/mock.log" 2>&1 &
 PIDS+=($!)
 if [ "${NO_WORKER:-0}" != 1 ]; then

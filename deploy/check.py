@@ -160,7 +160,7 @@ def check_dockerfile(bindir):
         text = f.read()
     if text.count("FROM ") < 2:
         fail("Dockerfile", "must be multi-stage")
-    for binary in ("sluice-ingress", "sluice-worker", "sluice-scaler", "sluice-mock-provider"):
+    for binary in ("sluice-ingress", "sluice-admin", "sluice-worker", "sluice-scaler", "sluice-mock-provider"):
         if f"/src/target/release/{binary}" not in text:
             fail("Dockerfile", f"does not copy {binary}")
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))

@@ -81,12 +81,12 @@ export SLUICE_CONFIG="$CONFIG"
 export SLUICE__NATS__URL="nats://127.0.0.1:$NATS_PORT"
 export SLUICE__DATABASE__URL="postgres://sluice@127.0.0.1:$PG_PORT/sluice"
 
-"$BIN/sluice-ingress" migrate
+"$BIN/sluice-admin" migrate
 
 # The dev key lives beside the database it belongs to, and goes with it.
 KEY_FILE="$PG_DIR/dev-api-key"
 if [ ! -s "$KEY_FILE" ]; then
-  "$BIN/sluice-ingress" create-key --tenant dev | awk '/^api key:/ {print $3}' >"$KEY_FILE"
+  "$BIN/sluice-admin" keys create --tenant dev | awk '/^api key:/ {print $3}' >"$KEY_FILE"
   chmod 600 "$KEY_FILE"
 fi
 API_KEY="$(cat "$KEY_FILE")"

@@ -219,7 +219,7 @@ pub struct WebhooksConfig {
 }
 
 /// Limits of a tenant that has no value of its own in Postgres (set them
-/// per tenant with `sluice-ingress set-tenant`). A limit of 0 means none.
+/// per tenant with `sluice-admin tenants set`). A limit of 0 means none.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantDefaults {

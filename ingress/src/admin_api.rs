@@ -91,10 +91,9 @@ fn shown(row: &TenantRow, defaults: &TenantDefaults) -> serde_json::Value {
 async fn show(State(admin): State<Arc<Admin>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
     let result = async {
         authorize(&admin, &headers)?;
-        let rows = db::tenants(&admin.db).await.map_err(|e| unavailable(&e))?;
-        let row = rows
-            .into_iter()
-            .find(|t| t.name == name)
+        let row = db::tenant(&admin.db, &name)
+            .await
+            .map_err(|e| unavailable(&e))?
             .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no tenant named `{name}`")))?;
         Ok::<_, ApiError>(Json(shown(&row, &admin.defaults)).into_response())
     };

@@ -1,22 +1,22 @@
-//! `sluice-ingress [--config FILE] [serve | migrate | create-key … | revoke-key … | set-webhook … | set-tenant …]`
+//! `sluice-ingress [--config FILE] [serve]`: the HTTP ingress. The older
+//! administration subcommands are still accepted and run the same code as
+//! `sluice-admin`, which is where they live now.
 
 use std::process::ExitCode;
 
 use sluice_core::config::{Config, EXIT_BAD_CONFIG};
+use sluice_ingress::Ingress;
+use sluice_ingress::admin::{self, AdminError, TenantOptions};
 use sluice_ingress::startup::Listeners;
-use sluice_ingress::{Ingress, admin};
 
-const USAGE: &str = "usage: sluice-ingress [--config FILE] [COMMAND]
+const USAGE: &str = "usage: sluice-ingress [--config FILE] [serve]
 
-  serve                                  run the HTTP ingress (default)
-  migrate                                apply the database migrations
-  create-key --tenant NAME               create a tenant if needed and print a new API key for it, once
-  revoke-key KEY_ID                      revoke an API key by its id
-  set-webhook --tenant NAME --url URL    set a tenant's default webhook endpoint; prints its signing secret, once
-  set-tenant --tenant NAME [--weight N] [--tier interactive|normal|batch] [--max-queued N]
-             [--max-in-flight N] [--rpm N] [--tpm N]
-                                         set a tenant's scheduling weight, tier and limits (0: no limit,
-                                         `default`: the config's [tenants] value)
+  serve      run the HTTP ingress (the default)
+
+Administration is `sluice-admin` (see `sluice-admin --help`). Its older
+forms here still work: migrate, create-key --tenant NAME, revoke-key KEY_ID,
+set-webhook --tenant NAME --url URL, set-tenant --tenant NAME [--weight N]
+[--tier T] [--max-queued N] [--max-in-flight N] [--rpm N] [--tpm N].
 
 Configuration: the TOML file named by --config or SLUICE_CONFIG, then SLUICE__SECTION__KEY variables.";
 
@@ -47,19 +47,21 @@ async fn main() -> ExitCode {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     let outcome = match words.as_slice() {
         [] | ["serve"] => serve(config).await,
+        // The older administration commands, as `sluice-admin` runs them.
         ["migrate"] => admin::migrate(&config).await.map_err(|e| e.to_string()),
         ["create-key", "--tenant", tenant] => admin::create_key(&config, tenant).await.map_err(|e| e.to_string()),
-        ["set-webhook", "--tenant", tenant, "--url", url] => admin::set_webhook(&config, tenant, url).await.map(|_| ()),
-        ["set-tenant", "--tenant", tenant, options @ ..] => admin::set_tenant(&config, tenant, options).await,
+        ["set-webhook", "--tenant", tenant, "--url", url] => {
+            admin::set_webhook(&config, tenant, url).await.map(|_| ()).map_err(|e| e.to_string())
+        }
+        ["set-tenant", "--tenant", tenant, options @ ..] => match TenantOptions::from_flags(options) {
+            Ok(o) => admin::set_tenant(&config, tenant, o).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
         ["revoke-key", id] => match id.parse() {
-            Ok(id) => match admin::revoke_key(&config, id).await {
-                Ok(true) => {
-                    println!("revoked");
-                    Ok(())
-                }
-                Ok(false) => Err(format!("no live key with id {id}")),
-                Err(e) => Err(e.to_string()),
-            },
+            Ok(id) => admin::revoke_key(&config, id).await.map_err(|e| match e {
+                AdminError::NoKey(id) | AdminError::Revoked(id) => format!("no live key with id {id}"),
+                other => other.to_string(),
+            }),
             Err(_) => Err(format!("`{id}` is not a key id")),
         },
         _ => {

@@ -105,3 +105,86 @@ async fn keys_made_and_revoked_through_the_admin_api() {
     let r = stack.http.post(format!("{admin}/admin/tenants/nobody/keys")).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// Runs `sluice-admin` against `stack`'s database: exit code, stdout, stderr.
+fn admin_cli(stack: &Stack, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(crate::harness::binary("sluice-admin"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SLUICE__DATABASE__URL", stack.config.database.url.expose())
+        .output()
+        .unwrap();
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (out.status.code(), text(out.stdout), text(out.stderr))
+}
+
+/// The value after `label` on its line of the CLI's output.
+fn field(out: &str, label: &str) -> String {
+    let line = out.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no `{label}` in {out}"));
+    line[label.len()..].trim().to_owned()
+}
+
+#[tokio::test]
+async fn the_admin_cli_creates_lists_shows_and_revokes_keys_and_tenants() {
+    let stack = Stack::start().await;
+    let (code, out, _) = admin_cli(&stack, &["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("sluice-admin "), "{out}");
+
+    let (code, out, err) = admin_cli(&stack, &["keys", "create", "--tenant", "cli-team"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (id, key) = (field(&out, "key id:"), field(&out, "api key:"));
+    let models = |key: String| {
+        let (http, base) = (stack.http.clone(), stack.base.clone());
+        async move { http.get(format!("{base}/v1/models")).bearer_auth(key).send().await.unwrap().status() }
+    };
+    wait_for("the new key to work", Duration::from_secs(5), || async {
+        (models(key.clone()).await == 200).then_some(())
+    })
+    .await;
+
+    // Listed and shown by id and prefix, never in clear.
+    let (code, listed, _) = admin_cli(&stack, &["keys", "list", "--tenant", "cli-team"]);
+    assert_eq!(code, Some(0));
+    assert!(listed.contains(&id) && listed.contains(&key[..16]) && !listed.contains(&key), "{listed}");
+    assert!(listed.contains("(1 keys)"), "{listed}");
+    let (_, shown, _) = admin_cli(&stack, &["tenants", "show", "cli-team"]);
+    assert_eq!(field(&shown, "live keys:"), "1", "{shown}");
+    assert!(shown.contains(&id) && !shown.contains(&key), "{shown}");
+    let (_, all, _) = admin_cli(&stack, &["tenants", "list"]);
+    assert!(all.lines().any(|l| l.contains("cli-team")), "{all}");
+
+    // Settings: set, then shown with the defaults filled in.
+    let (code, out, err) = admin_cli(&stack, &["tenants", "set", "cli-team", "--weight", "7", "--rpm", "600"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(field(&out, "weight:"), "7");
+    let (_, shown, _) = admin_cli(&stack, &["tenants", "show", "cli-team"]);
+    assert_eq!(field(&shown, "rpm:"), "600");
+    let (code, _, err) = admin_cli(&stack, &["tenants", "set", "cli-team", "--weight", "heavy"]);
+    assert_eq!(code, Some(2), "a bad value is a usage error: {err}");
+    assert!(err.contains("--weight"), "{err}");
+    let (code, _, err) = admin_cli(&stack, &["tenants", "show", "nobody"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no tenant named `nobody`"), "{err}");
+
+    // Revoked: the key stops working, shows as revoked, and is listed only with --all.
+    let (code, out, _) = admin_cli(&stack, &["keys", "revoke", &id]);
+    assert_eq!((code, out.trim()), (Some(0), "revoked"));
+    wait_for("the revoked key to stop working", Duration::from_secs(5), || async {
+        (models(key.clone()).await == 401).then_some(())
+    })
+    .await;
+    let (code, _, err) = admin_cli(&stack, &["keys", "revoke", &id]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("already revoked"), "{err}");
+    let (_, shown, _) = admin_cli(&stack, &["keys", "show", &id]);
+    assert!(field(&shown, "revoked:").starts_with("20"), "{shown}");
+    let (_, live, _) = admin_cli(&stack, &["keys", "list", "--tenant", "cli-team"]);
+    assert!(!live.contains(&id) && live.contains("(0 keys)"), "{live}");
+    let (_, all, _) = admin_cli(&stack, &["keys", "list", "--all"]);
+    assert!(all.contains(&id), "{all}");
+    let (code, _, err) = admin_cli(&stack, &["keys", "show", &uuid::Uuid::now_v7().to_string()]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no key with id"), "{err}");
+}

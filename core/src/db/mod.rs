@@ -163,6 +163,60 @@ pub async fn revoke_key(pool: &PgPool, key_id: Uuid) -> Result<bool, DbError> {
     Ok(done.rows_affected() == 1)
 }
 
+/// An API key as operators see it: never its clear text nor its digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub tenant: String,
+    /// The key's first characters, to tell keys apart.
+    pub prefix: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// The query of [`KeyInfo`]s, with its condition.
+macro_rules! key_info_where {
+    ($condition:literal) => {
+        concat!(
+            "SELECT k.id, k.tenant_id, t.name, k.prefix, extract(epoch FROM k.created_at)::int8 AS created_at,
+                    extract(epoch FROM k.revoked_at)::int8 AS revoked_at
+             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE ",
+            $condition
+        )
+    };
+}
+
+fn key_info(row: &sqlx::postgres::PgRow) -> Result<KeyInfo, sqlx::Error> {
+    Ok(KeyInfo {
+        id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        tenant: row.try_get("name")?,
+        prefix: row.try_get("prefix")?,
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+/// Keys, newest first: of one tenant or of all, the revoked ones too with `revoked`.
+pub async fn keys(pool: &PgPool, tenant: Option<Uuid>, revoked: bool) -> Result<Vec<KeyInfo>, DbError> {
+    let rows = sqlx::query(key_info_where!(
+        "($1::uuid IS NULL OR k.tenant_id = $1) AND ($2 OR k.revoked_at IS NULL) ORDER BY k.created_at DESC, k.id DESC"
+    ))
+    .bind(tenant)
+    .bind(revoked)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(key_info).collect::<Result<_, _>>()?)
+}
+
+/// One key by id, live or revoked.
+pub async fn key(pool: &PgPool, id: Uuid) -> Result<Option<KeyInfo>, DbError> {
+    let row = sqlx::query(key_info_where!("k.id = $1")).bind(id).fetch_optional(pool).await?;
+    Ok(row.as_ref().map(key_info).transpose()?)
+}
+
 /// Who a key belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyOwner {
@@ -186,25 +240,37 @@ pub async fn live_keys(pool: &PgPool) -> Result<HashMap<KeyDigest, KeyOwner>, Db
     Ok(keys)
 }
 
+const TENANT_ROW: &str = "SELECT id, name, weight, tier, max_queued, max_in_flight, rpm, tpm FROM tenants";
+
+fn tenant_row(row: &sqlx::postgres::PgRow) -> Result<crate::tenant::TenantRow, sqlx::Error> {
+    Ok(crate::tenant::TenantRow {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        weight: row.try_get("weight")?,
+        tier: row.try_get("tier")?,
+        max_queued: row.try_get("max_queued")?,
+        max_in_flight: row.try_get("max_in_flight")?,
+        rpm: row.try_get("rpm")?,
+        tpm: row.try_get("tpm")?,
+    })
+}
+
 /// Every tenant with its own settings (the rest come from the config).
 pub async fn tenants(pool: &PgPool) -> Result<Vec<crate::tenant::TenantRow>, DbError> {
-    let rows = sqlx::query("SELECT id, name, weight, tier, max_queued, max_in_flight, rpm, tpm FROM tenants")
-        .fetch_all(pool)
-        .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(crate::tenant::TenantRow {
-                id: row.try_get("id")?,
-                name: row.try_get("name")?,
-                weight: row.try_get("weight")?,
-                tier: row.try_get("tier")?,
-                max_queued: row.try_get("max_queued")?,
-                max_in_flight: row.try_get("max_in_flight")?,
-                rpm: row.try_get("rpm")?,
-                tpm: row.try_get("tpm")?,
-            })
-        })
-        .collect()
+    let rows = sqlx::query(TENANT_ROW).fetch_all(pool).await?;
+    Ok(rows.iter().map(tenant_row).collect::<Result<_, _>>()?)
+}
+
+/// One tenant by name.
+pub async fn tenant(pool: &PgPool, name: &str) -> Result<Option<crate::tenant::TenantRow>, DbError> {
+    let row = sqlx::query(concat!(
+        "SELECT id, name, weight, tier, max_queued, max_in_flight, rpm, tpm FROM tenants",
+        " WHERE name = $1"
+    ))
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.as_ref().map(tenant_row).transpose()?)
 }
 
 /// One change to a tenant setting: a value, or back to the config default.
