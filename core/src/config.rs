@@ -19,7 +19,7 @@ mod env;
 mod pools;
 mod scaler;
 use env::{env_value, set_path};
-pub use pools::{DeploymentConfig, PoolConfig, ProviderKind};
+pub use pools::{DEFAULT_MAX_OUTPUT_TOKENS, DeploymentConfig, MAX_OUTPUT_TOKENS_LIMIT, PoolConfig, ProviderKind};
 pub use scaler::{ScalerConfig, ScheduleConfig};
 
 /// Exit code for a bad configuration (`EX_CONFIG` is 78; linkerd and the
@@ -501,6 +501,12 @@ impl Config {
             }
         }
         self.scaler.validate()?;
+        if self.scheduler.default_max_tokens > pools::MAX_OUTPUT_TOKENS_LIMIT {
+            return Err(ConfigError::key(
+                "scheduler.default_max_tokens",
+                format!("must be at most {}", pools::MAX_OUTPUT_TOKENS_LIMIT),
+            ));
+        }
         if !(0.0..=0.5).contains(&self.upstream.budget_headroom) {
             return Err(ConfigError::key("upstream.budget_headroom", "must be between 0 and 0.5"));
         }

@@ -44,6 +44,13 @@ pub enum CounterError {
 
 pub use crate::wire::subjects::Rate;
 
+/// A count of tokens or calls as a counter's change: beyond `i64::MAX` it
+/// saturates instead of wrapping negative (which would push a budget's
+/// counter down, a limit bypass).
+pub fn delta(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 #[derive(Clone)]
 pub struct Counters {
     js: jetstream::Context,

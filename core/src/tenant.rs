@@ -70,7 +70,7 @@ impl TenantPolicy {
 /// A request's token estimate: about four bytes per prompt token (the body is
 /// JSON, so this overestimates a little), plus the output it may produce.
 pub fn estimate_tokens(body_len: usize, max_tokens: Option<u64>, default_max_tokens: u64) -> u64 {
-    (body_len as u64).div_ceil(4) + max_tokens.unwrap_or(default_max_tokens)
+    (body_len as u64).div_ceil(4).saturating_add(max_tokens.unwrap_or(default_max_tokens))
 }
 
 #[cfg(test)]

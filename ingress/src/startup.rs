@@ -18,6 +18,7 @@ use uuid::Uuid;
 use crate::auth::KeyCache;
 use crate::replies::Replies;
 use crate::state::AppState;
+use crate::validate::PoolRoute;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -71,7 +72,14 @@ impl Ingress {
         let keys =
             KeyCache::start(db.clone(), config.tenants.clone(), ms(config.ingress.auth_refresh_ms), &tasks).await?;
         let replies = Replies::start(&client, &ingress_id, job_state.clone(), &tasks).await?;
-        let pool_tokens = config.pools.iter().map(|p| (p.name.clone(), p.subject_token())).collect();
+        let pools = config
+            .pools
+            .iter()
+            .map(|p| {
+                let route = PoolRoute { token: p.subject_token(), max_output_tokens: p.max_output_tokens };
+                (p.name.clone(), route)
+            })
+            .collect();
         let mut config = config;
         // A job is one NATS message: its body plus headers must fit the
         // server's max_payload, so the body limit is capped below it.
@@ -100,7 +108,7 @@ impl Ingress {
             admission: crate::admission::Admission::new(counters, tasks.clone()),
             replies,
             tasks: tasks.clone(),
-            pool_tokens,
+            pools,
         };
         Ok(Self { state: Arc::new(state), db, tasks })
     }

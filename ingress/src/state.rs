@@ -34,8 +34,8 @@ pub struct AppState {
     pub in_flight: Arc<Semaphore>,
     /// Every task the ingress starts; shutdown waits for them.
     pub tasks: sluice_core::tasks::Tasks,
-    /// Pool name → subject token, precomputed.
-    pub pool_tokens: std::collections::HashMap<String, String>,
+    /// Pool name → its subject token and output limit, precomputed.
+    pub pools: std::collections::HashMap<String, crate::validate::PoolRoute>,
 }
 
 impl AppState {

@@ -28,21 +28,30 @@ struct ChatRequest<'a> {
     #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
-    max_tokens: Option<u64>,
+    max_tokens: Option<serde_json::Number>,
     #[serde(default)]
-    max_completion_tokens: Option<u64>,
+    max_completion_tokens: Option<serde_json::Number>,
 }
 
-/// What validation needs to know: the pools by name (with their subject
-/// tokens) and the output estimate of a request that sets no `max_tokens`.
+/// What validation knows of a pool.
+#[derive(Debug, Clone)]
+pub struct PoolRoute {
+    /// Its subject token.
+    pub token: String,
+    /// `pools.max_output_tokens`.
+    pub max_output_tokens: u64,
+}
+
+/// What validation needs to know: the pools by name and the output
+/// estimate of a request that sets no `max_tokens`.
 pub struct Catalog<'s> {
-    pub pool_tokens: &'s std::collections::HashMap<String, String>,
+    pub pools: &'s std::collections::HashMap<String, PoolRoute>,
     pub default_max_tokens: u64,
 }
 
 impl<'s> Catalog<'s> {
     pub fn of(state: &'s AppState) -> Self {
-        Self { pool_tokens: &state.pool_tokens, default_max_tokens: state.config.scheduler.default_max_tokens }
+        Self { pools: &state.pools, default_max_tokens: state.config.scheduler.default_max_tokens }
     }
 }
 
@@ -63,12 +72,14 @@ pub fn validate_chat<'s>(c: &Catalog<'s>, bytes: &[u8]) -> Result<Checked<'s>, A
     if request.messages.is_empty() {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "`messages` must not be empty").param("messages"));
     }
-    let pool_token = pool_token(c, &request.model)?;
-    let est_tokens = sluice_core::tenant::estimate_tokens(
-        bytes.len(),
-        request.max_completion_tokens.or(request.max_tokens),
-        c.default_max_tokens,
-    );
+    let pool = pool(c, &request.model)?;
+    let (asked, param) = match request.max_completion_tokens {
+        Some(n) => (Some(n), "max_completion_tokens"),
+        None => (request.max_tokens, "max_tokens"),
+    };
+    let asked = asked.map(|n| output_tokens(pool, &n, param)).transpose()?;
+    let pool_token = pool.token.as_str();
+    let est_tokens = sluice_core::tenant::estimate_tokens(bytes.len(), asked, c.default_max_tokens);
     Ok(Checked { model: request.model.into_owned(), pool_token, est_tokens, stream: request.stream == Some(true) })
 }
 
@@ -96,7 +107,7 @@ pub fn validate_embeddings<'s>(c: &Catalog<'s>, bytes: &[u8]) -> Result<Checked<
         )
         .param("input"));
     }
-    let pool_token = pool_token(c, &request.model)?;
+    let pool_token = pool(c, &request.model)?.token.as_str();
     // No output tokens: an embedding costs its input.
     let est_tokens = (bytes.len() as u64).div_ceil(4);
     Ok(Checked { model: request.model.into_owned(), pool_token, est_tokens, stream: false })
@@ -108,7 +119,7 @@ struct MessagesRequest<'a> {
     #[serde(borrow)]
     model: Cow<'a, str>,
     messages: Vec<serde::de::IgnoredAny>,
-    max_tokens: Option<u64>,
+    max_tokens: Option<serde_json::Number>,
     #[serde(default)]
     stream: Option<bool>,
 }
@@ -120,11 +131,16 @@ pub fn validate_messages<'s>(c: &Catalog<'s>, bytes: &[u8]) -> Result<Checked<'s
     if request.messages.is_empty() {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "`messages` must not be empty").param("messages"));
     }
-    let Some(max_tokens) = request.max_tokens.filter(|n| *n > 0) else {
+    let pool = pool(c, &request.model)?;
+    let max_tokens = match &request.max_tokens {
+        Some(n) => output_tokens(pool, n, "max_tokens")?,
+        None => 0,
+    };
+    if max_tokens == 0 {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "`max_tokens` is required and must be at least 1")
             .param("max_tokens"));
-    };
-    let pool_token = pool_token(c, &request.model)?;
+    }
+    let pool_token = pool.token.as_str();
     let est_tokens = sluice_core::tenant::estimate_tokens(bytes.len(), Some(max_tokens), c.default_max_tokens);
     Ok(Checked { model: request.model.into_owned(), pool_token, est_tokens, stream: request.stream == Some(true) })
 }
@@ -142,8 +158,24 @@ pub fn validate_with<'s>(c: &Catalog<'s>, endpoint: Endpoint, bytes: &[u8]) -> R
     }
 }
 
-fn pool_token<'s>(c: &Catalog<'s>, model: &str) -> Result<&'s str, ApiError> {
-    c.pool_tokens.get(model).map(String::as_str).ok_or_else(|| {
+/// The output tokens a request asks for, if they are a whole number the
+/// pool allows (at most `pools.max_output_tokens`).
+fn output_tokens(pool: &PoolRoute, asked: &serde_json::Number, param: &'static str) -> Result<u64, ApiError> {
+    match asked.as_u64() {
+        Some(n) if n <= pool.max_output_tokens => Ok(n),
+        _ => Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "`{param}` must be a whole number of at most {} for this model, not {asked}",
+                pool.max_output_tokens
+            ),
+        )
+        .param(param)),
+    }
+}
+
+fn pool<'s>(c: &Catalog<'s>, model: &str) -> Result<&'s PoolRoute, ApiError> {
+    c.pools.get(model).ok_or_else(|| {
         ApiError::new(
             ErrorCode::ModelNotFound,
             format!("the model `{model}` does not exist or you do not have access to it"),
@@ -325,6 +357,10 @@ fn check_metadata(metadata: Option<&serde_json::Map<String, serde_json::Value>>)
         return bad(format!("`metadata` may hold at most {MAX_METADATA_KEYS} keys"));
     }
     for (key, value) in map {
+        // Postgres stores no NUL character, in text or in jsonb.
+        if key.contains('\0') || value.as_str().is_some_and(|s| s.contains('\0')) {
+            return bad(format!("`metadata.{}` must not hold a NUL character (\\u0000)", key.escape_debug()));
+        }
         match value.as_str() {
             Some(s) if s.len() <= MAX_METADATA_VALUE && key.len() <= 64 => {}
             _ => return bad(format!("`metadata.{key}` must be a string of at most {MAX_METADATA_VALUE} characters")),
@@ -377,8 +413,9 @@ mod properties {
     }
 
     fn check(endpoint: Endpoint, bytes: &[u8]) -> Result<(), TestCaseError> {
-        let pools: std::collections::HashMap<String, String> = [("mock".to_owned(), "mock".to_owned())].into();
-        let catalog = Catalog { pool_tokens: &pools, default_max_tokens: 256 };
+        let route = PoolRoute { token: "mock".into(), max_output_tokens: 4096 };
+        let pools: std::collections::HashMap<String, PoolRoute> = [("mock".to_owned(), route)].into();
+        let catalog = Catalog { pools: &pools, default_max_tokens: 256 };
         match validate_with(&catalog, endpoint, bytes) {
             Ok(checked) => prop_assert_eq!(checked.model, "mock"),
             Err(e) => {

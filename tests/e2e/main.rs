@@ -19,6 +19,7 @@ mod failures;
 mod fairness;
 mod group_commit;
 mod hostile;
+mod isolation;
 mod jobs;
 mod providers;
 mod scaler;

@@ -18,6 +18,7 @@ pub const EVENT_PUBLISH_FAILURES: &str = "sluice_worker_event_publish_failures_t
 pub const LEDGER_WRITES: &str = "sluice_ledger_events_written_total";
 pub const LEDGER_BATCH_SECONDS: &str = "sluice_ledger_batch_duration_seconds";
 pub const LEDGER_FAILURES: &str = "sluice_ledger_write_failures_total";
+pub const LEDGER_PARKED: &str = "sluice_ledger_parked_events_total";
 pub const WEBHOOK_ATTEMPTS: &str = "sluice_webhook_attempts_total";
 pub const WEBHOOK_FAILURES: &str = "sluice_webhook_internal_failures_total";
 pub const SERVED_TOKENS: &str = "sluice_worker_served_tokens_total";
@@ -73,6 +74,10 @@ pub fn describe() {
     metrics::describe_counter!(LEDGER_WRITES, "job events written to Postgres");
     metrics::describe_histogram!(LEDGER_BATCH_SECONDS, metrics::Unit::Seconds, "time to write one ledger batch");
     metrics::describe_counter!(LEDGER_FAILURES, "ledger batches that failed to write and were retried");
+    metrics::describe_counter!(
+        LEDGER_PARKED,
+        "job events Postgres refused for their data, kept in ledger_dead_letters instead of the jobs table"
+    );
     metrics::describe_counter!(WEBHOOK_ATTEMPTS, "webhook delivery attempts, by resulting delivery status");
     metrics::describe_counter!(WEBHOOK_FAILURES, "webhook bookkeeping failures (enqueue, record), by reason");
 }

@@ -117,6 +117,22 @@ pub struct PoolConfig {
     pub tpm: u64,
     #[serde(default)]
     pub max_concurrency: usize,
+    /// Most output tokens a request may ask for (`max_tokens`,
+    /// `max_completion_tokens`); more is refused with 400 before it is
+    /// queued, so no request can charge a token budget beyond reason.
+    #[serde(default = "default_max_output_tokens")]
+    pub max_output_tokens: u64,
+}
+
+/// The default of `pools.max_output_tokens`: above the largest output any
+/// OpenAI or Anthropic model offers today (128K).
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 131_072;
+/// The largest `pools.max_output_tokens` the config accepts: token
+/// arithmetic stays far from overflowing with it.
+pub const MAX_OUTPUT_TOKENS_LIMIT: u64 = 1 << 32;
+
+fn default_max_output_tokens() -> u64 {
+    DEFAULT_MAX_OUTPUT_TOKENS
 }
 
 impl PoolConfig {
@@ -134,6 +150,7 @@ impl PoolConfig {
             rpm: 0,
             tpm: 0,
             max_concurrency: 0,
+            max_output_tokens: DEFAULT_MAX_OUTPUT_TOKENS,
         }
     }
 
@@ -182,6 +199,12 @@ impl PoolConfig {
             || self.rpm > 0
             || self.tpm > 0
             || self.max_concurrency > 0;
+        if !(1..=MAX_OUTPUT_TOKENS_LIMIT).contains(&self.max_output_tokens) {
+            return Err(ConfigError::key(
+                format!("pools[{i}].max_output_tokens"),
+                format!("must be between 1 and {MAX_OUTPUT_TOKENS_LIMIT}"),
+            ));
+        }
         if self.deployments.is_empty() && self.base_url.is_none() {
             return Err(ConfigError::key(format!("pools[{i}]"), "set base_url or at least one [[pools.deployments]]"));
         }

@@ -11,8 +11,8 @@ use crate::event::JobEvent;
 /// Writes a batch of job events in one statement, one row per job. A
 /// `completed` row is never overwritten and a status never goes back in
 /// rank, so a redelivered event or a job that ran twice leaves one record.
-pub async fn record_events(db: &PgPool, events: Vec<JobEvent>) -> Result<(), DbError> {
-    let ms = |v: u64| v as i64;
+pub async fn record_events(db: &PgPool, events: &[JobEvent]) -> Result<(), DbError> {
+    let ms = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let mut ids = Vec::new();
     let mut tenants = Vec::new();
     let mut pools = Vec::new();
@@ -34,21 +34,22 @@ pub async fn record_events(db: &PgPool, events: Vec<JobEvent>) -> Result<(), DbE
     for e in events {
         ids.push(e.job_id);
         tenants.push(e.tenant_id);
-        pools.push(e.pool);
-        endpoints.push(e.endpoint);
+        pools.push(e.pool.as_str());
+        endpoints.push(e.endpoint.as_str());
         statuses.push(e.status.as_str().to_owned());
         attempts.push(e.attempts);
         upstream.push(e.upstream_status);
         prompt.push(e.usage.prompt_tokens);
         completion.push(e.usage.completion_tokens);
         total.push(e.usage.total_tokens);
-        codes.push(e.error_code);
-        messages.push(e.error_message);
-        request_ids.push(e.request_id);
+        codes.push(e.error_code.as_deref());
+        // (a provider's message may hold a NUL, which text refuses)
+        messages.push(e.error_message.as_deref().map(|m| m.replace('\0', "\u{fffd}")));
+        request_ids.push(e.request_id.as_str());
         submitted.push(ms(e.submitted_ms));
         started.push(e.started_ms.map(ms));
         finished.push(e.finished_ms.map(ms));
-        metadata.push(e.metadata);
+        metadata.push(e.metadata.as_deref());
         expires.push(e.expires_ms.map(ms));
     }
     sqlx::query(
@@ -103,6 +104,33 @@ pub async fn record_events(db: &PgPool, events: Vec<JobEvent>) -> Result<(), DbE
     .bind(expires)
     .execute(db)
     .await?;
+    Ok(())
+}
+
+/// Whether Postgres refused the data itself (SQLSTATE class 22, a data
+/// exception such as a NUL character or a number out of range, or class
+/// 23, an integrity violation): no retry of the same row can succeed.
+pub fn refused_data(error: &DbError) -> bool {
+    match error {
+        DbError::Sql(sqlx::Error::Database(e)) => e.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+        _ => false,
+    }
+}
+
+/// Keeps an event the ledger cannot store, with Postgres' error, in
+/// `ledger_dead_letters` (as JSON text, which holds what jsonb refuses).
+pub async fn park_event(db: &PgPool, event: &JobEvent, error: &str) -> Result<(), DbError> {
+    let text = serde_json::to_string(event).unwrap_or_else(|e| format!("unserialisable event: {e}"));
+    // (serde_json writes a NUL as the six characters `\u0000`; an error
+    // message quoting the row may hold a raw one, which text refuses)
+    let error = error.replace('\0', "\\u0000");
+    sqlx::query("INSERT INTO ledger_dead_letters (job_id, tenant_id, event, error) VALUES ($1, $2, $3, $4)")
+        .bind(event.job_id)
+        .bind(event.tenant_id)
+        .bind(text)
+        .bind(error)
+        .execute(db)
+        .await?;
     Ok(())
 }
 

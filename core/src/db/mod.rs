@@ -37,6 +37,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (4, "webhook secret rotation", include_str!("../../../migrations/0004_webhook_secret_rotation.sql")),
     (5, "tenant limits", include_str!("../../../migrations/0005_tenant_limits.sql")),
     (6, "tenant max in flight", include_str!("../../../migrations/0006_tenant_max_in_flight.sql")),
+    (7, "ledger dead letters", include_str!("../../../migrations/0007_ledger_dead_letters.sql")),
 ];
 
 pub type KeyDigest = [u8; 32];

@@ -12,6 +12,7 @@
 //! - worker stopping past its grace period: `Nak` at once, so another worker
 //!   takes the job without waiting for `ack_wait`.
 
+use sluice_core::counters::delta;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,8 +109,8 @@ fn release(ctx: &JobContext, env: &Envelope, tokens: Option<u64>) {
         ctx.counts.add(queued_subject(env.tenant), -1);
     }
     if let (Some(window), Some(used)) = (env.tpm_window, tokens) {
-        let estimate = env.est_tokens.max(1) as i64;
-        ctx.counts.add(rate_subject(Rate::Tokens, env.tenant, window), used as i64 - estimate);
+        let estimate = delta(env.est_tokens.max(1));
+        ctx.counts.add(rate_subject(Rate::Tokens, env.tenant, window), delta(used).saturating_sub(estimate));
     }
 }
 
@@ -367,7 +368,7 @@ async fn call(
                     .increment(t);
             }
             if let (Some(s), Some(w), Some(t)) = (shared, &tpm_window, used) {
-                s.counts.add(w.clone(), t as i64 - env.est_tokens as i64);
+                s.counts.add(w.clone(), delta(t).saturating_sub(delta(env.est_tokens)));
             }
         };
         tracing::debug!(deployment = %d.client.name, upstream_us = started.elapsed().as_micros() as u64, "upstream answered");

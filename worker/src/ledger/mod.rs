@@ -125,7 +125,17 @@ async fn write_batch(db: &PgPool, batch: Vec<Message>, decode: Decode) {
     }
     let started = Instant::now();
     let count = events.len();
-    match db::jobs::record_events(db, events.into_values().collect()).await {
+    let events: Vec<JobEvent> = events.into_values().collect();
+    let written = match db::jobs::record_events(db, &events).await {
+        Err(error) if db::jobs::refused_data(&error) => {
+            // One row spoils the statement for all: write them one by one
+            // and park those Postgres refuses, so none holds the others.
+            tracing::warn!(%error, events = count, "ledger batch refused; writing its rows one by one");
+            one_by_one(db, &events).await
+        }
+        other => other,
+    };
+    match written {
         Ok(()) => {
             metrics::histogram!(m::LEDGER_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
             metrics::counter!(m::LEDGER_WRITES).increment(count as u64);
@@ -143,6 +153,26 @@ async fn write_batch(db: &PgPool, batch: Vec<Message>, decode: Decode) {
             }
         }
     }
+}
+
+/// Writes each event alone; one Postgres refuses for its data goes to
+/// `ledger_dead_letters`. An error of another kind (Postgres away) stops
+/// here: the batch is retried whole, and the rows already written are
+/// written again harmlessly.
+async fn one_by_one(db: &PgPool, events: &[JobEvent]) -> Result<(), db::DbError> {
+    for event in events {
+        match db::jobs::record_events(db, std::slice::from_ref(event)).await {
+            Ok(()) => {}
+            Err(error) if db::jobs::refused_data(&error) => {
+                db::jobs::park_event(db, event, &error.to_string()).await?;
+                metrics::counter!(m::LEDGER_PARKED).increment(1);
+                tracing::error!(%error, job_id = %event.job_id, tenant = %event.tenant_id,
+                    "job event refused by Postgres; parked in ledger_dead_letters");
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
 }
 
 /// Which of two events about one job the ledger keeps.

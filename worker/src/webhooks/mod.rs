@@ -273,7 +273,8 @@ async fn send(client: &reqwest::Client, config: &WebhooksConfig, d: &Due) -> Att
                 .headers()
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+                // (believed up to a day: a receiver cannot push its events further)
+                .map(|s| Duration::from_secs(s.min(86_400)));
             match status {
                 200..=299 => Attempt::Delivered(status),
                 410 => Attempt::Gone(status),

@@ -95,7 +95,7 @@ impl Deployment {
             return None;
         }
         let w = window(Rate::Tokens, &self.token, tpm as f64 * (1.0 - self.headroom), TPM_WINDOW_MS);
-        match shared.counters.add(&w.subject, estimate as i64).await {
+        match shared.counters.add(&w.subject, sluice_core::counters::delta(estimate)).await {
             Ok(total) => {
                 if total >= w.limit {
                     self.block(w.ends);

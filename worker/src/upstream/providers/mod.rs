@@ -99,15 +99,46 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
+/// The longest wait a provider's header is believed for (`Retry-After`, a
+/// reset time): a day, the longest window providers limit (requests per
+/// day); longer values are cut to it, so a wrong or hostile header cannot
+/// block a deployment for longer nor overflow a deadline.
+pub const MAX_TOLD_WAIT: Duration = Duration::from_secs(86_400);
+
+/// A wait of `secs` seconds as a provider tells it, cut to [`MAX_TOLD_WAIT`];
+/// `None` when it is not a number of seconds.
+pub fn told_secs(secs: f64) -> Option<Duration> {
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(MAX_TOLD_WAIT.as_secs_f64())))
+}
+
 /// `Retry-After` in seconds (the HTTP-date form is not used by providers).
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
-    v.parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
+    told_secs(v.parse::<f64>().ok()?)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::rewrite_model;
+    use super::{MAX_TOLD_WAIT, rewrite_model};
+    use std::time::Duration;
+
+    #[test]
+    fn a_providers_huge_wait_is_cut_and_never_panics() {
+        let mut h = http::HeaderMap::new();
+        for v in ["1e300", "18446744073709551616", "99999999999999999999999"] {
+            h.insert(http::header::RETRY_AFTER, v.parse().unwrap());
+            assert_eq!(super::retry_after(&h), Some(MAX_TOLD_WAIT), "{v}");
+        }
+        for v in ["-1", "NaN", "inf", "soon"] {
+            h.insert(http::header::RETRY_AFTER, v.parse().unwrap());
+            assert_eq!(super::retry_after(&h), None, "{v}");
+        }
+        h.insert(http::header::RETRY_AFTER, "2.5".parse().unwrap());
+        assert_eq!(super::retry_after(&h), Some(Duration::from_millis(2500)));
+        assert_eq!(super::openai::parse_duration("99999999999999999999h"), Some(MAX_TOLD_WAIT));
+        // The deadline it feeds cannot overflow.
+        assert!(tokio::time::Instant::now().checked_add(MAX_TOLD_WAIT).is_some());
+    }
 
     #[test]
     fn model_is_rewritten_and_other_fields_kept() {

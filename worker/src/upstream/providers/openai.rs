@@ -110,7 +110,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         total += number * unit;
         rest = &rest[len..];
     }
-    Some(Duration::from_secs_f64(total))
+    super::told_secs(total)
 }
 
 #[cfg(test)]

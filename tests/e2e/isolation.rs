@@ -1,0 +1,145 @@
+//! One tenant's input cannot hold back or hurt another's: values Postgres
+//! cannot store, numbers that overflow, sizes beyond a NATS message.
+
+use std::time::Duration;
+
+use sluice_core::event::{JobEvent, JobStatus, Usage};
+use uuid::Uuid;
+
+use crate::harness::{Stack, wait_for};
+
+#[tokio::test]
+async fn a_nul_in_metadata_is_refused_with_400_naming_the_field() {
+    let stack = Stack::start().await;
+    for metadata in [serde_json::json!({"k": "a\u{0}b"}), serde_json::json!({"k\u{0}": "v"})] {
+        let body =
+            serde_json::json!({"endpoint": "chat.completions", "body": Stack::chat_body("x"), "metadata": metadata});
+        let r = stack.submit_job(&stack.key, &body, None).await;
+        assert_eq!(r.status(), 400);
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["param"], "metadata", "{e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains("NUL"), "{e}");
+    }
+    assert_eq!(stack.mock.requests().await, 0);
+}
+
+fn event(tenant: Uuid, metadata: Option<&str>) -> JobEvent {
+    JobEvent {
+        job_id: Uuid::now_v7(),
+        tenant_id: tenant,
+        pool: "mock".into(),
+        endpoint: "chat.completions".into(),
+        status: JobStatus::Completed,
+        attempts: 1,
+        upstream_status: Some(200),
+        usage: Usage::default(),
+        error_code: None,
+        error_message: None,
+        request_id: "req".into(),
+        submitted_ms: sluice_core::now_ms(),
+        started_ms: None,
+        finished_ms: Some(sluice_core::now_ms()),
+        metadata: metadata.map(str::to_owned),
+        expires_ms: None,
+    }
+}
+
+/// An event Postgres refuses (jsonb holds no `\u0000`), sent in one message
+/// with three other tenants' events, as a worker would batch them: the
+/// three reach the ledger within seconds, the refused one is parked with
+/// its error, and nothing is retried forever.
+#[tokio::test]
+async fn a_row_postgres_refuses_is_parked_and_other_tenants_events_reach_the_ledger() {
+    let stack = Stack::start().await;
+    let bad = event(Uuid::now_v7(), Some(r#"{"k":"\u0000"}"#));
+    let good: Vec<JobEvent> = (0..3).map(|_| event(Uuid::now_v7(), Some(r#"{"k":"v"}"#))).collect();
+    let mut batch = vec![bad.clone()];
+    batch.extend(good.iter().cloned());
+    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    js.publish(sluice_core::wire::subjects::events(), serde_json::to_vec(&batch).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    for e in &good {
+        stack.ledger_row(e.job_id, "completed").await;
+    }
+    let parked: (Uuid, String, String) =
+        wait_for("the refused event to be parked", Duration::from_secs(10), || async {
+            sqlx::query_as("SELECT tenant_id, event, error FROM ledger_dead_letters WHERE job_id = $1")
+                .bind(bad.job_id)
+                .fetch_optional(&stack.db)
+                .await
+                .unwrap()
+        })
+        .await;
+    assert_eq!(parked.0, bad.tenant_id);
+    assert!(parked.1.contains(&bad.job_id.to_string()), "{}", parked.1);
+    assert!(parked.2.to_lowercase().contains("unicode"), "Postgres' error is kept: {}", parked.2);
+    let in_jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE id = $1")
+        .bind(bad.job_id)
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    assert_eq!(in_jobs, 0);
+}
+
+/// `max_tokens` beyond the pool's `max_output_tokens` is refused before it
+/// can charge the pool's token budget (2^62 would fill a `tpm` window for
+/// every tenant; 2^63 and above once wrapped the counters negative).
+#[tokio::test]
+async fn huge_max_tokens_on_a_budgeted_pool_are_refused_and_other_tenants_are_served() {
+    let stack = Stack::start_with(|c| c.pools[0].tpm = 200_000).await;
+    let huge = ["4611686018427387904", "9223372036854775808", "18446744073709551615", "18446744073709551616"];
+    for n in huge {
+        for (path, field) in [
+            ("/v1/chat/completions", "max_tokens"),
+            ("/v1/chat/completions", "max_completion_tokens"),
+            ("/v1/messages", "max_tokens"),
+        ] {
+            let body = format!(
+                r#"{{"model":"{}","messages":[{{"role":"user","content":"hi"}}],"{field}":{n}}}"#,
+                crate::harness::MODEL
+            );
+            let r = stack
+                .http
+                .post(format!("{}{path}", stack.base))
+                .bearer_auth(&stack.key)
+                .header("content-type", "application/json")
+                .header("anthropic-version", "2023-06-01")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 400, "{path} {field}={n}");
+            let e: serde_json::Value = r.json().await.unwrap();
+            assert!(e.to_string().contains(field), "{path} {field}={n}: {e}");
+        }
+    }
+    assert_eq!(stack.mock.requests().await, 0, "nothing reached the provider");
+    // Another tenant, asking for a sane amount, is served at once.
+    let other = stack.key_of("other").await;
+    let mut body = Stack::chat_body("hello");
+    body["max_tokens"] = 64.into();
+    let r = stack
+        .http
+        .post(format!("{}/v1/chat/completions", stack.base))
+        .bearer_auth(&other)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // At the limit is allowed.
+    body["max_tokens"] = sluice_core::config::DEFAULT_MAX_OUTPUT_TOKENS.into();
+    let r = stack
+        .http
+        .post(format!("{}/v1/chat/completions", stack.base))
+        .bearer_auth(&stack.key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 400, "max_tokens at the pool's limit is accepted");
+}
