@@ -42,11 +42,14 @@ const IN_FLIGHT: usize = 2;
 pub const BATCH_SIZE: &str = "sluice_group_commit_batch_size";
 /// Batches the stream refused and that were sent again write by write.
 pub const BATCH_FALLBACKS: &str = "sluice_group_commit_fallbacks_total";
+/// Writes too large for a NATS message, sent (and refused) alone.
+pub const OVERSIZED: &str = "sluice_group_commit_oversized_total";
 
 /// Describes the metrics above (called by each process's `describe`).
 pub fn describe() {
     metrics::describe_histogram!(BATCH_SIZE, "writes stored per commit by the group commit, by stream");
     metrics::describe_counter!(BATCH_FALLBACKS, "atomic batches the stream refused, sent again write by write");
+    metrics::describe_counter!(OVERSIZED, "writes too large for a NATS message, sent alone so they fail alone");
 }
 
 struct Write {
@@ -159,14 +162,37 @@ async fn run(
     }
 }
 
-/// Stores `writes` in one atomic batch and answers each of them.
-async fn commit(
+/// Room kept for a write's subject and headers when judging whether it
+/// fits in one NATS message.
+const MESSAGE_HEADROOM: usize = 8 * 1024;
+
+/// Stores `writes` in one atomic batch and answers each of them. A write
+/// that cannot fit in a NATS message is sent alone, so that its failure
+/// (`MaxPayloadExceeded`, not retryable) is its own and never its batch's.
+async fn commit(nats: &async_nats::Client, js: &jetstream::Context, writes: Vec<Write>, stream: &str, counts: &Counts) {
+    let fits = nats.server_info().max_payload.saturating_sub(MESSAGE_HEADROOM);
+    let (alone, writes): (Vec<Write>, Vec<Write>) = writes.into_iter().partition(|w| w.payload.len() > fits);
+    if alone.is_empty() {
+        return commit_fitting(nats, js, writes, stream, counts).await;
+    }
+    metrics::counter!(OVERSIZED, "stream" => stream.to_owned()).increment(alone.len() as u64);
+    let each = alone.into_iter().map(|w| async move {
+        let result = single(js, w.subject, w.headers, w.payload).await;
+        let _ = w.done.send(result);
+    });
+    futures::future::join(futures::future::join_all(each), commit_fitting(nats, js, writes, stream, counts)).await;
+}
+
+async fn commit_fitting(
     nats: &async_nats::Client,
     js: &jetstream::Context,
     mut writes: Vec<Write>,
     stream: &str,
     counts: &Counts,
 ) {
+    if writes.is_empty() {
+        return;
+    }
     if writes.len() == 1
         && let Some(w) = writes.pop()
     {

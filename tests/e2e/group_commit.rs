@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishErrorKind, publish::PublishAck, stream};
+use async_nats::jetstream::{self, context::PublishError, context::PublishErrorKind, publish::PublishAck, stream};
 use bytes::Bytes;
 use sluice_core::group_commit::{GroupCommit, expect_revision};
 use sluice_core::tasks::Tasks;
@@ -322,4 +322,30 @@ async fn a_repeated_message_id_in_a_batch_is_answered_as_the_duplicate_it_is() {
         }
     }
     assert_eq!(stream.clone().info().await.unwrap().state.messages, 100, "the original and 99 new writes");
+}
+
+/// A write larger than a NATS message can hold (an answer over the
+/// server's `max_payload`) fails alone, as not retryable; the other
+/// tenants' writes batched with it are stored.
+#[tokio::test]
+async fn a_write_too_large_for_nats_fails_alone_and_its_batch_is_stored() {
+    let nats = NatsServer::start().await;
+    let (client, js, stream) = stream_with_atomic(&nats).await;
+    let max = client.server_info().max_payload;
+    let commit = GroupCommit::start(&Tasks::new(), client, js, "GC");
+    let acks = write_at_once(std::slice::from_ref(&commit), 64, |i| {
+        let payload = if i == 7 { Bytes::from(vec![b'x'; max + 1]) } else { Bytes::from(i.to_string()) };
+        (format!("gc.w.{i}"), HeaderMap::new(), payload)
+    })
+    .await;
+    for (i, ack) in acks.into_iter().enumerate() {
+        if i == 7 {
+            let kind = ack.expect_err("the oversized write is refused");
+            assert!(!sluice_core::group_commit::retryable(&PublishError::new(kind)), "{kind:?} must not be retried");
+        } else {
+            let seq = ack.unwrap_or_else(|e| panic!("write {i} failed with the oversized one: {e:?}")).sequence;
+            assert_eq!(stream.get_raw_message(seq).await.unwrap().subject.as_str(), format!("gc.w.{i}"));
+        }
+    }
+    assert!(commit.counts().commits.load(Ordering::Relaxed) < 63, "the others still shared commits");
 }
