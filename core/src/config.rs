@@ -161,6 +161,10 @@ pub struct UpstreamConfig {
     pub request_timeout_ms: u64,
     /// Time allowed until the upstream's response headers arrive.
     pub response_header_timeout_ms: u64,
+    /// Largest answer read from an upstream (a non-streamed body); a larger
+    /// one is not read further and the job fails with 502
+    /// `upstream_response_too_large`, so no answer can exhaust a worker.
+    pub max_response_bytes: usize,
     /// Idle keep-alive connections kept per upstream host.
     pub pool_max_idle_per_host: usize,
     pub pool_idle_timeout_ms: u64,
@@ -356,6 +360,7 @@ impl Default for UpstreamConfig {
             connect_timeout_ms: 5_000,
             request_timeout_ms: 120_000,
             response_header_timeout_ms: 30_000,
+            max_response_bytes: 128 << 20,
             pool_max_idle_per_host: 512,
             pool_idle_timeout_ms: 90_000,
             tcp_keepalive_ms: 30_000,
@@ -480,6 +485,7 @@ impl Config {
             ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
             ("upstream.request_timeout_ms", self.upstream.request_timeout_ms),
             ("upstream.response_header_timeout_ms", self.upstream.response_header_timeout_ms),
+            ("upstream.max_response_bytes", self.upstream.max_response_bytes as u64),
             ("upstream.breaker_failures", u64::from(self.upstream.breaker_failures)),
             ("upstream.breaker_open_ms", self.upstream.breaker_open_ms),
             ("jobs.retention_ms", self.jobs.retention_ms),

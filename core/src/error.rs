@@ -44,11 +44,13 @@ pub enum ErrorCode {
     RequestTimeout,
     /// A streamed answer broke off after events had gone out.
     StreamInterrupted,
+    /// The upstream's answer was larger than `upstream.max_response_bytes`.
+    UpstreamResponseTooLarge,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         Self::InvalidJson,
         Self::InvalidRequest,
         Self::InvalidApiKey,
@@ -69,6 +71,7 @@ impl ErrorCode {
         Self::Timeout,
         Self::RequestTimeout,
         Self::StreamInterrupted,
+        Self::UpstreamResponseTooLarge,
         Self::Internal,
     ];
 
@@ -102,7 +105,7 @@ impl ErrorCode {
             | Self::TenantQueuedCap => RESOURCE_EXHAUSTED,
             Self::UpstreamError | Self::QueueUnavailable | Self::Unavailable | Self::StreamInterrupted => UNAVAILABLE,
             Self::Timeout | Self::RequestTimeout => DEADLINE_EXCEEDED,
-            Self::Internal => INTERNAL,
+            Self::Internal | Self::UpstreamResponseTooLarge => INTERNAL,
         }
     }
 
@@ -120,7 +123,7 @@ impl ErrorCode {
             | Self::TenantRequestRate
             | Self::TenantTokenRate
             | Self::TenantQueuedCap => StatusCode::TOO_MANY_REQUESTS,
-            Self::UpstreamError | Self::StreamInterrupted => StatusCode::BAD_GATEWAY,
+            Self::UpstreamError | Self::StreamInterrupted | Self::UpstreamResponseTooLarge => StatusCode::BAD_GATEWAY,
             Self::QueueUnavailable | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -151,6 +154,7 @@ impl ErrorCode {
             | Self::Unavailable
             | Self::Timeout
             | Self::StreamInterrupted
+            | Self::UpstreamResponseTooLarge
             | Self::Internal => "server_error",
         }
     }
@@ -178,6 +182,7 @@ impl ErrorCode {
             Self::Timeout => "timeout",
             Self::RequestTimeout => "request_timeout",
             Self::StreamInterrupted => "stream_interrupted",
+            Self::UpstreamResponseTooLarge => "upstream_response_too_large",
             Self::Internal => "internal_error",
         }
     }

@@ -143,3 +143,37 @@ async fn huge_max_tokens_on_a_budgeted_pool_are_refused_and_other_tenants_are_se
         .unwrap();
     assert_ne!(r.status(), 400, "max_tokens at the pool's limit is accepted");
 }
+
+/// An upstream answer larger than `upstream.max_response_bytes` is not
+/// read further: the client gets 502 `upstream_response_too_large`, the job
+/// fails once (no retry: the same request brings the same answer), and the
+/// worker goes on serving.
+#[tokio::test]
+async fn an_answer_over_max_response_bytes_gets_502_once_and_the_worker_goes_on() {
+    let stack = Stack::start_with(|c| c.upstream.max_response_bytes = 16 * 1024).await;
+    let inputs: Vec<String> = (0..400).map(|i| format!("text {i}")).collect();
+    let big = serde_json::json!({"model": crate::harness::MODEL, "input": inputs});
+    let r = stack
+        .http
+        .post(format!("{}/v1/embeddings", stack.base))
+        .bearer_auth(&stack.key)
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "upstream_response_too_large", "{e}");
+    assert_eq!(stack.mock.requests().await, 1, "not retried");
+    // A small answer on the same worker is served.
+    let small = serde_json::json!({"model": crate::harness::MODEL, "input": "one"});
+    let r = stack
+        .http
+        .post(format!("{}/v1/embeddings", stack.base))
+        .bearer_auth(&stack.key)
+        .json(&small)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -498,6 +498,12 @@ fn classify(
             error.param = e.param();
             failed(error, None)
         }
+        // The same request would bring the same answer: not retried.
+        Err(CallError::TooLarge { limit }) => {
+            metrics::counter!(m::UPSTREAM_FAILURES, "pool" => env.pool.clone(), "reason" => "too_large").increment(1);
+            let message = format!("the upstream's answer is larger than {limit} bytes (upstream.max_response_bytes)");
+            failed(ApiError::new(ErrorCode::UpstreamResponseTooLarge, message), None)
+        }
         Err(CallError::DeadlineExceeded) => {
             metrics::counter!(m::UPSTREAM_FAILURES, "pool" => env.pool.clone(), "reason" => "deadline").increment(1);
             failed(ApiError::new(ErrorCode::Timeout, "the upstream did not answer before the request's deadline"), None)

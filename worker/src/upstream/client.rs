@@ -28,6 +28,8 @@ pub enum CallError {
     Retryable { reason: &'static str, status: Option<u16>, retry_after: Option<Duration> },
     /// The job's deadline passed during the call.
     DeadlineExceeded,
+    /// The answer was larger than `upstream.max_response_bytes` (not read further).
+    TooLarge { limit: usize },
 }
 
 impl CallError {
@@ -57,6 +59,7 @@ pub struct Client {
     key: Option<HeaderValue>,
     request_timeout: Duration,
     header_timeout: Duration,
+    max_response_bytes: usize,
 }
 
 /// Builds the clients of a pool's deployments; one HTTP client per distinct
@@ -120,6 +123,7 @@ pub fn build(
         key,
         request_timeout: ms(settings.request_timeout_ms),
         header_timeout: ms(settings.response_header_timeout_ms),
+        max_response_bytes: settings.max_response_bytes,
     })
 }
 
@@ -143,10 +147,12 @@ impl Client {
             Err(e) => return (Err(e), RateInfo::default()),
         };
         let rate = self.provider.limits(response.headers());
-        let answer = read_answer(response, end, deadline, rate.retry_after, self.native(api)).await.map(|a| Answer {
-            status: a.status,
-            body: if (200..300).contains(&a.status) { self.provider.answer(api, a.body) } else { a.body },
-        });
+        let limit = self.max_response_bytes;
+        let answer =
+            read_answer(response, end, deadline, rate.retry_after, self.native(api), limit).await.map(|a| Answer {
+                status: a.status,
+                body: if (200..300).contains(&a.status) { self.provider.answer(api, a.body) } else { a.body },
+            });
         (answer, rate)
     }
 
@@ -169,7 +175,7 @@ impl Client {
         }
         // Not a stream: an error to classify like any other answer.
         let native = self.native(api);
-        let result = read_answer(response, end, deadline, rate.retry_after, native)
+        let result = read_answer(response, end, deadline, rate.retry_after, native, self.max_response_bytes)
             .await
             .and_then(|a| Err(CallError::Rejected { status: a.status, body: a.body, native }));
         (result, rate)
@@ -227,14 +233,16 @@ async fn read_answer(
     deadline: Instant,
     retry_after: Option<Duration>,
     native: bool,
+    limit: usize,
 ) -> Result<Answer, CallError> {
     let timed_out = || {
         if end >= deadline { CallError::DeadlineExceeded } else { retryable("timeout", None, None) }
     };
     let status = response.status().as_u16();
-    let body = match tokio::time::timeout_at(end, response.bytes()).await {
+    let body = match tokio::time::timeout_at(end, read_body(response, limit)).await {
         Err(_) => return Err(timed_out()),
-        Ok(Err(_)) => return Err(retryable("body", Some(status), None)),
+        Ok(Err(None)) => return Err(retryable("body", Some(status), None)),
+        Ok(Err(Some(too_large))) => return Err(too_large),
         Ok(Ok(b)) => b,
     };
     match status {
@@ -246,6 +254,25 @@ async fn read_answer(
         400..=499 => Err(CallError::Rejected { status, body, native }),
         _ => Err(retryable("upstream_5xx", Some(status), retry_after)),
     }
+}
+
+/// Reads a body of at most `limit` bytes: a larger one (by its
+/// `Content-Length`, or as it arrives) is not read further. `Err(None)`: the
+/// body broke off.
+async fn read_body(mut response: reqwest::Response, limit: usize) -> Result<Bytes, Option<CallError>> {
+    let too_large = || Some(CallError::TooLarge { limit });
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body =
+        bytes::BytesMut::with_capacity(response.content_length().map_or(8 * 1024, |n| n.min(1 << 20) as usize));
+    while let Some(chunk) = response.chunk().await.map_err(|_| None)? {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 fn retryable(reason: &'static str, status: Option<u16>, retry_after: Option<Duration>) -> CallError {
