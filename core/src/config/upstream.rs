@@ -1,0 +1,58 @@
+//! How workers call the providers: timeouts, connection pooling, the
+//! largest answer read, breakers, the retry budget and budget headroom.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub connect_timeout_ms: u64,
+    /// Whole-call timeout of one upstream request.
+    pub request_timeout_ms: u64,
+    /// Time allowed until the upstream's response headers arrive.
+    pub response_header_timeout_ms: u64,
+    /// Largest answer read from an upstream (a non-streamed body); a larger
+    /// one is not read further and the job fails with 502
+    /// `upstream_response_too_large`, so no answer can exhaust a worker.
+    pub max_response_bytes: usize,
+    /// Idle keep-alive connections kept per upstream host.
+    pub pool_max_idle_per_host: usize,
+    pub pool_idle_timeout_ms: u64,
+    pub tcp_keepalive_ms: u64,
+    /// Consecutive failures (5xx, timeouts, connection errors) of one
+    /// deployment, seen by one worker, that open its circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps the deployment out before one probe
+    /// call is let through (half-open); doubled after each failed probe, up
+    /// to 16 times this.
+    pub breaker_open_ms: u64,
+    /// Retries (failovers and redeliveries after a failure) allowed per first
+    /// attempt, over a pool's recent calls; past it a failed job waits the
+    /// longest backoff instead of retrying at once.
+    pub retry_budget_ratio: f64,
+    /// Retries always allowed on top of the ratio (a quiet pool can still retry).
+    pub retry_budget_min: u32,
+    /// Share of each deployment's `rpm`/`tpm` left unused, so that timing
+    /// jitter between Sluice's windows and the provider's never meets the
+    /// provider's edge (0.025: calls are paced at 97.5 % of the limit).
+    pub budget_headroom: f64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 120_000,
+            response_header_timeout_ms: 30_000,
+            max_response_bytes: 128 << 20,
+            pool_max_idle_per_host: 512,
+            pool_idle_timeout_ms: 90_000,
+            tcp_keepalive_ms: 30_000,
+            breaker_failures: 5,
+            breaker_open_ms: 5_000,
+            retry_budget_ratio: 0.2,
+            retry_budget_min: 10,
+            budget_headroom: 0.025,
+        }
+    }
+}
