@@ -17,6 +17,16 @@ async fn admin_api(stack: &Stack) -> String {
     format!("http://{addr}")
 }
 
+/// Waits until `GET /v1/models` with `key` is answered `status` (keys
+/// reload every 100 ms in tests).
+async fn key_answers(stack: &Stack, key: &str, status: u16, what: &str) {
+    wait_for(what, Duration::from_secs(5), || async {
+        let r = stack.http.get(format!("{}/v1/models", stack.base)).bearer_auth(key).send().await.unwrap();
+        (r.status() == status).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_admin_api_refuses_anything_but_the_admin_token() {
     let stack = Stack::start().await;
@@ -86,21 +96,11 @@ async fn keys_made_and_revoked_through_the_admin_api() {
     assert_eq!(r.status(), 201);
     let made: serde_json::Value = r.json().await.unwrap();
     let key = made["api_key"].as_str().unwrap().to_owned();
-    let models = |key: String| {
-        let (http, base) = (stack.http.clone(), stack.base.clone());
-        async move { http.get(format!("{base}/v1/models")).bearer_auth(key).send().await.unwrap().status() }
-    };
-    wait_for("the new key to work", Duration::from_secs(5), || async {
-        (models(key.clone()).await == 200).then_some(())
-    })
-    .await;
+    key_answers(&stack, &key, 200, "the new key to work").await;
 
     let revoke = format!("{admin}/admin/keys/{}", made["key_id"].as_str().unwrap());
     assert_eq!(stack.http.delete(&revoke).bearer_auth(TOKEN).send().await.unwrap().status(), 204);
-    wait_for("the revoked key to stop working", Duration::from_secs(5), || async {
-        (models(key.clone()).await == 401).then_some(())
-    })
-    .await;
+    key_answers(&stack, &key, 401, "the revoked key to stop working").await;
     assert_eq!(stack.http.delete(&revoke).bearer_auth(TOKEN).send().await.unwrap().status(), 404);
     let r = stack.http.post(format!("{admin}/admin/tenants/nobody/keys")).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(r.status(), 404);
@@ -135,14 +135,7 @@ async fn the_admin_cli_creates_lists_shows_and_revokes_keys_and_tenants() {
     let (code, out, err) = admin_cli(&stack, &["keys", "create", "--tenant", "cli-team"]);
     assert_eq!(code, Some(0), "{err}");
     let (id, key) = (field(&out, "key id:"), field(&out, "api key:"));
-    let models = |key: String| {
-        let (http, base) = (stack.http.clone(), stack.base.clone());
-        async move { http.get(format!("{base}/v1/models")).bearer_auth(key).send().await.unwrap().status() }
-    };
-    wait_for("the new key to work", Duration::from_secs(5), || async {
-        (models(key.clone()).await == 200).then_some(())
-    })
-    .await;
+    key_answers(&stack, &key, 200, "the new key to work").await;
 
     // Listed and shown by id and prefix, never in clear.
     let (code, listed, _) = admin_cli(&stack, &["keys", "list", "--tenant", "cli-team"]);
@@ -171,10 +164,7 @@ async fn the_admin_cli_creates_lists_shows_and_revokes_keys_and_tenants() {
     // Revoked: the key stops working, shows as revoked, and is listed only with --all.
     let (code, out, _) = admin_cli(&stack, &["keys", "revoke", &id]);
     assert_eq!((code, out.trim()), (Some(0), "revoked"));
-    wait_for("the revoked key to stop working", Duration::from_secs(5), || async {
-        (models(key.clone()).await == 401).then_some(())
-    })
-    .await;
+    key_answers(&stack, &key, 401, "the revoked key to stop working").await;
     let (code, _, err) = admin_cli(&stack, &["keys", "revoke", &id]);
     assert_eq!(code, Some(1));
     assert!(err.contains("already revoked"), "{err}");

@@ -23,6 +23,11 @@ async fn a_nul_in_metadata_is_refused_with_400_naming_the_field() {
     assert_eq!(stack.mock.requests().await, 0);
 }
 
+/// POSTs `body` to `path` on the stack's ingress with `key`.
+async fn post_json(stack: &Stack, path: &str, key: &str, body: &serde_json::Value) -> reqwest::Response {
+    stack.http.post(format!("{}{path}", stack.base)).bearer_auth(key).json(body).send().await.unwrap()
+}
+
 fn event(tenant: Uuid, metadata: Option<&str>) -> JobEvent {
     JobEvent {
         job_id: Uuid::now_v7(),
@@ -122,25 +127,11 @@ async fn huge_max_tokens_on_a_budgeted_pool_are_refused_and_other_tenants_are_se
     let other = stack.key_of("other").await;
     let mut body = Stack::chat_body("hello");
     body["max_tokens"] = 64.into();
-    let r = stack
-        .http
-        .post(format!("{}/v1/chat/completions", stack.base))
-        .bearer_auth(&other)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(&stack, "/v1/chat/completions", &other, &body).await;
     assert_eq!(r.status(), 200);
     // At the limit is allowed.
     body["max_tokens"] = sluice_core::config::DEFAULT_MAX_OUTPUT_TOKENS.into();
-    let r = stack
-        .http
-        .post(format!("{}/v1/chat/completions", stack.base))
-        .bearer_auth(&stack.key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(&stack, "/v1/chat/completions", &stack.key, &body).await;
     assert_ne!(r.status(), 400, "max_tokens at the pool's limit is accepted");
 }
 
@@ -153,27 +144,13 @@ async fn an_answer_over_max_response_bytes_gets_502_once_and_the_worker_goes_on(
     let stack = Stack::start_with(|c| c.upstream.max_response_bytes = 16 * 1024).await;
     let inputs: Vec<String> = (0..400).map(|i| format!("text {i}")).collect();
     let big = serde_json::json!({"model": crate::harness::MODEL, "input": inputs});
-    let r = stack
-        .http
-        .post(format!("{}/v1/embeddings", stack.base))
-        .bearer_auth(&stack.key)
-        .json(&big)
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(&stack, "/v1/embeddings", &stack.key, &big).await;
     assert_eq!(r.status(), 502);
     let e: serde_json::Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "upstream_response_too_large", "{e}");
     assert_eq!(stack.mock.requests().await, 1, "not retried");
     // A small answer on the same worker is served.
     let small = serde_json::json!({"model": crate::harness::MODEL, "input": "one"});
-    let r = stack
-        .http
-        .post(format!("{}/v1/embeddings", stack.base))
-        .bearer_auth(&stack.key)
-        .json(&small)
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(&stack, "/v1/embeddings", &stack.key, &small).await;
     assert_eq!(r.status(), 200);
 }
