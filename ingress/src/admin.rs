@@ -11,7 +11,7 @@ use uuid::Uuid;
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error(transparent)]
-    Db(#[from] db::DbError),
+    Db(db::DbError),
     #[error("webhook endpoint refused: {0}")]
     Webhook(#[from] sluice_core::webhook::WebhookError),
     /// The command line is wrong (exit code 2).
@@ -23,6 +23,15 @@ pub enum AdminError {
     NoKey(Uuid),
     #[error("key {0} is already revoked")]
     Revoked(Uuid),
+}
+
+impl From<db::DbError> for AdminError {
+    fn from(e: db::DbError) -> Self {
+        match e {
+            db::DbError::NoTenant(name) => AdminError::NoTenant(name),
+            other => AdminError::Db(other),
+        }
+    }
 }
 
 async fn connect(config: &Config) -> Result<sqlx::PgPool, AdminError> {
@@ -200,10 +209,7 @@ fn print_key_line(k: &KeyInfo) {
 pub async fn list_keys(config: &Config, tenant: Option<&str>, all: bool) -> Result<(), AdminError> {
     let pool = connect(config).await?;
     let tenant_id = match tenant {
-        Some(name) => Some(db::tenant_id(&pool, name).await.map_err(|e| match e {
-            db::DbError::NoTenant(n) => AdminError::NoTenant(n),
-            other => other.into(),
-        })?),
+        Some(name) => Some(db::tenant_id(&pool, name).await?),
         None => None,
     };
     let keys = db::keys(&pool, tenant_id, all).await?;
@@ -246,10 +252,7 @@ pub async fn set_webhook(config: &Config, tenant: &str, url: &str) -> Result<Str
     sluice_core::webhook::check_target(url, config.webhooks.policy()).await?;
     let secret = sluice_core::webhook::new_secret()?;
     let pool = connect(config).await?;
-    let tenant_id = db::tenant_id(&pool, tenant).await.map_err(|e| match e {
-        db::DbError::NoTenant(n) => AdminError::NoTenant(n),
-        other => other.into(),
-    })?;
+    let tenant_id = db::tenant_id(&pool, tenant).await?;
     db::webhooks::set_endpoint(&pool, tenant_id, url, &secret).await?;
     println!("tenant:  {tenant}");
     println!("url:     {url}");

@@ -241,7 +241,12 @@ pub async fn live_keys(pool: &PgPool) -> Result<HashMap<KeyDigest, KeyOwner>, Db
     Ok(keys)
 }
 
-const TENANT_ROW: &str = "SELECT id, name, weight, tier, max_queued, max_in_flight, rpm, tpm FROM tenants";
+/// The query of [`crate::tenant::TenantRow`]s (a macro, so that a condition can be appended with `concat!`).
+macro_rules! tenant_rows {
+    () => {
+        "SELECT id, name, weight, tier, max_queued, max_in_flight, rpm, tpm FROM tenants"
+    };
+}
 
 fn tenant_row(row: &sqlx::postgres::PgRow) -> Result<crate::tenant::TenantRow, sqlx::Error> {
     Ok(crate::tenant::TenantRow {
@@ -258,19 +263,13 @@ fn tenant_row(row: &sqlx::postgres::PgRow) -> Result<crate::tenant::TenantRow, s
 
 /// Every tenant with its own settings (the rest come from the config).
 pub async fn tenants(pool: &PgPool) -> Result<Vec<crate::tenant::TenantRow>, DbError> {
-    let rows = sqlx::query(TENANT_ROW).fetch_all(pool).await?;
+    let rows = sqlx::query(tenant_rows!()).fetch_all(pool).await?;
     Ok(rows.iter().map(tenant_row).collect::<Result<_, _>>()?)
 }
 
 /// One tenant by name.
 pub async fn tenant(pool: &PgPool, name: &str) -> Result<Option<crate::tenant::TenantRow>, DbError> {
-    let row = sqlx::query(concat!(
-        "SELECT id, name, weight, tier, max_queued, max_in_flight, rpm, tpm FROM tenants",
-        " WHERE name = $1"
-    ))
-    .bind(name)
-    .fetch_optional(pool)
-    .await?;
+    let row = sqlx::query(concat!(tenant_rows!(), " WHERE name = $1")).bind(name).fetch_optional(pool).await?;
     Ok(row.as_ref().map(tenant_row).transpose()?)
 }
 
