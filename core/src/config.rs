@@ -80,6 +80,12 @@ pub struct NatsConfig {
     pub replicas: usize,
     /// Upper bound on queued jobs; a submit beyond it is refused with 429.
     pub max_queued_jobs: i64,
+    /// Object store bucket holding bodies too large for a NATS message
+    /// (request bodies, answers and job results), by reference.
+    pub bodies_bucket: String,
+    /// Upper bound on the bytes that bucket holds; a body that does not fit
+    /// is refused (503 for a request, a retry for an answer).
+    pub bodies_max_bytes: i64,
     /// Store the writes on a job's path (its publish, its state's changes)
     /// that a process has waiting at once in one JetStream atomic batch: one
     /// commit and, with `sync_interval: always`, one disk sync per batch
@@ -105,8 +111,12 @@ pub struct DatabaseConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IngressConfig {
     pub listen: SocketAddr,
-    /// Largest request body accepted; larger ones get 413.
+    /// Largest request body accepted; larger ones get 413. A body larger
+    /// than a NATS message is kept in the bodies bucket (`nats.bodies_bucket`).
     pub max_body_bytes: usize,
+    /// Memory all request bodies being read or queued may hold at once in
+    /// one ingress; a body that does not fit gets 429 before it is read.
+    pub max_body_memory_bytes: usize,
     /// How long a synchronous request waits for its answer before 504.
     pub sync_timeout_ms: u64,
     /// Synchronous requests waiting at once in one ingress; beyond it, 429.
@@ -270,6 +280,8 @@ impl Default for NatsConfig {
             rates_stream: "SLUICE_RATES".into(),
             replicas: 1,
             max_queued_jobs: 1_000_000,
+            bodies_bucket: "SLUICE_BODIES".into(),
+            bodies_max_bytes: 8 << 30,
             group_commit: false,
             dedup_window_ms: 120_000,
             connect_timeout_ms: 5_000,
@@ -292,7 +304,8 @@ impl Default for IngressConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_body_bytes: 1024 * 1024,
+            max_body_bytes: 32 * 1024 * 1024,
+            max_body_memory_bytes: 128 * 1024 * 1024,
             sync_timeout_ms: 120_000,
             max_in_flight: 10_000,
             auth_refresh_ms: 5_000,
@@ -419,8 +432,10 @@ impl Config {
         let positive = [
             ("nats.connect_timeout_ms", self.nats.connect_timeout_ms),
             ("nats.request_timeout_ms", self.nats.request_timeout_ms),
+            ("nats.bodies_max_bytes", self.nats.bodies_max_bytes.max(0) as u64),
             ("ingress.sync_timeout_ms", self.ingress.sync_timeout_ms),
             ("ingress.max_body_bytes", self.ingress.max_body_bytes as u64),
+            ("ingress.max_body_memory_bytes", self.ingress.max_body_memory_bytes as u64),
             ("ingress.max_in_flight", self.ingress.max_in_flight as u64),
             ("ingress.auth_refresh_ms", self.ingress.auth_refresh_ms),
             ("ingress.max_connections", self.ingress.max_connections as u64),
@@ -466,6 +481,12 @@ impl Config {
         }
         if !(0.0..=10.0).contains(&self.upstream.retry_budget_ratio) {
             return Err(ConfigError::key("upstream.retry_budget_ratio", "must be between 0 and 10"));
+        }
+        if self.ingress.max_body_memory_bytes < self.ingress.max_body_bytes {
+            return Err(ConfigError::key(
+                "ingress.max_body_memory_bytes",
+                "must be at least ingress.max_body_bytes (a body of the largest size could never be read)",
+            ));
         }
         if self.worker.ack_wait_ms < 1_000 {
             return Err(ConfigError::key("worker.ack_wait_ms", "must be at least 1000"));

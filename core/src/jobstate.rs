@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::event::JobStatus;
 use crate::wire::reply::Outcome;
+use crate::wire::stored::StoredBody;
 
 /// One job as clients see it on `GET /v1/jobs/{id}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,6 +44,11 @@ pub struct JobRecord {
     /// The provider's answer, as it sent it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Box<RawValue>>,
+    /// Where the answer is when it is too large for the record (a NATS
+    /// message): `GET /v1/jobs/{id}` sends it as `result`, webhook events
+    /// leave it out and say `result_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_ref: Option<StoredBody>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
     /// Where the job's outcome is delivered (else the tenant's default endpoint).
@@ -78,6 +84,9 @@ impl JobRecord {
             object.remove("started_ms");
             object.remove("created_ms");
             object.remove("finished_ms");
+            if let Some(stored) = object.remove("result_ref") {
+                object.insert("result_bytes".into(), stored["size"].clone());
+            }
             if let Some(hook) = object.get_mut("webhook").and_then(|w| w.as_object_mut()) {
                 hook.remove("secret");
             }
@@ -106,6 +115,7 @@ impl JobRecord {
             metadata: None,
             priority: None,
             result: None,
+            result_ref: None,
             error: None,
             webhook: None,
             request_hash: None,
@@ -126,6 +136,15 @@ impl JobRecord {
                 return;
             }
             Outcome::Body { status, body } => (*status, body),
+            Outcome::Stored { status: http_status, body } => {
+                if status == JobStatus::Completed {
+                    self.result_ref = Some(body.clone());
+                } else {
+                    let message = format!("the provider refused the request ({} bytes, not kept)", body.size);
+                    self.error = Some(JobError { code: "upstream_error".into(), message, status: *http_status });
+                }
+                return;
+            }
         };
         if status == JobStatus::Completed {
             match RawValue::from_string(String::from_utf8_lossy(body).into_owned()) {

@@ -18,6 +18,7 @@
 //! - [`shutdown`]: SIGTERM/SIGINT into one cancellation token.
 //! - [`clock`]: UTC calendar dates from Unix time and back.
 
+pub mod bodies;
 pub mod clock;
 pub mod config;
 pub mod counters;

@@ -6,6 +6,7 @@
 use crate::wire::envelope::{
     Endpoint, Envelope, H_DEADLINE, H_ENDPOINT, H_JOB_ID, H_POOL, H_REQUEST_ID, H_SUBMITTED, H_TENANT,
 };
+use crate::wire::stored::{self, StoredBody};
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -46,11 +47,16 @@ proptest! {
         reply in proptest::option::of("[a-z0-9._]{1,40}"), deadline in any::<u64>(), submitted in any::<u64>(),
         request_id in "[!-~]{1,64}", est in any::<u64>(), counted in any::<bool>(),
         window in proptest::option::of(any::<u64>()), stream in any::<bool>(),
+        stored in proptest::option::of((any::<u64>(), any::<bool>())),
     ) {
+        let body_ref = stored.map(|(size, result)| {
+            let kind = if result { stored::Kind::Result } else { stored::Kind::Request };
+            StoredBody { name: stored::name(kind, Uuid::from_u128(tenant), Uuid::from_u128(job)), size }
+        });
         let env = Envelope {
             job_id: Uuid::from_u128(job), tenant: Uuid::from_u128(tenant), pool, endpoint, reply,
             deadline_ms: deadline, submitted_ms: submitted, request_id, traceparent: None,
-            est_tokens: est, queued_counted: counted, tpm_window: window, stream,
+            est_tokens: est, queued_counted: counted, tpm_window: window, stream, body_ref,
         };
         prop_assert_eq!(Envelope::from_headers(Some(&env.to_headers())).unwrap(), env);
     }

@@ -1,20 +1,62 @@
-//! Reading a JSON request body: content type (415), size (413), time
-//! (408), JSON (400).
+//! Reading a JSON request body: content type (415), size (413), memory
+//! held by all bodies at once (429), time (408), JSON (400).
+
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use sluice_core::error::{ApiError, ErrorCode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The memory request bodies may hold at once in one ingress
+/// (`ingress.max_body_memory_bytes`): a body's bytes are taken from it before
+/// they are read — all of them at once when the client declares its
+/// `Content-Length`, chunk by chunk when it does not — and given back when
+/// the handler drops its [`BodyPermit`]. A body that does not fit is refused
+/// with 429 at once, before more of it is read: concurrent large bodies
+/// cannot exhaust the ingress, and small requests keep being served.
+#[derive(Clone)]
+pub struct BodyBudget(Arc<Semaphore>);
+
+/// Bytes of the budget held by one request body.
+pub struct BodyPermit {
+    _held: Option<OwnedSemaphorePermit>,
+}
+
+impl BodyBudget {
+    pub fn new(bytes: usize) -> Self {
+        Self(Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))))
+    }
+
+    fn take(&self, held: &mut Option<OwnedSemaphorePermit>, bytes: usize) -> Result<(), ApiError> {
+        let Ok(n) = u32::try_from(bytes) else { return Err(busy()) };
+        let permit = self.0.clone().try_acquire_many_owned(n).map_err(|_| busy())?;
+        match held {
+            Some(p) => p.merge(permit),
+            None => *held = Some(permit),
+        }
+        Ok(())
+    }
+}
+
+fn busy() -> ApiError {
+    metrics::counter!(crate::metrics::BODY_BUDGET_REFUSED).increment(1);
+    ApiError::new(ErrorCode::Overloaded, "this gateway is reading too many request bodies at once; retry shortly")
+        .retry_after(1)
+}
 
 /// Checks the content type and reads at most `limit` bytes of the body
-/// within `within`.
+/// within `within`, holding their bytes of `budget`.
 pub async fn read_json_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
+    budget: &BodyBudget,
     within: std::time::Duration,
-) -> Result<Bytes, ApiError> {
+) -> Result<(Bytes, BodyPermit), ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = content_type.split(';').next().unwrap_or("").trim();
     if !mime.eq_ignore_ascii_case("application/json") {
@@ -29,23 +71,36 @@ pub async fn read_json_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let read = tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await.map_err(|_| {
+    let mut held = None;
+    if let Some(n) = declared {
+        budget.take(&mut held, n)?;
+    }
+    let read = async {
+        let mut body = body;
+        let mut out = BytesMut::with_capacity(declared.unwrap_or(0));
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "could not read the request body"))?;
+            let Ok(chunk) = frame.into_data() else { continue };
+            if out.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            // A body longer than it declared takes the rest as it comes.
+            let beyond = (out.len() + chunk.len()).saturating_sub(declared.unwrap_or(0));
+            if beyond > 0 {
+                budget.take(&mut held, beyond.min(chunk.len()))?;
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out.freeze())
+    };
+    let bytes = tokio::time::timeout(within, read).await.map_err(|_| {
         ApiError::new(
             ErrorCode::RequestTimeout,
             format!("the request body did not arrive within {} ms", within.as_millis()),
         )
-    })?;
-    read.map_err(|e| {
-        // `to_bytes` reports an exceeded limit as a `LengthLimitError` in its source chain.
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(s) = source {
-            if s.is::<http_body_util::LengthLimitError>() {
-                return too_large();
-            }
-            source = s.source();
-        }
-        ApiError::new(ErrorCode::InvalidRequest, "could not read the request body")
-    })
+    })??;
+    Ok((bytes, BodyPermit { _held: held }))
 }
 
 /// Parses JSON into `T`, naming the position of a syntax error or the field

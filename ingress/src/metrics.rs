@@ -17,8 +17,15 @@ pub const CONNECTIONS: &str = "sluice_ingress_connections";
 pub const PUBLISH_RETRIES: &str = "sluice_ingress_publish_retries_total";
 pub const CONNECTIONS_REFUSED: &str = "sluice_ingress_connections_refused_total";
 
+pub const BODY_BUDGET_REFUSED: &str = "sluice_ingress_body_budget_refused_total";
+
 pub fn describe() {
     sluice_core::group_commit::describe();
+    sluice_core::bodies::describe();
+    metrics::describe_counter!(
+        BODY_BUDGET_REFUSED,
+        "requests refused with 429 because request bodies held ingress.max_body_memory_bytes"
+    );
     metrics::describe_counter!(REQUESTS, "HTTP requests answered, by route template and status code");
     metrics::describe_gauge!(CONNECTIONS, "open client connections");
     metrics::describe_counter!(

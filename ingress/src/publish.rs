@@ -18,7 +18,7 @@ use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::group_commit::expect_revision;
 use sluice_core::jobstate::{self, JobRecord};
 use sluice_core::wire::envelope::{Envelope, H_MSG_ID};
-use sluice_core::wire::subjects;
+use sluice_core::wire::{stored, subjects};
 
 use crate::state::AppState;
 
@@ -32,6 +32,24 @@ fn backoff(state: &AppState) -> ExponentialBuilder {
         .without_max_times()
 }
 
+/// The job's message payload: its body, or, when a NATS message cannot
+/// carry it, nothing — the body goes to the bodies bucket first and the
+/// envelope names it (`Sluice-Body-Ref`). The worker deletes it once the job
+/// has left the queue; [`job`] deletes it if the publish fails.
+pub async fn payload(state: &AppState, env: &mut Envelope, body: Bytes) -> Result<Bytes, ApiError> {
+    if !state.bodies.too_large_for_a_message(body.len()) {
+        return Ok(body);
+    }
+    let name = stored::name(stored::Kind::Request, env.tenant, env.job_id);
+    let stored = state.bodies.put(name, &body).await.map_err(|error| {
+        tracing::warn!(%error, job_id = %env.job_id, "cannot store a large request body");
+        ApiError::new(ErrorCode::Unavailable, "the store for large request bodies is unavailable; retry shortly")
+            .retry_after(1)
+    })?;
+    env.body_ref = Some(stored);
+    Ok(Bytes::new())
+}
+
 /// Publishes the job and waits for JetStream's acknowledgement, then wakes
 /// the workers for its queue. Every job carries its id as `Nats-Msg-Id`, so
 /// that a publish repeated after a lost acknowledgement is stored once.
@@ -39,15 +57,20 @@ pub async fn job(state: &AppState, subject: String, env: &Envelope, body: Bytes)
     let mut headers = env.to_headers();
     headers.insert(H_MSG_ID, env.job_id.to_string().as_str());
     let wake = subjects::wake_of(&subject);
-    (|| state.jobs_commit.publish(subject.clone(), headers.clone(), body.clone()))
+    let published = (|| state.jobs_commit.publish(subject.clone(), headers.clone(), body.clone()))
         .retry(backoff(state))
         .when(sluice_core::group_commit::retryable)
         .notify(|e, _| {
             metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => e.kind().to_string()).increment(1);
             tracing::info!(error = %e, job_id = %env.job_id, "publish failed; retrying");
         })
-        .await
-        .map_err(publish_error)?;
+        .await;
+    if let Err(e) = published {
+        if let Some(stored) = &env.body_ref {
+            state.bodies.delete(&stored.name).await;
+        }
+        return Err(publish_error(e));
+    }
     // A hint only: workers also list the queues every `scheduler.discover_ms`.
     if let Some(wake) = wake
         && let Err(error) = state.nats.publish(wake, Bytes::new()).await

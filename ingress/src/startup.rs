@@ -32,9 +32,6 @@ pub enum StartError {
     Io(#[from] std::io::Error),
 }
 
-/// Bytes kept free in a NATS message for the envelope's headers.
-const ENVELOPE_HEADROOM: usize = 8 * 1024;
-
 /// A built ingress, ready to serve on any listener.
 pub struct Ingress {
     state: Arc<AppState>,
@@ -80,18 +77,8 @@ impl Ingress {
                 (p.name.clone(), route)
             })
             .collect();
-        let mut config = config;
-        // A job is one NATS message: its body plus headers must fit the
-        // server's max_payload, so the body limit is capped below it.
-        let fits = (client.server_info().max_payload as usize).saturating_sub(ENVELOPE_HEADROOM);
-        if config.ingress.max_body_bytes > fits {
-            tracing::warn!(
-                configured = config.ingress.max_body_bytes,
-                effective = fits,
-                "ingress.max_body_bytes exceeds what a NATS message can carry; capped"
-            );
-            config.ingress.max_body_bytes = fits;
-        }
+        let max_payload = client.server_info().max_payload;
+        let bodies = sluice_core::bodies::Bodies::open(&js, max_payload, &config.nats, &config.jobs).await?;
         let group = config.nats.group_commit;
         let jobs_commit = GroupCommit::new(&tasks, group, client.clone(), js.clone(), &config.nats.jobs_stream);
         let state_commit = GroupCommit::new(&tasks, group, client.clone(), js.clone(), &job_state.stream_name);
@@ -99,10 +86,12 @@ impl Ingress {
             jobs_commit,
             state_commit,
             in_flight: Arc::new(Semaphore::new(config.ingress.max_in_flight)),
+            body_budget: crate::body::BodyBudget::new(config.ingress.max_body_memory_bytes),
             config,
             nats: client,
             js,
             job_state,
+            bodies,
             db: db.clone(),
             keys,
             admission: crate::admission::Admission::new(counters, tasks.clone()),

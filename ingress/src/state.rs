@@ -20,6 +20,8 @@ pub struct AppState {
     pub js: async_nats::jetstream::Context,
     /// State of asynchronous jobs.
     pub job_state: async_nats::jetstream::kv::Store,
+    /// Bodies too large for a NATS message: request bodies stored, answers read.
+    pub bodies: sluice_core::bodies::Bodies,
     /// Job publishes, batched with `nats.group_commit`.
     pub jobs_commit: GroupCommit,
     /// New jobs' states, batched with `nats.group_commit`.
@@ -30,6 +32,8 @@ pub struct AppState {
     /// Tenant limits, counted in NATS across all ingress replicas.
     pub admission: crate::admission::Admission,
     pub replies: Replies,
+    /// Bounds the memory request bodies hold at once (`ingress.max_body_memory_bytes`).
+    pub body_budget: crate::body::BodyBudget,
     /// Bounds the synchronous requests waiting at once (`ingress.max_in_flight`).
     pub in_flight: Arc<Semaphore>,
     /// Every task the ingress starts; shutdown waits for them.

@@ -88,19 +88,64 @@ pub fn validate_chat<'s>(c: &Catalog<'s>, bytes: &[u8]) -> Result<Checked<'s>, A
 struct EmbeddingsRequest<'a> {
     #[serde(borrow)]
     model: Cow<'a, str>,
-    input: serde_json::Value,
+    input: Input,
+}
+
+/// Whether `input` is a non-empty string or a non-empty array, found as it
+/// is read: no JSON tree is built (a megabyte of `[0,0,…]` as values would
+/// take tens of megabytes).
+struct Input {
+    non_empty: bool,
+}
+
+impl<'de> Deserialize<'de> for Input {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Input;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an array")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Input, E> {
+                Ok(Input { non_empty: !s.is_empty() })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<Input, A::Error> {
+                let mut non_empty = false;
+                while items.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    non_empty = true;
+                }
+                Ok(Input { non_empty })
+            }
+            // Anything else is read past and refused by the caller, naming `input`.
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Input, A::Error> {
+                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Input { non_empty: false })
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Input, E> {
+                Ok(Input { non_empty: false })
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Input, E> {
+                Ok(Input { non_empty: false })
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Input, E> {
+                Ok(Input { non_empty: false })
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Input, E> {
+                Ok(Input { non_empty: false })
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Input, E> {
+                Ok(Input { non_empty: false })
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// Checks an embeddings body: `input` is a non-empty string or a non-empty
 /// array (of strings or of token arrays).
 pub fn validate_embeddings<'s>(c: &Catalog<'s>, bytes: &[u8]) -> Result<Checked<'s>, ApiError> {
     let request: EmbeddingsRequest<'_> = crate::body::parse(bytes)?;
-    let ok = match &request.input {
-        serde_json::Value::String(s) => !s.is_empty(),
-        serde_json::Value::Array(items) => !items.is_empty(),
-        _ => false,
-    };
-    if !ok {
+    if !request.input.non_empty {
         return Err(ApiError::new(
             ErrorCode::InvalidRequest,
             "`input` must be a non-empty string or a non-empty array",

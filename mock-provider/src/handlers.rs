@@ -123,6 +123,9 @@ impl MockState {
     }
 }
 
+/// Largest request body the mock reads.
+const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
 pub fn router(state: Arc<MockState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
@@ -132,6 +135,8 @@ pub fn router(state: Arc<MockState>) -> Router {
         .route("/_mock/faults", post(set_faults))
         .route("/_mock/stats", get(stats))
         .route("/healthz", get(|| async { "ok" }))
+        // Providers take long contexts and images: OpenAI up to tens of MB.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(state)
 }
 
@@ -327,6 +332,13 @@ fn stream_answer(id: &str, model: &str, content: &str, usage: Option<Value>, del
     ([(axum::http::header::CONTENT_TYPE, "text/event-stream")], axum::body::Body::from_stream(body)).into_response()
 }
 
+/// OpenAI's embeddings: one vector per input, as long as the model's (1,536
+/// for `text-embedding-3-small` and `text-embedding-ada-002`, 3,072 for
+/// `text-embedding-3-large`, `embedding_dim` for any other model) or as the
+/// request's `dimensions` asks (at most 3,072). Every number has ten
+/// decimals, as a real provider's do, so answers have real sizes: 2,048
+/// inputs of 1,536 dimensions are about 43 MB. The body is written straight
+/// into one buffer (no JSON tree of millions of numbers).
 async fn embeddings(State(state): State<Arc<MockState>>, body: Bytes) -> Response {
     let gate = before_answer(&state, &body).await;
     if let Some(r) = gate.fault_response(Style::OpenAi) {
@@ -336,36 +348,55 @@ async fn embeddings(State(state): State<Arc<MockState>>, body: Bytes) -> Respons
         Ok(v) => v,
         Err(r) => return *r,
     };
-    let model = request.get("model").and_then(Value::as_str).unwrap_or("mock-embedding");
-    let inputs: Vec<String> = match request.get("input") {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items.iter().map(|v| v.as_str().unwrap_or_default().to_owned()).collect(),
+    let model = request.get("model").and_then(Value::as_str).unwrap_or("mock-embedding").to_owned();
+    let inputs: Vec<&str> = match request.get("input") {
+        Some(Value::String(s)) => vec![s.as_str()],
+        Some(Value::Array(items)) => items.iter().map(|v| v.as_str().unwrap_or_default()).collect(),
         _ => {
             return error(StatusCode::BAD_REQUEST, "invalid_request", "`input` is required");
         }
     };
-    let dim = state.embedding_dim.load(Relaxed) as usize;
+    let dim = match request.get("dimensions").map(Value::as_u64) {
+        None => match model.as_str() {
+            "text-embedding-3-large" => MAX_DIMENSIONS,
+            "text-embedding-3-small" | "text-embedding-ada-002" => 1536,
+            _ => state.embedding_dim.load(Relaxed) as usize,
+        },
+        Some(Some(n @ 1..=3072)) => n as usize,
+        Some(_) => return error(StatusCode::BAD_REQUEST, "invalid_request", "`dimensions` must be 1 to 3072"),
+    };
+    let mut out = Vec::with_capacity(64 + inputs.len() * (dim * 13 + 48));
+    out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
     let mut tokens = 0u64;
-    let data: Vec<Value> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, text)| {
-            tokens += (text.len() as u64).div_ceil(4).max(1);
-            let seed =
-                text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-            let vector: Vec<f64> =
-                (0..dim).map(|d| ((seed.rotate_left(d as u32 * 7) % 2000) as f64 / 1000.0) - 1.0).collect();
-            json!({"object": "embedding", "index": i, "embedding": vector})
-        })
-        .collect();
-    Json(json!({
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}
-    }))
-    .into_response()
+    for (i, text) in inputs.iter().enumerate() {
+        tokens += (text.len() as u64).div_ceil(4).max(1);
+        let seed = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(format!("{{\"object\":\"embedding\",\"index\":{i},\"embedding\":[").as_bytes());
+        let mut x = seed | 1;
+        for d in 0..dim {
+            // xorshift: a number in (-1, 1) with ten decimals.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let n = x % 10_000_000_000;
+            let sign = if x & (1 << 40) == 0 { "" } else { "-" };
+            if d > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(format!("{sign}0.{n:010}").as_bytes());
+        }
+        out.extend_from_slice(b"]}");
+    }
+    let tail = json!({"prompt_tokens": tokens, "total_tokens": tokens});
+    out.extend_from_slice(format!("],\"model\":{},\"usage\":{tail}}}", json!(model)).as_bytes());
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], out).into_response()
 }
+
+/// The longest vectors a model gives (`text-embedding-3-large`).
+const MAX_DIMENSIONS: usize = 3072;
 
 async fn models() -> Json<Value> {
     Json(

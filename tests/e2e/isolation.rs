@@ -154,3 +154,46 @@ async fn an_answer_over_max_response_bytes_gets_502_once_and_the_worker_goes_on(
     let r = post_json(&stack, "/v1/embeddings", &stack.key, &small).await;
     assert_eq!(r.status(), 200);
 }
+
+/// Request bodies hold at most `ingress.max_body_memory_bytes` at once:
+/// while two slow clients hold the budget with 1.5 MiB uploads each, a third
+/// large body is refused with 429 before it is read, a small request of
+/// another tenant is still served, and once the slow clients go their bytes
+/// are free again.
+#[tokio::test]
+async fn large_bodies_past_the_memory_budget_get_429_and_small_requests_are_served() {
+    use tokio::io::AsyncWriteExt;
+    let stack = Stack::start_with(|c| {
+        c.ingress.max_body_bytes = 2 * 1024 * 1024;
+        c.ingress.max_body_memory_bytes = 3 * 1024 * 1024 + 512 * 1024;
+    })
+    .await;
+    let addr = stack.base.trim_start_matches("http://").to_owned();
+    let declared = 1536 * 1024;
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+             content-type: application/json\r\ncontent-length: {declared}\r\n\r\n{{\"model\":",
+            stack.key
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        slow.push(s);
+    }
+    let big = Stack::chat_body(&"x".repeat(declared));
+    wait_for("a large body to be refused for memory", Duration::from_secs(10), || async {
+        let r = post_json(&stack, "/v1/chat/completions", &stack.key, &big).await;
+        (r.status() == 429).then_some(())
+    })
+    .await;
+    let other = stack.key_of("other").await;
+    let small = Stack::chat_body(&"y".repeat(100 * 1024));
+    assert_eq!(post_json(&stack, "/v1/chat/completions", &other, &small).await.status(), 200);
+    drop(slow);
+    wait_for("the budget to be free again", Duration::from_secs(10), || async {
+        let r = post_json(&stack, "/v1/chat/completions", &stack.key, &big).await;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+}

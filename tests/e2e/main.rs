@@ -21,6 +21,7 @@ mod group_commit;
 mod hostile;
 mod isolation;
 mod jobs;
+mod large;
 mod providers;
 mod scaler;
 mod sdk;

@@ -4,7 +4,7 @@ use crate::harness::{ANTHROPIC_MODEL, MODEL, Stack};
 
 /// Runs a script of `tests/sdk/` with the test Python and `env`; returns its
 /// standard output once it succeeded.
-async fn run_sdk(script: &str, env: &[(&str, String)]) -> String {
+pub(crate) async fn run_sdk(script: &str, env: &[(&str, String)]) -> String {
     let python =
         std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON is not set: run the tests with scripts/test.sh");
     let path = format!("{}/sdk/{script}", env!("CARGO_MANIFEST_DIR"));

@@ -30,6 +30,7 @@ pub const COUNTER_REPAIRS: &str = "sluice_worker_counter_repairs_total";
 
 pub fn describe() {
     sluice_core::group_commit::describe();
+    sluice_core::bodies::describe();
     metrics::describe_counter!(JOBS, "jobs finished, by pool, tenant and outcome (completed, failed, expired)");
     metrics::describe_histogram!(JOB_SECONDS, metrics::Unit::Seconds, "time a worker spent on a job, by pool");
     metrics::describe_histogram!(

@@ -85,6 +85,8 @@ impl Worker {
         let js = nats::jetstream(client.clone(), &config.nats);
         nats::ensure_streams(&js, &config.nats).await?;
         let job_state = nats::state_bucket(&js, &config.nats, &config.jobs).await?;
+        let max_payload = client.server_info().max_payload;
+        let bodies = sluice_core::bodies::Bodies::open(&js, max_payload, &config.nats, &config.jobs).await?;
         let db = db::connect(&config.database).await?;
 
         let w = &config.worker;
@@ -133,6 +135,8 @@ impl Worker {
                 &job_state.stream_name,
             ),
             job_state,
+            bodies,
+            max_body_bytes: config.ingress.max_body_bytes,
             pools: pools.with_budgets(Shared { counters: counters.clone(), counts: counts.clone() }),
             max_attempts: w.max_attempts,
             ack_wait: ms(w.ack_wait_ms),

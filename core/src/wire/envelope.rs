@@ -1,13 +1,16 @@
 //! The job envelope: what the ingress publishes on `jobs.<pool>.<class>.<tenant>`
 //! and the worker executes.
 //!
-//! The payload of a job message is the client's request body, byte for byte;
-//! everything else travels in NATS headers, so nothing is re-encoded on the
-//! hot path. `Sluice-Job-Id` carries the job id; `Nats-Msg-Id` (JetStream's
+//! The payload of a job message is the client's request body, byte for byte
+//! (or, for a body larger than a message can carry, nothing: `Sluice-Body-Ref`
+//! names where the ingress stored it, [`super::stored`]); everything else
+//! travels in NATS headers, so nothing is re-encoded on the hot path. `Sluice-Job-Id` carries the job id; `Nats-Msg-Id` (JetStream's
 //! duplicate detection) is set by the ingress's publish (decision 0001).
 
 use async_nats::HeaderMap;
 use uuid::Uuid;
+
+use super::stored::{H_BODY_REF, StoredBody};
 
 pub const H_MSG_ID: &str = "Nats-Msg-Id";
 pub const H_JOB_ID: &str = "Sluice-Job-Id";
@@ -133,6 +136,8 @@ pub struct Envelope {
     pub tpm_window: Option<u64>,
     /// The answer is streamed to the waiting ingress, chunk by chunk.
     pub stream: bool,
+    /// Where the request body is, when it is not the message's payload.
+    pub body_ref: Option<StoredBody>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -173,6 +178,9 @@ impl Envelope {
         if self.stream {
             h.insert(H_STREAM, "1");
         }
+        if let Some(body) = &self.body_ref {
+            h.insert(H_BODY_REF, body.header_value().as_str());
+        }
         h
     }
 
@@ -196,6 +204,10 @@ impl Envelope {
             queued_counted: get(H_QUEUED_COUNTED).is_some(),
             tpm_window: get(H_TPM_WINDOW).and_then(|v| v.parse().ok()),
             stream: get(H_STREAM).is_some(),
+            body_ref: match get(H_BODY_REF) {
+                None => None,
+                Some(v) => Some(StoredBody::parse(v).ok_or(EnvelopeError::Malformed(H_BODY_REF))?),
+            },
         })
     }
 }
@@ -219,6 +231,7 @@ mod tests {
             queued_counted: true,
             tpm_window: Some(29_000_000),
             stream: true,
+            body_ref: Some(StoredBody { name: "req.a.b".into(), size: 2 << 20 }),
         }
     }
 

@@ -17,6 +17,7 @@
 //! | `Sluice-Error-Code`, `-Error-Param`, `-Retry-After` | answer | a structured error; the payload is its message |
 //! | `Sluice-Usage` | answer | `prompt,completion,total` tokens, each empty when unknown |
 //! | `Sluice-Pass-<name>` | answer | a header for the client's response |
+//! | `Sluice-Body-Ref` | answer | `<size> <name>`: the body is in the bodies bucket, the payload empty ([`super::stored`]) |
 //!
 //! An error stays structured until the edge: the worker never renders an
 //! error body, the ingress renders it once in the dialect of the client's
@@ -27,6 +28,7 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use super::envelope::{Endpoint, Envelope, H_DEADLINE, H_ENDPOINT, H_JOB_ID, H_POOL, H_SUBMITTED, H_TENANT};
+use super::stored::{H_BODY_REF, StoredBody};
 use crate::error::{ApiError, ErrorCode};
 use crate::event::Usage;
 
@@ -71,6 +73,8 @@ pub enum Outcome {
     /// A body already in the client's API: the provider's answer, or the
     /// refusal of a provider that speaks the client's API, as it came.
     Body { status: u16, body: Bytes },
+    /// Such a body, too large for a message, kept in the bodies bucket.
+    Stored { status: u16, body: StoredBody },
     /// Sluice's own error (or a refusal translated from another API),
     /// rendered by the ingress.
     Error(ApiError),
@@ -79,7 +83,7 @@ pub enum Outcome {
 impl Outcome {
     pub fn status(&self) -> u16 {
         match self {
-            Outcome::Body { status, .. } => *status,
+            Outcome::Body { status, .. } | Outcome::Stored { status, .. } => *status,
             Outcome::Error(e) => e.status,
         }
     }
@@ -162,6 +166,10 @@ impl Answer {
         }
         match &a.outcome {
             Outcome::Body { body, .. } => (h, body.clone()),
+            Outcome::Stored { body, .. } => {
+                h.insert(H_BODY_REF, body.header_value().as_str());
+                (h, Bytes::new())
+            }
             Outcome::Error(e) => {
                 h.insert(H_ERROR_CODE, e.code.as_str());
                 if let Some(p) = &e.param {
@@ -228,9 +236,12 @@ impl Reply {
             })
             .collect();
         headers.sort();
-        let outcome = match get(H_ERROR_CODE) {
-            None => Outcome::Body { status, body: payload },
-            Some(code) => Outcome::Error(ApiError {
+        let outcome = match (get(H_ERROR_CODE), get(H_BODY_REF)) {
+            (None, None) => Outcome::Body { status, body: payload },
+            (None, Some(stored)) => {
+                Outcome::Stored { status, body: StoredBody::parse(stored).ok_or(ReplyError::Malformed(H_BODY_REF))? }
+            }
+            (Some(code), _) => Outcome::Error(ApiError {
                 code: ErrorCode::parse(code).ok_or(ReplyError::Malformed(H_ERROR_CODE))?,
                 status,
                 message: String::from_utf8_lossy(&payload).into_owned(),
@@ -262,6 +273,7 @@ fn usage(text: &str) -> Option<Usage> {
 mod tests {
     use proptest::prelude::*;
 
+    use super::super::stored;
     use super::*;
 
     fn endpoint() -> impl Strategy<Value = Endpoint> {
@@ -303,6 +315,10 @@ mod tests {
         prop_oneof![
             (100..600u16, proptest::collection::vec(any::<u8>(), 0..256))
                 .prop_map(|(status, body)| Outcome::Body { status, body: Bytes::from(body) }),
+            (100..600u16, any::<u64>(), any::<u128>(), any::<u128>()).prop_map(|(status, size, t, j)| {
+                let name = stored::name(stored::Kind::Result, Uuid::from_u128(t), Uuid::from_u128(j));
+                Outcome::Stored { status, body: StoredBody { name, size } }
+            }),
             error().prop_map(Outcome::Error),
         ]
     }
@@ -347,10 +363,10 @@ mod tests {
 
         #[test]
         fn any_headers_decode_or_fail_cleanly(
-            values in proptest::collection::vec(proptest::option::of("[ -~]{0,24}"), 12),
+            values in proptest::collection::vec(proptest::option::of("[ -~]{0,24}"), 13),
         ) {
             let names = [H_CHUNK, H_ATTEMPTS, H_STATUS, H_JOB_ID, H_TENANT, H_POOL, H_ENDPOINT, H_SUBMITTED,
-                H_DEADLINE, H_ERROR_CODE, H_USAGE, H_RETRY_AFTER];
+                H_DEADLINE, H_ERROR_CODE, H_USAGE, H_RETRY_AFTER, H_BODY_REF];
             let mut h = HeaderMap::new();
             for (name, value) in names.iter().zip(&values) {
                 if let Some(v) = value {

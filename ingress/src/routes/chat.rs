@@ -21,6 +21,7 @@ use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::now_ms;
 use sluice_core::wire::envelope::{Class, Endpoint, Envelope};
 use sluice_core::wire::reply::{Outcome, Reply};
+use sluice_core::wire::stored::StoredBody;
 use sluice_core::wire::subjects;
 use uuid::Uuid;
 
@@ -75,8 +76,9 @@ async fn handle(
     request_id: &str,
 ) -> Result<Response, ApiError> {
     let owner = state.keys.authenticate(headers)?;
-    let bytes =
-        crate::body::read_json_body(headers, body, state.config.ingress.max_body_bytes, state.body_timeout()).await?;
+    let limit = state.config.ingress.max_body_bytes;
+    let (bytes, body_permit) =
+        crate::body::read_json_body(headers, body, limit, &state.body_budget, state.body_timeout()).await?;
     let checked = validate::validate(state, endpoint, &bytes)?;
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
         return Err(ApiError::new(ErrorCode::Overloaded, "this gateway has too many requests waiting; retry shortly")
@@ -95,7 +97,7 @@ async fn handle(
     let deadline = tokio::time::Instant::now() + timeout;
     let submitted_ms = now_ms();
     let mut waiter = state.replies.register();
-    let env = Envelope {
+    let mut env = Envelope {
         job_id,
         tenant: owner.tenant_id,
         pool: checked.model,
@@ -111,6 +113,7 @@ async fn handle(
         queued_counted: admitted.queued_counted,
         tpm_window: admitted.tpm_window,
         stream: checked.stream,
+        body_ref: None,
     };
     let class = Class::Interactive.capped_by(policy.tier);
     let subject = subjects::job(checked.pool_token, class, owner.tenant_id);
@@ -119,11 +122,20 @@ async fn handle(
     let _gauge = validate::scopeguard(move || in_flight.decrement(1.0));
 
     let publish_started = Instant::now();
-    if let Err(error) = publish::job(state, subject, &env, bytes).await {
+    let payload = match publish::payload(state, &mut env, bytes).await {
+        Ok(payload) => payload,
+        Err(error) => {
+            state.admission.rollback(admitted);
+            return Err(error);
+        }
+    };
+    if let Err(error) = publish::job(state, subject, &env, payload).await {
         state.admission.rollback(admitted);
         return Err(error);
     }
     metrics::histogram!(crate::metrics::PUBLISH_SECONDS).record(publish_started.elapsed().as_secs_f64());
+    // The body is in the queue now; its memory is free for other requests.
+    drop(body_permit);
 
     // From here the job exists; if this handler is dropped (the client went
     // away) before the answer, the job is recorded so its answer is kept.
@@ -171,6 +183,7 @@ async fn handle(
             response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             response
         }
+        Outcome::Stored { status, body } => stored_answer(state, status, &body).await?,
         Outcome::Error(error) => {
             crate::metrics::rejected(error.code);
             error.render(endpoint.dialect())
@@ -186,4 +199,34 @@ async fn handle(
         h.insert("x-sluice-job-id", v);
     }
     Ok(response)
+}
+
+/// An answer too large for a message, sent on as it is read from the bodies
+/// bucket (the ingress holds one chunk of it at a time) and deleted once the
+/// response is done with it, sent or not: a synchronous answer is read once.
+async fn stored_answer(state: &Arc<AppState>, status: u16, stored: &StoredBody) -> Result<Response, ApiError> {
+    let chunks = state.bodies.stream(stored).await.map_err(|error| {
+        tracing::warn!(%error, "cannot read a stored answer");
+        ApiError::new(ErrorCode::Internal, "the answer was stored but cannot be read")
+    })?;
+    let cleanup = DeleteWhenDropped(state.clone(), stored.name.clone());
+    let body = Body::from_stream(futures::StreamExt::map(chunks, move |chunk| {
+        let _ = &cleanup;
+        chunk
+    }));
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = (status, body).into_response();
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(stored.size));
+    Ok(response)
+}
+
+struct DeleteWhenDropped(Arc<AppState>, String);
+
+impl Drop for DeleteWhenDropped {
+    fn drop(&mut self) {
+        let (state, name) = (self.0.clone(), std::mem::take(&mut self.1));
+        self.0.tasks.spawn(async move { state.bodies.delete(&name).await });
+    }
 }

@@ -31,8 +31,9 @@ pub async fn submit(State(state): State<Arc<AppState>>, headers: HeaderMap, body
 
 async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
     let owner = state.keys.authenticate(headers)?;
-    let bytes =
-        crate::body::read_json_body(headers, body, state.config.ingress.max_body_bytes, state.body_timeout()).await?;
+    let limit = state.config.ingress.max_body_bytes;
+    let (bytes, _body_permit) =
+        crate::body::read_json_body(headers, body, limit, &state.body_budget, state.body_timeout()).await?;
     let job = validate::job(state, &bytes).await?;
     let checked = job.checked;
     let idempotency_key = validate::idempotency_key(headers)?;
@@ -64,6 +65,7 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         queued_counted: false,
         tpm_window: None,
         stream: false,
+        body_ref: None,
     };
     let subject = sluice_core::wire::subjects::job(checked.pool_token, class, owner.tenant_id);
 
@@ -96,8 +98,12 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     // first publish may have been lost with the crash that made the client
     // retry. The stream drops the copy as a duplicate inside its dedup
     // window, and a worker runs a job only from `queued`, so it runs once.
+    let publish = async {
+        let payload = publish::payload(state, &mut env, job.inner).await?;
+        publish::job(state, subject, &env, payload).await
+    };
     if (!replayed || record.status == JobStatus::Queued)
-        && let Err(error) = publish::job(state, subject, &env, job.inner).await
+        && let Err(error) = publish.await
     {
         if !replayed {
             // Nothing was queued: take the job back so it is not visible.

@@ -112,8 +112,8 @@ pub fn response(first: Chunk, waiter: Waiter, job_id: Uuid, endpoint: Endpoint) 
             Reply::Answer(answer) => {
                 s.done = true;
                 let out = match &answer.outcome {
-                    Outcome::Body { status: 200..=299, .. } => s.finished(),
-                    Outcome::Body { .. } => {
+                    Outcome::Body { status: 200..=299, .. } | Outcome::Stored { status: 200..=299, .. } => s.finished(),
+                    Outcome::Body { .. } | Outcome::Stored { .. } => {
                         metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "upstream").increment(1);
                         s.interrupted("the provider refused the request when it was run again")
                     }

@@ -20,11 +20,13 @@ use async_nats::jetstream::{self, AckKind};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use serde::Deserialize;
+use sluice_core::bodies::BodyError;
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::{JobEvent, JobStatus, Usage};
 use sluice_core::now_ms;
 use sluice_core::wire::envelope::Envelope;
 use sluice_core::wire::reply::{self, Answer, JobRef};
+use sluice_core::wire::stored;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -47,6 +49,10 @@ pub struct JobContext {
     pub job_state: async_nats::jetstream::kv::Store,
     /// Writes to `job_state`, batched with `nats.group_commit`.
     pub state_commit: sluice_core::group_commit::GroupCommit,
+    /// Bodies too large for a message: request bodies read, answers stored.
+    pub bodies: sluice_core::bodies::Bodies,
+    /// Longest request body read from `bodies` (`ingress.max_body_bytes`).
+    pub max_body_bytes: usize,
     pub pools: Pools,
     pub max_attempts: u32,
     pub ack_wait: Duration,
@@ -93,6 +99,10 @@ pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message, lease: Optio
         Exit::Stayed => None,
         Exit::Left { tokens } => {
             release(&ctx, &env, tokens);
+            if let Some(stored) = env.body_ref.clone() {
+                let bodies = ctx.bodies.clone();
+                ctx.tasks.spawn(async move { bodies.delete(&stored.name).await });
+            }
             if let Some(t) = tokens {
                 metrics::counter!(m::SERVED_TOKENS, "pool" => env.pool.clone(), "tenant" => tenant).increment(t);
             }
@@ -164,29 +174,33 @@ async fn execute(
     } else if attempt > ctx.max_attempts {
         failed(ApiError::new(ErrorCode::UpstreamError, format!("gave up after {} attempts", ctx.max_attempts)), None)
     } else if let Some(pool) = ctx.pools.get(&env.pool) {
-        match call(ctx, &message, env, pool, lease, attempt, deadline, started).await {
-            Called::HandedBack => return Exit::Stayed,
-            Called::NoDeployment(ready_at) => {
-                // Every deployment is out of budget or unhealthy: back to the
-                // queue until one is ready (the fetch loop skips the pool
-                // meanwhile, so this happens only to jobs already taken).
-                let delay = ready_at
-                    .map_or(ctx.retry_min, |t| t.saturating_duration_since(Instant::now()))
-                    .max(Duration::from_millis(50));
-                Outcome::Retry { delay, reason: "no_deployment_ready" }
-            }
-            Called::Answered(result) => classify(ctx, env, pool, result, attempt, deadline),
-            Called::Streamed(crate::exec::stream::Relayed { usage, error: None }) => Outcome::Answered {
-                status: JobStatus::Completed,
-                outcome: reply::Outcome::Body { status: 200, body: Bytes::new() },
-                upstream_status: Some(200),
-                usage,
-            },
-            Called::Streamed(crate::exec::stream::Relayed { usage, error: Some(error) }) => Outcome::Answered {
-                status: JobStatus::Failed,
-                outcome: reply::Outcome::Error(error),
-                upstream_status: Some(200),
-                usage,
+        match with_progress(ctx, &message, request_body(ctx, &message, env)).await {
+            None | Some(Err(RequestBody::Later)) => return Exit::Stayed,
+            Some(Err(RequestBody::Unreadable(outcome))) => outcome,
+            Some(Ok(body)) => match call(ctx, &message, env, body, pool, lease, attempt, deadline, started).await {
+                Called::HandedBack => return Exit::Stayed,
+                Called::NoDeployment(ready_at) => {
+                    // Every deployment is out of budget or unhealthy: back to the
+                    // queue until one is ready (the fetch loop skips the pool
+                    // meanwhile, so this happens only to jobs already taken).
+                    let delay = ready_at
+                        .map_or(ctx.retry_min, |t| t.saturating_duration_since(Instant::now()))
+                        .max(Duration::from_millis(50));
+                    Outcome::Retry { delay, reason: "no_deployment_ready" }
+                }
+                Called::Answered(result) => classify(ctx, env, pool, result, attempt, deadline),
+                Called::Streamed(crate::exec::stream::Relayed { usage, error: None }) => Outcome::Answered {
+                    status: JobStatus::Completed,
+                    outcome: reply::Outcome::Body { status: 200, body: Bytes::new() },
+                    upstream_status: Some(200),
+                    usage,
+                },
+                Called::Streamed(crate::exec::stream::Relayed { usage, error: Some(error) }) => Outcome::Answered {
+                    status: JobStatus::Failed,
+                    outcome: reply::Outcome::Error(error),
+                    upstream_status: Some(200),
+                    usage,
+                },
             },
         }
     } else {
@@ -203,6 +217,17 @@ async fn execute(
             Exit::Stayed
         }
         Outcome::Answered { status, outcome, upstream_status, usage } => {
+            // Storing tens of megabytes may take longer than `ack_wait`.
+            let (status, outcome) = match with_progress(ctx, &message, store_if_large(ctx, env, status, outcome)).await
+            {
+                None => return Exit::Stayed,
+                Some(Ok(stored)) => stored,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "cannot store an answer too large for a message; retrying in 1 s");
+                    let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    return Exit::Stayed;
+                }
+            };
             let reported = (usage != Usage::default()).then(|| usage.clone());
             let answer = Answer {
                 job: JobRef::of(env),
@@ -262,6 +287,56 @@ async fn execute(
     }
 }
 
+/// Why a job's request body is not at hand.
+enum RequestBody {
+    /// It can never be read (gone, or larger than this worker accepts): the
+    /// job fails with this.
+    Unreadable(Outcome),
+    /// The bodies bucket failed; the job went back to the queue.
+    Later,
+}
+
+/// The request body: the message's payload, or the body the ingress stored
+/// apart because a message could not carry it.
+async fn request_body(ctx: &JobContext, message: &jetstream::Message, env: &Envelope) -> Result<Bytes, RequestBody> {
+    let Some(stored) = &env.body_ref else { return Ok(message.payload.clone()) };
+    match ctx.bodies.read(stored, ctx.max_body_bytes).await {
+        Ok(body) => Ok(body),
+        Err(error @ BodyError::Store(_)) => {
+            tracing::warn!(%error, "cannot read the stored request body; retrying in 1 s");
+            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            Err(RequestBody::Later)
+        }
+        Err(error @ BodyError::TooLarge { .. }) => Err(RequestBody::Unreadable(failed(
+            ApiError::new(ErrorCode::PayloadTooLarge, format!("{error} (ingress.max_body_bytes)")),
+            None,
+        ))),
+        Err(error @ BodyError::NotFound(_)) => Err(RequestBody::Unreadable(failed(
+            ApiError::new(ErrorCode::Internal, format!("the request body cannot be read: {error}")),
+            None,
+        ))),
+    }
+}
+
+/// An answer too large for a NATS message goes to the bodies bucket, and the
+/// reply and the job's state carry its reference (such an answer is JSON:
+/// [`classify`] failed one that is not).
+async fn store_if_large(
+    ctx: &JobContext,
+    env: &Envelope,
+    status: JobStatus,
+    outcome: reply::Outcome,
+) -> Result<(JobStatus, reply::Outcome), BodyError> {
+    let reply::Outcome::Body { status: http, body } = outcome else { return Ok((status, outcome)) };
+    if !ctx.bodies.too_large_for_a_message(body.len()) {
+        return Ok((status, reply::Outcome::Body { status: http, body }));
+    }
+    let name = stored::name(stored::Kind::Result, env.tenant, env.job_id);
+    let stored = ctx.bodies.put(name, &body).await?;
+    tracing::debug!(bytes = body.len(), "answer stored apart");
+    Ok((status, reply::Outcome::Stored { status: http, body: stored }))
+}
+
 /// A message that was acked or terminated left the queue; one whose ack
 /// failed may come back, and is released when it does.
 fn left(acked: Result<(), async_nats::Error>, tokens: Option<u64>) -> Exit {
@@ -310,6 +385,7 @@ async fn call(
     ctx: &JobContext,
     message: &jetstream::Message,
     env: &Envelope,
+    body: Bytes,
     pool: &crate::upstream::pools::Pool,
     mut lease: Option<Lease>,
     attempt: u32,
@@ -344,7 +420,7 @@ async fn call(
         let call_started = Instant::now();
         let span = tracing::debug_span!("call", deployment = %d.client.name);
         let (result, opened) = if streaming {
-            let open = d.client.call_streaming(env.endpoint, message.payload.clone(), deadline);
+            let open = d.client.call_streaming(env.endpoint, body.clone(), deadline);
             let Some((result, rate)) = with_progress(ctx, message, open.instrument(span)).await else {
                 return Called::HandedBack;
             };
@@ -354,7 +430,7 @@ async fn call(
                 Err(e) => (Err(e), None),
             }
         } else {
-            let call = d.client.call(env.endpoint, message.payload.clone(), deadline);
+            let call = d.client.call(env.endpoint, body.clone(), deadline);
             let Some((result, rate)) = with_progress(ctx, message, call.instrument(span)).await else {
                 return Called::HandedBack;
             };
@@ -381,7 +457,7 @@ async fn call(
             }
             (Ok(answer), None) => {
                 if let Some(a) = &answer {
-                    finish(&usage_of(&a.body));
+                    finish(&a.usage);
                 }
                 return Called::Answered(answer.ok_or(CallError::DeadlineExceeded));
             }
@@ -443,7 +519,10 @@ fn failed(error: ApiError, upstream_status: Option<u16>) -> Outcome {
 fn failure_of(outcome: &reply::Outcome) -> Option<(&'static str, String)> {
     match outcome {
         reply::Outcome::Error(e) => Some((e.code.as_str(), e.message.clone())),
-        reply::Outcome::Body { status: 200..=299, .. } => None,
+        reply::Outcome::Body { status: 200..=299, .. } | reply::Outcome::Stored { status: 200..=299, .. } => None,
+        reply::Outcome::Stored { body, .. } => {
+            Some((ErrorCode::InvalidRequest.as_str(), format!("the provider refused ({} bytes)", body.size)))
+        }
         reply::Outcome::Body { body, .. } => Some((
             ErrorCode::InvalidRequest.as_str(),
             String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
@@ -476,9 +555,13 @@ fn classify(
     deadline: Instant,
 ) -> Outcome {
     match result {
+        Ok(answer) if !answer.json && ctx.bodies.too_large_for_a_message(answer.body.len()) => {
+            // Kept apart, it would be a job's result: it must be JSON.
+            failed(ApiError::new(ErrorCode::UpstreamError, "the provider's answer was not JSON"), Some(answer.status))
+        }
         Ok(answer) => Outcome::Answered {
             status: JobStatus::Completed,
-            usage: usage_of(&answer.body),
+            usage: answer.usage,
             upstream_status: Some(answer.status),
             outcome: reply::Outcome::Body { status: answer.status, body: answer.body },
         },
@@ -536,13 +619,4 @@ fn classify(
             failed(error, status)
         }
     }
-}
-
-#[derive(Deserialize)]
-struct WithUsage {
-    usage: Option<Usage>,
-}
-
-fn usage_of(body: &[u8]) -> Usage {
-    serde_json::from_slice::<WithUsage>(body).ok().and_then(|w| w.usage).unwrap_or_default()
 }

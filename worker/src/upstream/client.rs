@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderValue;
 use sluice_core::config::{ConfigError, DeploymentConfig, UpstreamConfig, ms};
+use sluice_core::event::Usage;
 use sluice_core::wire::envelope::Endpoint;
 use tokio::time::Instant;
 
@@ -47,6 +48,32 @@ pub type Opened = (reqwest::Response, Instant, Box<dyn StreamRelay>);
 pub struct Answer {
     pub status: u16,
     pub body: Bytes,
+    /// The tokens the answer reports (all unknown when it reports none).
+    pub usage: Usage,
+    /// Whether the body is JSON (found by the same parse as `usage`).
+    pub json: bool,
+}
+
+/// Bodies longer than this are parsed on a blocking thread, so that the
+/// runtime's threads (and the job's in-progress acks) are not held up.
+const PARSE_INLINE_BYTES: usize = 256 * 1024;
+
+impl Answer {
+    /// Reads the answer's usage and checks that it is JSON, in one parse.
+    async fn new(status: u16, body: Bytes) -> Self {
+        #[derive(serde::Deserialize)]
+        struct WithUsage {
+            usage: Option<Usage>,
+        }
+        let parse = |body: &[u8]| serde_json::from_slice::<WithUsage>(body).ok().map(|w| w.usage.unwrap_or_default());
+        let parsed = if body.len() <= PARSE_INLINE_BYTES {
+            parse(&body)
+        } else {
+            let bytes = body.clone();
+            tokio::task::spawn_blocking(move || parse(&bytes)).await.ok().flatten()
+        };
+        Self { status, json: parsed.is_some(), usage: parsed.unwrap_or_default(), body }
+    }
 }
 
 /// One upstream of a pool.
@@ -148,11 +175,10 @@ impl Client {
         };
         let rate = self.provider.limits(response.headers());
         let limit = self.max_response_bytes;
-        let answer =
-            read_answer(response, end, deadline, rate.retry_after, self.native(api), limit).await.map(|a| Answer {
-                status: a.status,
-                body: if (200..300).contains(&a.status) { self.provider.answer(api, a.body) } else { a.body },
-            });
+        let answer = match read_answer(response, end, deadline, rate.retry_after, self.native(api), limit).await {
+            Ok((status, body)) => Ok(Answer::new(status, self.provider.answer(api, body)).await),
+            Err(e) => Err(e),
+        };
         (answer, rate)
     }
 
@@ -177,7 +203,7 @@ impl Client {
         let native = self.native(api);
         let result = read_answer(response, end, deadline, rate.retry_after, native, self.max_response_bytes)
             .await
-            .and_then(|a| Err(CallError::Rejected { status: a.status, body: a.body, native }));
+            .and_then(|(status, body)| Err(CallError::Rejected { status, body, native }));
         (result, rate)
     }
 
@@ -234,7 +260,7 @@ async fn read_answer(
     retry_after: Option<Duration>,
     native: bool,
     limit: usize,
-) -> Result<Answer, CallError> {
+) -> Result<(u16, Bytes), CallError> {
     let timed_out = || {
         if end >= deadline { CallError::DeadlineExceeded } else { retryable("timeout", None, None) }
     };
@@ -246,7 +272,7 @@ async fn read_answer(
         Ok(Ok(b)) => b,
     };
     match status {
-        200..=299 => Ok(Answer { status, body }),
+        200..=299 => Ok((status, body)),
         408 => Err(retryable("upstream_408", Some(status), retry_after)),
         429 => Err(retryable("upstream_429", Some(status), retry_after)),
         // Anthropic's "overloaded" status.
