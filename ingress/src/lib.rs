@@ -6,7 +6,8 @@
 //!   keys that a background task reloads from Postgres.
 //! - [`replies`]: one wildcard inbox per ingress; answers from workers are
 //!   routed to the request waiting for them.
-//! - [`body`]: content type, size limit and JSON parsing, with OpenAI errors.
+//! - [`body`]: content type, size limit, the memory budget of bodies, and JSON parsing.
+//! - [`stored`]: answers and job results too large for a NATS message, sent as they are read.
 //! - [`routes`]: the handlers: OpenAI-compatible endpoints, Anthropic's Messages API, jobs.
 //! - [`validate`]: checking each endpoint's body and a job's fields before anything is queued.
 //! - [`publish`]: the request path's JetStream writes, repeated with backoff while the error may pass.
@@ -30,6 +31,7 @@ pub mod routes;
 pub mod serve;
 pub mod startup;
 pub mod state;
+pub mod stored;
 pub mod validate;
 
 pub use startup::Ingress;

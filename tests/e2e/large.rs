@@ -108,11 +108,8 @@ async fn a_3_mib_request_body_is_answered_sync_and_as_a_job() {
     let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
     let done = stack.job_with_status(&id, "completed").await;
     assert_eq!(done["result"]["usage"]["prompt_tokens"].as_u64(), Some(tokens), "{}", done["result"]["usage"]);
-    // The job's result stays; the request bodies and the synchronous answer go.
-    wait_for("only the job's result to be stored", Duration::from_secs(10), || async {
-        (stored_bodies(&stack).await == 1).then_some(())
-    })
-    .await;
+    // Both answers were small; both request bodies go once their jobs are done.
+    wait_until_no_stored_bodies(&stack).await;
 }
 
 /// A large answer whose client left before it came is kept like any other:

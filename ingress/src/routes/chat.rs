@@ -21,7 +21,6 @@ use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::now_ms;
 use sluice_core::wire::envelope::{Class, Endpoint, Envelope};
 use sluice_core::wire::reply::{Outcome, Reply};
-use sluice_core::wire::stored::StoredBody;
 use sluice_core::wire::subjects;
 use uuid::Uuid;
 
@@ -122,14 +121,11 @@ async fn handle(
     let _gauge = validate::scopeguard(move || in_flight.decrement(1.0));
 
     let publish_started = Instant::now();
-    let payload = match publish::payload(state, &mut env, bytes).await {
-        Ok(payload) => payload,
-        Err(error) => {
-            state.admission.rollback(admitted);
-            return Err(error);
-        }
+    let published = match publish::payload(state, &mut env, bytes).await {
+        Ok(payload) => publish::job(state, subject, &env, payload).await,
+        Err(error) => Err(error),
     };
-    if let Err(error) = publish::job(state, subject, &env, payload).await {
+    if let Err(error) = published {
         state.admission.rollback(admitted);
         return Err(error);
     }
@@ -183,7 +179,7 @@ async fn handle(
             response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             response
         }
-        Outcome::Stored { status, body } => stored_answer(state, status, &body).await?,
+        Outcome::Stored { status, body } => crate::stored::answer(state, status, &body).await?,
         Outcome::Error(error) => {
             crate::metrics::rejected(error.code);
             error.render(endpoint.dialect())
@@ -199,34 +195,4 @@ async fn handle(
         h.insert("x-sluice-job-id", v);
     }
     Ok(response)
-}
-
-/// An answer too large for a message, sent on as it is read from the bodies
-/// bucket (the ingress holds one chunk of it at a time) and deleted once the
-/// response is done with it, sent or not: a synchronous answer is read once.
-async fn stored_answer(state: &Arc<AppState>, status: u16, stored: &StoredBody) -> Result<Response, ApiError> {
-    let chunks = state.bodies.stream(stored).await.map_err(|error| {
-        tracing::warn!(%error, "cannot read a stored answer");
-        ApiError::new(ErrorCode::Internal, "the answer was stored but cannot be read")
-    })?;
-    let cleanup = DeleteWhenDropped(state.clone(), stored.name.clone());
-    let body = Body::from_stream(futures::StreamExt::map(chunks, move |chunk| {
-        let _ = &cleanup;
-        chunk
-    }));
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut response = (status, body).into_response();
-    let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(stored.size));
-    Ok(response)
-}
-
-struct DeleteWhenDropped(Arc<AppState>, String);
-
-impl Drop for DeleteWhenDropped {
-    fn drop(&mut self) {
-        let (state, name) = (self.0.clone(), std::mem::take(&mut self.1));
-        self.0.tasks.spawn(async move { state.bodies.delete(&name).await });
-    }
 }

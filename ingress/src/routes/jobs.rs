@@ -10,18 +10,15 @@ use std::time::Instant;
 
 use async_nats::jetstream::kv;
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures::StreamExt;
 use sluice_core::db;
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::JobStatus;
 use sluice_core::jobstate::{self, JobRecord};
 use sluice_core::now_ms;
-use sluice_core::wire::stored::StoredBody;
 use uuid::Uuid;
 
 use crate::state::AppState;
@@ -42,36 +39,10 @@ pub async fn get(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id
         let (record, _) = load(&state.job_state, owner.tenant_id, &id).await?;
         match &record.result_ref {
             None => Ok(Json(record.public()).into_response()),
-            Some(stored) => with_stored_result(&state, &record, stored).await,
+            Some(stored) => crate::stored::job_with_result(&state, &record, stored).await,
         }
     };
     finish("jobs_get", started, result.await)
-}
-
-/// The record with its result read from the bodies bucket as the response
-/// goes out: the record's JSON, then `"result":` and the stored answer (JSON,
-/// checked by the worker before it stored it), then the closing brace.
-async fn with_stored_result(state: &AppState, record: &JobRecord, stored: &StoredBody) -> Result<Response, ApiError> {
-    let mut head = serde_json::to_vec(&record.public())
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "cannot encode the job's state"))?;
-    if head.pop() != Some(b'}') {
-        return Err(ApiError::new(ErrorCode::Internal, "cannot encode the job's state"));
-    }
-    head.extend_from_slice(b",\"result\":");
-    let chunks = state.bodies.stream(stored).await.map_err(|error| {
-        tracing::warn!(%error, job_id = %record.id, "cannot read a stored job result");
-        ApiError::new(ErrorCode::Internal, "the job's result is stored but cannot be read; retry shortly")
-            .retry_after(1)
-    })?;
-    let length = head.len() as u64 + stored.size + 1;
-    let parts = futures::stream::once(async move { Ok(Bytes::from(head)) })
-        .chain(chunks)
-        .chain(futures::stream::once(async { Ok(Bytes::from_static(b"}")) }));
-    let mut response = (StatusCode::OK, Body::from_stream(parts)).into_response();
-    let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-    Ok(response)
 }
 
 pub async fn cancel(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {

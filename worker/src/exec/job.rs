@@ -20,17 +20,16 @@ use async_nats::jetstream::{self, AckKind};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use serde::Deserialize;
-use sluice_core::bodies::BodyError;
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::{JobEvent, JobStatus, Usage};
 use sluice_core::now_ms;
 use sluice_core::wire::envelope::Envelope;
 use sluice_core::wire::reply::{self, Answer, JobRef};
-use sluice_core::wire::stored;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::exec::bodies::{RequestBody, request_body, store_if_large};
 use crate::exec::state::{self, Begin};
 use crate::metrics as m;
 use crate::upstream::client::CallError;
@@ -64,7 +63,7 @@ pub struct JobContext {
     pub tasks: sluice_core::tasks::Tasks,
 }
 
-enum Outcome {
+pub(crate) enum Outcome {
     Answered { status: JobStatus, outcome: reply::Outcome, upstream_status: Option<u16>, usage: Usage },
     Retry { delay: Duration, reason: &'static str },
 }
@@ -287,56 +286,6 @@ async fn execute(
     }
 }
 
-/// Why a job's request body is not at hand.
-enum RequestBody {
-    /// It can never be read (gone, or larger than this worker accepts): the
-    /// job fails with this.
-    Unreadable(Outcome),
-    /// The bodies bucket failed; the job went back to the queue.
-    Later,
-}
-
-/// The request body: the message's payload, or the body the ingress stored
-/// apart because a message could not carry it.
-async fn request_body(ctx: &JobContext, message: &jetstream::Message, env: &Envelope) -> Result<Bytes, RequestBody> {
-    let Some(stored) = &env.body_ref else { return Ok(message.payload.clone()) };
-    match ctx.bodies.read(stored, ctx.max_body_bytes).await {
-        Ok(body) => Ok(body),
-        Err(error @ BodyError::Store(_)) => {
-            tracing::warn!(%error, "cannot read the stored request body; retrying in 1 s");
-            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-            Err(RequestBody::Later)
-        }
-        Err(error @ BodyError::TooLarge { .. }) => Err(RequestBody::Unreadable(failed(
-            ApiError::new(ErrorCode::PayloadTooLarge, format!("{error} (ingress.max_body_bytes)")),
-            None,
-        ))),
-        Err(error @ BodyError::NotFound(_)) => Err(RequestBody::Unreadable(failed(
-            ApiError::new(ErrorCode::Internal, format!("the request body cannot be read: {error}")),
-            None,
-        ))),
-    }
-}
-
-/// An answer too large for a NATS message goes to the bodies bucket, and the
-/// reply and the job's state carry its reference (such an answer is JSON:
-/// [`classify`] failed one that is not).
-async fn store_if_large(
-    ctx: &JobContext,
-    env: &Envelope,
-    status: JobStatus,
-    outcome: reply::Outcome,
-) -> Result<(JobStatus, reply::Outcome), BodyError> {
-    let reply::Outcome::Body { status: http, body } = outcome else { return Ok((status, outcome)) };
-    if !ctx.bodies.too_large_for_a_message(body.len()) {
-        return Ok((status, reply::Outcome::Body { status: http, body }));
-    }
-    let name = stored::name(stored::Kind::Result, env.tenant, env.job_id);
-    let stored = ctx.bodies.put(name, &body).await?;
-    tracing::debug!(bytes = body.len(), "answer stored apart");
-    Ok((status, reply::Outcome::Stored { status: http, body: stored }))
-}
-
 /// A message that was acked or terminated left the queue; one whose ack
 /// failed may come back, and is released when it does.
 fn left(acked: Result<(), async_nats::Error>, tokens: Option<u64>) -> Exit {
@@ -506,7 +455,7 @@ async fn with_progress<F: std::future::Future>(
     }
 }
 
-fn failed(error: ApiError, upstream_status: Option<u16>) -> Outcome {
+pub(crate) fn failed(error: ApiError, upstream_status: Option<u16>) -> Outcome {
     Outcome::Answered {
         status: JobStatus::Failed,
         outcome: reply::Outcome::Error(error),

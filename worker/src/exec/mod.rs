@@ -7,11 +7,13 @@
 //! - [`queues`]: the tenant queues (one consumer each), wake-ups and discovery.
 //! - [`job`]: one job's life (and the context every job shares): deadline,
 //!   upstream call, retries, answer, event.
+//! - [`bodies`]: request bodies and answers too large for a NATS message.
 //! - [`stream`]: relaying a provider's server-sent events to the waiting ingress.
 //! - [`state`]: an asynchronous job's stored state as the worker moves it on.
 //! - [`counts`]: releasing and repairing the admission counters.
 //! - [`tenants`]: tenants' weights and names, reloaded from Postgres.
 
+pub mod bodies;
 pub mod counts;
 pub mod executor;
 pub mod fair;
