@@ -134,6 +134,18 @@ pub struct IngressConfig {
     pub header_timeout_ms: u64,
     /// Time a client has to send a request's body (408 past it).
     pub body_timeout_ms: u64,
+    /// Longest a write to a client may wait for the client to read; past
+    /// it the connection is closed (a stream's client that stopped reading).
+    pub write_timeout_ms: u64,
+    /// Chunks of a streamed answer held for a client that reads slower than
+    /// the provider writes; beyond it the stream is cut off.
+    pub stream_buffer_chunks: usize,
+    /// Longest wait for a stream's next chunk before it is ended with a
+    /// `stream_interrupted` error.
+    pub stream_chunk_gap_ms: u64,
+    /// A stream waiting for its next chunk sends an SSE comment this often,
+    /// so that proxies do not cut a long pause as idle.
+    pub stream_keepalive_ms: u64,
     /// How long a job's publish is repeated while the jobs stream has no
     /// leader or its acknowledgement is late, before the client gets a 503.
     /// 0: no repeat.
@@ -313,6 +325,10 @@ impl Default for IngressConfig {
             max_connections: 10_000,
             header_timeout_ms: 10_000,
             body_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            stream_buffer_chunks: 256,
+            stream_chunk_gap_ms: 60_000,
+            stream_keepalive_ms: 15_000,
             publish_retry_ms: 10_000,
         }
     }
@@ -441,6 +457,10 @@ impl Config {
             ("ingress.max_connections", self.ingress.max_connections as u64),
             ("ingress.header_timeout_ms", self.ingress.header_timeout_ms),
             ("ingress.body_timeout_ms", self.ingress.body_timeout_ms),
+            ("ingress.write_timeout_ms", self.ingress.write_timeout_ms),
+            ("ingress.stream_buffer_chunks", self.ingress.stream_buffer_chunks as u64),
+            ("ingress.stream_chunk_gap_ms", self.ingress.stream_chunk_gap_ms),
+            ("ingress.stream_keepalive_ms", self.ingress.stream_keepalive_ms),
             ("worker.max_in_flight", self.worker.max_in_flight as u64),
             ("worker.ack_wait_ms", self.worker.ack_wait_ms),
             ("worker.max_attempts", u64::from(self.worker.max_attempts)),

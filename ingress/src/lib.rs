@@ -7,6 +7,7 @@
 //! - [`replies`]: one wildcard inbox per ingress; answers from workers are
 //!   routed to the request waiting for them.
 //! - [`body`]: content type, size limit, the memory budget of bodies, and JSON parsing.
+//! - [`stream`]: a streamed answer forwarded as server-sent events, with its buffer, pace and keep-alives.
 //! - [`stored`]: answers and job results too large for a NATS message, sent as they are read.
 //! - [`routes`]: the handlers: OpenAI-compatible endpoints, Anthropic's Messages API, jobs.
 //! - [`validate`]: checking each endpoint's body and a job's fields before anything is queued.
@@ -32,6 +33,7 @@ pub mod serve;
 pub mod startup;
 pub mod state;
 pub mod stored;
+pub mod stream;
 pub mod validate;
 
 pub use startup::Ingress;

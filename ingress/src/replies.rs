@@ -11,7 +11,8 @@
 
 use sluice_core::tasks::Tasks;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_nats::jetstream::kv;
 use futures::StreamExt;
@@ -23,13 +24,20 @@ use sluice_core::wire::subjects;
 use tokio::sync::mpsc;
 
 enum Command {
-    Register(u64, mpsc::UnboundedSender<Reply>),
+    Register(u64, Slot),
     Forget(u64),
+}
+
+/// The router's side of a waiter: a bounded buffer (`ingress.stream_buffer_chunks`).
+struct Slot {
+    tx: mpsc::Sender<Reply>,
+    overflowed: Arc<AtomicBool>,
 }
 
 pub struct Replies {
     ingress_id: String,
     next: AtomicU64,
+    buffer: usize,
     commands: mpsc::UnboundedSender<Command>,
 }
 
@@ -37,15 +45,22 @@ pub struct Replies {
 pub struct Waiter {
     pub subject: String,
     id: u64,
-    rx: mpsc::UnboundedReceiver<Reply>,
+    rx: mpsc::Receiver<Reply>,
+    overflowed: Arc<AtomicBool>,
     commands: mpsc::UnboundedSender<Command>,
 }
 
 impl Waiter {
     /// Waits for the answer (or the next chunk of a streamed one); `None`
-    /// if the router stopped.
+    /// if the router stopped, or dropped this waiter because its client
+    /// read too slowly ([`Waiter::overflowed`]).
     pub async fn recv(&mut self) -> Option<Reply> {
         self.rx.recv().await
+    }
+
+    /// Whether the router cut this waiter off: its buffer was full.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Relaxed)
     }
 }
 
@@ -61,13 +76,14 @@ impl Replies {
         client: &async_nats::Client,
         ingress_id: &str,
         job_state: kv::Store,
+        buffer: usize,
         tasks: &Tasks,
     ) -> Result<Self, async_nats::SubscribeError> {
         let mut subscription = client.subscribe(subjects::replies_of(ingress_id)).await?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Command>();
         let (shutdown, orphans) = (tasks.stopping(), tasks.clone());
         tasks.spawn(async move {
-            let mut waiting: HashMap<u64, mpsc::UnboundedSender<Reply>> = HashMap::new();
+            let mut waiting: HashMap<u64, Slot> = HashMap::new();
             loop {
                 tokio::select! {
                     // Registrations first: a slot is always known before its answer.
@@ -87,23 +103,24 @@ impl Replies {
                 }
             }
         });
-        Ok(Self { ingress_id: ingress_id.to_owned(), next: AtomicU64::new(1), commands: tx })
+        Ok(Self { ingress_id: ingress_id.to_owned(), next: AtomicU64::new(1), buffer: buffer.max(1), commands: tx })
     }
 
     pub fn register(&self) -> Waiter {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let _ = self.commands.send(Command::Register(id, tx));
-        Waiter { subject: subjects::reply(&self.ingress_id, id), id, rx, commands: self.commands.clone() }
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let _ = self.commands.send(Command::Register(id, Slot { tx, overflowed: overflowed.clone() }));
+        let subject = subjects::reply(&self.ingress_id, id);
+        Waiter { subject, id, rx, overflowed, commands: self.commands.clone() }
     }
 }
 
 /// Hands the answer to its waiter; returns it when nobody waits any more.
 /// A streamed answer's pieces are not returned: they went out as they came.
-fn route(
-    waiting: &mut HashMap<u64, mpsc::UnboundedSender<Reply>>,
-    message: async_nats::Message,
-) -> Option<Box<Answer>> {
+/// A waiter whose buffer is full (its client reads slower than the provider
+/// writes) is dropped: its stream ends, and nothing else waits for it.
+fn route(waiting: &mut HashMap<u64, Slot>, message: async_nats::Message) -> Option<Box<Answer>> {
     let reply = match Reply::decode(message.headers.as_ref(), message.payload) {
         Ok(reply) => reply,
         Err(error) => {
@@ -112,25 +129,38 @@ fn route(
             return None;
         }
     };
-    let slot = subjects::parse_reply(message.subject.as_str());
-    // A chunk leaves its slot in place for the next one; an answer frees it.
-    let sender = match (slot, &reply) {
-        (Some(slot), Reply::Chunk(_)) => waiting.get(&slot).cloned(),
-        (Some(slot), Reply::Answer(_)) => waiting.remove(&slot),
-        (None, _) => None,
-    };
     let unwanted = |reply: Reply| match reply {
         Reply::Answer(a) if !a.ends_stream => Some(a),
         _ => None,
     };
-    let Some(sender) = sender else {
+    let Some(slot) = subjects::parse_reply(message.subject.as_str()) else {
         metrics::counter!(crate::metrics::ORPHAN_REPLIES).increment(1);
         return unwanted(reply);
     };
-    match sender.send(reply) {
+    // A chunk leaves its slot in place for the next one; an answer frees it.
+    let sent = match (&reply, waiting.get(&slot)) {
+        (_, None) => {
+            metrics::counter!(crate::metrics::ORPHAN_REPLIES).increment(1);
+            return unwanted(reply);
+        }
+        (Reply::Chunk(_), Some(waiter)) => waiter.tx.try_send(reply),
+        (Reply::Answer(_), Some(_)) => match waiting.remove(&slot) {
+            Some(waiter) => waiter.tx.try_send(reply),
+            None => return None,
+        },
+    };
+    match sent {
         Ok(()) => None,
-        Err(mpsc::error::SendError(reply)) => {
+        Err(mpsc::error::TrySendError::Full(reply)) => {
+            if let Some(waiter) = waiting.remove(&slot) {
+                waiter.overflowed.store(true, Ordering::Relaxed);
+            }
+            metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "slow_client").increment(1);
+            unwanted(reply)
+        }
+        Err(mpsc::error::TrySendError::Closed(reply)) => {
             // The waiter gave up between our lookup and now.
+            waiting.remove(&slot);
             metrics::counter!(crate::metrics::ORPHAN_REPLIES).increment(1);
             unwanted(reply)
         }

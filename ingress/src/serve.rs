@@ -3,11 +3,18 @@
 //! as it is accepted, so a connection flood cannot exhaust memory or file
 //! descriptors), a deadline for each request's headers
 //! (`ingress.header_timeout_ms`, which also closes idle keep-alive
-//! connections and slow-header clients), and graceful shutdown: on
+//! connections and slow-header clients), a deadline for each write
+//! (`ingress.write_timeout_ms`: a client that stops reading, a stream's
+//! above all, is disconnected instead of holding its buffers forever), and
+//! graceful shutdown: on
 //! `shutdown` the listener closes and each connection finishes the request
 //! it is serving, then closes.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -15,13 +22,91 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use sluice_core::tasks::Tasks;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 pub struct Limits {
     pub max_connections: usize,
     pub header_timeout: Duration,
+    pub write_timeout: Duration,
+}
+
+/// A connection whose writes fail once one has made no progress for
+/// `timeout` (the client's receive window stayed full: it stopped reading).
+pub struct WriteTimeout<S> {
+    inner: S,
+    timeout: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> WriteTimeout<S> {
+    pub fn new(inner: S, timeout: Duration) -> Self {
+        Self { inner, timeout, stalled: None }
+    }
+
+    /// Ready with an error once the write in progress has waited too long.
+    fn check(&mut self, cx: &mut Context<'_>, progress: bool) -> Poll<io::Error> {
+        if progress {
+            self.stalled = None;
+            return Poll::Pending;
+        }
+        let timeout = self.timeout;
+        let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                metrics::counter!(crate::metrics::WRITE_TIMEOUTS).increment(1);
+                Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        match self.check(cx, result.is_ready()) {
+            Poll::Ready(error) => Poll::Ready(Err(error)),
+            Poll::Pending => result,
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        match self.check(cx, result.is_ready()) {
+            Poll::Ready(error) => Poll::Ready(Err(error)),
+            Poll::Pending => result,
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        match self.check(cx, result.is_ready()) {
+            Poll::Ready(error) => Poll::Ready(Err(error)),
+            Poll::Pending => result,
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown`, then waits for the open
@@ -53,6 +138,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, tasks: Ta
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
+        let stream = WriteTimeout::new(stream, limits.write_timeout);
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         let open = metrics::gauge!(crate::metrics::CONNECTIONS);
         open.increment(1.0);

@@ -68,7 +68,8 @@ impl Ingress {
         let tasks = Tasks::new();
         let keys =
             KeyCache::start(db.clone(), config.tenants.clone(), ms(config.ingress.auth_refresh_ms), &tasks).await?;
-        let replies = Replies::start(&client, &ingress_id, job_state.clone(), &tasks).await?;
+        let buffer = config.ingress.stream_buffer_chunks;
+        let replies = Replies::start(&client, &ingress_id, job_state.clone(), buffer, &tasks).await?;
         let pools = config
             .pools
             .iter()
@@ -133,6 +134,7 @@ impl Ingress {
         let limits = crate::serve::Limits {
             max_connections: c.max_connections,
             header_timeout: Duration::from_millis(c.header_timeout_ms),
+            write_timeout: Duration::from_millis(c.write_timeout_ms),
         };
         let tasks = self.tasks.clone();
         let server = self.tasks.spawn(async move {

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::limiter::{Style, Verdict};
+use crate::profile::Profile;
 use crate::settings::{Faults, Settings};
 
 pub struct MockState {
@@ -250,12 +251,12 @@ async fn chat(State(state): State<Arc<MockState>>, _headers: HeaderMap, body: By
     if let Some(r) = gate.fault_response(Style::OpenAi) {
         return r;
     }
-    let mut r = chat_answer(&state, body);
+    let mut r = chat_answer(&state, body).await;
     gate.headers(&mut r, Style::OpenAi);
     r
 }
 
-fn chat_answer(state: &MockState, body: Bytes) -> Response {
+async fn chat_answer(state: &MockState, body: Bytes) -> Response {
     let request = match parse(&body) {
         Ok(v) => v,
         Err(r) => return *r,
@@ -268,12 +269,16 @@ fn chat_answer(state: &MockState, body: Bytes) -> Response {
     let prompt_tokens = (prompt_chars as u64).div_ceil(4).max(1);
     let last = messages.last().and_then(|m| m.get("content")).map(text_of).unwrap_or_default();
     let quoted: String = last.chars().take(200).collect();
-    let mut completion_tokens = u64::from(state.completion_tokens.load(Relaxed));
+    let profile = Profile::of(model);
+    let mut completion_tokens = profile.tokens.unwrap_or_else(|| u64::from(state.completion_tokens.load(Relaxed)));
     if let Some(max) = request.get("max_tokens").or(request.get("max_completion_tokens")).and_then(Value::as_u64) {
         completion_tokens = completion_tokens.min(max);
     }
     let n = state.stats.ok.load(Relaxed);
-    let content = format!("mock reply to: {quoted}");
+    let mut content = format!("mock reply to: {quoted}");
+    if profile.tokens.is_some() {
+        content.push_str(&format!(" {}", profile.token()).repeat(completion_tokens as usize));
+    }
     let usage = json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -282,7 +287,13 @@ fn chat_answer(state: &MockState, body: Bytes) -> Response {
     if request.get("stream").and_then(Value::as_bool) == Some(true) {
         let with_usage = request.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
         let delay = Duration::from_millis(state.stream_delay_ms.load(Relaxed));
-        return stream_answer(&format!("chatcmpl-mock-{n}"), model, &content, with_usage.then_some(usage), delay);
+        let id = format!("chatcmpl-mock-{n}");
+        return stream_answer(&id, model, &content, with_usage.then_some(usage), delay, profile);
+    }
+    // Like a real provider, nothing is sent before the whole answer is made.
+    tokio::time::sleep(profile.generation_time(completion_tokens)).await;
+    if let Some(bytes) = profile.bytes {
+        return large_answer(&format!("chatcmpl-mock-{n}"), model, bytes, &usage);
     }
     Json(json!({
         "id": format!("chatcmpl-mock-{n}"),
@@ -303,33 +314,82 @@ fn chat_answer(state: &MockState, body: Bytes) -> Response {
 /// A chat completion as OpenAI streams it: server-sent events of
 /// `chat.completion.chunk` objects (the role, then one per word, then the
 /// finish reason, then the usage if asked for), ending with `data: [DONE]`.
-fn stream_answer(id: &str, model: &str, content: &str, usage: Option<Value>, delay: Duration) -> Response {
-    let chunk = |delta: Value, finish: Value| {
+/// Each event is made as it is sent (a stream of a million tokens holds one
+/// in memory), after `delay` and the profile's pace.
+fn stream_answer(
+    id: &str,
+    model: &str,
+    content: &str,
+    usage: Option<Value>,
+    delay: Duration,
+    profile: Profile,
+) -> Response {
+    let (id, model) = (id.to_owned(), model.to_owned());
+    let chunk = move |delta: Value, finish: Value| {
         json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000u64, "model": model,
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     };
-    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
-    let words: Vec<&str> = content.split(' ').collect();
-    for (i, word) in words.iter().enumerate() {
-        let text = if i + 1 < words.len() { format!("{word} ") } else { (*word).to_owned() };
-        events.push(chunk(json!({"content": text}), Value::Null));
-    }
-    events.push(chunk(json!({}), json!("stop")));
+    let words: Vec<String> = content.split(' ').map(str::to_owned).collect();
+    let tokens = words.len();
+    let first = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
+    let mut last = vec![chunk(json!({}), json!("stop"))];
     if let Some(usage) = usage {
-        events.push(json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000u64,
-                           "model": model, "choices": [], "usage": usage}));
+        let mut with_usage = chunk(json!({}), Value::Null);
+        with_usage["choices"] = json!([]);
+        with_usage["usage"] = usage;
+        last.push(with_usage);
     }
-    let mut frames: Vec<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
-    frames.push("data: [DONE]\n\n".to_owned());
-    // Each event after a pause, so that a client sees them arrive one by one.
-    use futures::StreamExt;
-    let body = futures::stream::iter(frames.into_iter().enumerate()).then(move |(i, frame)| async move {
-        if i > 0 && !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+    let frame = move |i: usize| -> Option<String> {
+        match i {
+            0 => Some(format!("data: {first}\n\n")),
+            i if i <= tokens => {
+                let word = &words[i - 1];
+                let text = if i < tokens { format!("{word} ") } else { word.clone() };
+                Some(format!("data: {}\n\n", chunk(json!({"content": text}), Value::Null)))
+            }
+            i if i <= tokens + last.len() => Some(format!("data: {}\n\n", last[i - tokens - 1])),
+            i if i == tokens + last.len() + 1 => Some("data: [DONE]\n\n".to_owned()),
+            _ => None,
         }
-        Ok::<_, std::convert::Infallible>(Bytes::from(frame))
+    };
+    let body = futures::stream::unfold((0usize, frame, profile), move |(i, frame, profile)| async move {
+        let out = frame(i)?;
+        let mut wait = if i > 0 { delay } else { Duration::ZERO };
+        if (1..=tokens).contains(&i) {
+            wait += profile.before_token(i as u64 - 1);
+        }
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(out)), (i + 1, frame, profile)))
     });
     ([(axum::http::header::CONTENT_TYPE, "text/event-stream")], axum::body::Body::from_stream(body)).into_response()
+}
+
+/// A chat completion whose content is `bytes` bytes long, sent with its
+/// `Content-Length` piece by piece as it is produced (never whole in memory).
+fn large_answer(id: &str, model: &str, bytes: u64, usage: &Value) -> Response {
+    const PIECE: u64 = 64 * 1024;
+    let head = format!(
+        "{{\"id\":{},\"object\":\"chat.completion\",\"created\":1700000000,\"model\":{},\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"",
+        json!(id),
+        json!(model)
+    );
+    let tail = format!("\"}},\"finish_reason\":\"stop\",\"logprobs\":null}}],\"usage\":{usage}}}");
+    let length = head.len() as u64 + bytes + tail.len() as u64;
+    let filler = Bytes::from(vec![b'x'; PIECE as usize]);
+    let pieces = (0..bytes.div_ceil(PIECE)).map(move |i| filler.slice(..(bytes - i * PIECE).min(PIECE) as usize));
+    let body = futures::stream::iter(
+        std::iter::once(Bytes::from(head))
+            .chain(pieces)
+            .chain(std::iter::once(Bytes::from(tail)))
+            .map(Ok::<_, std::convert::Infallible>),
+    );
+    let mut r = axum::body::Body::from_stream(body).into_response();
+    let h = r.headers_mut();
+    h.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
+    h.insert(axum::http::header::CONTENT_LENGTH, axum::http::HeaderValue::from(length));
+    r
 }
 
 /// OpenAI's embeddings: one vector per input, as long as the model's (1,536

@@ -6,6 +6,7 @@
 //! - [`handlers`]: chat completions, embeddings, models, and the control routes.
 //! - [`anthropic`]: Anthropic's Messages API, plain and streamed.
 //! - [`limiter`]: a requests-per-minute limit answered with the providers' real headers.
+//! - [`profile`]: answer sizes, token rates, first-token delays and pauses, chosen per request by the model name.
 //!
 //! It answers from memory without locks (atomics only, and one mutex when a
 //! rate limit is set), so that it is never
@@ -15,6 +16,7 @@
 pub mod anthropic;
 pub mod handlers;
 pub mod limiter;
+pub mod profile;
 pub mod settings;
 
 use std::sync::Arc;

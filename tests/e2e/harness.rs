@@ -221,6 +221,16 @@ pub fn test_config(nats_url: &str, db_url: &str, mock_base: &str) -> Config {
     c
 }
 
+/// Adds a pool `name` whose deployment asks the mock for `model`, a model
+/// name that may carry a mock profile (`mock@tokens=…,tps=…`, see
+/// `mock-provider/src/profile.rs`).
+pub fn add_profile_pool(c: &mut Config, name: &str, model: &str) {
+    let mut p = c.pools[0].clone();
+    p.name = name.to_owned();
+    p.model = Some(model.to_owned());
+    c.pools.push(p);
+}
+
 /// A worker on its own runtime and thread, so that a test can kill it the
 /// way a crash would: every task stops and every socket closes at once.
 pub struct WorkerHandle {

@@ -17,7 +17,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sluice_core::error::{ApiError, ErrorCode};
-
 use sluice_core::now_ms;
 use sluice_core::wire::envelope::{Class, Endpoint, Envelope};
 use sluice_core::wire::reply::{Outcome, Reply};
@@ -79,7 +78,7 @@ async fn handle(
     let (bytes, body_permit) =
         crate::body::read_json_body(headers, body, limit, &state.body_budget, state.body_timeout()).await?;
     let checked = validate::validate(state, endpoint, &bytes)?;
-    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
+    let Ok(permit) = state.in_flight.clone().try_acquire_owned() else {
         return Err(ApiError::new(ErrorCode::Overloaded, "this gateway has too many requests waiting; retry shortly")
             .retry_after(1));
     };
@@ -166,7 +165,7 @@ async fn handle(
         }
     };
     let answer = match reply {
-        Reply::Chunk(first) => return Ok(super::sse::response(first, waiter, job_id, endpoint)),
+        Reply::Chunk(c) => return Ok(crate::stream::response(c, waiter, job_id, endpoint, state, permit)),
         Reply::Answer(answer) => answer,
     };
     let mut response = match answer.outcome {

@@ -7,7 +7,6 @@ mod job_list;
 mod job_submit;
 mod jobs;
 mod models;
-mod sse;
 
 use std::sync::Arc;
 

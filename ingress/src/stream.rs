@@ -13,12 +13,20 @@
 //! `stream_interrupted`, then `[DONE]`) when a chunk is missing, when a
 //! different attempt starts sending (the worker died mid-stream and the job
 //! was run again: what the client already has cannot be taken back), when the
-//! provider's stream broke off, or when no chunk came for [`CHUNK_GAP`]. A
-//! client that disconnects stops the forwarding; the worker finishes the call
-//! and the ledger records it, but the answer is not stored.
+//! provider's stream broke off, when no chunk came for
+//! `ingress.stream_chunk_gap_ms`, or when the client read so slowly that
+//! `ingress.stream_buffer_chunks` chunks waited for it. While it waits, the
+//! stream sends an SSE comment (`: keep-alive`) every
+//! `ingress.stream_keepalive_ms`, so that proxies do not cut a long pause. An
+//! open stream holds its place in `ingress.max_in_flight`. A client that
+//! disconnects stops the forwarding; the worker finishes the call and the
+//! ledger records it, but the answer is not stored.
 
 use std::convert::Infallible;
 use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -31,8 +39,22 @@ use uuid::Uuid;
 
 use crate::replies::Waiter;
 
-/// Longest wait for the next chunk.
-pub const CHUNK_GAP: Duration = Duration::from_secs(60);
+/// How a stream waits for its chunks.
+struct Pace {
+    /// Longest wait for the next chunk (`ingress.stream_chunk_gap_ms`).
+    gap: Duration,
+    /// How often a waiting stream sends a comment (`ingress.stream_keepalive_ms`).
+    keepalive: Duration,
+}
+
+impl Pace {
+    fn of(c: &sluice_core::config::IngressConfig) -> Self {
+        Self {
+            gap: Duration::from_millis(c.stream_chunk_gap_ms),
+            keepalive: Duration::from_millis(c.stream_keepalive_ms),
+        }
+    }
+}
 
 struct Forward {
     waiter: Waiter,
@@ -41,6 +63,28 @@ struct Forward {
     attempt: u32,
     done: bool,
     dialect: Dialect,
+    pace: Pace,
+    /// When the last chunk came.
+    last: Instant,
+    /// The stream's place in `ingress.max_in_flight`, and in the open-streams gauge.
+    _held: (OwnedSemaphorePermit, Gauged),
+}
+
+/// Counts the stream as open while it lives.
+struct Gauged(metrics::Gauge);
+
+impl Gauged {
+    fn open() -> Self {
+        let gauge = metrics::gauge!(crate::metrics::STREAMS_OPEN);
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for Gauged {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 fn event(name: Option<&str>, data: &[u8]) -> Bytes {
@@ -83,30 +127,57 @@ impl Forward {
 }
 
 /// Builds the response from the first chunk; the rest follow as they come.
-pub fn response(first: Chunk, waiter: Waiter, job_id: Uuid, endpoint: Endpoint) -> Response {
+pub fn response(
+    first: Chunk,
+    waiter: Waiter,
+    job_id: Uuid,
+    endpoint: Endpoint,
+    state: &crate::state::AppState,
+    permit: OwnedSemaphorePermit,
+) -> Response {
+    let pace = Pace::of(&state.config.ingress);
     let attempt = first.attempt;
-    let state = Forward { waiter, first: Some(first), next: 0, attempt, done: false, dialect: endpoint.dialect() };
+    let state = Forward {
+        waiter,
+        first: Some(first),
+        next: 0,
+        attempt,
+        done: false,
+        dialect: endpoint.dialect(),
+        pace,
+        last: Instant::now(),
+        _held: (permit, Gauged::open()),
+    };
     let stream = futures::stream::unfold(state, |mut s| async move {
         if s.done {
             return None;
         }
         let reply = match s.first.take() {
             Some(c) => Reply::Chunk(c),
-            None => match tokio::time::timeout(CHUNK_GAP, s.waiter.recv()).await {
-                Ok(Some(r)) => r,
-                Ok(None) => {
-                    s.done = true;
-                    let out = s.interrupted("the gateway is stopping");
-                    return Some((Ok::<_, Infallible>(out), s));
+            None => {
+                let left = s.pace.gap.saturating_sub(s.last.elapsed());
+                match tokio::time::timeout(s.pace.keepalive.min(left), s.waiter.recv()).await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        s.done = true;
+                        let out = if s.waiter.overflowed() {
+                            s.interrupted("the client read the stream too slowly")
+                        } else {
+                            s.interrupted("the gateway is stopping")
+                        };
+                        return Some((Ok::<_, Infallible>(out), s));
+                    }
+                    Err(_) if s.last.elapsed() >= s.pace.gap => {
+                        s.done = true;
+                        metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "gap").increment(1);
+                        let out = s.interrupted("no data from the provider for too long");
+                        return Some((Ok(out), s));
+                    }
+                    Err(_) => return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), s)),
                 }
-                Err(_) => {
-                    s.done = true;
-                    metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "gap").increment(1);
-                    let out = s.interrupted("no data from the provider for too long");
-                    return Some((Ok(out), s));
-                }
-            },
+            }
         };
+        s.last = Instant::now();
         let chunk = match reply {
             Reply::Chunk(chunk) => chunk,
             Reply::Answer(answer) => {
