@@ -207,6 +207,9 @@ pub struct WebhooksConfig {
     pub timeout_ms: u64,
     /// Deliveries in flight at once per worker process.
     pub max_concurrency: usize,
+    /// Of those, at most this many for one tenant: a tenant whose receivers
+    /// are slow cannot hold every slot.
+    pub max_concurrency_per_tenant: usize,
     /// How often the delivery loop looks for due deliveries.
     pub poll_ms: u64,
 }
@@ -370,6 +373,7 @@ impl Default for WebhooksConfig {
             retry_schedule_ms: vec![5_000, 60_000, 300_000, 1_800_000, 7_200_000, 18_000_000, 36_000_000],
             timeout_ms: 10_000,
             max_concurrency: 32,
+            max_concurrency_per_tenant: 8,
             poll_ms: 200,
         }
     }
@@ -476,6 +480,7 @@ impl Config {
             ("jobs.max_expiry_ms", self.jobs.max_expiry_ms),
             ("webhooks.timeout_ms", self.webhooks.timeout_ms),
             ("webhooks.max_concurrency", self.webhooks.max_concurrency as u64),
+            ("webhooks.max_concurrency_per_tenant", self.webhooks.max_concurrency_per_tenant as u64),
             ("webhooks.poll_ms", self.webhooks.poll_ms),
             ("tenants.weight", u64::from(self.tenants.weight)),
             ("scheduler.discover_ms", self.scheduler.discover_ms),

@@ -2,7 +2,10 @@
 //! (`v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`), and the guard
 //! that keeps webhook targets off private, loopback and link-local addresses.
 
-use std::net::IpAddr;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -21,6 +24,8 @@ pub enum WebhookError {
     Forbidden(IpAddr),
     #[error("webhook host {0} does not resolve")]
     Unresolved(String),
+    #[error("webhook host {0} did not resolve within {1:?}")]
+    ResolveTimeout(String, Duration),
     #[error("random source failed")]
     Random,
 }
@@ -77,10 +82,73 @@ pub struct TargetPolicy {
     pub allow_loopback: bool,
 }
 
+/// How long a webhook host's name may take to resolve, at submit and before
+/// each delivery (a name that never resolves must not hold a submit or a
+/// delivery slot that other tenants share).
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Name resolution, replaceable so that tests control what a name resolves
+/// to (a DNS-rebinding test answers a public address, then a private one).
+pub trait Lookup: Send + Sync + 'static {
+    fn lookup(&self, host: String, port: u16)
+    -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>;
+}
+
+/// The system's resolver.
+pub struct SystemLookup;
+
+impl Lookup for SystemLookup {
+    fn lookup(
+        &self,
+        host: String,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>> {
+        Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), port)).await?.collect()) })
+    }
+}
+
+/// The addresses of `host`, resolved within `timeout`, when every one of
+/// them is allowed by `policy`: a name that resolves to any forbidden
+/// address is refused whole. The webhook client connects only to what this
+/// returns (its resolver), so a name re-pointed after the check (DNS
+/// rebinding) reaches nothing.
+pub async fn resolve_allowed(
+    lookup: &dyn Lookup,
+    host: &str,
+    port: u16,
+    policy: TargetPolicy,
+    timeout: Duration,
+) -> Result<Vec<SocketAddr>, WebhookError> {
+    let addrs = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => tokio::time::timeout(timeout, lookup.lookup(host.to_owned(), port))
+            .await
+            .map_err(|_| WebhookError::ResolveTimeout(host.to_owned(), timeout))?
+            .map_err(|_| WebhookError::Unresolved(host.to_owned()))?,
+    };
+    if addrs.is_empty() {
+        return Err(WebhookError::Unresolved(host.to_owned()));
+    }
+    if let Some(bad) = addrs.iter().find(|a| forbidden(a.ip(), policy)) {
+        return Err(WebhookError::Forbidden(bad.ip()));
+    }
+    Ok(addrs)
+}
+
 /// Refuses a URL that is not http(s), or whose host resolves to an address
-/// the policy forbids. Checked at submit and again before every delivery,
-/// after DNS resolution (a name can be pointed at a private address later).
+/// the policy forbids (or does not resolve within [`RESOLVE_TIMEOUT`]).
+/// Checked at submit and again before every delivery; the delivery's own
+/// connection resolves through [`resolve_allowed`] as well.
 pub async fn check_target(url: &str, policy: TargetPolicy) -> Result<(), WebhookError> {
+    check_target_with(&SystemLookup, url, policy, RESOLVE_TIMEOUT).await
+}
+
+pub async fn check_target_with(
+    lookup: &dyn Lookup,
+    url: &str,
+    policy: TargetPolicy,
+    timeout: Duration,
+) -> Result<(), WebhookError> {
     let parsed = url::Url::parse(url).map_err(|e| WebhookError::BadUrl(e.to_string()))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(WebhookError::BadUrl("only http and https".into()));
@@ -88,30 +156,44 @@ pub async fn check_target(url: &str, policy: TargetPolicy) -> Result<(), Webhook
     let host = parsed.host_str().ok_or_else(|| WebhookError::BadUrl("no host".into()))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = parsed.port_or_known_default().unwrap_or(443);
-    let addrs: Vec<IpAddr> = match host.parse::<IpAddr>() {
-        Ok(ip) => vec![ip],
-        Err(_) => tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|_| WebhookError::Unresolved(host.to_owned()))?
-            .map(|a| a.ip())
-            .collect(),
-    };
-    if addrs.is_empty() {
-        return Err(WebhookError::Unresolved(host.to_owned()));
+    resolve_allowed(lookup, host, port, policy, timeout).await.map(|_| ())
+}
+
+/// The IPv4 address an IPv6 address carries, in the forms that reach IPv4
+/// hosts: IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`),
+/// NAT64 (`64:ff9b::/96` and the local-use `64:ff9b:1::/48`) and 6to4
+/// (`2002:aabb:ccdd::/48`).
+fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = v6.segments();
+    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
     }
-    for ip in addrs {
-        if forbidden(ip, policy) {
-            return Err(WebhookError::Forbidden(ip));
-        }
+    if s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified() {
+        return Some(tail);
     }
-    Ok(())
+    if s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0; 4] || s[2] == 1) {
+        return Some(tail);
+    }
+    if s[0] == 0x2002 {
+        return Some(Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8));
+    }
+    None
 }
 
 fn forbidden(ip: IpAddr, policy: TargetPolicy) -> bool {
     let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V6(v6) => embedded_v4(v6).map_or(ip, IpAddr::V4),
         v4 => v4,
     };
+    // Teredo (2001::/32) hides its IPv4 endpoints; nothing legitimate posts
+    // webhooks over it.
+    if let IpAddr::V6(v6) = ip
+        && v6.segments()[0] == 0x2001
+        && v6.segments()[1] == 0
+    {
+        return !policy.allow_private;
+    }
     if ip.is_loopback() {
         return !policy.allow_loopback;
     }
@@ -190,5 +272,39 @@ mod tests {
         assert!(check_target("http://127.0.0.1:9000/", loopback).await.is_ok());
         assert!(check_target("http://10.1.2.3/", loopback).await.is_err());
         assert!(check_target("http://93.184.215.14/", strict).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn ipv6_forms_that_carry_a_private_ipv4_address_are_refused() {
+        let strict = TargetPolicy::default();
+        for url in [
+            "http://[64:ff9b::a9fe:a9fe]/",                   // NAT64 of 169.254.169.254
+            "http://[64:ff9b::7f00:1]/",                      // NAT64 of 127.0.0.1
+            "http://[64:ff9b:1::a00:1]/",                     // local-use NAT64 of 10.0.0.1
+            "http://[2002:c0a8:1::1]/",                       // 6to4 of 192.168.0.1
+            "http://[::a00:1]/",                              // IPv4-compatible 10.0.0.1
+            "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/", // Teredo
+        ] {
+            assert!(matches!(check_target(url, strict).await, Err(WebhookError::Forbidden(_))), "{url}");
+        }
+        // The same forms around a public address pass.
+        assert!(check_target("http://[64:ff9b::5db8:d70e]/", strict).await.is_ok());
+        assert!(check_target("http://[2002:5db8:d70e::1]/", strict).await.is_ok());
+    }
+
+    /// A resolver that never answers.
+    struct Silent;
+
+    impl Lookup for Silent {
+        fn lookup(&self, _: String, _: u16) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_name_that_never_resolves_is_refused_after_the_timeout() {
+        let timeout = Duration::from_secs(2);
+        let checked = check_target_with(&Silent, "http://never.example/", TargetPolicy::default(), timeout).await;
+        assert_eq!(checked, Err(WebhookError::ResolveTimeout("never.example".into(), timeout)));
     }
 }

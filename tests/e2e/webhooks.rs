@@ -353,3 +353,49 @@ async fn a_rotated_tenant_secret_signs_alongside_the_previous_one() {
     verify(&old, &got).await;
     verify(&new, &got).await;
 }
+
+/// One tenant's receivers that hang hold at most its share of the delivery
+/// slots (`webhooks.max_concurrency_per_tenant`): another tenant's webhook
+/// goes out at once instead of waiting for their timeouts.
+#[tokio::test]
+async fn a_tenant_with_hanging_receivers_does_not_hold_up_another_tenants_webhooks() {
+    let stack = Stack::start_with(|c| {
+        c.webhooks.max_concurrency = 4;
+        c.webhooks.max_concurrency_per_tenant = 2;
+        c.webhooks.timeout_ms = 20_000;
+    })
+    .await;
+    // A receiver that takes every request and answers only after 30 s.
+    let (tx, mut hung) = mpsc::unbounded_channel::<()>();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(());
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    for i in 0..12 {
+        let mut body = Stack::job_body(&format!("slow {i}"));
+        body["webhook"] = serde_json::json!({"url": slow_url});
+        assert_eq!(stack.submit_job(&stack.key, &body, None).await.status(), 202);
+    }
+    // Its share of the slots is taken, and no more.
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(10), hung.recv()).await.expect("slow deliveries start").unwrap();
+    }
+    let other = stack.key_of("other").await;
+    let mut receiver = Receiver::start(&[]).await;
+    let mut body = Stack::job_body("fast");
+    body["webhook"] = serde_json::json!({"url": receiver.url});
+    assert_eq!(stack.submit_job(&other, &body, None).await.status(), 202);
+    let got = tokio::time::timeout(Duration::from_secs(5), receiver.next()).await;
+    assert!(got.is_ok(), "the other tenant's webhook waited behind the hanging receivers");
+    assert!(hung.try_recv().is_err(), "the hanging tenant got no more than its share");
+}

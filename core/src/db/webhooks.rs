@@ -122,16 +122,33 @@ pub struct Due {
 /// Claims up to `limit` due deliveries (`FOR UPDATE SKIP LOCKED`, so
 /// workers share them) and reserves each for `lease_ms`: a worker that dies
 /// mid-attempt leaves it to another after that.
-pub async fn claim_deliveries(db: &PgPool, limit: i64, lease_ms: i64) -> Result<Vec<Due>, DbError> {
+pub async fn claim_deliveries(
+    db: &PgPool,
+    limit: i64,
+    lease_ms: i64,
+    per_tenant: i64,
+    skip_tenants: &[Uuid],
+) -> Result<Vec<Due>, DbError> {
+    // Tenants by their oldest due delivery, at most `per_tenant` each: one
+    // tenant's backlog cannot take every slot from the others.
     let rows = sqlx::query(
         "UPDATE webhook_deliveries SET next_attempt_at = now() + $2 * interval '1 millisecond'
-         WHERE id IN (SELECT id FROM webhook_deliveries
-                      WHERE status = 'pending' AND next_attempt_at <= now()
-                      ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+         WHERE id IN (
+             SELECT d.id
+             FROM (SELECT tenant_id, min(next_attempt_at) AS oldest FROM webhook_deliveries
+                   WHERE status = 'pending' AND next_attempt_at <= now() AND tenant_id <> ALL($4)
+                   GROUP BY tenant_id ORDER BY oldest LIMIT $1) t
+             CROSS JOIN LATERAL (
+                 SELECT id FROM webhook_deliveries w
+                 WHERE w.tenant_id = t.tenant_id AND w.status = 'pending' AND w.next_attempt_at <= now()
+                 ORDER BY w.next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) d
+             LIMIT $1)
          RETURNING id, tenant_id, url, secret, payload, attempts, tenant_endpoint",
     )
     .bind(limit)
     .bind(lease_ms)
+    .bind(per_tenant)
+    .bind(skip_tenants)
     .fetch_all(db)
     .await?;
     rows.iter()
@@ -148,6 +165,15 @@ pub async fn claim_deliveries(db: &PgPool, limit: i64, lease_ms: i64) -> Result<
         })
         .collect::<Result<_, sqlx::Error>>()
         .map_err(DbError::from)
+}
+
+/// Hands claimed deliveries back at once (their tenant was at its share).
+pub async fn release_deliveries(db: &PgPool, ids: &[String]) -> Result<(), DbError> {
+    sqlx::query("UPDATE webhook_deliveries SET next_attempt_at = now() WHERE id = ANY($1) AND status = 'pending'")
+        .bind(ids)
+        .execute(db)
+        .await?;
+    Ok(())
 }
 
 /// One attempt's outcome, as recorded.

@@ -10,7 +10,9 @@
 //!   schedules the next from `webhooks.retry_schedule_ms` (±10 % jitter, at
 //!   least the receiver's `Retry-After`). A 2xx delivers; a 410 stops the
 //!   delivery and disables a tenant endpoint; the target is checked against
-//!   private addresses again, after DNS resolution, before every attempt.
+//!   private addresses again, after DNS resolution, before every attempt,
+//!   and the connection resolves the name through the same guard
+//!   ([`resolve`]), so DNS rebinding reaches nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::metrics as m;
+
+mod resolve;
 
 /// Wakes the delivery loop when a delivery was recorded, so a webhook does
 /// not wait for the next poll.
@@ -131,11 +135,8 @@ async fn record_deliveries(db: &PgPool, finished: Vec<(Uuid, &'static str, JobRe
 /// way then finish (they are tracked in `tasks`).
 pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, tasks: Tasks) {
     let shutdown = tasks.stopping();
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_millis(config.timeout_ms))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-    {
+    let lookup: Arc<dyn webhook::Lookup> = Arc::new(webhook::SystemLookup);
+    let client = match resolve::client(Duration::from_millis(config.timeout_ms), config.policy(), lookup) {
         Ok(c) => c,
         Err(error) => {
             tracing::error!(%error, "cannot build the webhook HTTP client; webhooks are not delivered");
@@ -143,6 +144,7 @@ pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, tasks: Task
         }
     };
     let slots = Arc::new(Semaphore::new(config.max_concurrency));
+    let shares = Shares::default();
     let config = Arc::new(config);
     let mut tick = tokio::time::interval(Duration::from_millis(config.poll_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -171,7 +173,10 @@ pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, tasks: Task
         // A claimed delivery is reserved for three attempt timeouts: if its
         // worker dies mid-attempt, another takes it after that.
         let lease_ms = (config.timeout_ms * 3) as i64;
-        let due = match hooks::claim_deliveries(&db, permits.len() as i64, lease_ms).await {
+        let share = config.max_concurrency_per_tenant;
+        let full = shares.full(share);
+        let claimed = hooks::claim_deliveries(&db, permits.len() as i64, lease_ms, share as i64, &full).await;
+        let due = match claimed {
             Ok(d) => d,
             Err(error) => {
                 tracing::warn!(%error, "cannot claim webhook deliveries");
@@ -180,13 +185,61 @@ pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, tasks: Task
             }
         };
         backlog = due.len() == permits.len();
+        let mut over = Vec::new();
         for delivery in due {
+            let Some(taken) = shares.take(delivery.tenant_id, share) else {
+                over.push(delivery.id);
+                continue;
+            };
             let Some(permit) = permits.pop() else { break };
             let (db, client, config) = (db.clone(), client.clone(), config.clone());
             tasks.spawn(async move {
                 attempt(&db, &client, &config, delivery).await;
-                drop(permit);
+                drop((permit, taken));
             });
+        }
+        if !over.is_empty()
+            && let Err(error) = hooks::release_deliveries(&db, &over).await
+        {
+            tracing::debug!(%error, "claimed deliveries past their tenant's share wait for their lease");
+        }
+    }
+}
+
+/// Deliveries in flight per tenant, so that one tenant's slow receivers
+/// hold at most `webhooks.max_concurrency_per_tenant` of the slots.
+#[derive(Clone, Default)]
+struct Shares(Arc<std::sync::Mutex<std::collections::HashMap<Uuid, usize>>>);
+
+/// One delivery's place in its tenant's share; given back when dropped.
+struct Taken(Shares, Uuid);
+
+impl Shares {
+    /// Tenants with all their share in flight.
+    fn full(&self, share: usize) -> Vec<Uuid> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().filter(|(_, n)| **n >= share).map(|(t, _)| *t).collect()
+    }
+
+    fn take(&self, tenant: Uuid, share: usize) -> Option<Taken> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(tenant).or_default();
+        if *n >= share {
+            return None;
+        }
+        *n += 1;
+        Some(Taken(self.clone(), tenant))
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        let mut map = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
         }
     }
 }
