@@ -124,6 +124,9 @@ pub struct IngressConfig {
     /// How often the API-key cache is reloaded from Postgres; a revoked key
     /// stops working within this bound.
     pub auth_refresh_ms: u64,
+    /// How long the last loaded keys are trusted while reloads fail; past
+    /// it every request gets 503 (fails closed). 0: trusted forever.
+    pub auth_max_staleness_ms: u64,
     /// Time given to in-flight requests after SIGTERM.
     pub shutdown_grace_ms: u64,
     /// Open client connections at once; a connection past the limit is
@@ -324,6 +327,7 @@ impl Default for IngressConfig {
             sync_timeout_ms: 120_000,
             max_in_flight: 10_000,
             auth_refresh_ms: 5_000,
+            auth_max_staleness_ms: 300_000,
             shutdown_grace_ms: 25_000,
             max_connections: 10_000,
             header_timeout_ms: 10_000,

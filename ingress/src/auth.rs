@@ -8,11 +8,18 @@
 //! either. Looking a digest up in a map leaks nothing useful about
 //! a key: an attacker who times it learns about digests of guesses, not about
 //! the keys.
+//!
+//! The cache fails closed: while reloads fail (Postgres unreachable), the last
+//! snapshot keeps serving for `ingress.auth_max_staleness_ms` (5 minutes by
+//! default), then every request gets 503 until a reload succeeds. A key
+//! revoked during an outage thus stops working within that bound too, at the
+//! price of the API's availability in a long Postgres outage; 0 keeps the
+//! last snapshot forever (available, but a revoked key keeps working).
 
 use sluice_core::tasks::Tasks;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, header};
 use sluice_core::config::TenantDefaults;
@@ -26,6 +33,7 @@ use uuid::Uuid;
 struct Loaded {
     keys: HashMap<KeyDigest, KeyOwner>,
     tenants: HashMap<Uuid, Arc<TenantPolicy>>,
+    at: Instant,
 }
 
 type Snapshot = Arc<Loaded>;
@@ -35,13 +43,15 @@ pub struct KeyCache {
     keys: watch::Receiver<Snapshot>,
     /// The policy of a tenant created after the last reload.
     fallback: Arc<TenantPolicy>,
+    /// Oldest snapshot still trusted (`ingress.auth_max_staleness_ms`; none when 0).
+    max_staleness: Option<Duration>,
 }
 
 async fn load(db: &PgPool, defaults: &TenantDefaults) -> Result<Loaded, db::DbError> {
     let keys = db::live_keys(db).await?;
     let tenants =
         db::tenants(db).await?.iter().map(|row| (row.id, Arc::new(TenantPolicy::resolve(row, defaults)))).collect();
-    Ok(Loaded { keys, tenants })
+    Ok(Loaded { keys, tenants, at: Instant::now() })
 }
 
 impl KeyCache {
@@ -51,6 +61,7 @@ impl KeyCache {
         db: PgPool,
         defaults: TenantDefaults,
         every: Duration,
+        max_staleness: Duration,
         tasks: &Tasks,
     ) -> Result<Self, db::DbError> {
         let fallback = Arc::new(TenantPolicy::defaults(&defaults));
@@ -70,7 +81,8 @@ impl KeyCache {
             },
         )
         .await?;
-        Ok(Self { keys, fallback })
+        let max_staleness = (!max_staleness.is_zero()).then_some(max_staleness);
+        Ok(Self { keys, fallback, max_staleness })
     }
 
     /// The tenant behind the request's `Authorization: Bearer …` (or
@@ -80,8 +92,16 @@ impl KeyCache {
             ApiError::new(ErrorCode::InvalidApiKey, "missing API key: send `Authorization: Bearer <key>`")
         })?;
         let digest = db::digest(key);
-        self.keys
-            .borrow()
+        let snapshot = self.keys.borrow();
+        if self.max_staleness.is_some_and(|bound| snapshot.at.elapsed() > bound) {
+            metrics::counter!(crate::metrics::AUTH_STALE_REFUSED).increment(1);
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "API keys cannot be checked: the key store has been unreachable too long; retry shortly",
+            )
+            .retry_after(5));
+        }
+        snapshot
             .keys
             .get(&digest)
             .cloned()

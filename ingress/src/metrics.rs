@@ -17,12 +17,17 @@ pub const CONNECTIONS: &str = "sluice_ingress_connections";
 pub const PUBLISH_RETRIES: &str = "sluice_ingress_publish_retries_total";
 pub const CONNECTIONS_REFUSED: &str = "sluice_ingress_connections_refused_total";
 pub const BODY_BUDGET_REFUSED: &str = "sluice_ingress_body_budget_refused_total";
+pub const AUTH_STALE_REFUSED: &str = "sluice_ingress_auth_stale_refused_total";
 pub const WRITE_TIMEOUTS: &str = "sluice_ingress_write_timeouts_total";
 pub const STREAMS_OPEN: &str = "sluice_ingress_streams_open";
 
 pub fn describe() {
     sluice_core::group_commit::describe();
     sluice_core::bodies::describe();
+    metrics::describe_counter!(
+        AUTH_STALE_REFUSED,
+        "requests refused with 503 because the API-key snapshot is older than ingress.auth_max_staleness_ms"
+    );
     metrics::describe_counter!(WRITE_TIMEOUTS, "connections closed because the client stopped reading");
     metrics::describe_gauge!(STREAMS_OPEN, "streamed answers being sent (counted in ingress.max_in_flight)");
     metrics::describe_counter!(

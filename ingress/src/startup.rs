@@ -66,8 +66,8 @@ impl Ingress {
         let counters = sluice_core::counters::Counters::open(&js, &config.nats).await?;
         let db = db::connect(&config.database).await?;
         let tasks = Tasks::new();
-        let keys =
-            KeyCache::start(db.clone(), config.tenants.clone(), ms(config.ingress.auth_refresh_ms), &tasks).await?;
+        let (every, stale) = (ms(config.ingress.auth_refresh_ms), ms(config.ingress.auth_max_staleness_ms));
+        let keys = KeyCache::start(db.clone(), config.tenants.clone(), every, stale, &tasks).await?;
         let buffer = config.ingress.stream_buffer_chunks;
         let replies = Replies::start(&client, &ingress_id, job_state.clone(), buffer, &tasks).await?;
         let pools = config

@@ -40,3 +40,26 @@ async fn keys_are_stored_as_digests_only() {
     assert!(!stored[0].contains(&stack.key[10..]));
     assert_eq!(stored[0].len(), 64);
 }
+
+/// Key reloads that keep failing do not keep a stale snapshot forever: past
+/// `ingress.auth_max_staleness_ms` every request gets 503 (a key revoked
+/// meanwhile is not served), and service resumes when reloads succeed again.
+#[tokio::test]
+async fn the_key_cache_fails_closed_when_reloads_keep_failing() {
+    let stack = crate::harness::Stack::start_with(|c| c.ingress.auth_max_staleness_ms = 1_000).await;
+    let models = || async {
+        stack.http.get(format!("{}/v1/models", stack.base)).bearer_auth(&stack.key).send().await.unwrap().status()
+    };
+    assert_eq!(models().await, 200);
+    // Reloads fail: the keys table is gone from the ingress's view.
+    sqlx::query("ALTER TABLE api_keys RENAME TO api_keys_away").execute(&stack.db).await.unwrap();
+    crate::harness::wait_for("requests to be refused with 503", std::time::Duration::from_secs(10), || async {
+        (models().await == 503).then_some(())
+    })
+    .await;
+    sqlx::query("ALTER TABLE api_keys_away RENAME TO api_keys").execute(&stack.db).await.unwrap();
+    crate::harness::wait_for("service to resume", std::time::Duration::from_secs(10), || async {
+        (models().await == 200).then_some(())
+    })
+    .await;
+}
