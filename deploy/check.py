@@ -191,6 +191,21 @@ def check_structure(where, objects):
     nats = by_kind.get("StatefulSet", {}).get("nats")
     if not nats or nats["spec"]["replicas"] != 3:
         fail(where, "the NATS StatefulSet must have three nodes")
+    # Each component's ops port in its config is the container port its probes use.
+    for name, section in (("sluice-ingress", "ingress"), ("sluice-worker", "worker")):
+        d = by_kind.get("Deployment", {}).get(name)
+        ops = config.get(section, {}).get("ops_listen")
+        if not d:
+            continue
+        if ops is None:
+            fail(where, f"{name}: {section}.ops_listen is not set (its /metrics and probes need it)")
+            continue
+        port = int(ops.rsplit(":", 1)[1])
+        for c in containers(d):
+            named = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+            probe = c.get("readinessProbe", {}).get("httpGet", {}).get("port")
+            if named.get(probe, probe) != port:
+                fail(where, f"{name}: readiness probe port {probe} is not {section}.ops_listen's {port}")
     grace = {"sluice-ingress": ("ingress", 25000), "sluice-worker": ("worker", 25000)}
     for name, (section, default) in grace.items():
         d = by_kind.get("Deployment", {}).get(name)

@@ -105,7 +105,8 @@ wait_http "http://127.0.0.1:9091/readyz" 60 || { tail -20 "$LOGS/worker.log" >&2
 cat <<BANNER
 
   Sluice is running.
-    ingress       http://127.0.0.1:8080   (metrics: /metrics, health: /healthz, /readyz)
+    ingress       http://127.0.0.1:8080   (health: /healthz, /readyz)
+    ingress ops   http://127.0.0.1:9090/metrics
     worker ops    http://127.0.0.1:9091/metrics
     mock provider http://127.0.0.1:8090
     tenant        dev

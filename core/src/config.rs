@@ -111,6 +111,10 @@ pub struct DatabaseConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IngressConfig {
     pub listen: SocketAddr,
+    /// Address of `/metrics`, `/healthz` and `/readyz`, off the public
+    /// listener (`/metrics` names tenants in its labels); none: no
+    /// `/metrics` (the public listener still answers `/healthz`, `/readyz`).
+    pub ops_listen: Option<SocketAddr>,
     /// Largest request body accepted; larger ones get 413. A body larger
     /// than a NATS message is kept in the bodies bucket (`nats.bodies_bucket`).
     pub max_body_bytes: usize,
@@ -322,6 +326,7 @@ impl Default for IngressConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            ops_listen: None,
             max_body_bytes: 32 * 1024 * 1024,
             max_body_memory_bytes: 128 * 1024 * 1024,
             sync_timeout_ms: 120_000,

@@ -36,13 +36,16 @@ impl Readiness {
     }
 }
 
+/// `/healthz`, `/readyz` and `/metrics`: an ops listener's routes.
 pub fn router(readiness: Readiness) -> Router {
     let handle = crate::telemetry::metrics();
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(move || std::future::ready(handle.render())))
-        .with_state(readiness)
+    health(readiness).route("/metrics", get(move || std::future::ready(handle.render())))
+}
+
+/// `/healthz` and `/readyz` only, for a public listener (load balancers
+/// probe them; `/metrics` names tenants and stays on the ops listener).
+pub fn health(readiness: Readiness) -> Router {
+    Router::new().route("/healthz", get(|| async { "ok" })).route("/readyz", get(readyz)).with_state(readiness)
 }
 
 async fn readyz(State(readiness): State<Readiness>) -> impl IntoResponse {

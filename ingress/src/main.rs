@@ -89,10 +89,14 @@ async fn serve(config: Config) -> Result<(), String> {
         Some(addr) => Some(bind(addr).await?),
         None => None,
     };
+    let ops = match config.ingress.ops_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     let ingress = Ingress::build(config).await.map_err(|e| e.to_string())?;
     let addr = http.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%addr, "ingress listening");
-    ingress.run(Listeners { http, admin }, shutdown).await.map_err(|e| e.to_string())?;
+    ingress.run(Listeners { http, admin, ops }, shutdown).await.map_err(|e| e.to_string())?;
     tracing::info!("ingress stopped");
     Ok(())
 }

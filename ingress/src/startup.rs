@@ -44,12 +44,14 @@ pub struct Ingress {
 pub struct Listeners {
     pub http: TcpListener,
     pub admin: Option<TcpListener>,
+    /// `/metrics`, `/healthz`, `/readyz` (`ingress.ops_listen`).
+    pub ops: Option<TcpListener>,
 }
 
 impl Listeners {
     /// The public API only.
     pub fn http(http: TcpListener) -> Self {
-        Self { http, admin: None }
+        Self { http, admin: None, ops: None }
     }
 }
 
@@ -108,9 +110,14 @@ impl Ingress {
         crate::admin_api::router(&self.state.config, self.db.clone())
     }
 
+    fn readiness(&self) -> Readiness {
+        Readiness { nats: Some(self.state.nats.clone()), db: Some(self.db.clone()) }
+    }
+
+    /// The public API, with `/healthz` and `/readyz` for load balancers
+    /// (`/metrics` is on the ops listener only: its labels name tenants).
     pub fn router(&self) -> Router {
-        let readiness = Readiness { nats: Some(self.state.nats.clone()), db: Some(self.db.clone()) };
-        crate::routes::router(self.state.clone()).merge(ops::router(readiness))
+        crate::routes::router(self.state.clone()).merge(ops::health(self.readiness()))
     }
 
     /// Serves until `shutdown` fires, then lets in-flight requests finish
@@ -124,6 +131,16 @@ impl Ingress {
             self.tasks.spawn(async move {
                 if let Err(error) = axum::serve(admin, router).with_graceful_shutdown(stop.cancelled_owned()).await {
                     tracing::warn!(%error, "admin API stopped");
+                }
+            });
+        }
+        if let Some(ops_listener) = listeners.ops {
+            tracing::info!(addr = ?ops_listener.local_addr().ok(), "ops endpoints listening");
+            let (stop, app) = (shutdown.clone(), ops::router(self.readiness()));
+            self.tasks.spawn(async move {
+                if let Err(error) = axum::serve(ops_listener, app).with_graceful_shutdown(stop.cancelled_owned()).await
+                {
+                    tracing::warn!(%error, "ops endpoints stopped");
                 }
             });
         }

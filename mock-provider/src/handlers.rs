@@ -291,7 +291,11 @@ async fn chat_answer(state: &MockState, body: Bytes) -> Response {
         return stream_answer(&id, model, &content, with_usage.then_some(usage), delay, profile);
     }
     // Like a real provider, nothing is sent before the whole answer is made.
-    tokio::time::sleep(profile.generation_time(completion_tokens)).await;
+    // (Not a zero sleep: that still waits for the timer's next tick, 1 ms.)
+    let making = profile.generation_time(completion_tokens);
+    if !making.is_zero() {
+        tokio::time::sleep(making).await;
+    }
     if let Some(bytes) = profile.bytes {
         return large_answer(&format!("chatcmpl-mock-{n}"), model, bytes, &usage);
     }

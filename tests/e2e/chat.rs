@@ -67,7 +67,9 @@ async fn ops_endpoints_answer() {
     assert_eq!(get("/healthz").await.unwrap().status(), 200);
     assert_eq!(get("/readyz").await.unwrap().status(), 200);
     assert_eq!(stack.chat(&Stack::chat_body("count me")).await.status(), 200);
-    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    // `/metrics` (tenant names in its labels) is on the ops listener only.
+    assert_eq!(get("/metrics").await.unwrap().status(), 404);
+    let metrics = stack.http.get(format!("{}/metrics", stack.ops)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("sluice_ingress_requests_total"), "{metrics}");
     assert!(metrics.contains("route=\"chat_completions\""), "{metrics}");
 }

@@ -56,7 +56,7 @@ async fn a_rate_limit_admits_n_per_minute_in_total_across_two_ingresses() {
     }
     // Refusals are counted per tenant (by name) and reason.
     let mut refused = 0.0;
-    for base in &c.ingresses {
+    for base in &c.ingress_ops {
         let text = c.metrics(base).await;
         refused += metric(
             &text,

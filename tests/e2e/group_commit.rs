@@ -136,7 +136,7 @@ async fn jobs_submitted_at_once_through_the_group_commit_complete_once_each() {
     assert_eq!(stack.mock.requests().await, 70, "each job ran once");
     // The jobs and their states went through the group commit (only this
     // test sends Sluice's own streams through it in this process).
-    let metrics = stack.http.get(format!("{}/metrics", stack.base)).send().await.unwrap().text().await.unwrap();
+    let metrics = stack.http.get(format!("{}/metrics", stack.ops)).send().await.unwrap().text().await.unwrap();
     let writes_to = |stream: &str| -> f64 {
         let prefix = format!("sluice_group_commit_batch_size_sum{{stream=\"{stream}\"}} ");
         metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0.0)

@@ -301,6 +301,8 @@ pub struct Stack {
     pub mock: Mock,
     pub config: Config,
     pub base: String,
+    /// The ingress's ops listener (`/metrics`).
+    pub ops: String,
     pub key: String,
     pub key_id: Uuid,
     pub http: reqwest::Client,
@@ -331,6 +333,7 @@ impl Stack {
             mock,
             config,
             base: base.0,
+            ops: base.2,
             key: key.key.expose().to_owned(),
             key_id: key.id,
             http: http_client(),
@@ -342,7 +345,7 @@ impl Stack {
 
     /// Another ingress replica on the same NATS and Postgres; its base URL.
     pub async fn another_ingress(&self) -> (String, tokio_util::sync::DropGuard) {
-        let (url, stop) = Self::start_ingress(self.config.clone()).await;
+        let (url, stop, _) = Self::start_ingress(self.config.clone()).await;
         (url, stop.drop_guard())
     }
 
@@ -351,13 +354,17 @@ impl Stack {
         self.ingress_stop.cancel();
     }
 
-    async fn start_ingress(config: Config) -> (String, CancellationToken) {
+    /// Starts an ingress; its base URL, its stop token and its ops URL.
+    async fn start_ingress(config: Config) -> (String, CancellationToken, String) {
         let listener = tokio::net::TcpListener::bind(config.ingress.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ops_addr = ops.local_addr().unwrap();
         let ingress = sluice_ingress::Ingress::build(config).await.unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(ingress.run(sluice_ingress::startup::Listeners::http(listener), stop.clone()));
-        (format!("http://{addr}"), stop)
+        let listeners = sluice_ingress::startup::Listeners { http: listener, admin: None, ops: Some(ops) };
+        tokio::spawn(ingress.run(listeners, stop.clone()));
+        (format!("http://{addr}"), stop, format!("http://{ops_addr}"))
     }
 
     pub fn chat_body(content: &str) -> serde_json::Value {

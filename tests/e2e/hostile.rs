@@ -134,7 +134,7 @@ async fn connections_past_the_limit_are_closed_and_service_resumes() {
         (r.status() == 200).then_some(())
     })
     .await;
-    let metrics = stack.http.get(format!("{}/metrics", stack.base)).send().await.unwrap().text().await.unwrap();
+    let metrics = stack.http.get(format!("{}/metrics", stack.ops)).send().await.unwrap().text().await.unwrap();
     assert!(
         metrics.lines().any(|l| l.starts_with("sluice_ingress_connections_refused_total{reason=\"max_connections\"}")),
         "{metrics}"

@@ -197,3 +197,28 @@ async fn large_bodies_past_the_memory_budget_get_429_and_small_requests_are_serv
     })
     .await;
 }
+
+/// A request that fails without the provider reporting usage gives its
+/// estimated tokens back: failures do not use up a tenant's `tpm`.
+#[tokio::test]
+async fn failed_requests_give_their_token_estimates_back() {
+    let stack = Stack::start_with(|c| {
+        c.tenants.tpm = 1_000;
+        c.worker.max_attempts = 1;
+    })
+    .await;
+    stack.mock.faults(serde_json::json!({"error_rate": 1.0})).await;
+    // Each asks for 300 output tokens: four of them, unrefunded, would hold
+    // more than the tenant's 1,000 per minute.
+    let mut body = Stack::chat_body("fails");
+    body["max_tokens"] = 300.into();
+    for _ in 0..4 {
+        let status = stack.chat(&body).await.status();
+        assert!(status == 502 || status == 429, "{status}");
+    }
+    stack.mock.faults(serde_json::json!({"error_rate": 0.0})).await;
+    wait_for("a request to be admitted within the minute", Duration::from_secs(10), || async {
+        (stack.chat(&body).await.status() == 200).then_some(())
+    })
+    .await;
+}

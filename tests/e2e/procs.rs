@@ -21,6 +21,8 @@ pub struct Cluster {
     pub http: reqwest::Client,
     /// Base URLs of the running ingresses.
     pub ingresses: Vec<String>,
+    /// Base URLs of their ops listeners (`/metrics`), in the same order.
+    pub ingress_ops: Vec<String>,
     /// Base URLs of the running workers' ops servers (`/metrics`).
     pub workers: Vec<String>,
     config: PathBuf,
@@ -88,6 +90,7 @@ api_key = "sk-upstream-test"
             mock,
             http: http_client(),
             ingresses: Vec::new(),
+            ingress_ops: Vec::new(),
             workers: Vec::new(),
             config,
             children: Vec::new(),
@@ -124,11 +127,18 @@ api_key = "sk-upstream-test"
 
     /// Starts one more ingress process; returns its base URL once it is ready.
     pub async fn start_ingress(&mut self) -> String {
-        let port = free_port();
-        self.spawn("sluice-ingress", &[("SLUICE__INGRESS__LISTEN", format!("127.0.0.1:{port}"))]);
+        let (port, ops) = (free_port(), free_port());
+        self.spawn(
+            "sluice-ingress",
+            &[
+                ("SLUICE__INGRESS__LISTEN", format!("127.0.0.1:{port}")),
+                ("SLUICE__INGRESS__OPS_LISTEN", format!("127.0.0.1:{ops}")),
+            ],
+        );
         let base = format!("http://127.0.0.1:{port}");
         self.wait_ready(&base).await;
         self.ingresses.push(base.clone());
+        self.ingress_ops.push(format!("http://127.0.0.1:{ops}"));
         base
     }
 

@@ -26,7 +26,7 @@ async fn no_secret_appears_in_logs_or_metrics() {
     let logs = TempDir::new("secret-logs");
     let mut cluster = Cluster::start(sluice_mock_provider::Settings::default(), 8, "").await;
     cluster.logs = Some(logs.0.clone());
-    let ingress = cluster.start_ingress().await;
+    cluster.start_ingress().await;
     cluster.start_worker().await;
     let (_, key) = cluster.tenant("secretive", settings(None, None, None)).await;
 
@@ -54,7 +54,7 @@ async fn no_secret_appears_in_logs_or_metrics() {
     .await;
 
     let mut seen = String::new();
-    for base in [ingress.clone()].iter().chain(cluster.workers.iter()) {
+    for base in cluster.ingress_ops.iter().chain(cluster.workers.iter()) {
         seen.push_str(&cluster.metrics(base).await);
     }
     let mut files = 0;

@@ -160,7 +160,7 @@ async fn streams_whose_clients_never_read_are_closed_and_others_are_served() {
     .await;
     let mut silent = Vec::new();
     let timeouts = || async {
-        let metrics = stack.http.get(format!("{}/metrics", stack.base)).send().await.unwrap().text().await.unwrap();
+        let metrics = stack.http.get(format!("{}/metrics", stack.ops)).send().await.unwrap().text().await.unwrap();
         let line = metrics.lines().find(|l| l.starts_with("sluice_ingress_write_timeouts_total"));
         line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
     };

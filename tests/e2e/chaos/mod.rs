@@ -56,15 +56,17 @@ struct Outcome {
 /// Sluice's processes, with their roles, on the cluster and the database.
 struct Sluice {
     config: PathBuf,
-    ingresses: Vec<(String, Child)>,
+    /// Each ingress: its base URL, its ops URL (`/metrics`), its process.
+    ingresses: Vec<(String, String, Child)>,
     workers: Vec<Child>,
     _dir: TempDir,
 }
 
 impl Sluice {
-    fn spawn(config: &PathBuf, bin: &str, env: (&str, String)) -> Child {
+    fn spawn(config: &PathBuf, bin: &str, env: &[(&str, String)]) -> Child {
         let mut cmd = Command::new(binary(bin));
-        cmd.arg("--config").arg(config).kill_on_drop(true).stdin(Stdio::null()).env(env.0, env.1);
+        cmd.arg("--config").arg(config).kill_on_drop(true).stdin(Stdio::null());
+        cmd.envs(env.iter().map(|(k, v)| (*k, v)));
         match std::env::var("SLUICE_TEST_LOG") {
             Ok(filter) => cmd.env("SLUICE__LOG__FILTER", filter).stdout(Stdio::inherit()).stderr(Stdio::inherit()),
             Err(_) => cmd.stdout(Stdio::null()).stderr(Stdio::null()),
@@ -81,24 +83,31 @@ impl Sluice {
     }
 
     async fn add_ingress(&mut self) {
-        let port = free_port();
-        let child =
-            Self::spawn(&self.config, "sluice-ingress", ("SLUICE__INGRESS__LISTEN", format!("127.0.0.1:{port}")));
+        let (port, ops) = (free_port(), free_port());
+        let env = [
+            ("SLUICE__INGRESS__LISTEN", format!("127.0.0.1:{port}")),
+            ("SLUICE__INGRESS__OPS_LISTEN", format!("127.0.0.1:{ops}")),
+        ];
+        let child = Self::spawn(&self.config, "sluice-ingress", &env);
         let base = format!("http://127.0.0.1:{port}");
         Self::ready(&format!("{base}/readyz")).await;
-        self.ingresses.push((base, child));
+        self.ingresses.push((base, format!("http://127.0.0.1:{ops}"), child));
     }
 
     async fn add_worker(&mut self) {
         let port = free_port();
         let child =
-            Self::spawn(&self.config, "sluice-worker", ("SLUICE__WORKER__OPS_LISTEN", format!("127.0.0.1:{port}")));
+            Self::spawn(&self.config, "sluice-worker", &[("SLUICE__WORKER__OPS_LISTEN", format!("127.0.0.1:{port}"))]);
         Self::ready(&format!("http://127.0.0.1:{port}/readyz")).await;
         self.workers.push(child);
     }
 
     fn bases(&self) -> Vec<String> {
-        self.ingresses.iter().map(|(b, _)| b.clone()).collect()
+        self.ingresses.iter().map(|(b, _, _)| b.clone()).collect()
+    }
+
+    fn ops(&self) -> Vec<String> {
+        self.ingresses.iter().map(|(_, o, _)| o.clone()).collect()
     }
 }
 
@@ -423,7 +432,7 @@ api_key = "sk-upstream-test"
                 sluice.add_worker().await;
             }
             "ingress" => {
-                let (base, mut victim) = sluice.ingresses.remove(0);
+                let (base, _, mut victim) = sluice.ingresses.remove(0);
                 let _ = victim.start_kill();
                 let _ = victim.wait().await;
                 bases.lock().unwrap().retain(|b| *b != base);
@@ -478,7 +487,7 @@ api_key = "sk-upstream-test"
     // The faults met batched commits: writes and commits of the ingresses
     // still running (their job publishes and job states).
     let (mut writes, mut commits) = (0.0, 0.0);
-    for base in sluice.bases() {
+    for base in sluice.ops() {
         let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
         for line in text.lines() {
             let value = || line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);

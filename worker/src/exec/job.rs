@@ -71,8 +71,10 @@ pub(crate) enum Outcome {
 /// How a job's message ended up.
 enum Exit {
     /// It left the queue (acked or terminated); `tokens` is the real usage
-    /// when the upstream reported it.
-    Left { tokens: Option<u64> },
+    /// when the upstream reported it; `refund` when it ended without doing
+    /// work (failed without usage, cancelled, expired): its estimate is
+    /// taken back from the tenant's tokens-per-minute count.
+    Left { tokens: Option<u64>, refund: bool },
     /// It went back to the queue for another attempt.
     Stayed,
 }
@@ -96,8 +98,8 @@ pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message, lease: Optio
     let tenant = ctx.tenants.get(env.tenant).name.clone();
     match execute(&ctx, message, &env, attempt, &tenant, lease).instrument(span).await {
         Exit::Stayed => None,
-        Exit::Left { tokens } => {
-            release(&ctx, &env, tokens);
+        Exit::Left { tokens, refund } => {
+            release(&ctx, &env, tokens, refund);
             if let Some(stored) = env.body_ref.clone() {
                 let bodies = ctx.bodies.clone();
                 ctx.tasks.spawn(async move { bodies.delete(&stored.name).await });
@@ -111,16 +113,21 @@ pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message, lease: Optio
 }
 
 /// Takes a job that left the queue off its tenant's queued count, and
-/// corrects the tokens-per-minute count by the real usage.
-fn release(ctx: &JobContext, env: &Envelope, tokens: Option<u64>) {
+/// corrects the tokens-per-minute count by the real usage (or takes the
+/// estimate back, for a job that did no work).
+fn release(ctx: &JobContext, env: &Envelope, tokens: Option<u64>, refund: bool) {
     use sluice_core::wire::subjects::{Rate, queued as queued_subject, tenant_rate as rate_subject};
     if env.queued_counted {
         ctx.counts.add(queued_subject(env.tenant), -1);
     }
-    if let (Some(window), Some(used)) = (env.tpm_window, tokens) {
-        let estimate = delta(env.est_tokens.max(1));
-        ctx.counts.add(rate_subject(Rate::Tokens, env.tenant, window), delta(used).saturating_sub(estimate));
-    }
+    let Some(window) = env.tpm_window else { return };
+    let estimate = delta(env.est_tokens.max(1));
+    let correction = match tokens {
+        Some(used) => delta(used).saturating_sub(estimate),
+        None if refund => -estimate,
+        None => return,
+    };
+    ctx.counts.add(rate_subject(Rate::Tokens, env.tenant, window), correction);
 }
 
 async fn execute(
@@ -153,12 +160,12 @@ async fn execute(
             }
             Ok(Begin::Skip(status)) => {
                 tracing::info!(status = status.as_str(), "job already handled elsewhere; message dropped");
-                return left(message.ack().await, None);
+                return left(message.ack().await, None, false);
             }
             Ok(Begin::Missing) => {
                 metrics::counter!(m::POISON).increment(1);
                 tracing::warn!("asynchronous job without stored state; dropped");
-                return left(message.ack_with(AckKind::Term).await, None);
+                return left(message.ack_with(AckKind::Term).await, None, false);
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot read the job's state; retrying in 1 s");
@@ -281,16 +288,16 @@ async fn execute(
             metrics::counter!(m::JOBS, "pool" => env.pool.clone(), "tenant" => tenant.to_owned(), "outcome" => status.as_str())
                 .increment(1);
             metrics::histogram!(m::JOB_SECONDS, "pool" => env.pool.clone()).record(started.elapsed().as_secs_f64());
-            left(acked, tokens)
+            left(acked, tokens, status != JobStatus::Completed)
         }
     }
 }
 
 /// A message that was acked or terminated left the queue; one whose ack
 /// failed may come back, and is released when it does.
-fn left(acked: Result<(), async_nats::Error>, tokens: Option<u64>) -> Exit {
+fn left(acked: Result<(), async_nats::Error>, tokens: Option<u64>, refund: bool) -> Exit {
     match acked {
-        Ok(()) => Exit::Left { tokens },
+        Ok(()) => Exit::Left { tokens, refund },
         Err(_) => Exit::Stayed,
     }
 }
@@ -313,7 +320,7 @@ async fn conclude(
     let tenant = ctx.tenants.get(env.tenant).name.clone();
     metrics::counter!(m::JOBS, "pool" => env.pool.clone(), "tenant" => tenant, "outcome" => status.as_str())
         .increment(1);
-    left(message.ack().await, None)
+    left(message.ack().await, None, true)
 }
 
 /// What the calls of one attempt came to.
@@ -411,6 +418,11 @@ async fn call(
                 return Called::Answered(answer.ok_or(CallError::DeadlineExceeded));
             }
             (Err(e), None) => {
+                // The call did no work the provider reports: its estimate
+                // leaves the deployment's token window.
+                if let (Some(s), Some(w)) = (shared, &tpm_window) {
+                    s.counts.add(w.clone(), -delta(env.est_tokens));
+                }
                 let retryable = matches!(e, CallError::Retryable { .. });
                 tried.push(d.client.name.clone());
                 drop(lease);
