@@ -5,7 +5,8 @@
 # `bench` pool's settings (e.g. `rpm = 1200`); `extra_worker` starts another
 # worker process; NO_WORKER=1 starts none (the autoscale replay starts its
 # own); NATS_SYNC=always runs JetStream with `sync_interval: always`;
-# GROUP_COMMIT=true sets `nats.group_commit`.
+# GROUP_COMMIT=true sets `nats.group_commit`; EXTRA_TOML is appended to the
+# config (more `[[pools]]`, with MOCK_BASE standing for the mock's URL).
 # Everything stops on exit.
 # Builds the release binaries first, or runs prebuilt ones from
 # SLUICE_BENCH_BIN=DIR (to compare builds). Expects scripts/lib.sh loaded.
@@ -82,7 +83,9 @@ filter = "warn"
 name = "bench"
 base_url = "http://127.0.0.1:$MOCK_PORT/v1"
 $POOL_EXTRA
+${EXTRA_TOML:-}
 TOML
+sed -i "s|MOCK_BASE|http://127.0.0.1:$MOCK_PORT|g" "$WORK/bench.toml"
 export SLUICE_CONFIG="$WORK/bench.toml"
 for _ in $(seq 1 120); do grep -q "Server is ready" "$WORK/nats.log" && break; sleep 0.25; done
 

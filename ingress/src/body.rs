@@ -77,22 +77,34 @@ pub async fn read_json_body(
     }
     let read = async {
         let mut body = body;
-        let mut out = BytesMut::with_capacity(declared.unwrap_or(0));
+        // Most bodies come in one frame: kept as it is, not copied.
+        let mut first: Option<Bytes> = None;
+        let mut rest = BytesMut::new();
+        let mut len = 0usize;
         while let Some(frame) = body.frame().await {
             let frame =
                 frame.map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "could not read the request body"))?;
             let Ok(chunk) = frame.into_data() else { continue };
-            if out.len() + chunk.len() > limit {
+            if len + chunk.len() > limit {
                 return Err(too_large());
             }
-            // A body longer than it declared takes the rest as it comes.
-            let beyond = (out.len() + chunk.len()).saturating_sub(declared.unwrap_or(0));
+            // A body without a declared length takes its bytes as they come.
+            let beyond = (len + chunk.len()).saturating_sub(declared.unwrap_or(0));
             if beyond > 0 {
                 budget.take(&mut held, beyond.min(chunk.len()))?;
             }
-            out.extend_from_slice(&chunk);
+            len += chunk.len();
+            match first.take() {
+                None if rest.is_empty() => first = Some(chunk),
+                None => rest.extend_from_slice(&chunk),
+                Some(earlier) => {
+                    rest.reserve(declared.unwrap_or(0).max(earlier.len() + chunk.len()));
+                    rest.extend_from_slice(&earlier);
+                    rest.extend_from_slice(&chunk);
+                }
+            }
         }
-        Ok(out.freeze())
+        Ok(first.unwrap_or_else(|| rest.freeze()))
     };
     let bytes = tokio::time::timeout(within, read).await.map_err(|_| {
         ApiError::new(

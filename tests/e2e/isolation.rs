@@ -222,3 +222,28 @@ async fn failed_requests_give_their_token_estimates_back() {
     })
     .await;
 }
+
+/// A job whose stored state no longer decodes is failed, visibly, instead of
+/// being handed back to the queue forever (and holding its place there).
+#[tokio::test]
+async fn a_job_whose_state_does_not_decode_is_failed_not_retried_forever() {
+    let mut stack = Stack::start().await;
+    stack.worker.take().unwrap().kill().await;
+    let r = stack.submit_job(&stack.key, &Stack::job_body("poisoned"), None).await;
+    assert_eq!(r.status(), 202);
+    let id: Uuid = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+    let tenant: Uuid = sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE id = $1")
+        .bind(stack.key_id)
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let bucket = js.get_key_value(&stack.config.jobs.state_bucket).await.unwrap();
+    bucket.put(sluice_core::jobstate::key(tenant, id), "{not json".into()).await.unwrap();
+    stack.worker = Some(crate::harness::WorkerHandle::start(stack.config.clone()).await);
+    let job = stack.job_with_status(&id.to_string(), "failed").await;
+    assert!(job["error"]["message"].as_str().unwrap().contains("unreadable"), "{job}");
+    assert_eq!(stack.mock.requests().await, 0, "it never ran");
+    stack.ledger_row(id, "failed").await;
+}

@@ -162,6 +162,16 @@ async fn execute(
                 tracing::info!(status = status.as_str(), "job already handled elsewhere; message dropped");
                 return left(message.ack().await, None, false);
             }
+            Ok(Begin::Unreadable(error)) => {
+                metrics::counter!(m::POISON).increment(1);
+                tracing::warn!(%error, "asynchronous job whose stored state does not decode; failed without running");
+                if let Err(e) = state::replace_unreadable(&ctx.state_commit, &ctx.job_state, env, attempt).await {
+                    tracing::warn!(error = %e, "cannot replace the unreadable state; retrying in 1 s");
+                    let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    return Exit::Stayed;
+                }
+                return conclude(ctx, message, env, JobStatus::Failed, attempt).await;
+            }
             Ok(Begin::Missing) => {
                 metrics::counter!(m::POISON).increment(1);
                 tracing::warn!("asynchronous job without stored state; dropped");

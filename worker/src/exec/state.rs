@@ -25,6 +25,9 @@ pub enum Begin {
     Skip(JobStatus),
     /// No state (retention passed, or the submit was taken back).
     Missing,
+    /// A state that does not decode: it never will, so the job cannot run
+    /// (it is failed instead of being handed back forever).
+    Unreadable(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +51,10 @@ pub async fn begin(
         let Some(entry) = store.entry(&key).await.map_err(err)?.filter(|e| e.operation == kv::Operation::Put) else {
             return Ok(Begin::Missing);
         };
-        let mut record: JobRecord = serde_json::from_slice(&entry.value).map_err(err)?;
+        let mut record: JobRecord = match serde_json::from_slice(&entry.value) {
+            Ok(record) => record,
+            Err(e) => return Ok(Begin::Unreadable(e.to_string())),
+        };
         match record.status {
             JobStatus::Queued => {}
             // A redelivery after a worker died mid-call: carry on.
@@ -78,6 +84,33 @@ pub async fn begin(
         }
     }
     Err(StateError("the job's state kept changing".into()))
+}
+
+/// Replaces a state that does not decode with a failed one, so that
+/// `GET /v1/jobs/{id}` says what happened.
+pub async fn replace_unreadable(
+    commit: &GroupCommit,
+    store: &kv::Store,
+    env: &Envelope,
+    attempt: u32,
+) -> Result<(), StateError> {
+    let mut record = JobRecord::queued(
+        env.job_id,
+        env.endpoint.as_str(),
+        &env.pool,
+        env.submitted_ms,
+        env.deadline_ms.saturating_sub(env.submitted_ms),
+    );
+    record.attempts = attempt;
+    let error = sluice_core::error::ApiError::new(
+        sluice_core::error::ErrorCode::Internal,
+        "the job's stored state was unreadable; the job was not run",
+    );
+    record.conclude(JobStatus::Failed, &Outcome::Error(error), now_ms() / 1000);
+    let value = serde_json::to_vec(&record).map_err(err)?;
+    let subject = kv_key(store, &jobstate::key(env.tenant, env.job_id));
+    commit.publish(subject, async_nats::HeaderMap::new(), Bytes::from(value)).await.map_err(err)?;
+    Ok(())
 }
 
 /// Stores the outcome: the provider's answer, or the error.
