@@ -38,6 +38,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (5, "tenant limits", include_str!("../../../migrations/0005_tenant_limits.sql")),
     (6, "tenant max in flight", include_str!("../../../migrations/0006_tenant_max_in_flight.sql")),
     (7, "ledger dead letters", include_str!("../../../migrations/0007_ledger_dead_letters.sql")),
+    (8, "webhook fair claims", include_str!("../../../migrations/0008_webhook_fair_claims.sql")),
 ];
 
 pub type KeyDigest = [u8; 32];
