@@ -206,6 +206,22 @@ def check_structure(where, objects):
             probe = c.get("readinessProbe", {}).get("httpGet", {}).get("port")
             if named.get(probe, probe) != port:
                 fail(where, f"{name}: readiness probe port {probe} is not {section}.ops_listen's {port}")
+    # Every NetworkPolicy selects pods that exist, and lets in every port the
+    # selected pods' probes are not the only users of.
+    templates = [o["spec"]["template"]["metadata"].get("labels", {})
+                 for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
+    def selects(selector, labels):
+        if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+            return False
+        return all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", []))
+    for policy in by_kind.get("NetworkPolicy", {}).values():
+        selector = policy["spec"]["podSelector"]
+        if not any(selects(selector, labels) for labels in templates):
+            fail(where, f"NetworkPolicy {policy['metadata']['name']} selects no pod")
+        for rule in policy["spec"].get("ingress", []):
+            for source in rule.get("from", []):
+                if "podSelector" in source and not any(selects(source["podSelector"], l) for l in templates):
+                    fail(where, f"NetworkPolicy {policy['metadata']['name']} admits traffic from no pod")
     grace = {"sluice-ingress": ("ingress", 25000), "sluice-worker": ("worker", 25000)}
     for name, (section, default) in grace.items():
         d = by_kind.get("Deployment", {}).get(name)
