@@ -138,23 +138,22 @@ fn route(waiting: &mut HashMap<u64, Slot>, message: async_nats::Message) -> Opti
         return unwanted(reply);
     };
     // A chunk leaves its slot in place for the next one; an answer frees it.
-    let sent = match (&reply, waiting.get(&slot)) {
+    let (sent, overflowed) = match (&reply, waiting.get(&slot)) {
         (_, None) => {
             metrics::counter!(crate::metrics::ORPHAN_REPLIES).increment(1);
             return unwanted(reply);
         }
-        (Reply::Chunk(_), Some(waiter)) => waiter.tx.try_send(reply),
+        (Reply::Chunk(_), Some(waiter)) => (waiter.tx.try_send(reply), waiter.overflowed.clone()),
         (Reply::Answer(_), Some(_)) => match waiting.remove(&slot) {
-            Some(waiter) => waiter.tx.try_send(reply),
+            Some(waiter) => (waiter.tx.try_send(reply), waiter.overflowed),
             None => return None,
         },
     };
     match sent {
         Ok(()) => None,
         Err(mpsc::error::TrySendError::Full(reply)) => {
-            if let Some(waiter) = waiting.remove(&slot) {
-                waiter.overflowed.store(true, Ordering::Relaxed);
-            }
+            overflowed.store(true, Ordering::Relaxed);
+            waiting.remove(&slot);
             metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "slow_client").increment(1);
             unwanted(reply)
         }

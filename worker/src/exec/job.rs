@@ -73,8 +73,10 @@ enum Exit {
     /// It left the queue (acked or terminated); `tokens` is the real usage
     /// when the upstream reported it; `refund` when it ended without doing
     /// work (failed without usage, cancelled, expired): its estimate is
-    /// taken back from the tenant's tokens-per-minute count.
-    Left { tokens: Option<u64>, refund: bool },
+    /// taken back from the tenant's tokens-per-minute count; `ran` when this
+    /// delivery took the job to its end (not a duplicate that found it
+    /// handled elsewhere): only then is its stored request body deleted.
+    Left { tokens: Option<u64>, refund: bool, ran: bool },
     /// It went back to the queue for another attempt.
     Stayed,
 }
@@ -98,9 +100,9 @@ pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message, lease: Optio
     let tenant = ctx.tenants.get(env.tenant).name.clone();
     match execute(&ctx, message, &env, attempt, &tenant, lease).instrument(span).await {
         Exit::Stayed => None,
-        Exit::Left { tokens, refund } => {
+        Exit::Left { tokens, refund, ran } => {
             release(&ctx, &env, tokens, refund);
-            if let Some(stored) = env.body_ref.clone() {
+            if let Some(stored) = env.body_ref.clone().filter(|_| ran) {
                 let bodies = ctx.bodies.clone();
                 ctx.tasks.spawn(async move { bodies.delete(&stored.name).await });
             }
@@ -160,7 +162,7 @@ async fn execute(
             }
             Ok(Begin::Skip(status)) => {
                 tracing::info!(status = status.as_str(), "job already handled elsewhere; message dropped");
-                return left(message.ack().await, None, false);
+                return dropped(message.ack().await);
             }
             Ok(Begin::Unreadable(error)) => {
                 metrics::counter!(m::POISON).increment(1);
@@ -175,7 +177,7 @@ async fn execute(
             Ok(Begin::Missing) => {
                 metrics::counter!(m::POISON).increment(1);
                 tracing::warn!("asynchronous job without stored state; dropped");
-                return left(message.ack_with(AckKind::Term).await, None, false);
+                return dropped(message.ack_with(AckKind::Term).await);
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot read the job's state; retrying in 1 s");
@@ -307,7 +309,15 @@ async fn execute(
 /// failed may come back, and is released when it does.
 fn left(acked: Result<(), async_nats::Error>, tokens: Option<u64>, refund: bool) -> Exit {
     match acked {
-        Ok(()) => Exit::Left { tokens, refund },
+        Ok(()) => Exit::Left { tokens, refund, ran: true },
+        Err(_) => Exit::Stayed,
+    }
+}
+
+/// A message dropped without running its job (handled elsewhere, or no state).
+fn dropped(acked: Result<(), async_nats::Error>) -> Exit {
+    match acked {
+        Ok(()) => Exit::Left { tokens: None, refund: false, ran: false },
         Err(_) => Exit::Stayed,
     }
 }
