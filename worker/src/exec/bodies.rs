@@ -12,7 +12,8 @@ use sluice_core::event::JobStatus;
 use sluice_core::wire::envelope::Envelope;
 use sluice_core::wire::{reply, stored};
 
-use crate::exec::job::{JobContext, Outcome, failed};
+use crate::exec::job::JobContext;
+use crate::exec::outcome::{Outcome, failed};
 
 /// Why a job's request body is not at hand.
 pub(crate) enum RequestBody {

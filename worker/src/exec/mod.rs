@@ -8,6 +8,7 @@
 //! - [`job`]: one job's life (and the context every job shares): deadline,
 //!   upstream call, retries, answer, event.
 //! - [`bodies`]: request bodies and answers too large for a NATS message.
+//! - [`outcome`]: what an attempt's result means: an answer, or another attempt.
 //! - [`stream`]: relaying a provider's server-sent events to the waiting ingress.
 //! - [`state`]: an asynchronous job's stored state as the worker moves it on.
 //! - [`counts`]: releasing and repairing the admission counters.
@@ -18,6 +19,7 @@ pub mod counts;
 pub mod executor;
 pub mod fair;
 pub mod job;
+pub mod outcome;
 pub mod queues;
 pub mod state;
 pub mod stream;
