@@ -1,5 +1,6 @@
 //! The mock's routes. State is atomics only: no lock on the request path
-//! (except the rate limiter's log, when a limit is set).
+//! (except the rate limiter's log, when a limit is set, and the injected
+//! `Retry-After`, read only for an injected failure).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -30,6 +31,7 @@ pub struct MockState {
     error_status: AtomicU64,
     hang_ms: AtomicU64,
     pub(crate) stream_delay_ms: AtomicU64,
+    retry_after: std::sync::Mutex<Option<String>>,
     limiter: crate::limiter::Limiter,
     rng: AtomicU64,
     pub(crate) stats: Stats,
@@ -81,6 +83,7 @@ impl MockState {
             error_status: AtomicU64::new(500),
             hang_ms: AtomicU64::new(600_000),
             stream_delay_ms: AtomicU64::new(0),
+            retry_after: std::sync::Mutex::new(None),
             limiter: crate::limiter::Limiter::default(),
             rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
             stats: Stats::default(),
@@ -106,6 +109,7 @@ impl MockState {
         self.error_status.store(if f.error_status == 0 { 500 } else { u64::from(f.error_status) }, Relaxed);
         self.hang_ms.store(if f.hang_ms == 0 { 600_000 } else { f.hang_ms }, Relaxed);
         self.stream_delay_ms.store(f.stream_delay_ms, Relaxed);
+        *self.retry_after.lock().unwrap_or_else(|p| p.into_inner()) = f.retry_after.clone();
     }
 
     /// A uniform number in [0, 1) from a shared xorshift state.
@@ -152,6 +156,8 @@ pub(crate) enum Fault {
 pub(crate) struct Gate {
     pub fault: Fault,
     pub rate: Option<Verdict>,
+    /// `Retry-After` of an injected failure.
+    pub retry_after: Option<String>,
 }
 
 /// A request's tokens as the limiter counts them on arrival: its body's
@@ -175,7 +181,7 @@ pub(crate) async fn before_answer(state: &MockState, body: &Bytes) -> Gate {
     let rate = (rpm > 0 || tpm > 0).then(|| state.limiter.check(rpm, tpm, request_tokens(state, body)));
     if rate.is_some_and(|v| !v.allowed) {
         state.stats.rate_limited.fetch_add(1, Relaxed);
-        return Gate { fault: Fault::RateLimited, rate };
+        return Gate { fault: Fault::RateLimited, rate, retry_after: None };
     }
     let hang =
         MockState::take_one(&state.hang_next) || state.random() < f64::from_bits(state.hang_rate_bits.load(Relaxed));
@@ -193,10 +199,11 @@ pub(crate) async fn before_answer(state: &MockState, body: &Bytes) -> Gate {
         state.stats.errors.fetch_add(1, Relaxed);
         let status =
             StatusCode::from_u16(state.error_status.load(Relaxed) as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return Gate { fault: Fault::Error(status), rate };
+        let retry_after = state.retry_after.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        return Gate { fault: Fault::Error(status), rate, retry_after };
     }
     state.stats.ok.fetch_add(1, Relaxed);
-    Gate { fault: Fault::None, rate }
+    Gate { fault: Fault::None, rate, retry_after: None }
 }
 
 impl Gate {
@@ -216,6 +223,9 @@ impl Gate {
             }
         };
         self.headers(&mut r, style);
+        if let Some(v) = self.retry_after.as_deref().and_then(|v| axum::http::HeaderValue::from_str(v).ok()) {
+            r.headers_mut().insert("retry-after", v);
+        }
         Some(r)
     }
 

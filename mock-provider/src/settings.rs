@@ -39,6 +39,9 @@ pub struct Faults {
     pub hang_ms: u64,
     /// Pause between the events of a streamed answer.
     pub stream_delay_ms: u64,
+    /// `Retry-After` sent with injected failures, as written (any text, to
+    /// try what a client does with absurd values).
+    pub retry_after: Option<String>,
 }
 
 impl Default for Settings {

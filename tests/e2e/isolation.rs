@@ -247,3 +247,40 @@ async fn a_job_whose_state_does_not_decode_is_failed_not_retried_forever() {
     assert_eq!(stack.mock.requests().await, 0, "it never ran");
     stack.ledger_row(id, "failed").await;
 }
+
+/// A provider's absurd `Retry-After` (u64::MAX seconds, or not a number at
+/// all) is clamped: nothing panics or overflows, the client gets a 429
+/// with a `Retry-After` of at most a day instead of a request parked for
+/// ages, the deployment is paused for at most `MAX_PAUSE` (unit test in the
+/// pools), and another tenant on another deployment is served at once.
+#[tokio::test]
+async fn absurd_retry_after_from_a_provider_is_clamped_and_other_tenants_are_served() {
+    let told = ["18446744073709551615", "1e308", "-5", "soon"];
+    let stack = Stack::start_with(|c| {
+        for i in 0..told.len() {
+            crate::harness::add_profile_pool(c, &format!("told-{i}"), "mock");
+        }
+    })
+    .await;
+    let other = stack.key_of("other").await;
+    for (i, value) in told.iter().enumerate() {
+        stack.mock.faults(serde_json::json!({"error_rate": 1.0, "error_status": 429, "retry_after": value})).await;
+        let mut body = Stack::chat_body("pace me");
+        body["model"] = format!("told-{i}").into();
+        let r = stack.chat(&body).await;
+        let status = r.status().as_u16();
+        let retry_after: Option<u64> = r.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok());
+        if i < 2 {
+            // Told to wait past the deadline: answered at once, the wait cut to a day.
+            assert_eq!(status, 429, "{value}: the provider's pace reaches the client as a 429");
+            let secs = retry_after.expect("a Retry-After");
+            assert!((1..=86_400).contains(&secs), "{value}: Retry-After {secs}");
+        } else {
+            // Not a wait at all: ignored, the job retried on its own backoff.
+            assert!(status == 429 || status == 502, "{value}: {status}");
+        }
+        stack.mock.faults(serde_json::json!({"error_rate": 0.0})).await;
+        let r = post_json(&stack, "/v1/chat/completions", &other, &Stack::chat_body("me")).await;
+        assert_eq!(r.status(), 200, "{value}: the other tenant waited");
+    }
+}

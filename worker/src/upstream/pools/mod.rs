@@ -43,6 +43,13 @@ use crate::metrics as m;
 use crate::upstream::client::{self, CallError, Client};
 use crate::upstream::providers::RateInfo;
 use breaker::Breaker;
+
+/// Longest a provider's `Retry-After` or rate-limit reset pauses one of its
+/// deployments: a provider that means longer (a daily quota) is probed once
+/// per pause, one call, instead of the pool being shut for a day on one
+/// header.
+pub const MAX_PAUSE: Duration = Duration::from_secs(60);
+
 pub use budget::Shared;
 use budget::{RetryBudget, Window, effective};
 
@@ -173,15 +180,17 @@ impl Deployment {
                 h.learned_tpm = Some(l);
             }
             let mut until: Option<Instant> = None;
+            // A provider's word pauses the deployment for every tenant: at
+            // most MAX_PAUSE at a time, then one call probes it again.
+            let pause = |wait: Option<Duration>| Some(now + wait.unwrap_or(Duration::from_secs(1)).min(MAX_PAUSE));
             if let Err(CallError::Retryable { status: Some(429), retry_after, .. }) = outcome {
-                let wait = retry_after.or(rate.retry_after).or(rate.reset_requests).unwrap_or(Duration::from_secs(1));
-                until = Some(now + wait);
+                until = pause(retry_after.or(rate.retry_after).or(rate.reset_requests));
             }
             if rate.remaining_requests == Some(0) {
-                until = until.max(Some(now + rate.reset_requests.unwrap_or(Duration::from_secs(1))));
+                until = until.max(pause(rate.reset_requests));
             }
             if rate.remaining_tokens == Some(0) {
-                until = until.max(Some(now + rate.reset_tokens.unwrap_or(Duration::from_secs(1))));
+                until = until.max(pause(rate.reset_tokens));
             }
             if let Some(until) = until {
                 h.blocked_until = Some(h.blocked_until.map_or(until, |t| t.max(until)));

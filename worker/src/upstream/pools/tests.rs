@@ -122,3 +122,19 @@ fn windows_pace_the_minute() {
         Some(Subject::DeploymentRate { rate: Rate::Requests, deployment: "d", .. })
     ));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_providers_far_retry_after_pauses_a_deployment_for_at_most_max_pause() {
+    let pools = pool(&[1], 5);
+    let p = pools.get("p").unwrap();
+    let d = p.reserve(1, &[], None).await.pop().unwrap().deployment;
+    let far = crate::upstream::providers::MAX_TOLD_WAIT;
+    let limited = CallError::Retryable { reason: "upstream_429", status: Some(429), retry_after: Some(far) };
+    let rate = RateInfo { remaining_tokens: Some(0), reset_tokens: Some(far), ..Default::default() };
+    d.record(&Err(&limited), &rate, Duration::ZERO, None);
+    let ready = p.ready_at().expect("paused");
+    assert!(ready <= Instant::now() + MAX_PAUSE, "paused past MAX_PAUSE");
+    tokio::time::advance(MAX_PAUSE + Duration::from_millis(1)).await;
+    assert!(p.ready_at().is_none(), "probed again after the pause");
+    assert_eq!(p.reserve(1, &[], None).await.len(), 1);
+}
