@@ -399,3 +399,31 @@ async fn a_tenant_with_hanging_receivers_does_not_hold_up_another_tenants_webhoo
     assert!(got.is_ok(), "the other tenant's webhook waited behind the hanging receivers");
     assert!(hung.try_recv().is_err(), "the hanging tenant got no more than its share");
 }
+
+/// A job's result too large for a NATS message stays out of its webhook
+/// event (the delivery table keeps one row per event): the event says its
+/// size in `result_bytes`, and `GET /v1/jobs/{id}` sends the result whole.
+#[tokio::test]
+async fn a_webhook_event_leaves_a_stored_result_out_and_names_its_size() {
+    let stack = Stack::start().await;
+    let mut receiver = Receiver::start(&[]).await;
+    let inputs: Vec<String> = (0..100).map(|i| format!("document {i}")).collect();
+    let body = serde_json::json!({
+        "endpoint": "embeddings",
+        "body": {"model": crate::harness::MODEL, "input": inputs, "dimensions": 1536},
+        "webhook": {"url": receiver.url},
+    });
+    let r = stack.submit_job(&stack.key, &body, None).await;
+    assert_eq!(r.status(), 202);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let got = receiver.next().await;
+    let event: serde_json::Value = serde_json::from_str(&got.body).unwrap();
+    assert_eq!(event["type"], "job.completed");
+    assert!(event["data"].get("result").is_none(), "the stored result travelled in the event");
+    let size = event["data"]["result_bytes"].as_u64().unwrap();
+    assert!(size > 1024 * 1024, "{size}");
+    assert!(got.body.len() < 64 * 1024, "the event is small: {} bytes", got.body.len());
+    let job: serde_json::Value = stack.get_job(&stack.key, &id).await.json().await.unwrap();
+    assert_eq!(job["result"]["data"].as_array().unwrap().len(), 100);
+    assert_eq!(job["result_bytes"].as_u64(), Some(size));
+}
