@@ -398,6 +398,7 @@ impl Config {
             ("ingress.body_timeout_ms", self.ingress.body_timeout_ms),
             ("ingress.write_timeout_ms", self.ingress.write_timeout_ms),
             ("ingress.stream_buffer_chunks", self.ingress.stream_buffer_chunks as u64),
+            ("ingress.stream_buffer_bytes", self.ingress.stream_buffer_bytes as u64),
             ("ingress.stream_chunk_gap_ms", self.ingress.stream_chunk_gap_ms),
             ("ingress.stream_keepalive_ms", self.ingress.stream_keepalive_ms),
             ("worker.max_in_flight", self.worker.max_in_flight as u64),

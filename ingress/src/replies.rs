@@ -12,7 +12,7 @@
 use sluice_core::tasks::Tasks;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use async_nats::jetstream::kv;
 use futures::StreamExt;
@@ -28,16 +28,33 @@ enum Command {
     Forget(u64),
 }
 
-/// The router's side of a waiter: a bounded buffer (`ingress.stream_buffer_chunks`).
+/// The router's side of a waiter: a buffer bounded in chunks
+/// (`ingress.stream_buffer_chunks`) and in bytes (`ingress.stream_buffer_bytes`).
 struct Slot {
     tx: mpsc::Sender<Reply>,
-    overflowed: Arc<AtomicBool>,
+    held: Arc<Held>,
+}
+
+/// What a waiter's buffer holds, shared by the router and the waiter.
+#[derive(Default)]
+struct Held {
+    /// Bytes of chunks sent and not yet received.
+    bytes: AtomicUsize,
+    /// The router cut the waiter off: its buffer was full.
+    overflowed: AtomicBool,
+}
+
+/// The bounds of each waiter's buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Buffer {
+    pub chunks: usize,
+    pub bytes: usize,
 }
 
 pub struct Replies {
     ingress_id: String,
     next: AtomicU64,
-    buffer: usize,
+    buffer: Buffer,
     commands: mpsc::UnboundedSender<Command>,
 }
 
@@ -46,7 +63,7 @@ pub struct Waiter {
     pub subject: String,
     id: u64,
     rx: mpsc::Receiver<Reply>,
-    overflowed: Arc<AtomicBool>,
+    held: Arc<Held>,
     commands: mpsc::UnboundedSender<Command>,
 }
 
@@ -55,12 +72,16 @@ impl Waiter {
     /// if the router stopped, or dropped this waiter because its client
     /// read too slowly ([`Waiter::overflowed`]).
     pub async fn recv(&mut self) -> Option<Reply> {
-        self.rx.recv().await
+        let reply = self.rx.recv().await;
+        if let Some(Reply::Chunk(c)) = &reply {
+            self.held.bytes.fetch_sub(c.data.len(), Ordering::Relaxed);
+        }
+        reply
     }
 
     /// Whether the router cut this waiter off: its buffer was full.
     pub fn overflowed(&self) -> bool {
-        self.overflowed.load(Ordering::Relaxed)
+        self.held.overflowed.load(Ordering::Relaxed)
     }
 }
 
@@ -76,7 +97,7 @@ impl Replies {
         client: &async_nats::Client,
         ingress_id: &str,
         job_state: kv::Store,
-        buffer: usize,
+        buffer: Buffer,
         tasks: &Tasks,
     ) -> Result<Self, async_nats::SubscribeError> {
         let mut subscription = client.subscribe(subjects::replies_of(ingress_id)).await?;
@@ -96,23 +117,24 @@ impl Replies {
                     },
                     message = subscription.next() => {
                         let Some(message) = message else { return };
-                        if let Some(orphan) = route(&mut waiting, message) {
+                        if let Some(orphan) = route(&mut waiting, message, buffer.bytes) {
                             orphans.spawn(store_orphan(job_state.clone(), orphan));
                         }
                     }
                 }
             }
         });
-        Ok(Self { ingress_id: ingress_id.to_owned(), next: AtomicU64::new(1), buffer: buffer.max(1), commands: tx })
+        let buffer = Buffer { chunks: buffer.chunks.max(1), bytes: buffer.bytes };
+        Ok(Self { ingress_id: ingress_id.to_owned(), next: AtomicU64::new(1), buffer, commands: tx })
     }
 
     pub fn register(&self) -> Waiter {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(self.buffer);
-        let overflowed = Arc::new(AtomicBool::new(false));
-        let _ = self.commands.send(Command::Register(id, Slot { tx, overflowed: overflowed.clone() }));
+        let (tx, rx) = mpsc::channel(self.buffer.chunks);
+        let held = Arc::new(Held::default());
+        let _ = self.commands.send(Command::Register(id, Slot { tx, held: held.clone() }));
         let subject = subjects::reply(&self.ingress_id, id);
-        Waiter { subject, id, rx, overflowed, commands: self.commands.clone() }
+        Waiter { subject, id, rx, held, commands: self.commands.clone() }
     }
 }
 
@@ -120,7 +142,7 @@ impl Replies {
 /// A streamed answer's pieces are not returned: they went out as they came.
 /// A waiter whose buffer is full (its client reads slower than the provider
 /// writes) is dropped: its stream ends, and nothing else waits for it.
-fn route(waiting: &mut HashMap<u64, Slot>, message: async_nats::Message) -> Option<Box<Answer>> {
+fn route(waiting: &mut HashMap<u64, Slot>, message: async_nats::Message, max_bytes: usize) -> Option<Box<Answer>> {
     let reply = match Reply::decode(message.headers.as_ref(), message.payload) {
         Ok(reply) => reply,
         Err(error) => {
@@ -138,21 +160,34 @@ fn route(waiting: &mut HashMap<u64, Slot>, message: async_nats::Message) -> Opti
         return unwanted(reply);
     };
     // A chunk leaves its slot in place for the next one; an answer frees it.
-    let (sent, overflowed) = match (&reply, waiting.get(&slot)) {
+    let (sent, held) = match (&reply, waiting.get(&slot)) {
         (_, None) => {
             metrics::counter!(crate::metrics::ORPHAN_REPLIES).increment(1);
             return unwanted(reply);
         }
-        (Reply::Chunk(_), Some(waiter)) => (waiter.tx.try_send(reply), waiter.overflowed.clone()),
+        (Reply::Chunk(c), Some(waiter)) => {
+            let len = c.data.len();
+            // Counted before it is sent, so the waiter never counts it below zero.
+            let before = waiter.held.bytes.fetch_add(len, Ordering::Relaxed);
+            let sent = if before + len > max_bytes {
+                Err(mpsc::error::TrySendError::Full(reply))
+            } else {
+                waiter.tx.try_send(reply)
+            };
+            if sent.is_err() {
+                waiter.held.bytes.fetch_sub(len, Ordering::Relaxed);
+            }
+            (sent, waiter.held.clone())
+        }
         (Reply::Answer(_), Some(_)) => match waiting.remove(&slot) {
-            Some(waiter) => (waiter.tx.try_send(reply), waiter.overflowed),
+            Some(waiter) => (waiter.tx.try_send(reply), waiter.held),
             None => return None,
         },
     };
     match sent {
         Ok(()) => None,
         Err(mpsc::error::TrySendError::Full(reply)) => {
-            overflowed.store(true, Ordering::Relaxed);
+            held.overflowed.store(true, Ordering::Relaxed);
             waiting.remove(&slot);
             metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "slow_client").increment(1);
             unwanted(reply)

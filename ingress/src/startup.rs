@@ -70,7 +70,8 @@ impl Ingress {
         let tasks = Tasks::new();
         let (every, stale) = (ms(config.ingress.auth_refresh_ms), ms(config.ingress.auth_max_staleness_ms));
         let keys = KeyCache::start(db.clone(), config.tenants.clone(), every, stale, &tasks).await?;
-        let buffer = config.ingress.stream_buffer_chunks;
+        let c = &config.ingress;
+        let buffer = crate::replies::Buffer { chunks: c.stream_buffer_chunks, bytes: c.stream_buffer_bytes };
         let replies = Replies::start(&client, &ingress_id, job_state.clone(), buffer, &tasks).await?;
         let pools = config
             .pools

@@ -232,3 +232,36 @@ async fn long_pauses_get_keep_alive_comments_and_a_gap_past_the_limit_ends_the_s
     assert!(text.contains("stream_interrupted"), "{text}");
     assert!(text.contains(": keep-alive"), "{text}");
 }
+
+/// The stream buffer is bounded in bytes as well as in chunks: a client that
+/// stops reading a stream of large events is cut off once
+/// `ingress.stream_buffer_bytes` wait for it, long before the chunk bound.
+#[tokio::test]
+async fn a_stream_past_its_byte_bound_is_cut_off() {
+    let stack = Stack::start_with(|c| {
+        c.ingress.stream_buffer_chunks = 100_000;
+        c.ingress.stream_buffer_bytes = 64 * 1024;
+        c.ingress.write_timeout_ms = 60_000;
+        crate::harness::add_profile_pool(c, "big-events", "mock@tokens=2000,token_bytes=8192,tps=1000");
+    })
+    .await;
+    let cut = || async {
+        let metrics = stack.http.get(format!("{}/metrics", stack.ops)).send().await.unwrap().text().await.unwrap();
+        let line =
+            metrics.lines().find(|l| l.starts_with("sluice_ingress_streams_interrupted_total{reason=\"slow_client\"}"));
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    let before = cut().await;
+    let silent = stream_never_read(&stack, "big-events").await;
+    crate::harness::wait_for(
+        "the stream to be cut off by its byte bound",
+        std::time::Duration::from_secs(30),
+        || async { (cut().await > before).then_some(()) },
+    )
+    .await;
+    // The client, reading at last, finds the interruption, not the answer's end.
+    let got = read_until_closed(silent, std::time::Duration::from_secs(30)).await.expect("stream ended");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("read the stream too slowly"), "{}", &text[text.len().saturating_sub(300)..]);
+    assert!(!text.contains("\"finish_reason\":\"stop\""), "the whole answer was buffered");
+}

@@ -45,6 +45,8 @@ pub struct IngressConfig {
     /// Chunks of a streamed answer held for a client that reads slower than
     /// the provider writes; beyond it the stream is cut off.
     pub stream_buffer_chunks: usize,
+    /// The same bound in bytes (a provider sending large events).
+    pub stream_buffer_bytes: usize,
     /// Longest wait for a stream's next chunk before it is ended with a
     /// `stream_interrupted` error.
     pub stream_chunk_gap_ms: u64,
@@ -74,6 +76,7 @@ impl Default for IngressConfig {
             body_timeout_ms: 30_000,
             write_timeout_ms: 30_000,
             stream_buffer_chunks: 256,
+            stream_buffer_bytes: 1024 * 1024,
             stream_chunk_gap_ms: 60_000,
             stream_keepalive_ms: 15_000,
             publish_retry_ms: 10_000,
