@@ -132,6 +132,9 @@ pub struct WorkerConfig {
     /// Ledger: most event messages (each a batch of up to 128 job events)
     /// written to Postgres in one statement.
     pub ledger_batch: usize,
+    /// Bytes of request bodies read back from the bodies bucket (those too
+    /// large for a NATS message) held at once; jobs past it wait their turn.
+    pub max_body_memory_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -284,6 +287,7 @@ impl Default for WorkerConfig {
             retry_max_delay_ms: 10_000,
             shutdown_grace_ms: 25_000,
             ledger_batch: 32,
+            max_body_memory_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -442,6 +446,12 @@ impl Config {
         }
         if !(0.0..=10.0).contains(&self.upstream.retry_budget_ratio) {
             return Err(ConfigError::key("upstream.retry_budget_ratio", "must be between 0 and 10"));
+        }
+        if self.worker.max_body_memory_bytes < self.ingress.max_body_bytes {
+            return Err(ConfigError::key(
+                "worker.max_body_memory_bytes",
+                "must be at least ingress.max_body_bytes (a body of the largest size could never run)",
+            ));
         }
         if self.ingress.max_body_memory_bytes < self.ingress.max_body_bytes {
             return Err(ConfigError::key(

@@ -284,3 +284,32 @@ async fn absurd_retry_after_from_a_provider_is_clamped_and_other_tenants_are_ser
         assert_eq!(r.status(), 200, "{value}: the other tenant waited");
     }
 }
+
+/// A worker holds at most `worker.max_body_memory_bytes` of stored request
+/// bodies at once: of four 1.5 MiB jobs at once with room for two, two run
+/// while the others wait (no more at the provider at once), and all four
+/// complete.
+#[tokio::test]
+async fn a_workers_large_bodies_run_as_many_at_a_time_as_its_budget_holds() {
+    let stack = Stack::start_with(|c| {
+        c.ingress.max_body_bytes = 2 * 1024 * 1024;
+        c.worker.max_body_memory_bytes = 3 * 1024 * 1024 + 512 * 1024;
+        // Each answer takes 800 ms, so the jobs overlap at the provider.
+        crate::harness::add_profile_pool(c, "slow", "mock@first_ms=800");
+    })
+    .await;
+    let text = "x".repeat(1536 * 1024);
+    let mut job = Stack::job_body(&text);
+    job["body"]["model"] = "slow".into();
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let r = stack.submit_job(&stack.key, &job, None).await;
+        assert_eq!(r.status(), 202);
+        ids.push(r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        stack.job_with_status(id, "completed").await;
+    }
+    let peak = stack.mock.stats().await["peak_in_flight"].as_u64().unwrap();
+    assert!(peak <= 2, "{peak} large bodies were at the provider at once");
+}

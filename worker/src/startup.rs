@@ -137,6 +137,8 @@ impl Worker {
             job_state,
             bodies,
             max_body_bytes: config.ingress.max_body_bytes,
+            body_budget: Arc::new(tokio::sync::Semaphore::new(w.max_body_memory_bytes.min(u32::MAX as usize))),
+            max_body_memory: w.max_body_memory_bytes.min(u32::MAX as usize),
             pools: pools.with_budgets(Shared { counters: counters.clone(), counts: counts.clone() }),
             max_attempts: w.max_attempts,
             ack_wait: ms(w.ack_wait_ms),

@@ -24,16 +24,34 @@ pub(crate) enum RequestBody {
     Later,
 }
 
+/// A request body read from the bodies bucket, with its bytes of the
+/// worker's body budget (`worker.max_body_memory_bytes`), held until the job
+/// is done with it.
+pub(crate) type BodyPermit = Option<tokio::sync::OwnedSemaphorePermit>;
+
 /// The request body: the message's payload, or the body the ingress stored
-/// apart because a message could not carry it.
+/// apart because a message could not carry it. A stored body first takes
+/// its size from the worker's body budget, all at once (so jobs waiting for
+/// it never hold part of it): a backlog of large bodies runs as many at a
+/// time as the budget holds instead of exhausting the worker.
 pub(crate) async fn request_body(
     ctx: &JobContext,
     message: &jetstream::Message,
     env: &Envelope,
-) -> Result<Bytes, RequestBody> {
-    let Some(stored) = &env.body_ref else { return Ok(message.payload.clone()) };
+) -> Result<(Bytes, BodyPermit), RequestBody> {
+    let Some(stored) = &env.body_ref else { return Ok((message.payload.clone(), None)) };
+    let too_large = |limit: usize, key: &str| {
+        let message = format!("the request body is {} bytes, more than this worker's {limit} ({key})", stored.size);
+        RequestBody::Unreadable(failed(ApiError::new(ErrorCode::PayloadTooLarge, message), None))
+    };
+    let budget = ctx.body_budget.clone();
+    let Ok(n) = u32::try_from(stored.size) else { return Err(too_large(u32::MAX as usize, "its largest")) };
+    if n as usize > ctx.max_body_memory {
+        return Err(too_large(ctx.max_body_memory, "worker.max_body_memory_bytes"));
+    }
+    let Ok(permit) = budget.acquire_many_owned(n).await else { return Err(RequestBody::Later) };
     match ctx.bodies.read(stored, ctx.max_body_bytes).await {
-        Ok(body) => Ok(body),
+        Ok(body) => Ok((body, Some(permit))),
         Err(error @ BodyError::Store(_)) => {
             tracing::warn!(%error, "cannot read the stored request body; retrying in 1 s");
             let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;

@@ -51,6 +51,9 @@ pub struct JobContext {
     pub bodies: sluice_core::bodies::Bodies,
     /// Longest request body read from `bodies` (`ingress.max_body_bytes`).
     pub max_body_bytes: usize,
+    /// Bytes of stored request bodies held at once (`worker.max_body_memory_bytes`).
+    pub body_budget: Arc<tokio::sync::Semaphore>,
+    pub max_body_memory: usize,
     pub pools: Pools,
     pub max_attempts: u32,
     pub ack_wait: Duration,
@@ -189,31 +192,34 @@ async fn execute(
         match with_progress(ctx, &message, request_body(ctx, &message, env)).await {
             None | Some(Err(RequestBody::Later)) => return Exit::Stayed,
             Some(Err(RequestBody::Unreadable(outcome))) => outcome,
-            Some(Ok(body)) => match call(ctx, &message, env, body, pool, lease, attempt, deadline, started).await {
-                Called::HandedBack => return Exit::Stayed,
-                Called::NoDeployment(ready_at) => {
-                    // Every deployment is out of budget or unhealthy: back to the
-                    // queue until one is ready (the fetch loop skips the pool
-                    // meanwhile, so this happens only to jobs already taken).
-                    let delay = ready_at
-                        .map_or(ctx.retry_min, |t| t.saturating_duration_since(Instant::now()))
-                        .max(Duration::from_millis(50));
-                    Outcome::Retry { delay, reason: "no_deployment_ready" }
+            // (the body's permit lives until the call is done)
+            Some(Ok((body, _permit))) => {
+                match call(ctx, &message, env, body, pool, lease, attempt, deadline, started).await {
+                    Called::HandedBack => return Exit::Stayed,
+                    Called::NoDeployment(ready_at) => {
+                        // Every deployment is out of budget or unhealthy: back to the
+                        // queue until one is ready (the fetch loop skips the pool
+                        // meanwhile, so this happens only to jobs already taken).
+                        let delay = ready_at
+                            .map_or(ctx.retry_min, |t| t.saturating_duration_since(Instant::now()))
+                            .max(Duration::from_millis(50));
+                        Outcome::Retry { delay, reason: "no_deployment_ready" }
+                    }
+                    Called::Answered(result) => classify(ctx, env, pool, result, attempt, deadline),
+                    Called::Streamed(crate::exec::stream::Relayed { usage, error: None }) => Outcome::Answered {
+                        status: JobStatus::Completed,
+                        outcome: reply::Outcome::Body { status: 200, body: Bytes::new() },
+                        upstream_status: Some(200),
+                        usage,
+                    },
+                    Called::Streamed(crate::exec::stream::Relayed { usage, error: Some(error) }) => Outcome::Answered {
+                        status: JobStatus::Failed,
+                        outcome: reply::Outcome::Error(error),
+                        upstream_status: Some(200),
+                        usage,
+                    },
                 }
-                Called::Answered(result) => classify(ctx, env, pool, result, attempt, deadline),
-                Called::Streamed(crate::exec::stream::Relayed { usage, error: None }) => Outcome::Answered {
-                    status: JobStatus::Completed,
-                    outcome: reply::Outcome::Body { status: 200, body: Bytes::new() },
-                    upstream_status: Some(200),
-                    usage,
-                },
-                Called::Streamed(crate::exec::stream::Relayed { usage, error: Some(error) }) => Outcome::Answered {
-                    status: JobStatus::Failed,
-                    outcome: reply::Outcome::Error(error),
-                    upstream_status: Some(200),
-                    usage,
-                },
-            },
+            }
         }
     } else {
         failed(ApiError::new(ErrorCode::ModelNotFound, format!("this worker serves no pool `{}`", env.pool)), None)
