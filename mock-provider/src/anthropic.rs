@@ -4,6 +4,7 @@
 //! `content_block_stop`, `message_delta` with the usage, `message_stop`).
 //! Requests must carry `x-api-key` and `anthropic-version`, as Anthropic's do.
 
+use crate::profile::Profile;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -36,12 +37,14 @@ pub async fn messages(State(state): State<Arc<MockState>>, headers: HeaderMap, b
     if let Some(r) = gate.fault_response(Style::Anthropic) {
         return r;
     }
-    let mut r = answer(&state, &body);
+    let mut r = answer(&state, &body).await;
     gate.headers(&mut r, Style::Anthropic);
     r
 }
 
-fn answer(state: &MockState, body: &Bytes) -> Response {
+/// A message, shaped by the model name's profile as chat completions are
+/// (`crate::profile`: `tokens`, `token_bytes`, `tps`, `first_ms`, pauses).
+async fn answer(state: &MockState, body: &Bytes) -> Response {
     let request = match parse(body) {
         Ok(v) => v,
         Err(_) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", "the body is not JSON"),
@@ -59,13 +62,23 @@ fn answer(state: &MockState, body: &Bytes) -> Response {
     let input_tokens = (prompt_chars as u64).div_ceil(4).max(1);
     let last = messages.last().and_then(|m| m.get("content")).map(text_of).unwrap_or_default();
     let quoted: String = last.chars().take(200).collect();
-    let output_tokens = u64::from(state.completion_tokens.load(Relaxed)).min(max_tokens);
+    let profile = Profile::of(&model);
+    let output_tokens =
+        profile.tokens.unwrap_or_else(|| u64::from(state.completion_tokens.load(Relaxed))).min(max_tokens);
     let n = state.stats.ok.load(Relaxed);
     let id = format!("msg_mock_{n}");
-    let content = format!("mock reply to: {quoted}");
+    let mut content = format!("mock reply to: {quoted}");
+    if profile.tokens.is_some() {
+        content.push_str(&format!(" {}", profile.token()).repeat(output_tokens as usize));
+    }
     if request.get("stream").and_then(Value::as_bool) == Some(true) {
         let delay = Duration::from_millis(state.stream_delay_ms.load(Relaxed));
-        return stream(&id, &model, &content, input_tokens, output_tokens, delay);
+        return stream(&id, &model, &content, input_tokens, output_tokens, delay, profile);
+    }
+    // Nothing is sent before the whole message is made.
+    let making = profile.generation_time(output_tokens);
+    if !making.is_zero() {
+        tokio::time::sleep(making).await;
     }
     Json(json!({
         "id": id, "type": "message", "role": "assistant", "model": model,
@@ -76,7 +89,15 @@ fn answer(state: &MockState, body: &Bytes) -> Response {
     .into_response()
 }
 
-fn stream(id: &str, model: &str, content: &str, input: u64, output: u64, delay: Duration) -> Response {
+fn stream(
+    id: &str,
+    model: &str,
+    content: &str,
+    input: u64,
+    output: u64,
+    delay: Duration,
+    profile: Profile,
+) -> Response {
     let mut events: Vec<(&str, Value)> = vec![
         (
             "message_start",
@@ -109,11 +130,20 @@ fn stream(id: &str, model: &str, content: &str, input: u64, output: u64, delay: 
     events.push(("message_stop", json!({"type": "message_stop"})));
     let frames: Vec<String> = events.iter().map(|(name, data)| format!("event: {name}\ndata: {data}\n\n")).collect();
     use futures::StreamExt;
-    let body = futures::stream::iter(frames.into_iter().enumerate()).then(move |(i, frame)| async move {
-        if i > 0 && !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+    // The text deltas (events 3 to 3 + words) come at the profile's pace.
+    let tokens = words.len();
+    let body = futures::stream::iter(frames.into_iter().enumerate()).then(move |(i, frame)| {
+        let profile = profile.clone();
+        async move {
+            let mut wait = if i > 0 { delay } else { Duration::ZERO };
+            if (3..3 + tokens).contains(&i) {
+                wait += profile.before_token(i as u64 - 3);
+            }
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            Ok::<_, std::convert::Infallible>(Bytes::from(frame))
         }
-        Ok::<_, std::convert::Infallible>(Bytes::from(frame))
     });
     ([(axum::http::header::CONTENT_TYPE, "text/event-stream")], axum::body::Body::from_stream(body)).into_response()
 }

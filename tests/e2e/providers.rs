@@ -141,3 +141,31 @@ async fn chat_completions_reach_an_anthropic_deployment_translated_both_ways() {
     assert_eq!(content, "mock reply to: translate me");
     assert!(!text.contains("event:"), "OpenAI streams carry no event names: {text}");
 }
+
+/// The mock's profiles shape Anthropic answers too: a pool whose deployment
+/// asks for `mock@tokens=40` gets 40 output tokens, streamed and not,
+/// through the translation to chat completions.
+#[tokio::test]
+async fn an_anthropic_deployment_with_a_mock_profile_answers_its_token_count() {
+    let stack = Stack::start_with(|c| {
+        let mut p = c.pools.iter().find(|p| p.name == ANTHROPIC_MODEL).unwrap().clone();
+        p.name = "claude-long".into();
+        p.model = Some("mock@tokens=40".into());
+        c.pools.push(p);
+    })
+    .await;
+    let mut body = chat("claude-long", "count");
+    let answer: serde_json::Value = stack.chat(&body).await.json().await.unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 40, "{answer}");
+    let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(content.matches(" tok").count(), 40, "{content}");
+    body["stream"] = serde_json::json!(true);
+    let text = stack.chat(&body).await.text().await.unwrap();
+    let streamed: String = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.strip_prefix("data: ")?).ok())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(streamed, content, "the stream says what the answer said");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+}
