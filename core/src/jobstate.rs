@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::event::JobStatus;
-use crate::wire::reply::Outcome;
+use crate::wire::reply::{JobRef, Outcome};
 use crate::wire::stored::StoredBody;
 
 /// One job as clients see it on `GET /v1/jobs/{id}`.
@@ -120,6 +120,18 @@ impl JobRecord {
             webhook: None,
             request_hash: None,
         }
+    }
+
+    /// A synchronous request's job, first stored queued (its client left, or
+    /// its state is replaced): what its envelope or its answer names.
+    pub fn of_job(job: &JobRef) -> Self {
+        Self::queued(
+            job.job_id,
+            job.endpoint.as_str(),
+            &job.pool,
+            job.submitted_ms,
+            job.deadline_ms.saturating_sub(job.submitted_ms),
+        )
     }
 
     /// Sets the outcome: the provider's answer as `result` when `status` is

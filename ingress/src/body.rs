@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use sluice_core::error::{ApiError, ErrorCode};
@@ -77,34 +77,25 @@ pub async fn read_json_body(
     }
     let read = async {
         let mut body = body;
-        // Most bodies come in one frame: kept as it is, not copied.
-        let mut first: Option<Bytes> = None;
-        let mut rest = BytesMut::new();
+        let mut chunks: Vec<Bytes> = Vec::new();
         let mut len = 0usize;
         while let Some(frame) = body.frame().await {
             let frame =
                 frame.map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "could not read the request body"))?;
             let Ok(chunk) = frame.into_data() else { continue };
-            if len + chunk.len() > limit {
+            len += chunk.len();
+            if len > limit {
                 return Err(too_large());
             }
-            // A body without a declared length takes its bytes as they come.
-            let beyond = (len + chunk.len()).saturating_sub(declared.unwrap_or(0));
-            if beyond > 0 {
-                budget.take(&mut held, beyond.min(chunk.len()))?;
+            // A body without a declared length takes its bytes as they come
+            // (hyper holds a declared one to its length).
+            if declared.is_none() {
+                budget.take(&mut held, chunk.len())?;
             }
-            len += chunk.len();
-            match first.take() {
-                None if rest.is_empty() => first = Some(chunk),
-                None => rest.extend_from_slice(&chunk),
-                Some(earlier) => {
-                    rest.reserve(declared.unwrap_or(0).max(earlier.len() + chunk.len()));
-                    rest.extend_from_slice(&earlier);
-                    rest.extend_from_slice(&chunk);
-                }
-            }
+            chunks.push(chunk);
         }
-        Ok(first.unwrap_or_else(|| rest.freeze()))
+        // Most bodies come in one frame: kept as it is, not copied.
+        Ok(if chunks.len() == 1 { chunks.swap_remove(0) } else { Bytes::from(chunks.concat()) })
     };
     let bytes = tokio::time::timeout(within, read).await.map_err(|_| {
         ApiError::new(

@@ -18,6 +18,7 @@ use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::group_commit::expect_revision;
 use sluice_core::jobstate::{self, JobRecord};
 use sluice_core::wire::envelope::{Envelope, H_MSG_ID};
+use sluice_core::wire::reply::JobRef;
 use sluice_core::wire::{stored, subjects};
 
 use crate::state::AppState;
@@ -141,13 +142,7 @@ impl Drop for DetachOnDrop {
 /// Makes a synchronous request whose wait ran out visible as a job. `create`
 /// never overwrites: if the answer arrived meanwhile, it stays.
 pub async fn detached(state: &AppState, env: &Envelope) {
-    let record = JobRecord::queued(
-        env.job_id,
-        env.endpoint.as_str(),
-        &env.pool,
-        env.submitted_ms,
-        env.deadline_ms.saturating_sub(env.submitted_ms),
-    );
+    let record = JobRecord::of_job(&JobRef::of(env));
     let Ok(value) = serde_json::to_vec(&record) else { return };
     let key = jobstate::key(env.tenant, env.job_id);
     if let Err(error) = state.job_state.create(&key, value.into()).await

@@ -204,13 +204,7 @@ fn route(waiting: &mut HashMap<u64, Slot>, message: async_nats::Message, max_byt
 /// Stores an answer nobody waits for as the job's final state.
 async fn store_orphan(job_state: kv::Store, answer: Box<Answer>) {
     let job = &answer.job;
-    let mut record = JobRecord::queued(
-        job.job_id,
-        job.endpoint.as_str(),
-        &job.pool,
-        job.submitted_ms,
-        job.deadline_ms.saturating_sub(job.submitted_ms),
-    );
+    let mut record = JobRecord::of_job(job);
     record.attempts = answer.attempt;
     let status = answer.outcome.status();
     let outcome = if (200..300).contains(&status) { JobStatus::Completed } else { JobStatus::Failed };

@@ -47,18 +47,19 @@ impl<S> WriteTimeout<S> {
         Self { inner, timeout, stalled: None }
     }
 
-    /// Ready with an error once the write in progress has waited too long.
-    fn check(&mut self, cx: &mut Context<'_>, progress: bool) -> Poll<io::Error> {
-        if progress {
+    /// `result` of a write, or an error once a write has made no progress
+    /// for the timeout.
+    fn guard<T>(&mut self, cx: &mut Context<'_>, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if result.is_ready() {
             self.stalled = None;
-            return Poll::Pending;
+            return result;
         }
         let timeout = self.timeout;
         let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         match stalled.as_mut().poll(cx) {
             Poll::Ready(()) => {
                 metrics::counter!(crate::metrics::WRITE_TIMEOUTS).increment(1);
-                Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")))
             }
             Poll::Pending => Poll::Pending,
         }
@@ -74,18 +75,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
 impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        match self.check(cx, result.is_ready()) {
-            Poll::Ready(error) => Poll::Ready(Err(error)),
-            Poll::Pending => result,
-        }
+        self.guard(cx, result)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let result = Pin::new(&mut self.inner).poll_flush(cx);
-        match self.check(cx, result.is_ready()) {
-            Poll::Ready(error) => Poll::Ready(Err(error)),
-            Poll::Pending => result,
-        }
+        self.guard(cx, result)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -98,10 +93,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        match self.check(cx, result.is_ready()) {
-            Poll::Ready(error) => Poll::Ready(Err(error)),
-            Poll::Pending => result,
-        }
+        self.guard(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -121,29 +121,28 @@ impl Ingress {
         crate::routes::router(self.state.clone()).merge(ops::health(self.readiness()))
     }
 
+    /// Serves `router` on a listener of its own (the admin API, the ops
+    /// endpoints) until `shutdown`.
+    fn serve_beside(&self, listener: TcpListener, router: Router, what: &'static str, shutdown: &CancellationToken) {
+        tracing::info!(addr = ?listener.local_addr().ok(), "{what} listening");
+        let stop = shutdown.clone();
+        self.tasks.spawn(async move {
+            if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
+                tracing::warn!(%error, "{what} stopped");
+            }
+        });
+    }
+
     /// Serves until `shutdown` fires, then lets in-flight requests finish
     /// for `ingress.shutdown_grace_ms` before giving up, stops the
     /// background loops and waits (bounded) for the work they left.
     pub async fn run(self, listeners: Listeners, shutdown: CancellationToken) -> Result<(), StartError> {
         let grace = Duration::from_millis(self.state.config.ingress.shutdown_grace_ms);
         if let (Some(admin), Some(router)) = (listeners.admin, self.admin_router()) {
-            tracing::info!(addr = ?admin.local_addr().ok(), "admin API listening");
-            let stop = shutdown.clone();
-            self.tasks.spawn(async move {
-                if let Err(error) = axum::serve(admin, router).with_graceful_shutdown(stop.cancelled_owned()).await {
-                    tracing::warn!(%error, "admin API stopped");
-                }
-            });
+            self.serve_beside(admin, router, "admin API", &shutdown);
         }
         if let Some(ops_listener) = listeners.ops {
-            tracing::info!(addr = ?ops_listener.local_addr().ok(), "ops endpoints listening");
-            let (stop, app) = (shutdown.clone(), ops::router(self.readiness()));
-            self.tasks.spawn(async move {
-                if let Err(error) = axum::serve(ops_listener, app).with_graceful_shutdown(stop.cancelled_owned()).await
-                {
-                    tracing::warn!(%error, "ops endpoints stopped");
-                }
-            });
+            self.serve_beside(ops_listener, ops::router(self.readiness()), "ops endpoints", &shutdown);
         }
         let listener = listeners.http;
         let app = self.router();

@@ -367,6 +367,14 @@ impl Stack {
         (format!("http://{addr}"), stop, format!("http://{ops_addr}"))
     }
 
+    /// The value of the ingress's metric line that starts with `series`
+    /// (a name, or a name with its labels), 0 while it has none.
+    pub async fn ingress_metric(&self, series: &str) -> f64 {
+        let text = self.http.get(format!("{}/metrics", self.ops)).send().await.unwrap().text().await.unwrap();
+        let line = text.lines().find(|l| l.starts_with(series));
+        line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+    }
+
     pub fn chat_body(content: &str) -> serde_json::Value {
         serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": content}]})
     }

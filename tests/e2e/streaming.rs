@@ -159,11 +159,7 @@ async fn streams_whose_clients_never_read_are_closed_and_others_are_served() {
     })
     .await;
     let mut silent = Vec::new();
-    let timeouts = || async {
-        let metrics = stack.http.get(format!("{}/metrics", stack.ops)).send().await.unwrap().text().await.unwrap();
-        let line = metrics.lines().find(|l| l.starts_with("sluice_ingress_write_timeouts_total"));
-        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
-    };
+    let timeouts = || stack.ingress_metric("sluice_ingress_write_timeouts_total");
     let before = timeouts().await;
     for _ in 0..5 {
         silent.push(stream_never_read(&stack, "long-stream").await);
@@ -245,12 +241,7 @@ async fn a_stream_past_its_byte_bound_is_cut_off() {
         crate::harness::add_profile_pool(c, "big-events", "mock@tokens=2000,token_bytes=8192,tps=1000");
     })
     .await;
-    let cut = || async {
-        let metrics = stack.http.get(format!("{}/metrics", stack.ops)).send().await.unwrap().text().await.unwrap();
-        let line =
-            metrics.lines().find(|l| l.starts_with("sluice_ingress_streams_interrupted_total{reason=\"slow_client\"}"));
-        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
-    };
+    let cut = || stack.ingress_metric("sluice_ingress_streams_interrupted_total{reason=\"slow_client\"}");
     let before = cut().await;
     let silent = stream_never_read(&stack, "big-events").await;
     crate::harness::wait_for(

@@ -40,16 +40,14 @@ pub(crate) async fn request_body(
     env: &Envelope,
 ) -> Result<(Bytes, BodyPermit), RequestBody> {
     let Some(stored) = &env.body_ref else { return Ok((message.payload.clone(), None)) };
-    let too_large = |limit: usize, key: &str| {
-        let message = format!("the request body is {} bytes, more than this worker's {limit} ({key})", stored.size);
-        RequestBody::Unreadable(failed(ApiError::new(ErrorCode::PayloadTooLarge, message), None))
+    // (`max_body_memory` fits a u32: the budget is a semaphore.)
+    let Some(n) = u32::try_from(stored.size).ok().filter(|n| *n as usize <= ctx.max_body_memory) else {
+        let limit = ctx.max_body_memory;
+        let message = format!("the request body is {} bytes, more than this worker's {limit}", stored.size);
+        let error = ApiError::new(ErrorCode::PayloadTooLarge, format!("{message} (worker.max_body_memory_bytes)"));
+        return Err(RequestBody::Unreadable(failed(error, None)));
     };
-    let budget = ctx.body_budget.clone();
-    let Ok(n) = u32::try_from(stored.size) else { return Err(too_large(u32::MAX as usize, "its largest")) };
-    if n as usize > ctx.max_body_memory {
-        return Err(too_large(ctx.max_body_memory, "worker.max_body_memory_bytes"));
-    }
-    let Ok(permit) = budget.acquire_many_owned(n).await else { return Err(RequestBody::Later) };
+    let Ok(permit) = ctx.body_budget.clone().acquire_many_owned(n).await else { return Err(RequestBody::Later) };
     match ctx.bodies.read(stored, ctx.max_body_bytes).await {
         Ok(body) => Ok((body, Some(permit))),
         Err(error @ BodyError::Store(_)) => {

@@ -22,13 +22,13 @@ use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::{JobEvent, JobStatus, Usage};
 use sluice_core::now_ms;
 use sluice_core::wire::envelope::Envelope;
-use sluice_core::wire::reply::{self, Answer, JobRef};
+use sluice_core::wire::reply::{Answer, JobRef};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::exec::bodies::{RequestBody, request_body, store_if_large};
-use crate::exec::outcome::{Outcome, classify, failed, failure_of};
+use crate::exec::outcome::{Outcome, failed, failure_of};
 use crate::exec::state::{self, Begin};
 use crate::metrics as m;
 use crate::upstream::client::CallError;
@@ -194,31 +194,11 @@ async fn execute(
             Some(Err(RequestBody::Unreadable(outcome))) => outcome,
             // (the body's permit lives until the call is done)
             Some(Ok((body, _permit))) => {
-                match call(ctx, &message, env, body, pool, lease, attempt, deadline, started).await {
-                    Called::HandedBack => return Exit::Stayed,
-                    Called::NoDeployment(ready_at) => {
-                        // Every deployment is out of budget or unhealthy: back to the
-                        // queue until one is ready (the fetch loop skips the pool
-                        // meanwhile, so this happens only to jobs already taken).
-                        let delay = ready_at
-                            .map_or(ctx.retry_min, |t| t.saturating_duration_since(Instant::now()))
-                            .max(Duration::from_millis(50));
-                        Outcome::Retry { delay, reason: "no_deployment_ready" }
-                    }
-                    Called::Answered(result) => classify(ctx, env, pool, result, attempt, deadline),
-                    Called::Streamed(crate::exec::stream::Relayed { usage, error: None }) => Outcome::Answered {
-                        status: JobStatus::Completed,
-                        outcome: reply::Outcome::Body { status: 200, body: Bytes::new() },
-                        upstream_status: Some(200),
-                        usage,
-                    },
-                    Called::Streamed(crate::exec::stream::Relayed { usage, error: Some(error) }) => Outcome::Answered {
-                        status: JobStatus::Failed,
-                        outcome: reply::Outcome::Error(error),
-                        upstream_status: Some(200),
-                        usage,
-                    },
-                }
+                let called = call(ctx, &message, env, body, pool, lease, attempt, deadline, started).await;
+                let Some(outcome) = crate::exec::outcome::of_call(ctx, env, pool, called, attempt, deadline) else {
+                    return Exit::Stayed;
+                };
+                outcome
             }
         }
     } else {
@@ -344,7 +324,7 @@ async fn conclude(
 }
 
 /// What the calls of one attempt came to.
-enum Called {
+pub(crate) enum Called {
     Answered(Result<crate::upstream::client::Answer, CallError>),
     Streamed(crate::exec::stream::Relayed),
     /// No deployment could take the call; when one may next.

@@ -12,13 +12,53 @@ use sluice_core::wire::envelope::Envelope;
 use sluice_core::wire::reply;
 use tokio::time::Instant;
 
-use crate::exec::job::JobContext;
+use bytes::Bytes;
+
+use crate::exec::job::{Called, JobContext};
+use crate::exec::stream::Relayed;
 use crate::metrics as m;
 use crate::upstream::client::CallError;
 
 pub(crate) enum Outcome {
     Answered { status: JobStatus, outcome: reply::Outcome, upstream_status: Option<u16>, usage: Usage },
     Retry { delay: Duration, reason: &'static str },
+}
+
+/// What one attempt's calls mean for the job; `None` when the worker is
+/// stopping and handed the job back.
+pub(crate) fn of_call(
+    ctx: &JobContext,
+    env: &Envelope,
+    pool: &crate::upstream::pools::Pool,
+    called: Called,
+    attempt: u32,
+    deadline: Instant,
+) -> Option<Outcome> {
+    Some(match called {
+        Called::HandedBack => return None,
+        Called::NoDeployment(ready_at) => {
+            // Every deployment is out of budget or unhealthy: back to the
+            // queue until one is ready (the fetch loop skips the pool
+            // meanwhile, so this happens only to jobs already taken).
+            let delay = ready_at
+                .map_or(ctx.retry_min, |t| t.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(50));
+            Outcome::Retry { delay, reason: "no_deployment_ready" }
+        }
+        Called::Answered(result) => classify(ctx, env, pool, result, attempt, deadline),
+        Called::Streamed(Relayed { usage, error: None }) => Outcome::Answered {
+            status: JobStatus::Completed,
+            outcome: reply::Outcome::Body { status: 200, body: Bytes::new() },
+            upstream_status: Some(200),
+            usage,
+        },
+        Called::Streamed(Relayed { usage, error: Some(error) }) => Outcome::Answered {
+            status: JobStatus::Failed,
+            outcome: reply::Outcome::Error(error),
+            upstream_status: Some(200),
+            usage,
+        },
+    })
 }
 
 pub(crate) fn failed(error: ApiError, upstream_status: Option<u16>) -> Outcome {
@@ -61,7 +101,7 @@ fn provider_message(body: &[u8]) -> String {
         .unwrap_or_else(|_| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
 }
 
-pub(crate) fn classify(
+fn classify(
     ctx: &JobContext,
     env: &Envelope,
     pool: &crate::upstream::pools::Pool,

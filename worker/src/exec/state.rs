@@ -11,7 +11,7 @@ use sluice_core::group_commit::{GroupCommit, expect_revision};
 use sluice_core::jobstate::{self, JobRecord};
 use sluice_core::now_ms;
 use sluice_core::wire::envelope::Envelope;
-use sluice_core::wire::reply::Outcome;
+use sluice_core::wire::reply::{JobRef, Outcome};
 use sluice_core::wire::subjects::kv_key;
 
 /// What the worker may do with an asynchronous job.
@@ -94,13 +94,7 @@ pub async fn replace_unreadable(
     env: &Envelope,
     attempt: u32,
 ) -> Result<(), StateError> {
-    let mut record = JobRecord::queued(
-        env.job_id,
-        env.endpoint.as_str(),
-        &env.pool,
-        env.submitted_ms,
-        env.deadline_ms.saturating_sub(env.submitted_ms),
-    );
+    let mut record = JobRecord::of_job(&JobRef::of(env));
     record.attempts = attempt;
     let error = sluice_core::error::ApiError::new(
         sluice_core::error::ErrorCode::Internal,
