@@ -288,6 +288,33 @@ def check_structure(where, objects):
         for key in ("minReplicaCount", "maxReplicaCount"):
             if not isinstance(spec.get(key), int):
                 fail(where, f"ScaledObject {key} must be an integer")
+        # KEDA presents a client certificate to the scaler's mutual TLS.
+        for t in spec["triggers"]:
+            auth = by_kind.get("TriggerAuthentication", {}).get(t.get("authenticationRef", {}).get("name"))
+            params = {r["parameter"] for r in auth["spec"].get("secretTargetRef", [])} if auth else set()
+            if not {"caCert", "tlsClientCert", "tlsClientKey"} <= params:
+                fail(where, f"trigger {t['type']}: needs an authenticationRef with caCert, tlsClientCert and tlsClientKey")
+    check_scaler_tls(where, config, by_kind)
+
+
+def check_scaler_tls(where, config, by_kind):
+    """The scaler serves gRPC over mutual TLS, from files its pod mounts."""
+    scaler = config.get("scaler", {})
+    tls = scaler.get("tls")
+    if not tls:
+        fail(where, "scaler.tls is not set: KEDA would reach the scaler in plain text")
+        return
+    d = by_kind.get("Deployment", {}).get("sluice-scaler")
+    if not d:
+        fail(where, "no Deployment sluice-scaler")
+        return
+    spec = pod_spec(d)
+    secrets = {v["name"] for v in spec.get("volumes", []) if "secret" in v}
+    mounts = [m["mountPath"].rstrip("/") + "/" for c in containers(d) for m in c.get("volumeMounts", []) if m["name"] in secrets]
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        path = tls.get(key, "")
+        if not any(path.startswith(m) for m in mounts):
+            fail(where, f"scaler.tls.{key} {path!r} is not in a Secret volume the scaler mounts")
 
 
 def validate_schemas(where, objects):

@@ -23,7 +23,7 @@ mod upstream;
 use env::{env_value, set_path};
 pub use ingress::IngressConfig;
 pub use pools::{DEFAULT_MAX_OUTPUT_TOKENS, DeploymentConfig, MAX_OUTPUT_TOKENS_LIMIT, PoolConfig, ProviderKind};
-pub use scaler::{ScalerConfig, ScheduleConfig};
+pub use scaler::{ScalerConfig, ScalerTls, ScheduleConfig};
 pub use upstream::UpstreamConfig;
 
 /// Exit code for a bad configuration (`EX_CONFIG` is 78; linkerd and the

@@ -5,13 +5,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_core::config::Config;
+use sluice_core::config::{Config, ScalerTls};
 use sluice_core::nats::{self, NatsError};
 use sluice_core::ops::{self, Readiness};
 use sluice_core::tasks::Tasks;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::proto::external_scaler_server::ExternalScalerServer;
 use crate::service::Scaler;
@@ -27,6 +28,8 @@ pub enum ServeError {
     Db(#[from] sluice_core::db::DbError),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("scaler.tls.{key}: cannot read {path}: {source}")]
+    TlsFile { key: &'static str, path: String, source: std::io::Error },
 }
 
 /// A scaler connected to NATS, ready to serve.
@@ -35,6 +38,7 @@ pub struct Server {
     client: async_nats::Client,
     stream: async_nats::jetstream::stream::Stream,
     db: sqlx::PgPool,
+    tls: Option<ServerTlsConfig>,
     tasks: Tasks,
 }
 
@@ -46,21 +50,22 @@ pub struct Listeners {
 }
 
 impl Server {
-    /// Connects NATS, declares the streams, and opens the Postgres pool
+    /// Reads the TLS files (if configured), connects NATS, declares the streams, and opens the Postgres pool
     /// lazily (only metadata that names a tenant needs it).
     pub async fn build(config: Config) -> Result<Self, ServeError> {
         describe();
+        let tls = config.scaler.tls.as_ref().map(tls_config).transpose()?;
         let client = nats::connect(&config.nats, "sluice-scaler").await?;
         let js = nats::jetstream(client.clone(), &config.nats);
         nats::ensure_streams(&js, &config.nats).await?;
         let stream = js.get_stream(&config.nats.jobs_stream).await.map_err(|e| ServeError::Stream(e.to_string()))?;
         let db = sluice_core::db::connect_lazy(&config.database, 2)?;
-        Ok(Self { config: Arc::new(config), client, stream, db, tasks: Tasks::new() })
+        Ok(Self { config: Arc::new(config), client, stream, db, tls, tasks: Tasks::new() })
     }
 
     /// Serves until `shutdown`, then waits (bounded) for its tasks.
     pub async fn run(self, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServeError> {
-        let Self { config, client, stream, db, tasks } = self;
+        let Self { config, client, stream, db, tls, tasks } = self;
         let (tx, rx) = watch::channel(Arc::new(Backlog::default()));
         let (wakes, _) = broadcast::channel(1024);
         let pools: HashMap<String, String> = config.pools.iter().map(|p| (p.subject_token(), p.name.clone())).collect();
@@ -75,7 +80,11 @@ impl Server {
             });
         }
         let scaler = Scaler::new(config, rx, wakes, db, tasks.clone());
-        let served = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let served = builder
             .add_service(ExternalScalerServer::new(scaler))
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listeners.grpc),
@@ -86,6 +95,20 @@ impl Server {
         served?;
         Ok(())
     }
+}
+
+/// Mutual TLS: the scaler's identity, and only clients whose certificate
+/// the configured CA signed (KEDA's TriggerAuthentication presents one).
+fn tls_config(tls: &ScalerTls) -> Result<ServerTlsConfig, ServeError> {
+    let read = |key, path: &String| {
+        std::fs::read(path).map_err(|source| ServeError::TlsFile { key, path: path.clone(), source })
+    };
+    let identity = Identity::from_pem(read("cert_file", &tls.cert_file)?, read("key_file", &tls.key_file)?);
+    let clients = Certificate::from_pem(read("client_ca_file", &tls.client_ca_file)?);
+    let config = ServerTlsConfig::new().identity(identity).client_ca_root(clients);
+    // Unreadable PEM is a start-up error, not one of the first connection.
+    tonic::transport::Server::builder().tls_config(config.clone())?;
+    Ok(config)
 }
 
 fn describe() {

@@ -117,3 +117,94 @@ async fn the_keda_scaler_reports_the_real_backlog_pushes_activity_and_fails_with
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(client.is_active(object(&[])).await.unwrap_err().code(), Code::Unavailable);
 }
+
+/// A CA and the certificates it signs, as PEM files in `dir`.
+struct Pki {
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    dir: std::path::PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &std::path::Path, name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join(format!("{name}-ca.crt")), ca.pem()).unwrap();
+        Self { ca, dir: dir.to_owned() }
+    }
+
+    /// A leaf certificate for `dns` (a server name, or a client's), written
+    /// as `<file>.crt` and `<file>.key`; returns (certificate, key) PEM.
+    fn issue(&self, file: &str, dns: &str) -> (String, String) {
+        let params = rcgen::CertificateParams::new(vec![dns.to_owned()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        std::fs::write(self.dir.join(format!("{file}.crt")), cert.pem()).unwrap();
+        std::fs::write(self.dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+#[tokio::test]
+async fn the_scaler_over_mutual_tls_answers_only_clients_whose_certificate_its_ca_signed() {
+    let dir = crate::harness::TempDir::new("scaler-tls");
+    let ours = Pki::new(&dir.0, "sluice");
+    let strangers = Pki::new(&dir.0, "stranger");
+    ours.issue("scaler", "localhost");
+    let keda = ours.issue("keda", "keda-operator");
+    let stranger = strangers.issue("stranger", "keda-operator");
+    let path = |f: &str| dir.0.join(f).to_string_lossy().into_owned();
+    let stack = Stack::start_with(|c| {
+        c.scaler.tls = Some(sluice_core::config::ScalerTls {
+            cert_file: path("scaler.crt"),
+            key_file: path("scaler.key"),
+            client_ca_file: path("sluice-ca.crt"),
+        });
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let _guard = stop.clone().drop_guard();
+    let server = sluice_scaler::server::Server::build(stack.config.clone()).await.unwrap();
+    tokio::spawn(server.run(sluice_scaler::server::Listeners { grpc: listener, ops: None }, stop));
+
+    let ca = tonic::transport::Certificate::from_pem(std::fs::read(path("sluice-ca.crt")).unwrap());
+    let tls = |identity: Option<&(String, String)>| {
+        let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(ca.clone()).domain_name("localhost");
+        match identity {
+            Some((cert, key)) => tls.identity(tonic::transport::Identity::from_pem(cert, key)),
+            None => tls,
+        }
+    };
+    // Each client asks for a metric spec (answered without a snapshot).
+    let ask = |scheme: &'static str, tls: Option<tonic::transport::ClientTlsConfig>| async move {
+        let mut endpoint = tonic::transport::Channel::from_shared(format!("{scheme}://{addr}")).unwrap();
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls).unwrap();
+        }
+        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+        let mut client = ExternalScalerClient::new(channel);
+        client.get_metric_spec(object(&[])).await.map(|r| r.into_inner()).map_err(|e| e.to_string())
+    };
+
+    // KEDA, with the client certificate the CA signed, is answered.
+    let spec = wait_for("the scaler to answer over mutual TLS", Duration::from_secs(10), || async {
+        ask("https", Some(tls(Some(&keda)))).await.ok()
+    })
+    .await;
+    assert_eq!(spec.metric_specs[0].metric_name, "sluice-backlog-mock-model");
+    // Without a client certificate, with one from another CA, or in plain
+    // text: no answer.
+    let refused = [
+        ("no client certificate", ask("https", Some(tls(None))).await),
+        ("another CA's certificate", ask("https", Some(tls(Some(&stranger)))).await),
+        ("plain text", ask("http", None).await),
+    ];
+    for (what, result) in refused {
+        assert!(result.is_err(), "{what}: answered {result:?}");
+    }
+    // And KEDA is still answered after them.
+    assert!(ask("https", Some(tls(Some(&keda)))).await.is_ok());
+}

@@ -22,6 +22,29 @@ pub struct ScalerConfig {
     /// Scheduled minimums: while `cron` matches the current minute (UTC), the
     /// pool's metric is at least `min_backlog`, so known peaks are pre-scaled.
     pub schedules: Vec<ScheduleConfig>,
+    /// Mutual TLS on the gRPC service: the scaler's certificate, and the CA
+    /// that KEDA's client certificate (its TriggerAuthentication's
+    /// `tlsClientCert`) must be signed by. Without it the service is plain
+    /// gRPC, which is refused on an address other than loopback unless
+    /// `allow_plaintext` says so.
+    pub tls: Option<ScalerTls>,
+    /// Serve plain gRPC on a non-loopback `listen` (anyone who reaches the
+    /// port can read every pool's backlog and hold streams open). Off by
+    /// default; for a network where something else (a mesh's mTLS) does it.
+    pub allow_plaintext: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScalerTls {
+    /// PEM certificate chain the scaler presents (its name must be the one
+    /// KEDA dials: the `scalerAddress` host, e.g. `sluice-scaler`).
+    pub cert_file: String,
+    /// PEM private key of that certificate.
+    pub key_file: String,
+    /// PEM CA certificate(s): a client must present a certificate signed by
+    /// one of them, or the handshake fails.
+    pub client_ca_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -43,6 +66,8 @@ impl Default for ScalerConfig {
             refresh_ms: 500,
             stale_ms: 5_000,
             schedules: Vec::new(),
+            tls: None,
+            allow_plaintext: false,
         }
     }
 }
@@ -54,6 +79,25 @@ impl ScalerConfig {
         }
         if self.stale_ms <= self.refresh_ms {
             return Err(ConfigError::key("scaler.stale_ms", "must be greater than scaler.refresh_ms"));
+        }
+        if self.tls.is_none() && !self.allow_plaintext && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::key(
+                "scaler.listen",
+                format!(
+                    "{} is reachable from other hosts: set scaler.tls (KEDA presents a client certificate) \
+                     or scaler.allow_plaintext = true",
+                    self.listen
+                ),
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in
+                [("cert_file", &tls.cert_file), ("key_file", &tls.key_file), ("client_ca_file", &tls.client_ca_file)]
+            {
+                if path.is_empty() {
+                    return Err(ConfigError::key(format!("scaler.tls.{key}"), "must name a PEM file"));
+                }
+            }
         }
         for (i, s) in self.schedules.iter().enumerate() {
             crate::clock::Cron::parse(&s.cron)

@@ -98,3 +98,22 @@ fn a_pool_has_deployments_or_one_on_itself() {
     );
     assert!(weight.map(|_| ()).unwrap_err().to_string().contains("deployments[0].weight"));
 }
+
+#[test]
+fn the_scalers_grpc_off_loopback_needs_tls_or_an_explicit_plaintext_choice() {
+    let open = ("SLUICE__SCALER__LISTEN", "0.0.0.0:9095");
+    let err = Config::load(None, env(&[open])).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("scaler.listen") && err.contains("scaler.tls"), "{err}");
+    assert!(Config::load(None, env(&[open, ("SLUICE__SCALER__ALLOW_PLAINTEXT", "true")])).is_ok());
+    let tls = [
+        ("SLUICE__SCALER__TLS__CERT_FILE", "/etc/sluice/scaler-tls/tls.crt"),
+        ("SLUICE__SCALER__TLS__KEY_FILE", "/etc/sluice/scaler-tls/tls.key"),
+        ("SLUICE__SCALER__TLS__CLIENT_CA_FILE", "/etc/sluice/scaler-tls/ca.crt"),
+    ];
+    assert!(Config::load(None, env(&[open, tls[0], tls[1], tls[2]])).is_ok());
+    // A TLS section must name all three files.
+    let err = Config::load(None, env(&[open, tls[0], tls[1]])).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("client_ca_file"), "{err}");
+    // Loopback (the default) is served in plain text.
+    assert!(Config::load(None, env(&[])).is_ok());
+}
