@@ -33,44 +33,72 @@ fn backoff(state: &AppState) -> ExponentialBuilder {
         .without_max_times()
 }
 
+/// A job's message payload, and whether its body was stored apart by this
+/// request (then this request deletes it if it turns out not to be needed).
+pub struct Payload {
+    bytes: Bytes,
+    stored_now: bool,
+}
+
 /// The job's message payload: its body, or, when a NATS message cannot
 /// carry it, nothing — the body goes to the bodies bucket first and the
 /// envelope names it (`Sluice-Body-Ref`). The worker deletes it once the job
-/// has left the queue; [`job`] deletes it if the publish fails.
-pub async fn payload(state: &AppState, env: &mut Envelope, body: Bytes) -> Result<Bytes, ApiError> {
+/// has left the queue; [`job`] deletes it if the publish fails. A `replay`
+/// (an idempotent submit sent again) uses the body its first submit stored,
+/// if it is still there: that one may belong to a message still queued.
+pub async fn payload(state: &AppState, env: &mut Envelope, body: Bytes, replay: bool) -> Result<Payload, ApiError> {
     if !state.bodies.too_large_for_a_message(body.len()) {
-        return Ok(body);
+        return Ok(Payload { bytes: body, stored_now: false });
     }
-    let name = stored::name(stored::Kind::Request, env.tenant, env.job_id);
-    let stored = state.bodies.put(name, &body).await.map_err(|error| {
+    let unavailable = |error: sluice_core::bodies::BodyError| {
         tracing::warn!(%error, job_id = %env.job_id, "cannot store a large request body");
         ApiError::new(ErrorCode::Unavailable, "the store for large request bodies is unavailable; retry shortly")
             .retry_after(1)
-    })?;
-    env.body_ref = Some(stored);
-    Ok(Bytes::new())
+    };
+    let name = stored::name(stored::Kind::Request, env.tenant, env.job_id);
+    if replay && let Some(first) = state.bodies.find(&name).await.map_err(unavailable)? {
+        env.body_ref = Some(first);
+        return Ok(Payload { bytes: Bytes::new(), stored_now: false });
+    }
+    env.body_ref = Some(state.bodies.put(name, &body).await.map_err(unavailable)?);
+    Ok(Payload { bytes: Bytes::new(), stored_now: true })
 }
 
 /// Publishes the job and waits for JetStream's acknowledgement, then wakes
 /// the workers for its queue. Every job carries its id as `Nats-Msg-Id`, so
 /// that a publish repeated after a lost acknowledgement is stored once.
-pub async fn job(state: &AppState, subject: String, env: &Envelope, body: Bytes) -> Result<(), ApiError> {
+pub async fn job(state: &AppState, subject: String, env: &Envelope, payload: Payload) -> Result<(), ApiError> {
     let mut headers = env.to_headers();
     headers.insert(H_MSG_ID, env.job_id.to_string().as_str());
     let wake = subjects::wake_of(&subject);
-    let published = (|| state.jobs_commit.publish(subject.clone(), headers.clone(), body.clone()))
+    let repeated = AtomicBool::new(false);
+    let published = (|| state.jobs_commit.publish(subject.clone(), headers.clone(), payload.bytes.clone()))
         .retry(backoff(state))
         .when(sluice_core::group_commit::retryable)
         .notify(|e, _| {
             metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => e.kind().to_string()).increment(1);
             tracing::info!(error = %e, job_id = %env.job_id, "publish failed; retrying");
+            repeated.store(true, Ordering::Relaxed);
         })
         .await;
-    if let Err(e) = published {
-        if let Some(stored) = &env.body_ref {
-            state.bodies.delete(&stored.name).await;
+    let stored_now = env.body_ref.as_ref().filter(|_| payload.stored_now);
+    match published {
+        Err(e) => {
+            if let Some(stored) = stored_now {
+                state.bodies.delete(&stored.name).await;
+            }
+            return Err(publish_error(e));
         }
-        return Err(publish_error(e));
+        // A duplicate of a message this request did not send before (a
+        // replay of a job that already ran and deleted its body): the body
+        // just stored is no one's. After a repeated publish the duplicate
+        // may be this request's own first attempt, whose body it keeps.
+        Ok(ack) if ack.duplicate && !repeated.load(Ordering::Relaxed) => {
+            if let Some(stored) = stored_now {
+                state.bodies.delete(&stored.name).await;
+            }
+        }
+        Ok(_) => {}
     }
     // A hint only: workers also list the queues every `scheduler.discover_ms`.
     if let Some(wake) = wake

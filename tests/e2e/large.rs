@@ -128,3 +128,47 @@ async fn a_large_answer_whose_client_left_is_kept_for_get() {
     assert_eq!(done["result"]["data"].as_array().unwrap().len(), 100);
     assert!(done["result_bytes"].as_u64().unwrap() > 1024 * 1024);
 }
+
+/// An idempotent submit sent again while its job is queued takes the body
+/// its first submit stored (the queued message's own, never rewritten while
+/// a worker may be reading it). Sent again after the job ran, by a replay
+/// that read the job as still queued (as one racing the worker does), the
+/// publish is a duplicate and the body it had to store again is deleted at
+/// once instead of staying until the bucket's `max_age`.
+#[tokio::test]
+async fn a_replayed_large_submit_reuses_its_stored_body_and_leaves_none_behind() {
+    let mut stack = Stack::start().await;
+    stack.worker.take().unwrap().kill().await;
+    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let bucket = js.get_object_store(&stack.config.nats.bodies_bucket).await.unwrap();
+    let job = Stack::job_body(&"long context ".repeat(3 * 1024 * 1024 / 13));
+    let r = stack.submit_job(&stack.key, &job, Some("big-one")).await;
+    assert_eq!(r.status(), 202);
+    let id: uuid::Uuid = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+    let tenant: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM tenants WHERE name = 'acme'").fetch_one(&stack.db).await.unwrap();
+    let name = sluice_core::wire::stored::name(sluice_core::wire::stored::Kind::Request, tenant, id);
+    let first = bucket.info(name.as_str()).await.unwrap();
+
+    let r = stack.submit_job(&stack.key, &job, Some("big-one")).await;
+    assert_eq!((r.status().as_u16(), r.headers().contains_key("idempotent-replayed")), (202, true));
+    let again = bucket.info(name.as_str()).await.unwrap();
+    assert_eq!(again.nuid, first.nuid, "the replay stored the queued job's body again");
+    assert_eq!(stored_bodies(&stack).await, 1);
+
+    stack.worker = Some(crate::harness::WorkerHandle::start(stack.config.clone()).await);
+    stack.job_with_status(&id.to_string(), "completed").await;
+    wait_until_no_stored_bodies(&stack).await;
+
+    // The record read as queued again, as a replay racing the worker sees it.
+    let states = js.get_key_value(&stack.config.jobs.state_bucket).await.unwrap();
+    let key = sluice_core::jobstate::key(tenant, id);
+    let mut record: serde_json::Value = serde_json::from_slice(&states.get(&key).await.unwrap().unwrap()).unwrap();
+    record["status"] = "queued".into();
+    states.put(&key, serde_json::to_vec(&record).unwrap().into()).await.unwrap();
+    let r = stack.submit_job(&stack.key, &job, Some("big-one")).await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(stored_bodies(&stack).await, 0, "the replay's copy of the body was left behind");
+    assert_eq!(stack.mock.requests().await, 1, "the job ran once");
+}
