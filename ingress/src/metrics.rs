@@ -20,6 +20,7 @@ pub const BODY_BUDGET_REFUSED: &str = "sluice_ingress_body_budget_refused_total"
 pub const AUTH_STALE_REFUSED: &str = "sluice_ingress_auth_stale_refused_total";
 pub const WRITE_TIMEOUTS: &str = "sluice_ingress_write_timeouts_total";
 pub const STREAMS_OPEN: &str = "sluice_ingress_streams_open";
+pub const STORED_ANSWERS_KEPT: &str = "sluice_ingress_stored_answers_kept_total";
 
 pub fn describe() {
     sluice_core::group_commit::describe();
@@ -30,6 +31,10 @@ pub fn describe() {
     );
     metrics::describe_counter!(WRITE_TIMEOUTS, "connections closed because the client stopped reading");
     metrics::describe_gauge!(STREAMS_OPEN, "streamed answers being sent (counted in ingress.max_in_flight)");
+    metrics::describe_counter!(
+        STORED_ANSWERS_KEPT,
+        "large synchronous answers whose client left mid-body, kept as the job's result"
+    );
     metrics::describe_counter!(
         BODY_BUDGET_REFUSED,
         "requests refused with 429 because request bodies held ingress.max_body_memory_bytes"

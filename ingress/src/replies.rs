@@ -202,7 +202,7 @@ fn route(waiting: &mut HashMap<u64, Slot>, message: async_nats::Message, max_byt
 }
 
 /// Stores an answer nobody waits for as the job's final state.
-async fn store_orphan(job_state: kv::Store, answer: Box<Answer>) {
+pub(crate) async fn store_orphan(job_state: kv::Store, answer: Box<Answer>) {
     let job = &answer.job;
     let mut record = JobRecord::of_job(job);
     record.attempts = answer.attempt;

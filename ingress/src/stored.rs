@@ -12,21 +12,32 @@ use bytes::Bytes;
 use futures::StreamExt;
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::jobstate::JobRecord;
+use sluice_core::wire::reply::Answer;
 use sluice_core::wire::stored::StoredBody;
 
 use crate::state::AppState;
 
 /// An answer too large for a message, sent on as it is read from the bodies
-/// bucket (the ingress holds one chunk of it at a time) and deleted once the
-/// response is done with it, sent or not: a synchronous answer is read once.
-pub async fn answer(state: &Arc<AppState>, status: u16, stored: &StoredBody) -> Result<Response, ApiError> {
+/// bucket (the ingress holds one chunk of it at a time). Once the whole body
+/// went out it is deleted: a synchronous answer is read once. A successful
+/// answer whose client left before the end is kept instead, as its job's
+/// result, so the job id the response named (`x-sluice-job-id`) finds it.
+pub async fn answer(
+    state: &Arc<AppState>,
+    answer: &Answer,
+    status: u16,
+    stored: &StoredBody,
+) -> Result<Response, ApiError> {
     let chunks = state.bodies.stream(stored).await.map_err(|error| {
         tracing::warn!(%error, "cannot read a stored answer");
         ApiError::new(ErrorCode::Internal, "the answer was stored but cannot be read")
     })?;
-    let cleanup = DeleteWhenDropped(state.clone(), stored.name.clone());
+    let keep = (200..300).contains(&status).then(|| Box::new(answer.clone()));
+    let mut unsent = Unsent { state: state.clone(), name: stored.name.clone(), left: stored.size, keep };
     let body = Body::from_stream(futures::StreamExt::map(chunks, move |chunk| {
-        let _ = &cleanup;
+        if let Ok(c) = &chunk {
+            unsent.left = unsent.left.saturating_sub(c.len() as u64);
+        }
         chunk
     }));
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -37,12 +48,30 @@ pub async fn answer(state: &Arc<AppState>, status: u16, stored: &StoredBody) -> 
     Ok(response)
 }
 
-struct DeleteWhenDropped(Arc<AppState>, String);
+/// A stored answer on its way out: `left` bytes not yet handed to the
+/// connection. Dropped (the response done, or its client gone), it deletes
+/// the body, or keeps a successful one whose client left as its job's result.
+struct Unsent {
+    state: Arc<AppState>,
+    name: String,
+    left: u64,
+    keep: Option<Box<Answer>>,
+}
 
-impl Drop for DeleteWhenDropped {
+impl Drop for Unsent {
     fn drop(&mut self) {
-        let (state, name) = (self.0.clone(), std::mem::take(&mut self.1));
-        self.0.tasks.spawn(async move { state.bodies.delete(&name).await });
+        let state = self.state.clone();
+        match self.keep.take() {
+            Some(answer) if self.left > 0 => {
+                metrics::counter!(crate::metrics::STORED_ANSWERS_KEPT).increment(1);
+                tracing::info!(job_id = %answer.job.job_id, left = self.left, "the client left mid-answer; keeping it as the job's result");
+                self.state.tasks.spawn(crate::replies::store_orphan(state.job_state.clone(), answer));
+            }
+            _ => {
+                let name = std::mem::take(&mut self.name);
+                self.state.tasks.spawn(async move { state.bodies.delete(&name).await });
+            }
+        }
     }
 }
 

@@ -172,3 +172,25 @@ async fn a_replayed_large_submit_reuses_its_stored_body_and_leaves_none_behind()
     assert_eq!(stored_bodies(&stack).await, 0, "the replay's copy of the body was left behind");
     assert_eq!(stack.mock.requests().await, 1, "the job ran once");
 }
+
+/// A synchronous client that leaves in the middle of a large answer (43 MB,
+/// sent as it is read from the bodies bucket) does not lose it: the job the
+/// response named keeps it as its result, and `GET /v1/jobs/{id}` sends it.
+#[tokio::test]
+async fn a_large_answer_whose_client_left_mid_body_is_kept_for_get() {
+    let stack = Stack::start_with(|c| c.ingress.sync_timeout_ms = 60_000).await;
+    let r = stack.http.post(format!("{}/v1/embeddings", stack.base)).bearer_auth(&stack.key);
+    let mut r = r.json(&embeddings_body(2048)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-sluice-job-id"].to_str().unwrap().to_owned();
+    let size: u64 = r.headers()["content-length"].to_str().unwrap().parse().unwrap();
+    let first = r.chunk().await.unwrap().unwrap();
+    assert!((first.len() as u64) < size);
+    drop(r);
+    let done = stack.job_with_status(&id, "completed").await;
+    assert_eq!(done["result"]["data"].as_array().unwrap().len(), 2048);
+    assert_eq!(done["result_bytes"].as_u64(), Some(size));
+    assert_eq!(stored_bodies(&stack).await, 1, "the answer stays for later reads");
+    assert_eq!(stack.ingress_metric("sluice_ingress_stored_answers_kept_total").await, 1.0);
+    assert_eq!(stack.mock.requests().await, 1);
+}

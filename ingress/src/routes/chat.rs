@@ -168,17 +168,17 @@ async fn handle(
         Reply::Chunk(c) => return Ok(crate::stream::response(c, waiter, job_id, endpoint, state, permit)),
         Reply::Answer(answer) => answer,
     };
-    let mut response = match answer.outcome {
+    let mut response = match &answer.outcome {
         Outcome::Body { status, body } => {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
             if !status.is_success() {
                 crate::metrics::rejected(ErrorCode::InvalidRequest);
             }
-            let mut response = (status, body).into_response();
+            let mut response = (status, body.clone()).into_response();
             response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             response
         }
-        Outcome::Stored { status, body } => crate::stored::answer(state, status, &body).await?,
+        Outcome::Stored { status, body } => crate::stored::answer(state, &answer, *status, body).await?,
         Outcome::Error(error) => {
             crate::metrics::rejected(error.code);
             error.render(endpoint.dialect())
