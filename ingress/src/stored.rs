@@ -36,7 +36,7 @@ pub async fn answer(
     let mut unsent = Unsent { state: state.clone(), name: stored.name.clone(), left: stored.size, keep };
     let body = Body::from_stream(futures::StreamExt::map(chunks, move |chunk| {
         if let Ok(c) = &chunk {
-            unsent.left = unsent.left.saturating_sub(c.len() as u64);
+            unsent.sent(c.len());
         }
         chunk
     }));
@@ -56,6 +56,14 @@ struct Unsent {
     name: String,
     left: u64,
     keep: Option<Box<Answer>>,
+}
+
+impl Unsent {
+    // A method, so that the closure owns the whole guard, not a copy of
+    // `left` (a closure captures the fields it names).
+    fn sent(&mut self, bytes: usize) {
+        self.left = self.left.saturating_sub(bytes as u64);
+    }
 }
 
 impl Drop for Unsent {
