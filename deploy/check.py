@@ -357,17 +357,60 @@ def check_metrics(objects):
 
 
 def check_nats_config(where, objects, nats_server):
-    """nats-server itself parses each rendered NATS config (unknown or misspelt keys fail)."""
+    """nats-server itself parses each rendered NATS config (unknown or misspelt
+    keys fail), with the ConfigMaps its pod mounts laid out as the pod sees
+    them (the users file it includes) and every variable it reads set."""
+    configmaps = {o["metadata"]["name"]: o.get("data", {}) for o in objects if o["kind"] == "ConfigMap"}
     for o in objects:
-        if o["kind"] != "ConfigMap" or "nats.conf" not in o.get("data", {}):
+        if o["kind"] != "StatefulSet" or o["metadata"]["name"] != "nats":
             continue
-        with tempfile.NamedTemporaryFile("w", suffix=".conf") as f:
-            f.write(o["data"]["nats.conf"])
-            f.flush()
-            env = dict(os.environ, POD_NAME="nats-0")
-            done = subprocess.run([nats_server, "-c", f.name, "-t"], capture_output=True, text=True, env=env)
+        spec = pod_spec(o)
+        volumes = {v["name"]: v["configMap"]["name"] for v in spec.get("volumes", []) if "configMap" in v}
+        env = dict(os.environ, POD_NAME="nats-0")
+        for c in containers(o):
+            for e in c.get("env", []):
+                env.setdefault(e["name"], "check-value")
+        with tempfile.TemporaryDirectory() as root:
+            config = None
+            for c in containers(o):
+                for m in c.get("volumeMounts", []):
+                    if m["name"] not in volumes:
+                        continue
+                    directory = os.path.join(root, m["mountPath"].lstrip("/"))
+                    os.makedirs(directory, exist_ok=True)
+                    for name, text in configmaps.get(volumes[m["name"]], {}).items():
+                        with open(os.path.join(directory, name), "w") as f:
+                            f.write(text)
+                        if name == "nats.conf":
+                            config = os.path.join(directory, name)
+            if config is None:
+                fail(where, "the NATS pod mounts no nats.conf")
+                continue
+            done = subprocess.run([nats_server, "-c", config, "-t"], capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 fail(where, f"nats-server refuses the NATS config: {(done.stderr or done.stdout).strip()}")
+            text = "".join(open(os.path.join(d, f)).read() for d, _, fs in os.walk(root) for f in fs)
+            for var in sorted(set(re.findall(r":\s*\$([A-Z][A-Z0-9_]+)", text))):
+                if var not in {e["name"] for c in containers(o) for e in c.get("env", [])}:
+                    fail(where, f"the NATS config reads ${var}, which the NATS pod's environment does not set")
+
+
+def check_nats_users(where, objects):
+    """Each Sluice component connects as a user the NATS config defines,
+    with its password from a Secret."""
+    users = next((d.get("users.conf", "") for o in objects if o["kind"] == "ConfigMap"
+                  for d in [o.get("data", {})] if "users.conf" in d), "")
+    defined = set(re.findall(r"user:\s*([\w-]+)", users))
+    for name in ("sluice-ingress", "sluice-worker", "sluice-scaler"):
+        d = next((o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == name), None)
+        if not d:
+            continue
+        env = {e["name"]: e for c in containers(d) for e in c.get("env", [])}
+        user = env.get("SLUICE__NATS__USER", {}).get("value")
+        if user not in defined:
+            fail(where, f"{name}: SLUICE__NATS__USER {user!r} is not a user of the NATS config ({sorted(defined)})")
+        if "secretKeyRef" not in env.get("SLUICE__NATS__PASSWORD", {}).get("valueFrom", {}):
+            fail(where, f"{name}: SLUICE__NATS__PASSWORD must come from a Secret")
 
 
 def main():
@@ -383,6 +426,7 @@ def main():
         validate_schemas(name, objects)
         check_commands(name, objects, args.bin)
         check_structure(name, objects)
+        check_nats_users(name, objects)
         print(f"{name}: {len(objects)} objects")
     check_metrics(rendered["overlays/production"])
     if args.nats_server:

@@ -69,6 +69,12 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     pub url: String,
+    /// The NATS user this process connects as (with `password`); none for a
+    /// server without authorization. `deploy/` gives each component its own
+    /// user with only the subjects it needs (`deploy/base/nats/users.conf`).
+    pub user: Option<String>,
+    /// That user's password (secret; e.g. `SLUICE__NATS__PASSWORD`).
+    pub password: Secret,
     /// Name of the work-queue stream holding jobs.
     pub jobs_stream: String,
     /// Name of the stream holding job outcome events for the ledger.
@@ -249,6 +255,8 @@ impl Default for NatsConfig {
     fn default() -> Self {
         Self {
             url: "nats://127.0.0.1:4222".into(),
+            user: None,
+            password: Secret::default(),
             jobs_stream: "JOBS".into(),
             events_stream: "EVENTS".into(),
             counters_stream: "SLUICE_COUNTERS".into(),
@@ -388,6 +396,9 @@ impl Config {
 
     /// Checks the rules that types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.nats.user.is_some() && self.nats.password.is_empty() {
+            return Err(ConfigError::key("nats.password", "required with nats.user"));
+        }
         let positive = [
             ("nats.connect_timeout_ms", self.nats.connect_timeout_ms),
             ("nats.request_timeout_ms", self.nats.request_timeout_ms),

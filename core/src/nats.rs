@@ -23,16 +23,40 @@ pub enum NatsError {
 /// configured connect timeout, and reconnects forever. `nats.url` may list
 /// several servers of a cluster, comma-separated: any of them that answers
 /// will do, and the client learns the others from the cluster.
-pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Client, NatsError> {
+pub async fn connect(config: &NatsConfig, role: Role, name: &str) -> Result<async_nats::Client, NatsError> {
     let servers =
         server_addrs(&config.url).map_err(|e| NatsError::Url { url: config.url.clone(), message: e.to_string() })?;
-    async_nats::ConnectOptions::new()
+    let mut options = async_nats::ConnectOptions::new()
         .name(name)
+        .custom_inbox_prefix(role.inbox_prefix())
         .connection_timeout(ms(config.connect_timeout_ms))
-        .request_timeout(Some(ms(config.request_timeout_ms)))
-        .connect(servers)
-        .await
-        .map_err(|source| NatsError::Connect { url: config.url.clone(), source })
+        .request_timeout(Some(ms(config.request_timeout_ms)));
+    if let Some(user) = &config.user {
+        options = options.user_and_password(user.clone(), config.password.expose().to_owned());
+    }
+    options.connect(servers).await.map_err(|source| NatsError::Connect { url: config.url.clone(), source })
+}
+
+/// Which Sluice process a connection is. Each has its own inbox prefix (the
+/// subjects its requests' replies and its JetStream deliveries come on), so
+/// that a NATS user per role can be allowed its own inbox only: a scaler
+/// cannot subscribe to the worker's deliveries (prompts) or the ingress's
+/// reads of job states (results).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Ingress,
+    Worker,
+    Scaler,
+}
+
+impl Role {
+    pub fn inbox_prefix(self) -> &'static str {
+        match self {
+            Role::Ingress => "_INBOX_INGRESS",
+            Role::Worker => "_INBOX_WORKER",
+            Role::Scaler => "_INBOX_SCALER",
+        }
+    }
 }
 
 /// The servers of a `nats.url`: one URL or a comma-separated list.

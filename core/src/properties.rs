@@ -44,7 +44,7 @@ proptest! {
     fn envelopes_round_trip(
         job in any::<u128>(), tenant in any::<u128>(), pool in "[a-zA-Z0-9._-]{1,64}",
         endpoint in prop_oneof![Just(Endpoint::ChatCompletions), Just(Endpoint::Embeddings), Just(Endpoint::Messages)],
-        reply in proptest::option::of("[a-z0-9._]{1,40}"), deadline in any::<u64>(), submitted in any::<u64>(),
+        reply in proptest::option::of("_SLUICE\\.reply\\.[a-z0-9]{1,20}\\.[0-9]{1,12}"), deadline in any::<u64>(), submitted in any::<u64>(),
         request_id in "[!-~]{1,64}", est in any::<u64>(), counted in any::<bool>(),
         window in proptest::option::of(any::<u64>()), stream in any::<bool>(),
         stored in proptest::option::of((any::<u64>(), any::<bool>())),

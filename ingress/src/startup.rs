@@ -61,7 +61,7 @@ impl Ingress {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         crate::metrics::describe();
         let ingress_id = Uuid::now_v7().simple().to_string();
-        let client = nats::connect(&config.nats, &format!("sluice-ingress-{ingress_id}")).await?;
+        let client = nats::connect(&config.nats, nats::Role::Ingress, &format!("sluice-ingress-{ingress_id}")).await?;
         let js = nats::jetstream(client.clone(), &config.nats);
         nats::ensure_streams(&js, &config.nats).await?;
         let job_state = nats::state_bucket(&js, &config.nats, &config.jobs).await?;

@@ -55,7 +55,7 @@ impl Server {
     pub async fn build(config: Config) -> Result<Self, ServeError> {
         describe();
         let tls = config.scaler.tls.as_ref().map(tls_config).transpose()?;
-        let client = nats::connect(&config.nats, "sluice-scaler").await?;
+        let client = nats::connect(&config.nats, nats::Role::Scaler, "sluice-scaler").await?;
         let js = nats::jetstream(client.clone(), &config.nats);
         nats::ensure_streams(&js, &config.nats).await?;
         let stream = js.get_stream(&config.nats.jobs_stream).await.map_err(|e| ServeError::Stream(e.to_string()))?;

@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice_core::config::{Config, PoolConfig, ProviderKind};
@@ -82,6 +83,7 @@ impl Drop for TempDir {
 pub struct NatsServer {
     child: Option<Child>,
     pub url: String,
+    violations: Arc<Mutex<Vec<String>>>,
     _dir: TempDir,
 }
 
@@ -93,15 +95,26 @@ impl NatsServer {
     /// A server whose `jetstream { … }` block also holds `jetstream` (for
     /// example its `limits`).
     pub async fn start_with(jetstream: &str) -> Self {
+        Self::start_configured(jetstream, "", &[], &[]).await
+    }
+
+    /// A server with `jetstream` in its `jetstream { … }` block, `top` at
+    /// the top level of its config, `files` (name, text) beside its config
+    /// file (for `include`), and `env` in its environment.
+    pub async fn start_configured(jetstream: &str, top: &str, files: &[(&str, &str)], env: &[(&str, &str)]) -> Self {
         let bin = std::env::var("SLUICE_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
         let dir = TempDir::new("nats");
         let config = dir.0.join("nats.conf");
-        std::fs::write(&config, format!("jetstream {{\n  store_dir: {:?}\n  {jetstream}\n}}\n", dir.0.join("js")))
-            .unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.0.join(name), text).unwrap();
+        }
+        let text = format!("jetstream {{\n  store_dir: {:?}\n  {jetstream}\n}}\n{top}\n", dir.0.join("js"));
+        std::fs::write(&config, text).unwrap();
         let mut child = Command::new(&bin)
             .arg("-c")
             .arg(&config)
             .args(["-a", "127.0.0.1", "-p", "-1"])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -124,9 +137,23 @@ impl NatsServer {
         .await
         .expect("nats-server did not get ready within 15 s")
         .expect("nats-server did not print its port");
-        // Keep draining its log so that the pipe never fills.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self { child: Some(child), url: format!("nats://127.0.0.1:{url}"), _dir: dir }
+        // Keep draining its log so that the pipe never fills, keeping the
+        // permission violations it reports.
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let seen = violations.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("Violation") {
+                    seen.lock().unwrap().push(line);
+                }
+            }
+        });
+        Self { child: Some(child), url: format!("nats://127.0.0.1:{url}"), violations, _dir: dir }
+    }
+
+    /// The permission violations the server has logged so far.
+    pub fn violations(&self) -> Vec<String> {
+        self.violations.lock().unwrap().clone()
     }
 
     /// Kills the server (SIGKILL) and waits for it to exit.
@@ -318,15 +345,31 @@ impl Stack {
 
     /// Starts everything; `adjust` may change the config first.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
-        let nats = NatsServer::start().await;
+        Self::start_on(NatsServer::start().await, adjust, |_, _| {}).await
+    }
+
+    /// Starts everything on `nats`; `adjust` may change the config first
+    /// (the one kept in `Stack::config`), and `as_role` the ingress's and
+    /// the worker's each.
+    pub async fn start_on(
+        nats: NatsServer,
+        adjust: impl FnOnce(&mut Config),
+        as_role: impl Fn(&mut Config, sluice_core::nats::Role),
+    ) -> Self {
+        use sluice_core::nats::Role;
         let (db_url, db) = fresh_database().await;
         let mock = Mock::start(sluice_mock_provider::Settings::default()).await;
         let mut config = test_config(&nats.url, &db_url, &mock.base);
         adjust(&mut config);
+        let as_role = |role| {
+            let mut c = config.clone();
+            as_role(&mut c, role);
+            c
+        };
         let tenant = db::ensure_tenant(&db, "acme").await.unwrap();
         let key = db::create_key(&db, tenant).await.unwrap();
-        let base = Self::start_ingress(config.clone()).await;
-        let worker = WorkerHandle::start(config.clone()).await;
+        let base = Self::start_ingress(as_role(Role::Ingress)).await;
+        let worker = WorkerHandle::start(as_role(Role::Worker)).await;
         Self {
             nats,
             db,

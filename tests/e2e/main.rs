@@ -22,6 +22,7 @@ mod hostile;
 mod isolation;
 mod jobs;
 mod large;
+mod nats_users;
 mod providers;
 mod scaler;
 mod sdk;

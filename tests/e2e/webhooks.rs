@@ -14,22 +14,22 @@ use tokio::sync::mpsc;
 use crate::harness::{Stack, wait_for};
 
 /// One request the receiver got.
-struct Received {
-    headers: HeaderMap,
-    body: String,
+pub(crate) struct Received {
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: String,
 }
 
 /// A webhook receiver on a dynamic loopback port; answers with the queued
 /// statuses, then 200.
-struct Receiver {
-    url: String,
+pub(crate) struct Receiver {
+    pub(crate) url: String,
     rx: mpsc::UnboundedReceiver<Received>,
 }
 
 type Shared = (mpsc::UnboundedSender<Received>, Arc<Mutex<VecDeque<u16>>>);
 
 impl Receiver {
-    async fn start(statuses: &[u16]) -> Self {
+    pub(crate) async fn start(statuses: &[u16]) -> Self {
         Self::start_on("127.0.0.1:0", statuses).await
     }
 
@@ -54,7 +54,7 @@ impl Receiver {
         Self { url: format!("http://{addr}/hook"), rx }
     }
 
-    async fn next(&mut self) -> Received {
+    pub(crate) async fn next(&mut self) -> Received {
         tokio::time::timeout(Duration::from_secs(10), self.rx.recv()).await.expect("no webhook within 10 s").unwrap()
     }
 }

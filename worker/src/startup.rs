@@ -81,7 +81,7 @@ impl Worker {
     pub async fn build(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, StartError> {
         crate::metrics::describe();
         let pools = Pools::configure(&config.pools, &config.upstream, &env)?;
-        let client = nats::connect(&config.nats, "sluice-worker").await?;
+        let client = nats::connect(&config.nats, nats::Role::Worker, "sluice-worker").await?;
         let js = nats::jetstream(client.clone(), &config.nats);
         nats::ensure_streams(&js, &config.nats).await?;
         let job_state = nats::state_bucket(&js, &config.nats, &config.jobs).await?;

@@ -195,7 +195,18 @@ impl Envelope {
             tenant: uuid(H_TENANT)?,
             pool: need(H_POOL)?.to_owned(),
             endpoint: Endpoint::parse(need(H_ENDPOINT)?).ok_or(EnvelopeError::Malformed(H_ENDPOINT))?,
-            reply: get(H_REPLY).map(str::to_owned),
+            // Only an ingress's reply subject: a worker publishes the answer
+            // there, so a forged header must not aim it at a job's state or
+            // any other subject the worker may write.
+            reply: match get(H_REPLY) {
+                None => None,
+                Some(v)
+                    if matches!(super::subjects::Subject::parse(v), Some(super::subjects::Subject::Reply { .. })) =>
+                {
+                    Some(v.to_owned())
+                }
+                Some(_) => return Err(EnvelopeError::Malformed(H_REPLY)),
+            },
             deadline_ms: number(H_DEADLINE)?,
             submitted_ms: number(H_SUBMITTED)?,
             request_id: need(H_REQUEST_ID)?.to_owned(),
@@ -239,6 +250,15 @@ mod tests {
     fn envelope_round_trips_through_headers() {
         let e = sample();
         assert_eq!(Envelope::from_headers(Some(&e.to_headers())), Ok(e));
+    }
+
+    #[test]
+    fn a_reply_subject_that_is_not_an_ingresss_is_refused() {
+        for forged in ["$KV.JOB_STATE.a.b", "jobs.p.interactive.t", "_SLUICE.reply.x", "events.job.batch"] {
+            let mut h = sample().to_headers();
+            h.insert(H_REPLY, forged);
+            assert_eq!(Envelope::from_headers(Some(&h)), Err(EnvelopeError::Malformed(H_REPLY)), "{forged}");
+        }
     }
 
     #[test]
