@@ -270,15 +270,13 @@ async fn absurd_retry_after_from_a_provider_is_clamped_and_other_tenants_are_ser
         let r = stack.chat(&body).await;
         let status = r.status().as_u16();
         let retry_after: Option<u64> = r.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok());
-        if i < 2 {
-            // Told to wait past the deadline: answered at once, the wait cut to a day.
-            assert_eq!(status, 429, "{value}: the provider's pace reaches the client as a 429");
-            let secs = retry_after.expect("a Retry-After");
-            assert!((1..=86_400).contains(&secs), "{value}: Retry-After {secs}");
-        } else {
-            // Not a wait at all: ignored, the job retried on its own backoff.
-            assert!(status == 429 || status == 502, "{value}: {status}");
-        }
+        // Told to wait past the deadline: answered at once, the wait cut to
+        // a day. Not a wait at all ("-5", "soon"): ignored, the job retried
+        // on its own backoff until its attempts ran out, and answered 429
+        // all the same (the pace, not a failure, is the answer).
+        assert_eq!(status, 429, "{value}: the provider's pace reaches the client as a 429");
+        let secs = retry_after.expect("a Retry-After");
+        assert!((1..=86_400).contains(&secs), "{value}: Retry-After {secs}");
         stack.mock.faults(serde_json::json!({"error_rate": 0.0})).await;
         let r = post_json(&stack, "/v1/chat/completions", &other, &Stack::chat_body("me")).await;
         assert_eq!(r.status(), 200, "{value}: the other tenant waited");

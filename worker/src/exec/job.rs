@@ -80,9 +80,19 @@ enum Exit {
 
 /// Runs one job; returns its real token usage when the upstream reported it.
 pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message, lease: Option<Lease>) -> Option<u64> {
-    let env = match Envelope::from_headers(message.headers.as_ref()) {
-        Ok(env) => env,
-        Err(error) => {
+    // A decoder bug must not crash the job's task before anything below can
+    // end the message: that one would be redelivered for good.
+    let decoded =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Envelope::from_headers(message.headers.as_ref())));
+    let env = match decoded {
+        Ok(Ok(env)) => env,
+        Err(_) => {
+            metrics::counter!(m::POISON).increment(1);
+            tracing::error!(subject = %message.subject, "decoding a job message panicked; terminated");
+            let _ = message.ack_with(AckKind::Term).await;
+            return None;
+        }
+        Ok(Err(error)) => {
             metrics::counter!(m::POISON).increment(1);
             tracing::warn!(%error, subject = %message.subject, "undecodable job message terminated");
             let _ = message.ack_with(AckKind::Term).await;

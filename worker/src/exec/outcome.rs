@@ -43,6 +43,16 @@ pub(crate) fn of_call(
             let delay = ready_at
                 .map_or(ctx.retry_min, |t| t.saturating_duration_since(Instant::now()))
                 .max(Duration::from_millis(50));
+            if attempt >= ctx.max_attempts {
+                // The last attempt: the provider's limits are the answer
+                // (429 with the wait), not a generic "gave up".
+                let error = ApiError::new(
+                    ErrorCode::UpstreamRateLimited,
+                    format!("no deployment of pool {} had capacity within {} attempts", pool.name, ctx.max_attempts),
+                )
+                .retry_after(delay.as_secs().clamp(1, 86_400));
+                return Some(failed(error, None));
+            }
             Outcome::Retry { delay, reason: "no_deployment_ready" }
         }
         Called::Answered(result) => classify(ctx, env, pool, result, attempt, deadline),
