@@ -396,6 +396,12 @@ impl Config {
 
     /// Checks the rules that types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstream.max_response_memory_bytes < self.upstream.max_response_bytes {
+            return Err(ConfigError::key(
+                "upstream.max_response_memory_bytes",
+                "must be at least upstream.max_response_bytes (one answer of the largest size must fit)",
+            ));
+        }
         if self.nats.user.is_some() && self.nats.password.is_empty() {
             return Err(ConfigError::key("nats.password", "required with nats.user"));
         }

@@ -311,3 +311,30 @@ async fn a_workers_large_bodies_run_as_many_at_a_time_as_its_budget_holds() {
     let peak = stack.mock.stats().await["peak_in_flight"].as_u64().unwrap();
     assert!(peak <= 2, "{peak} large bodies were at the provider at once");
 }
+
+/// A worker holds at most `upstream.max_response_memory_bytes` of answers at
+/// once: with room for one 2 MB answer, eight asked at once take turns
+/// (their waits counted) instead of being held together, and all are
+/// answered whole.
+#[tokio::test]
+async fn a_workers_large_answers_take_turns_in_its_answer_budget_and_all_complete() {
+    let stack = Stack::start_with(|c| {
+        c.upstream.max_response_bytes = 3 << 20;
+        c.upstream.max_response_memory_bytes = 3 << 20;
+    })
+    .await;
+    let waits = "sluice_worker_answer_budget_waits_total";
+    let before = stack.ingress_metric(waits).await;
+    let inputs: Vec<String> = (0..100).map(|i| format!("document {i}")).collect();
+    let body = serde_json::json!({"model": crate::harness::MODEL, "input": inputs, "dimensions": 1536});
+    let asks = (0..8).map(|_| async {
+        let r = post_json(&stack, "/v1/embeddings", &stack.key, &body).await;
+        (r.status().as_u16(), r.bytes().await.map(|b| b.len()).unwrap_or(0))
+    });
+    for (status, len) in futures::future::join_all(asks).await {
+        assert_eq!(status, 200);
+        assert!(len > 2_000_000, "{len} bytes");
+    }
+    let after = stack.ingress_metric(waits).await;
+    assert!(after > before, "no answer waited for the budget ({before} → {after})");
+}

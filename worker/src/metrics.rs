@@ -27,6 +27,8 @@ pub const QUEUED: &str = "sluice_queue_jobs";
 pub const CONSUMERS_CREATED: &str = "sluice_worker_queue_consumers_created_total";
 pub const COUNTER_FAILURES: &str = "sluice_worker_counter_failures_total";
 pub const COUNTER_REPAIRS: &str = "sluice_worker_counter_repairs_total";
+pub const ANSWER_MEMORY: &str = "sluice_worker_answer_memory_bytes";
+pub const ANSWER_BUDGET_WAITS: &str = "sluice_worker_answer_budget_waits_total";
 
 pub fn describe() {
     sluice_core::group_commit::describe();
@@ -70,6 +72,14 @@ pub fn describe() {
     );
     metrics::describe_gauge!(IN_FLIGHT, "jobs this worker is executing");
     metrics::describe_counter!(FETCH_ERRORS, "failed pull requests to JetStream");
+    metrics::describe_gauge!(
+        ANSWER_MEMORY,
+        "bytes of upstream.max_response_memory_bytes held by answers being read or sent on"
+    );
+    metrics::describe_counter!(
+        ANSWER_BUDGET_WAITS,
+        "answers that waited for room in upstream.max_response_memory_bytes before being read"
+    );
     metrics::describe_counter!(POISON, "job messages that could not be decoded and were terminated");
     metrics::describe_counter!(EVENT_PUBLISH_FAILURES, "job events that could not be published to the events stream");
     metrics::describe_counter!(LEDGER_WRITES, "job events written to Postgres");

@@ -15,6 +15,13 @@ pub struct UpstreamConfig {
     /// one is not read further and the job fails with 502
     /// `upstream_response_too_large`, so no answer can exhaust a worker.
     pub max_response_bytes: usize,
+    /// All non-streamed answers one worker holds at once (read, parsed,
+    /// stored or sent on): an answer past 1 MiB takes its size from this
+    /// budget before it is read (its whole `max_response_bytes` while its
+    /// length is unknown, the rest given back once read) and waits for room,
+    /// so one tenant's many large answers cannot exhaust the worker. At
+    /// least `max_response_bytes`.
+    pub max_response_memory_bytes: usize,
     /// Idle keep-alive connections kept per upstream host.
     pub pool_max_idle_per_host: usize,
     pub pool_idle_timeout_ms: u64,
@@ -45,6 +52,7 @@ impl Default for UpstreamConfig {
             request_timeout_ms: 120_000,
             response_header_timeout_ms: 30_000,
             max_response_bytes: 128 << 20,
+            max_response_memory_bytes: 256 << 20,
             pool_max_idle_per_host: 512,
             pool_idle_timeout_ms: 90_000,
             tcp_keepalive_ms: 30_000,

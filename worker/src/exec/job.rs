@@ -224,7 +224,8 @@ async fn execute(
             }
             Exit::Stayed
         }
-        Outcome::Answered { status, outcome, upstream_status, usage } => {
+        // (the answer's share of the budget is held until the job is done)
+        Outcome::Answered { status, outcome, upstream_status, usage, held: _held } => {
             // Storing tens of megabytes may take longer than `ack_wait`.
             let (status, outcome) = match with_progress(ctx, &message, store_if_large(ctx, env, status, outcome)).await
             {

@@ -17,11 +17,22 @@ use bytes::Bytes;
 use crate::exec::job::{Called, JobContext};
 use crate::exec::stream::Relayed;
 use crate::metrics as m;
-use crate::upstream::client::CallError;
+use crate::upstream::client::{CallError, Held};
 
 pub(crate) enum Outcome {
-    Answered { status: JobStatus, outcome: reply::Outcome, upstream_status: Option<u16>, usage: Usage },
-    Retry { delay: Duration, reason: &'static str },
+    /// `held`: the answer's share of the worker's answer budget, kept until
+    /// the answer is sent on and stored.
+    Answered {
+        status: JobStatus,
+        outcome: reply::Outcome,
+        upstream_status: Option<u16>,
+        usage: Usage,
+        held: Held,
+    },
+    Retry {
+        delay: Duration,
+        reason: &'static str,
+    },
 }
 
 /// What one attempt's calls mean for the job; `None` when the worker is
@@ -61,12 +72,14 @@ pub(crate) fn of_call(
             outcome: reply::Outcome::Body { status: 200, body: Bytes::new() },
             upstream_status: Some(200),
             usage,
+            held: Held::default(),
         },
         Called::Streamed(Relayed { usage, error: Some(error) }) => Outcome::Answered {
             status: JobStatus::Failed,
             outcome: reply::Outcome::Error(error),
             upstream_status: Some(200),
             usage,
+            held: Held::default(),
         },
     })
 }
@@ -77,6 +90,7 @@ pub(crate) fn failed(error: ApiError, upstream_status: Option<u16>) -> Outcome {
         outcome: reply::Outcome::Error(error),
         upstream_status,
         usage: Usage::default(),
+        held: Held::default(),
     }
 }
 
@@ -129,6 +143,7 @@ fn classify(
             usage: answer.usage,
             upstream_status: Some(answer.status),
             outcome: reply::Outcome::Body { status: answer.status, body: answer.body },
+            held: answer.held,
         },
         // A provider of the client's API refused: its own words, as they came.
         Err(CallError::Rejected { status, body, native: true }) => Outcome::Answered {
@@ -136,6 +151,7 @@ fn classify(
             outcome: reply::Outcome::Body { status, body },
             upstream_status: Some(status),
             usage: Usage::default(),
+            held: Held::default(),
         },
         // One of the other API: its message, in the client's envelope.
         Err(CallError::Rejected { status, body, native: false }) => {

@@ -4,6 +4,7 @@
 //! client at once) and "retryable" (5xx, 408, 429, resets, timeouts).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use http::HeaderValue;
 use sluice_core::config::{ConfigError, DeploymentConfig, UpstreamConfig, ms};
 use sluice_core::event::Usage;
 use sluice_core::wire::envelope::Endpoint;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::upstream::providers::translate::TranslateError;
@@ -52,6 +54,50 @@ pub struct Answer {
     pub usage: Usage,
     /// Whether the body is JSON (found by the same parse as `usage`).
     pub json: bool,
+    /// The body's share of the worker's answer budget, until the answer is done with.
+    pub held: Held,
+}
+
+/// A share of the worker's answer budget (`upstream.max_response_memory_bytes`),
+/// in KiB; given back when dropped.
+#[derive(Debug, Default)]
+pub struct Held(Option<OwnedSemaphorePermit>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            metrics::gauge!(crate::metrics::ANSWER_MEMORY).decrement(p.num_permits() as f64 * 1024.0);
+        }
+    }
+}
+
+/// The worker's budget for the answers it holds at once, in KiB.
+pub type AnswerBudget = Arc<Semaphore>;
+
+pub fn answer_budget(settings: &UpstreamConfig) -> AnswerBudget {
+    Arc::new(Semaphore::new(kib(settings.max_response_memory_bytes) as usize))
+}
+
+/// Answers up to this size are read without taking from the budget (a
+/// worker's slots bound them): the budget is for the large ones.
+const UNBUDGETED: usize = 1 << 20;
+
+fn kib(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
+}
+
+/// Takes `bytes` from the budget, waiting for room (counted) when there is none.
+async fn take(budget: &AnswerBudget, bytes: usize) -> Option<OwnedSemaphorePermit> {
+    let n = kib(bytes);
+    let permit = match budget.clone().try_acquire_many_owned(n) {
+        Ok(p) => p,
+        Err(_) => {
+            metrics::counter!(crate::metrics::ANSWER_BUDGET_WAITS).increment(1);
+            budget.clone().acquire_many_owned(n).await.ok()?
+        }
+    };
+    metrics::gauge!(crate::metrics::ANSWER_MEMORY).increment(f64::from(n) * 1024.0);
+    Some(permit)
 }
 
 /// Bodies longer than this are parsed on a blocking thread, so that the
@@ -60,7 +106,7 @@ const PARSE_INLINE_BYTES: usize = 256 * 1024;
 
 impl Answer {
     /// Reads the answer's usage and checks that it is JSON, in one parse.
-    async fn new(status: u16, body: Bytes) -> Self {
+    async fn new(status: u16, body: Bytes, held: Held) -> Self {
         #[derive(serde::Deserialize)]
         struct WithUsage {
             usage: Option<Usage>,
@@ -72,7 +118,7 @@ impl Answer {
             let bytes = body.clone();
             tokio::task::spawn_blocking(move || parse(&bytes)).await.ok().flatten()
         };
-        Self { status, json: parsed.is_some(), usage: parsed.unwrap_or_default(), body }
+        Self { status, json: parsed.is_some(), usage: parsed.unwrap_or_default(), body, held }
     }
 }
 
@@ -87,6 +133,7 @@ pub struct Client {
     request_timeout: Duration,
     header_timeout: Duration,
     max_response_bytes: usize,
+    budget: AnswerBudget,
 }
 
 /// Builds the clients of a pool's deployments; one HTTP client per distinct
@@ -96,6 +143,7 @@ pub fn build(
     d: &DeploymentConfig,
     settings: &UpstreamConfig,
     shared: &mut HashMap<String, reqwest::Client>,
+    budget: &AnswerBudget,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Client, ConfigError> {
     // reqwest is built without a bundled TLS backend; rustls uses ring.
@@ -151,6 +199,7 @@ pub fn build(
         request_timeout: ms(settings.request_timeout_ms),
         header_timeout: ms(settings.response_header_timeout_ms),
         max_response_bytes: settings.max_response_bytes,
+        budget: budget.clone(),
     })
 }
 
@@ -175,8 +224,9 @@ impl Client {
         };
         let rate = self.provider.limits(response.headers());
         let limit = self.max_response_bytes;
-        let answer = match read_answer(response, end, deadline, rate.retry_after, self.native(api), limit).await {
-            Ok((status, body)) => Ok(Answer::new(status, self.provider.answer(api, body)).await),
+        let read = read_answer(response, end, deadline, rate.retry_after, self.native(api), limit, &self.budget);
+        let answer = match read.await {
+            Ok((status, body, held)) => Ok(Answer::new(status, self.provider.answer(api, body), held).await),
             Err(e) => Err(e),
         };
         (answer, rate)
@@ -201,9 +251,10 @@ impl Client {
         }
         // Not a stream: an error to classify like any other answer.
         let native = self.native(api);
-        let result = read_answer(response, end, deadline, rate.retry_after, native, self.max_response_bytes)
+        let limit = self.max_response_bytes;
+        let result = read_answer(response, end, deadline, rate.retry_after, native, limit, &self.budget)
             .await
-            .and_then(|(status, body)| Err(CallError::Rejected { status, body, native }));
+            .and_then(|(status, body, _)| Err(CallError::Rejected { status, body, native }));
         (result, rate)
     }
 
@@ -260,19 +311,20 @@ async fn read_answer(
     retry_after: Option<Duration>,
     native: bool,
     limit: usize,
-) -> Result<(u16, Bytes), CallError> {
+    budget: &AnswerBudget,
+) -> Result<(u16, Bytes, Held), CallError> {
     let timed_out = || {
         if end >= deadline { CallError::DeadlineExceeded } else { retryable("timeout", None, None) }
     };
     let status = response.status().as_u16();
-    let body = match tokio::time::timeout_at(end, read_body(response, limit)).await {
+    let (body, held) = match tokio::time::timeout_at(end, read_body(response, limit, budget)).await {
         Err(_) => return Err(timed_out()),
         Ok(Err(None)) => return Err(retryable("body", Some(status), None)),
         Ok(Err(Some(too_large))) => return Err(too_large),
         Ok(Ok(b)) => b,
     };
     match status {
-        200..=299 => Ok((status, body)),
+        200..=299 => Ok((status, body, held)),
         408 => Err(retryable("upstream_408", Some(status), retry_after)),
         429 => Err(retryable("upstream_429", Some(status), retry_after)),
         // Anthropic's "overloaded" status.
@@ -283,22 +335,42 @@ async fn read_answer(
 }
 
 /// Reads a body of at most `limit` bytes: a larger one (by its
-/// `Content-Length`, or as it arrives) is not read further. `Err(None)`: the
-/// body broke off.
-async fn read_body(mut response: reqwest::Response, limit: usize) -> Result<Bytes, Option<CallError>> {
+/// `Content-Length`, or as it arrives) is not read further. A body past
+/// [`UNBUDGETED`] takes its room from `budget` first: its declared length,
+/// or, undeclared, `limit` until it is read and then its own size. `Err(None)`:
+/// the body broke off.
+async fn read_body(
+    mut response: reqwest::Response,
+    limit: usize,
+    budget: &AnswerBudget,
+) -> Result<(Bytes, Held), Option<CallError>> {
     let too_large = || Some(CallError::TooLarge { limit });
-    if response.content_length().is_some_and(|n| n > limit as u64) {
+    let declared = response.content_length().map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let mut body =
-        bytes::BytesMut::with_capacity(response.content_length().map_or(8 * 1024, |n| n.min(1 << 20) as usize));
+    let mut held = match declared {
+        Some(n) if n > UNBUDGETED => Some(take(budget, n).await.ok_or(None)?),
+        _ => None,
+    };
+    let mut body = bytes::BytesMut::with_capacity(declared.map_or(8 * 1024, |n| n.min(1 << 20)));
     while let Some(chunk) = response.chunk().await.map_err(|_| None)? {
-        if body.len() + chunk.len() > limit {
+        if body.len() + chunk.len() > limit || declared.is_some_and(|n| body.len() + chunk.len() > n) {
             return Err(too_large());
+        }
+        if held.is_none() && body.len() + chunk.len() > UNBUDGETED {
+            held = Some(take(budget, limit).await.ok_or(None)?);
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body.freeze())
+    // An undeclared length took the whole limit: keep only what it needs.
+    if declared.is_none()
+        && let Some(permit) = held.as_mut()
+        && let Some(surplus) = permit.split((permit.num_permits()).saturating_sub(kib(body.len()) as usize))
+    {
+        metrics::gauge!(crate::metrics::ANSWER_MEMORY).decrement(surplus.num_permits() as f64 * 1024.0);
+    }
+    Ok((body.freeze(), Held(held)))
 }
 
 fn retryable(reason: &'static str, status: Option<u16>, retry_after: Option<Duration>) -> CallError {

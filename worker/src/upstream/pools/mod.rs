@@ -360,6 +360,7 @@ impl Pools {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Configured, ConfigError> {
         let mut shared_http = HashMap::new();
+        let budget = client::answer_budget(settings);
         let mut by_name = HashMap::new();
         for (i, pool) in pools.iter().enumerate() {
             let configs = pool.deployments();
@@ -370,7 +371,7 @@ impl Pools {
                 } else {
                     format!("pools[{i}].deployments[{j}]")
                 };
-                let client = client::build(&prefix, d, settings, &mut shared_http, env)?;
+                let client = client::build(&prefix, d, settings, &mut shared_http, &budget, env)?;
                 let label = (pool.name.clone(), d.name.clone());
                 metrics::gauge!(m::BREAKER_STATE, "pool" => label.0, "deployment" => label.1).set(0.0);
                 deployments.push(Arc::new(Deployment {
