@@ -279,8 +279,10 @@ def check_structure(where, objects):
             fail(where, f"ScaledObject triggers {types}: need external and external-push")
         for t in spec["triggers"]:
             m = t["metadata"]
-            if m.get("scalerAddress") != f"sluice-scaler:{scaler_port}":
-                fail(where, f"trigger scalerAddress {m.get('scalerAddress')} is not the scaler Service")
+            # KEDA's operator dials from its own namespace: the Service's name with ours.
+            namespace = so["metadata"].get("namespace", "sluice")
+            if m.get("scalerAddress") != f"sluice-scaler.{namespace}.svc:{scaler_port}":
+                fail(where, f"trigger scalerAddress {m.get('scalerAddress')} is not the scaler Service of namespace {namespace}")
             if m.get("pool") not in pools:
                 fail(where, f"trigger pool {m.get('pool')} is not a configured pool")
             if not all(isinstance(v, str) for v in m.values()):

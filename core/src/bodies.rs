@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::object_store::{self, GetErrorKind, InfoErrorKind, ObjectStore};
+use async_nats::jetstream::object_store::{self, GetErrorKind, ObjectStore};
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
@@ -100,19 +100,6 @@ impl Bodies {
         metrics::counter!(STORED_BYTES).increment(body.len() as u64);
         metrics::histogram!(PUT_SECONDS).record(started.elapsed().as_secs_f64());
         Ok(StoredBody { name, size: info.size as u64 })
-    }
-
-    /// The body stored under `name`, if there is one.
-    pub async fn find(&self, name: &str) -> Result<Option<StoredBody>, BodyError> {
-        match self.store.info(name).await {
-            Ok(info) if !info.deleted => Ok(Some(StoredBody { name: name.to_owned(), size: info.size as u64 })),
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == InfoErrorKind::NotFound => Ok(None),
-            Err(e) => {
-                metrics::counter!(FAILURES, "op" => "info").increment(1);
-                Err(BodyError::Store(e.to_string()))
-            }
-        }
     }
 
     /// Reads a stored body whole, refusing one longer than `limit`.

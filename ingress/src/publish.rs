@@ -41,26 +41,22 @@ pub struct Payload {
 }
 
 /// The job's message payload: its body, or, when a NATS message cannot
-/// carry it, nothing — the body goes to the bodies bucket first and the
-/// envelope names it (`Sluice-Body-Ref`). The worker deletes it once the job
-/// has left the queue; [`job`] deletes it if the publish fails. A `replay`
-/// (an idempotent submit sent again) uses the body its first submit stored,
-/// if it is still there: that one may belong to a message still queued.
-pub async fn payload(state: &AppState, env: &mut Envelope, body: Bytes, replay: bool) -> Result<Payload, ApiError> {
+/// carry it, nothing — the body goes to the bodies bucket first, under a
+/// name of this request's own, and the envelope names it (`Sluice-Body-Ref`).
+/// The worker deletes it once the job has left the queue; [`job`] deletes it
+/// if the publish fails or turns out a duplicate (the job's first submit,
+/// racing or long done, keeps its own copy).
+pub async fn payload(state: &AppState, env: &mut Envelope, body: Bytes) -> Result<Payload, ApiError> {
     if !state.bodies.too_large_for_a_message(body.len()) {
         return Ok(Payload { bytes: body, stored_now: false });
     }
-    let unavailable = |error: sluice_core::bodies::BodyError| {
+    let name = stored::copy_name(stored::Kind::Request, env.tenant, env.job_id);
+    let stored = state.bodies.put(name, &body).await.map_err(|error| {
         tracing::warn!(%error, job_id = %env.job_id, "cannot store a large request body");
         ApiError::new(ErrorCode::Unavailable, "the store for large request bodies is unavailable; retry shortly")
             .retry_after(1)
-    };
-    let name = stored::name(stored::Kind::Request, env.tenant, env.job_id);
-    if replay && let Some(first) = state.bodies.find(&name).await.map_err(unavailable)? {
-        env.body_ref = Some(first);
-        return Ok(Payload { bytes: Bytes::new(), stored_now: false });
-    }
-    env.body_ref = Some(state.bodies.put(name, &body).await.map_err(unavailable)?);
+    })?;
+    env.body_ref = Some(stored);
     Ok(Payload { bytes: Bytes::new(), stored_now: true })
 }
 
@@ -89,10 +85,10 @@ pub async fn job(state: &AppState, subject: String, env: &Envelope, payload: Pay
             }
             return Err(publish_error(e));
         }
-        // A duplicate of a message this request did not send before (a
-        // replay of a job that already ran and deleted its body): the body
-        // just stored is no one's. After a repeated publish the duplicate
-        // may be this request's own first attempt, whose body it keeps.
+        // A duplicate of a message this request did not send (a replay of a
+        // job queued or run already, with its own copy of the body): the
+        // copy just stored is no one's. After a repeated publish the
+        // duplicate may be this request's own first attempt, which needs it.
         Ok(ack) if ack.duplicate && !repeated.load(Ordering::Relaxed) => {
             if let Some(stored) = stored_now {
                 state.bodies.delete(&stored.name).await;

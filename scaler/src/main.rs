@@ -15,6 +15,10 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Err(error) = config.scaler.check_transport() {
+        eprintln!("sluice-scaler: {error}");
+        return ExitCode::from(sluice_core::config::EXIT_BAD_CONFIG as u8);
+    }
     sluice_core::telemetry::init_logging(&config.log);
     let shutdown = sluice_core::shutdown::on_signal();
     let (grpc, ops) = (config.scaler.listen, config.scaler.ops_listen);

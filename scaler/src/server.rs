@@ -57,8 +57,7 @@ impl Server {
         let tls = config.scaler.tls.as_ref().map(tls_config).transpose()?;
         let client = nats::connect(&config.nats, nats::Role::Scaler, "sluice-scaler").await?;
         let js = nats::jetstream(client.clone(), &config.nats);
-        nats::ensure_streams(&js, &config.nats).await?;
-        let stream = js.get_stream(&config.nats.jobs_stream).await.map_err(|e| ServeError::Stream(e.to_string()))?;
+        let stream = jobs_stream(&js, &config.nats.jobs_stream).await?;
         let db = sluice_core::db::connect_lazy(&config.database, 2)?;
         Ok(Self { config: Arc::new(config), client, stream, db, tls, tasks: Tasks::new() })
     }
@@ -94,6 +93,35 @@ impl Server {
         tasks.shutdown(nats::FINAL_FLUSH).await;
         served?;
         Ok(())
+    }
+}
+
+/// How long the scaler waits at start for the jobs stream to exist.
+const STREAM_WAIT: Duration = Duration::from_secs(120);
+
+/// The jobs stream, read only: the ingress and the workers declare it, and
+/// the scaler's NATS user may only read its info (a scaler that could
+/// update the stream could, say, republish every job to a subject it reads).
+/// Waits for it while it does not exist yet (a first deployment).
+async fn jobs_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> Result<async_nats::jetstream::stream::Stream, ServeError> {
+    use async_nats::jetstream::ErrorCode;
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    let until = tokio::time::Instant::now() + STREAM_WAIT;
+    loop {
+        match js.get_stream(name).await {
+            Ok(stream) => return Ok(stream),
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref err) if err.error_code() == ErrorCode::STREAM_NOT_FOUND)
+                    && tokio::time::Instant::now() < until =>
+            {
+                tracing::info!(error = %e, stream = name, "waiting for the jobs stream (declared by the ingress and the workers)");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(ServeError::Stream(e.to_string())),
+        }
     }
 }
 

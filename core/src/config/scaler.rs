@@ -73,13 +73,10 @@ impl Default for ScalerConfig {
 }
 
 impl ScalerConfig {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        if self.refresh_ms == 0 {
-            return Err(ConfigError::key("scaler.refresh_ms", "must be greater than zero"));
-        }
-        if self.stale_ms <= self.refresh_ms {
-            return Err(ConfigError::key("scaler.stale_ms", "must be greater than scaler.refresh_ms"));
-        }
+    /// The scaler's own start-up check (other components share the config
+    /// file and never serve the gRPC port): plain gRPC only on loopback
+    /// unless `allow_plaintext` says otherwise.
+    pub fn check_transport(&self) -> Result<(), ConfigError> {
         if self.tls.is_none() && !self.allow_plaintext && !self.listen.ip().is_loopback() {
             return Err(ConfigError::key(
                 "scaler.listen",
@@ -89,6 +86,16 @@ impl ScalerConfig {
                     self.listen
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.refresh_ms == 0 {
+            return Err(ConfigError::key("scaler.refresh_ms", "must be greater than zero"));
+        }
+        if self.stale_ms <= self.refresh_ms {
+            return Err(ConfigError::key("scaler.stale_ms", "must be greater than scaler.refresh_ms"));
         }
         if let Some(tls) = &self.tls {
             for (key, path) in

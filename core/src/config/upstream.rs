@@ -15,12 +15,14 @@ pub struct UpstreamConfig {
     /// one is not read further and the job fails with 502
     /// `upstream_response_too_large`, so no answer can exhaust a worker.
     pub max_response_bytes: usize,
-    /// All non-streamed answers one worker holds at once (read, parsed,
-    /// stored or sent on): an answer past 1 MiB takes its size from this
-    /// budget before it is read (its whole `max_response_bytes` while its
-    /// length is unknown, the rest given back once read) and waits for room,
-    /// so one tenant's many large answers cannot exhaust the worker. At
-    /// least `max_response_bytes`.
+    /// The large non-streamed answers one worker holds at once: an answer
+    /// past 1 MiB takes its size from this budget before it is read (its
+    /// whole `max_response_bytes` while its length is unknown, the rest given
+    /// back once read) and, when it succeeded, holds it until its job is done;
+    /// a declared one waits for room up to the job's deadline. So one
+    /// tenant's many large answers cannot exhaust the worker. Not counted:
+    /// answers up to 1 MiB (bounded by `worker.max_in_flight`), a refusal's
+    /// body once classified, a translated copy. At least `max_response_bytes`.
     pub max_response_memory_bytes: usize,
     /// Idle keep-alive connections kept per upstream host.
     pub pool_max_idle_per_host: usize,

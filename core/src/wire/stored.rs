@@ -45,6 +45,13 @@ pub fn name(kind: Kind, tenant: Uuid, job: Uuid) -> String {
     format!("{}.{}.{}", kind.prefix(), tenant.simple(), job.simple())
 }
 
+/// A name of its own for one writer's copy (`<name>.<random>`): two submits
+/// of one job (an idempotent retry racing its first) never write or delete
+/// each other's body.
+pub fn copy_name(kind: Kind, tenant: Uuid, job: Uuid) -> String {
+    format!("{}.{}", name(kind, tenant, job), Uuid::new_v4().simple())
+}
+
 impl StoredBody {
     pub fn header_value(&self) -> String {
         format!("{} {}", self.size, self.name)

@@ -120,7 +120,7 @@ async fn handle(
     let _gauge = validate::scopeguard(move || in_flight.decrement(1.0));
 
     let publish_started = Instant::now();
-    let published = match publish::payload(state, &mut env, bytes, false).await {
+    let published = match publish::payload(state, &mut env, bytes).await {
         Ok(payload) => publish::job(state, subject, &env, payload).await,
         Err(error) => Err(error),
     };

@@ -99,7 +99,7 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     // retry. The stream drops the copy as a duplicate inside its dedup
     // window, and a worker runs a job only from `queued`, so it runs once.
     let publish = async {
-        let payload = publish::payload(state, &mut env, job.inner, replayed).await?;
+        let payload = publish::payload(state, &mut env, job.inner).await?;
         publish::job(state, subject, &env, payload).await
     };
     if (!replayed || record.status == JobStatus::Queued)

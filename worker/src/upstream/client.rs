@@ -87,7 +87,7 @@ fn kib(bytes: usize) -> u32 {
 }
 
 /// Takes `bytes` from the budget, waiting for room (counted) when there is none.
-async fn take(budget: &AnswerBudget, bytes: usize) -> Option<OwnedSemaphorePermit> {
+async fn take(budget: &AnswerBudget, bytes: usize) -> Option<Held> {
     let n = kib(bytes);
     let permit = match budget.clone().try_acquire_many_owned(n) {
         Ok(p) => p,
@@ -97,7 +97,18 @@ async fn take(budget: &AnswerBudget, bytes: usize) -> Option<OwnedSemaphorePermi
         }
     };
     metrics::gauge!(crate::metrics::ANSWER_MEMORY).increment(f64::from(n) * 1024.0);
-    Some(permit)
+    Some(Held(Some(permit)))
+}
+
+impl Held {
+    /// Gives back what is held beyond `bytes`.
+    fn keep(&mut self, bytes: usize) {
+        if let Some(permit) = self.0.as_mut()
+            && let Some(surplus) = permit.split(permit.num_permits().saturating_sub(kib(bytes) as usize))
+        {
+            metrics::gauge!(crate::metrics::ANSWER_MEMORY).decrement(surplus.num_permits() as f64 * 1024.0);
+        }
+    }
 }
 
 /// Bodies longer than this are parsed on a blocking thread, so that the
@@ -317,7 +328,22 @@ async fn read_answer(
         if end >= deadline { CallError::DeadlineExceeded } else { retryable("timeout", None, None) }
     };
     let status = response.status().as_u16();
-    let (body, held) = match tokio::time::timeout_at(end, read_body(response, limit, budget)).await {
+    // Room for a declared large answer is waited for up to the job's
+    // deadline, not the call's timeout: the provider has done (and billed)
+    // the work, and running out of the call's time would call it again.
+    let declared = response.content_length().map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let waiting = Instant::now();
+    let held = match declared {
+        Some(n) if n > UNBUDGETED && n <= limit => match tokio::time::timeout_at(deadline, take(budget, n)).await {
+            Err(_) => return Err(CallError::DeadlineExceeded),
+            Ok(None) => return Err(retryable("body", Some(status), None)),
+            Ok(Some(held)) => held,
+        },
+        _ => Held::default(),
+    };
+    // The read's own time starts once it has room.
+    let end = (end + waiting.elapsed()).min(deadline);
+    let (body, held) = match tokio::time::timeout_at(end, read_body(response, limit, budget, held)).await {
         Err(_) => return Err(timed_out()),
         Ok(Err(None)) => return Err(retryable("body", Some(status), None)),
         Ok(Err(Some(too_large))) => return Err(too_large),
@@ -335,42 +361,36 @@ async fn read_answer(
 }
 
 /// Reads a body of at most `limit` bytes: a larger one (by its
-/// `Content-Length`, or as it arrives) is not read further. A body past
-/// [`UNBUDGETED`] takes its room from `budget` first: its declared length,
-/// or, undeclared, `limit` until it is read and then its own size. `Err(None)`:
-/// the body broke off.
+/// `Content-Length`, or as it arrives) is not read further. `held` is the
+/// room already taken for a declared length; an undeclared body past
+/// [`UNBUDGETED`] takes `limit` from `budget` as it gets there and keeps its
+/// own size once read. `Err(None)`: the body broke off.
 async fn read_body(
     mut response: reqwest::Response,
     limit: usize,
     budget: &AnswerBudget,
+    mut held: Held,
 ) -> Result<(Bytes, Held), Option<CallError>> {
     let too_large = || Some(CallError::TooLarge { limit });
     let declared = response.content_length().map(|n| usize::try_from(n).unwrap_or(usize::MAX));
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let mut held = match declared {
-        Some(n) if n > UNBUDGETED => Some(take(budget, n).await.ok_or(None)?),
-        _ => None,
-    };
     let mut body = bytes::BytesMut::with_capacity(declared.map_or(8 * 1024, |n| n.min(1 << 20)));
     while let Some(chunk) = response.chunk().await.map_err(|_| None)? {
         if body.len() + chunk.len() > limit || declared.is_some_and(|n| body.len() + chunk.len() > n) {
             return Err(too_large());
         }
-        if held.is_none() && body.len() + chunk.len() > UNBUDGETED {
-            held = Some(take(budget, limit).await.ok_or(None)?);
+        if held.0.is_none() && body.len() + chunk.len() > UNBUDGETED {
+            held = take(budget, limit).await.ok_or(None)?;
         }
         body.extend_from_slice(&chunk);
     }
     // An undeclared length took the whole limit: keep only what it needs.
-    if declared.is_none()
-        && let Some(permit) = held.as_mut()
-        && let Some(surplus) = permit.split((permit.num_permits()).saturating_sub(kib(body.len()) as usize))
-    {
-        metrics::gauge!(crate::metrics::ANSWER_MEMORY).decrement(surplus.num_permits() as f64 * 1024.0);
+    if declared.is_none() {
+        held.keep(body.len());
     }
-    Ok((body.freeze(), Held(held)))
+    Ok((body.freeze(), held))
 }
 
 fn retryable(reason: &'static str, status: Option<u16>, retry_after: Option<Duration>) -> CallError {
