@@ -12,6 +12,10 @@
 #   SLUICE_NATS_SYNC=always JetStream syncs every write to disk before acknowledging it
 #                           (and Sluice batches its writes: nats.group_commit, unless
 #                           SLUICE__NATS__GROUP_COMMIT says otherwise)
+#   SLUICE_DEV_NATS_USERS=0 run NATS without users (every client may do anything,
+#                           e.g. the `nats` CLI); by default each component connects
+#                           as its own user of deploy/base/nats/users.conf with a
+#                           password made for this run
 #   SLUICE_DEV_NATS_PORT    default 4222
 #   SLUICE_DEV_PG_PORT      default 54329
 set -euo pipefail
@@ -60,15 +64,30 @@ trap on_signal INT TERM
 trap stop_all EXIT
 
 log "starting nats-server on 127.0.0.1:$NATS_PORT (JetStream data in .sluice/nats)"
+NATS_CONF="$STATE/nats.conf"
 if [ "${SLUICE_NATS_SYNC:-default}" = always ]; then
   # Every JetStream write on disk before it is acknowledged (docs/reliability.md).
-  printf 'jetstream { store_dir: "%s", sync_interval: always }\n' "$STATE/nats" >"$STATE/nats.conf"
-  "$NATS_SERVER" -c "$STATE/nats.conf" -a 127.0.0.1 -p "$NATS_PORT" >"$LOGS/nats.log" 2>&1 &
+  printf 'jetstream { store_dir: "%s", sync_interval: always }\n' "$STATE/nats" >"$NATS_CONF"
   # One sync per batch of concurrent writes instead of per write.
   export SLUICE__NATS__GROUP_COMMIT="${SLUICE__NATS__GROUP_COMMIT:-true}"
 else
-  "$NATS_SERVER" -js -sd "$STATE/nats" -a 127.0.0.1 -p "$NATS_PORT" >"$LOGS/nats.log" 2>&1 &
+  printf 'jetstream { store_dir: "%s" }\n' "$STATE/nats" >"$NATS_CONF"
 fi
+# The components' NATS users, as deployed: each may use only its own subjects.
+NATS_ENV=()
+if [ "${SLUICE_DEV_NATS_USERS:-1}" != 0 ]; then
+  cp "$ROOT/deploy/base/nats/users.conf" "$STATE/nats-users.conf"
+  printf 'include "nats-users.conf"\n' >>"$NATS_CONF"
+  for role in ingress worker; do
+    # 32 hex digits, fresh for each run; only this script's processes see them.
+    password="$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
+    printf -v "NATS_PASSWORD_${role^^}" '%s' "$password"
+    NATS_ENV+=("SLUICE_NATS_${role^^}_PASSWORD=$password")
+  done
+  # The scaler is not run here; its user gets a password nobody knows.
+  NATS_ENV+=("SLUICE_NATS_SCALER_PASSWORD=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')")
+fi
+env "${NATS_ENV[@]}" "$NATS_SERVER" -c "$NATS_CONF" -a 127.0.0.1 -p "$NATS_PORT" >"$LOGS/nats.log" 2>&1 &
 NATS_PID=$!
 for _ in $(seq 1 120); do grep -q "Server is ready" "$LOGS/nats.log" && break; sleep 0.25; done
 grep -q "Server is ready" "$LOGS/nats.log" || { tail "$LOGS/nats.log" >&2; die "nats-server did not start"; }
@@ -91,12 +110,23 @@ if [ ! -s "$KEY_FILE" ]; then
 fi
 API_KEY="$(cat "$KEY_FILE")"
 
+# Runs a component as its NATS user (when NATS has users).
+as_nats_user() {
+  local role="$1" var="NATS_PASSWORD_${1^^}"
+  shift
+  if [ -n "${!var:-}" ]; then
+    SLUICE__NATS__USER="sluice-$role" SLUICE__NATS__PASSWORD="${!var}" "$@"
+  else
+    "$@"
+  fi
+}
+
 log "starting mock provider, worker and ingress (config: ${CONFIG#"$ROOT"/}, logs in .sluice/logs)"
 "$BIN/sluice-mock-provider" --listen 127.0.0.1:8090 >"$LOGS/mock-provider.log" 2>&1 &
 PIDS+=($!)
-"$BIN/sluice-worker" >"$LOGS/worker.log" 2>&1 &
+as_nats_user worker "$BIN/sluice-worker" >"$LOGS/worker.log" 2>&1 &
 PIDS+=($!)
-"$BIN/sluice-ingress" serve >"$LOGS/ingress.log" 2>&1 &
+as_nats_user ingress "$BIN/sluice-ingress" serve >"$LOGS/ingress.log" 2>&1 &
 PIDS+=($!)
 
 wait_http "http://127.0.0.1:8080/readyz" 60 || { tail -20 "$LOGS/ingress.log" "$LOGS/worker.log" >&2; die "ingress did not become ready"; }

@@ -325,6 +325,12 @@ impl ApiError {
         if let Some(secs) = self.retry_after_secs {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        // An error that names a job was given after the job was accepted: it
+        // still runs, and a resubmit would run it twice. The official SDKs
+        // retry a 5xx or a timeout unless told not to by this header.
+        if self.job_id.is_some() {
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         response
     }
 }

@@ -64,6 +64,14 @@ pub struct JobEvent {
     pub metadata: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_ms: Option<u64>,
+    /// Upstream calls of this run that timed out or broke off after the
+    /// request was sent (the provider may have billed them).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unanswered_calls: i32,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 impl JobEvent {
@@ -85,6 +93,7 @@ impl JobEvent {
             finished_ms: None,
             metadata: None,
             expires_ms: None,
+            unanswered_calls: 0,
         }
     }
 }

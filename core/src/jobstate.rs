@@ -58,6 +58,15 @@ pub struct JobRecord {
     /// for a different request. Not shown to clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_hash: Option<String>,
+    /// Upstream calls of the run that ended the job which timed out or broke
+    /// off after the request was sent: the provider may have done, and
+    /// billed, the work (`upstream.max_unanswered_repeats` bounds them).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unanswered_calls: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -119,6 +128,7 @@ impl JobRecord {
             error: None,
             webhook: None,
             request_hash: None,
+            unanswered_calls: 0,
         }
     }
 

@@ -46,6 +46,7 @@ fn event(tenant: Uuid, metadata: Option<&str>) -> JobEvent {
         finished_ms: Some(sluice_core::now_ms()),
         metadata: metadata.map(str::to_owned),
         expires_ms: None,
+        unanswered_calls: 0,
     }
 }
 

@@ -216,6 +216,8 @@ async fn a_sync_request_that_outlives_its_wait_goes_on_as_a_job() {
     stack.mock.faults(serde_json::json!({"hang_next": 1, "hang_ms": 2000})).await;
     let r = stack.chat(&Stack::chat_body("slow sync")).await;
     assert_eq!(r.status(), 504);
+    // The official SDKs would resubmit a 504 (and run it twice) unless told not to.
+    assert_eq!(r.headers().get("x-should-retry").and_then(|v| v.to_str().ok()), Some("false"));
     let error: serde_json::Value = r.json().await.unwrap();
     let id = error["error"]["job_id"].as_str().unwrap().to_owned();
     // Visible at once, then with the answer the client did not wait for.

@@ -23,6 +23,7 @@ mod isolation;
 mod jobs;
 mod large;
 mod nats_users;
+mod once;
 mod providers;
 mod scaler;
 mod sdk;

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::harness::{Mock, NatsServer, TempDir, binary, fresh_database, http_client, wait_for};
 
 pub struct Cluster {
-    _nats: NatsServer,
+    nats: NatsServer,
     pub db: PgPool,
     mock: Mock,
     pub http: reqwest::Client,
@@ -85,7 +85,7 @@ api_key = "sk-upstream-test"
         );
         std::fs::write(&config, toml).unwrap();
         Self {
-            _nats: nats,
+            nats,
             db,
             mock,
             http: http_client(),
@@ -158,6 +158,14 @@ api_key = "sk-upstream-test"
 
     pub async fn mock_stats(&self) -> serde_json::Value {
         self.mock.stats().await
+    }
+
+    pub async fn mock_faults(&self, faults: serde_json::Value) {
+        self.mock.faults(faults).await;
+    }
+
+    pub fn nats_url(&self) -> &str {
+        &self.nats.url
     }
 
     /// The Prometheus text of a component's `/metrics`.

@@ -29,6 +29,8 @@ pub const COUNTER_FAILURES: &str = "sluice_worker_counter_failures_total";
 pub const COUNTER_REPAIRS: &str = "sluice_worker_counter_repairs_total";
 pub const ANSWER_MEMORY: &str = "sluice_worker_answer_memory_bytes";
 pub const ANSWER_BUDGET_WAITS: &str = "sluice_worker_answer_budget_waits_total";
+pub const RUNS_LOST: &str = "sluice_worker_runs_lost_total";
+pub const UNANSWERED_CALLS: &str = "sluice_worker_unanswered_calls_total";
 
 pub fn describe() {
     sluice_core::group_commit::describe();
@@ -79,6 +81,14 @@ pub fn describe() {
     metrics::describe_counter!(
         ANSWER_BUDGET_WAITS,
         "answers that waited for room in upstream.max_response_memory_bytes before being read"
+    );
+    metrics::describe_counter!(
+        RUNS_LOST,
+        "runs whose asynchronous job a redelivery took over while they called (stalled past ack_wait); nothing of theirs was recorded"
+    );
+    metrics::describe_counter!(
+        UNANSWERED_CALLS,
+        "upstream calls that timed out or broke off after the request was sent (the provider may have done and billed the work), by pool and deployment"
     );
     metrics::describe_counter!(POISON, "job messages that could not be decoded and were terminated");
     metrics::describe_counter!(EVENT_PUBLISH_FAILURES, "job events that could not be published to the events stream");

@@ -141,6 +141,7 @@ impl Worker {
             max_body_memory: w.max_body_memory_bytes.min(u32::MAX as usize),
             pools: pools.with_budgets(Shared { counters: counters.clone(), counts: counts.clone() }),
             max_attempts: w.max_attempts,
+            max_unanswered_repeats: config.upstream.max_unanswered_repeats,
             ack_wait: ms(w.ack_wait_ms),
             retry_min: ms(w.retry_min_delay_ms),
             retry_max: ms(w.retry_max_delay_ms),

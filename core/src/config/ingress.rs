@@ -19,7 +19,9 @@ pub struct IngressConfig {
     /// Memory all request bodies being read or queued may hold at once in
     /// one ingress; a body that does not fit gets 429 before it is read.
     pub max_body_memory_bytes: usize,
-    /// How long a synchronous request waits for its answer before 504.
+    /// How long a synchronous request waits for its answer before 504
+    /// (10 minutes, as the official SDKs wait; a long non-streamed
+    /// generation takes minutes). Past it the request goes on as a job.
     pub sync_timeout_ms: u64,
     /// Synchronous requests waiting at once in one ingress; beyond it, 429.
     pub max_in_flight: usize,
@@ -66,7 +68,7 @@ impl Default for IngressConfig {
             ops_listen: None,
             max_body_bytes: 32 * 1024 * 1024,
             max_body_memory_bytes: 128 * 1024 * 1024,
-            sync_timeout_ms: 120_000,
+            sync_timeout_ms: 600_000,
             max_in_flight: 10_000,
             auth_refresh_ms: 5_000,
             auth_max_staleness_ms: 300_000,

@@ -7,10 +7,23 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     pub connect_timeout_ms: u64,
-    /// Whole-call timeout of one upstream request.
+    /// Whole-call timeout of one upstream request (10 minutes, as the
+    /// official SDKs wait): a non-streamed answer's headers come only once
+    /// the provider has made the whole answer, so this is what bounds a long
+    /// generation.
     pub request_timeout_ms: u64,
-    /// Time allowed until the upstream's response headers arrive.
+    /// Time allowed until a streamed call's response headers arrive (a
+    /// provider sends them as the stream starts). Not applied to
+    /// non-streamed calls.
     pub response_header_timeout_ms: u64,
+    /// Times a job's call that timed out or broke off after its request was
+    /// sent (the provider may have done and billed the work) is made again,
+    /// on another deployment of the pool when there is one; past it the job
+    /// fails with 504 `timeout`. Such calls are never handed back to the
+    /// queue, are counted in `sluice_worker_unanswered_calls_total` and on
+    /// the job's ledger row (`unanswered_calls`). A worker that dies
+    /// mid-call is another matter: the job is redelivered and called again.
+    pub max_unanswered_repeats: u32,
     /// Largest answer read from an upstream (a non-streamed body); a larger
     /// one is not read further and the job fails with 502
     /// `upstream_response_too_large`, so no answer can exhaust a worker.
@@ -51,8 +64,9 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
             connect_timeout_ms: 5_000,
-            request_timeout_ms: 120_000,
+            request_timeout_ms: 600_000,
             response_header_timeout_ms: 30_000,
+            max_unanswered_repeats: 1,
             max_response_bytes: 128 << 20,
             max_response_memory_bytes: 256 << 20,
             pool_max_idle_per_host: 512,

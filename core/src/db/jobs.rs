@@ -8,9 +8,11 @@ use uuid::Uuid;
 use super::DbError;
 use crate::event::JobEvent;
 
-/// Writes a batch of job events in one statement, one row per job. A
-/// `completed` row is never overwritten and a status never goes back in
-/// rank, so a redelivered event or a job that ran twice leaves one record.
+/// Writes a batch of job events in one statement, one row per job. A status
+/// never goes back in rank, and a terminal row never becomes another
+/// terminal state (the first one stored wins; a `completed` row is not
+/// touched again), so a redelivered event or a job that ran twice leaves one
+/// record, in the state its client was told.
 pub async fn record_events(db: &PgPool, events: &[JobEvent]) -> Result<(), DbError> {
     let ms = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let mut ids = Vec::new();
@@ -31,6 +33,7 @@ pub async fn record_events(db: &PgPool, events: &[JobEvent]) -> Result<(), DbErr
     let mut finished = Vec::new();
     let mut metadata = Vec::new();
     let mut expires = Vec::new();
+    let mut unanswered = Vec::new();
     for e in events {
         ids.push(e.job_id);
         tenants.push(e.tenant_id);
@@ -51,21 +54,23 @@ pub async fn record_events(db: &PgPool, events: &[JobEvent]) -> Result<(), DbErr
         finished.push(e.finished_ms.map(ms));
         metadata.push(e.metadata.as_deref());
         expires.push(e.expires_ms.map(ms));
+        unanswered.push(e.unanswered_calls);
     }
     sqlx::query(
         "INSERT INTO jobs (id, tenant_id, pool, endpoint, status, attempts, upstream_status,
                            prompt_tokens, completion_tokens, total_tokens, error_code, error_message,
-                           request_id, submitted_at, started_at, finished_at, metadata, expires_at)
+                           request_id, submitted_at, started_at, finished_at, metadata, expires_at,
+                           unanswered_calls)
          SELECT id, tenant_id, pool, endpoint, status, attempts, upstream_status,
                 prompt_tokens, completion_tokens, total_tokens, error_code, error_message, request_id,
                 to_timestamp(submitted / 1000.0), to_timestamp(started / 1000.0), to_timestamp(finished / 1000.0),
-                metadata::jsonb, to_timestamp(expires / 1000.0)
+                metadata::jsonb, to_timestamp(expires / 1000.0), unanswered
          FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::int4[],
                      $8::int4[], $9::int4[], $10::int4[], $11::text[], $12::text[], $13::text[],
-                     $14::int8[], $15::int8[], $16::int8[], $17::text[], $18::int8[])
+                     $14::int8[], $15::int8[], $16::int8[], $17::text[], $18::int8[], $19::int4[])
               AS e(id, tenant_id, pool, endpoint, status, attempts, upstream_status, prompt_tokens,
                    completion_tokens, total_tokens, error_code, error_message, request_id,
-                   submitted, started, finished, metadata, expires)
+                   submitted, started, finished, metadata, expires, unanswered)
          ON CONFLICT (id) DO UPDATE SET
              status = EXCLUDED.status,
              attempts = GREATEST(jobs.attempts, EXCLUDED.attempts),
@@ -80,8 +85,10 @@ pub async fn record_events(db: &PgPool, events: &[JobEvent]) -> Result<(), DbErr
              finished_at = COALESCE(EXCLUDED.finished_at, jobs.finished_at),
              metadata = COALESCE(EXCLUDED.metadata, jobs.metadata),
              expires_at = COALESCE(EXCLUDED.expires_at, jobs.expires_at),
+             unanswered_calls = GREATEST(jobs.unanswered_calls, EXCLUDED.unanswered_calls),
              recorded_at = now()
          WHERE jobs.status <> 'completed'
+           AND (job_status_rank(jobs.status) < 2 OR EXCLUDED.status = jobs.status)
            AND job_status_rank(EXCLUDED.status) >= job_status_rank(jobs.status)",
     )
     .bind(ids)
@@ -102,6 +109,7 @@ pub async fn record_events(db: &PgPool, events: &[JobEvent]) -> Result<(), DbErr
     .bind(finished)
     .bind(metadata)
     .bind(expires)
+    .bind(unanswered)
     .execute(db)
     .await?;
     Ok(())

@@ -39,6 +39,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (6, "tenant max in flight", include_str!("../../../migrations/0006_tenant_max_in_flight.sql")),
     (7, "ledger dead letters", include_str!("../../../migrations/0007_ledger_dead_letters.sql")),
     (8, "webhook fair claims", include_str!("../../../migrations/0008_webhook_fair_claims.sql")),
+    (9, "unanswered calls", include_str!("../../../migrations/0009_unanswered_calls.sql")),
 ];
 
 pub type KeyDigest = [u8; 32];

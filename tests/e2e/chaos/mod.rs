@@ -13,8 +13,8 @@
 //! - `ingress`: kill -9 of an ingress, then a new one;
 //! - `nats-leader`: kill -9 of the JOBS stream's leader node, restarted 2 s later;
 //! - `postgres`: Postgres restarted;
-//! - `provider`: the mock fails the next 30 calls (503) and hangs 4 (past
-//!   the 1 s header timeout).
+//! - `provider`: the mock fails the next 30 calls (503) and answers 4 only
+//!   after 5 s (slow, not failed: each is waited for, called once).
 //!
 //! Audit, after the load: every request whose submit got a 2xx (or a 504
 //! naming its job) has exactly one ledger row in a terminal state (else it

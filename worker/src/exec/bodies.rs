@@ -79,7 +79,9 @@ pub(crate) async fn store_if_large(
     if !ctx.bodies.too_large_for_a_message(body.len()) {
         return Ok((status, reply::Outcome::Body { status: http, body }));
     }
-    let name = stored::name(stored::Kind::Result, env.tenant, env.job_id);
+    // A name of this run's own: a run that loses its job to a redelivery
+    // never overwrites the answer the job's state points at.
+    let name = stored::copy_name(stored::Kind::Result, env.tenant, env.job_id);
     let stored = ctx.bodies.put(name, &body).await?;
     tracing::debug!(bytes = body.len(), "answer stored apart");
     Ok((status, reply::Outcome::Stored { status: http, body: stored }))

@@ -56,6 +56,8 @@ pub struct JobContext {
     pub max_body_memory: usize,
     pub pools: Pools,
     pub max_attempts: u32,
+    /// `upstream.max_unanswered_repeats`.
+    pub max_unanswered_repeats: u32,
     pub ack_wait: Duration,
     pub retry_min: Duration,
     pub retry_max: Duration,
@@ -162,7 +164,7 @@ async fn execute(
     let mut record = None;
     if env.reply.is_none() {
         match state::begin(&ctx.job_state, &ctx.state_commit, env, attempt, remaining.is_zero()).await {
-            Ok(Begin::Run(r)) => record = Some(*r),
+            Ok(Begin::Run(r, revision)) => record = Some((*r, revision)),
             Ok(Begin::Expired) => return conclude(ctx, message, env, JobStatus::Expired, attempt).await,
             Ok(Begin::Skip(JobStatus::Cancelled)) => {
                 return conclude(ctx, message, env, JobStatus::Cancelled, attempt).await;
@@ -181,11 +183,7 @@ async fn execute(
                 }
                 return conclude(ctx, message, env, JobStatus::Failed, attempt).await;
             }
-            Ok(Begin::Missing) => {
-                metrics::counter!(m::POISON).increment(1);
-                tracing::warn!("asynchronous job without stored state; dropped");
-                return dropped(message.ack_with(AckKind::Term).await);
-            }
+            Ok(Begin::Missing) => return state_lost(ctx, message, env, attempt, remaining.is_zero()).await,
             Err(error) => {
                 tracing::warn!(%error, "cannot read the job's state; retrying in 1 s");
                 let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
@@ -194,6 +192,8 @@ async fn execute(
         }
     }
 
+    // Calls of this run that went unanswered (the provider may have billed them).
+    let mut unanswered = 0;
     let outcome = if remaining.is_zero() {
         failed(ApiError::new(ErrorCode::Timeout, "the request's deadline passed before a worker could run it"), None)
     } else if attempt > ctx.max_attempts {
@@ -204,7 +204,8 @@ async fn execute(
             Some(Err(RequestBody::Unreadable(outcome))) => outcome,
             // (the body's permit lives until the call is done)
             Some(Ok((body, _permit))) => {
-                let called = call(ctx, &message, env, body, pool, lease, attempt, deadline, started).await;
+                let called =
+                    call(ctx, &message, env, body, pool, lease, attempt, deadline, started, &mut unanswered).await;
                 let Some(outcome) = crate::exec::outcome::of_call(ctx, env, pool, called, attempt, deadline) else {
                     return Exit::Stayed;
                 };
@@ -259,6 +260,7 @@ async fn execute(
             event.usage = usage;
             event.started_ms = Some(started_ms);
             event.finished_ms = Some(now_ms());
+            event.unanswered_calls = i32::try_from(unanswered).unwrap_or(i32::MAX);
             if let Some((code, message)) = failure_of(&outcome) {
                 tracing::info!(code, message = %message, "job failed");
                 event.error_code = Some(code.to_owned());
@@ -267,16 +269,21 @@ async fn execute(
             // An asynchronous job's event carries what its state carries for
             // the ledger: the event may reach the ledger before the state
             // changes do, and a completed row is final.
-            if let Some(record) = &record {
+            if let Some((record, _)) = &record {
                 event.metadata = record.metadata.as_ref().and_then(|m| serde_json::to_string(m).ok());
                 event.expires_ms = Some(record.expires_at * 1000);
             }
-            if let Some(record) = record
-                && let Err(e) = state::finish(&ctx.job_state, &ctx.state_commit, env, record, status, &outcome).await
-            {
-                tracing::warn!(error = %e, "cannot store the job's outcome; retrying in 1 s");
-                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                return Exit::Stayed;
+            if let Some((mut record, revision)) = record {
+                record.unanswered_calls = unanswered;
+                match state::finish(&ctx.job_state, &ctx.state_commit, env, record, revision, status, &outcome).await {
+                    Ok(state::Finish::Stored) => {}
+                    Ok(state::Finish::Lost) => return lost(ctx, &outcome),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot store the job's outcome; retrying in 1 s");
+                        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        return Exit::Stayed;
+                    }
+                }
             }
             tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "answer published");
             if !ctx.events.record(event).await {
@@ -305,12 +312,55 @@ fn left(acked: Result<(), async_nats::Error>, tokens: Option<u64>, refund: bool)
     }
 }
 
+/// A run whose job was taken over by a redelivery while it ran (it stalled
+/// past `ack_wait`): the other run owns the job, its message and its counts,
+/// so this one records no state, no event and no webhook, leaves the message
+/// alone and deletes the answer it stored apart.
+fn lost(ctx: &JobContext, outcome: &sluice_core::wire::reply::Outcome) -> Exit {
+    metrics::counter!(m::RUNS_LOST).increment(1);
+    tracing::warn!("the job was taken over by another delivery while this run was calling; its outcome is dropped");
+    if let sluice_core::wire::reply::Outcome::Stored { body, .. } = outcome {
+        let (bodies, name) = (ctx.bodies.clone(), body.name.clone());
+        ctx.tasks.spawn(async move { bodies.delete(&name).await });
+    }
+    Exit::Stayed
+}
+
 /// A message dropped without running its job (handled elsewhere, or no state).
 fn dropped(acked: Result<(), async_nats::Error>) -> Exit {
     match acked {
         Ok(()) => Exit::Left { tokens: None, refund: false, ran: false },
         Err(_) => Exit::Stayed,
     }
+}
+
+/// An asynchronous job whose state is gone (its retention passed while it
+/// waited, or its submit was taken back after a publish that did land): it
+/// cannot run, since nothing could record its result, but it still ends with
+/// a terminal event (`expired` past its deadline, else `failed`), so its
+/// ledger row does not stay `queued`. Its counts are not released: a submit
+/// taken back released them already.
+async fn state_lost(
+    ctx: &JobContext,
+    message: jetstream::Message,
+    env: &Envelope,
+    attempt: u32,
+    expired: bool,
+) -> Exit {
+    metrics::counter!(m::POISON).increment(1);
+    tracing::warn!(expired, "asynchronous job without stored state; ended without running");
+    let status = if expired { JobStatus::Expired } else { JobStatus::Failed };
+    let mut event = JobEvent::from_envelope(env, status, attempt as i32);
+    event.finished_ms = Some(now_ms());
+    if !expired {
+        event.error_code = Some(ErrorCode::Internal.as_str().to_owned());
+        event.error_message = Some("the job's stored state was gone when a worker took it; the job was not run".into());
+    }
+    if !ctx.events.record(event).await {
+        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        return Exit::Stayed;
+    }
+    dropped(message.ack_with(AckKind::Term).await)
 }
 
 /// Records a job that ends without a call (cancelled, expired) and acks it.
@@ -346,7 +396,10 @@ pub(crate) enum Called {
 
 /// Calls the pool's deployments for one attempt: the leased one first, and
 /// on a retryable failure another ready deployment at once (failover), as
-/// long as the pool's retry budget allows.
+/// long as the pool's retry budget allows. A call left unanswered (timed out
+/// after its request was sent) is made again at most
+/// `upstream.max_unanswered_repeats` times, on another deployment when there
+/// is one; `unanswered` counts them.
 #[allow(clippy::too_many_arguments, reason = "one attempt's whole context, passed once")]
 async fn call(
     ctx: &JobContext,
@@ -358,6 +411,7 @@ async fn call(
     attempt: u32,
     deadline: Instant,
     started: Instant,
+    unanswered: &mut u32,
 ) -> Called {
     let shared = ctx.pools.shared();
     if attempt == 1 {
@@ -427,6 +481,27 @@ async fn call(
                     finish(&a.usage);
                 }
                 return Called::Answered(answer.ok_or(CallError::DeadlineExceeded));
+            }
+            (Err(e @ CallError::Unanswered { .. }), None) => {
+                // The provider may have done the work: the estimate stays in
+                // its token window.
+                *unanswered += 1;
+                metrics::counter!(m::UNANSWERED_CALLS, "pool" => env.pool.clone(), "deployment" => d.client.name.clone())
+                    .increment(1);
+                tried.push(d.client.name.clone());
+                drop(lease);
+                if *unanswered <= ctx.max_unanswered_repeats && pool.try_retry() {
+                    // Another deployment when there is one, else this one again.
+                    if tried.len() >= pool.deployments() {
+                        tried.clear();
+                    }
+                    metrics::counter!(m::RETRIES, "pool" => env.pool.clone(), "kind" => "unanswered").increment(1);
+                    tracing::warn!(deployment = %d.client.name, error = ?e, calls = *unanswered,
+                        "the call went unanswered after its request was sent (the provider may bill it); calling again");
+                    last = Some(e);
+                    continue;
+                }
+                return Called::Answered(Err(e));
             }
             (Err(e), None) => {
                 // The call did no work the provider reports: its estimate

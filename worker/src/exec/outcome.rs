@@ -172,6 +172,16 @@ fn classify(
             metrics::counter!(m::UPSTREAM_FAILURES, "pool" => env.pool.clone(), "reason" => "deadline").increment(1);
             failed(ApiError::new(ErrorCode::Timeout, "the upstream did not answer before the request's deadline"), None)
         }
+        // Called as many times as `upstream.max_unanswered_repeats` allows:
+        // another call could be billed again.
+        Err(CallError::Unanswered { reason }) => {
+            metrics::counter!(m::UPSTREAM_FAILURES, "pool" => env.pool.clone(), "reason" => reason).increment(1);
+            let message = format!(
+                "the upstream's answer did not come ({reason}) within upstream.request_timeout_ms; \
+                 the call is not made again past upstream.max_unanswered_repeats, as the provider may have billed it"
+            );
+            failed(ApiError::new(ErrorCode::Timeout, message), None)
+        }
         Err(CallError::Retryable { reason, status, retry_after }) => {
             metrics::counter!(m::UPSTREAM_FAILURES, "pool" => env.pool.clone(), "reason" => reason).increment(1);
             let backoff = ExponentialBuilder::default()

@@ -1,7 +1,10 @@
 //! An asynchronous job's state in the key-value bucket, as the worker moves
 //! it on: `queued → in_progress` before the call (conditional on the revision
-//! read, so a cancel and a worker cannot both win), then the outcome. Both
-//! writes go through the group commit (`nats.group_commit`).
+//! read, so a cancel and a worker cannot both win), then the outcome,
+//! conditional on the revision the run began with: a run that stalled past
+//! `ack_wait` while the redelivered job ran elsewhere finds the revision
+//! moved on and records nothing (one terminal state per job, one webhook).
+//! Both writes go through the group commit (`nats.group_commit`).
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
@@ -16,8 +19,9 @@ use sluice_core::wire::subjects::kv_key;
 
 /// What the worker may do with an asynchronous job.
 pub enum Begin {
-    /// The job is now `in_progress`, owned by this delivery.
-    Run(Box<JobRecord>),
+    /// The job is now `in_progress`, owned by this delivery as long as its
+    /// state keeps this revision.
+    Run(Box<JobRecord>, u64),
     /// Its deadline passed while it was queued: now `expired`.
     Expired,
     /// Someone else decided: cancelled, finished, or a duplicate message of a
@@ -74,11 +78,16 @@ pub async fn begin(
             record.started_at.get_or_insert(now);
             record.started_ms.get_or_insert(now_ms);
             record.attempts = attempt;
-            Begin::Run(Box::new(record.clone()))
+            Begin::Run(Box::new(record.clone()), 0)
         };
         let value = serde_json::to_vec(&record).map_err(err)?;
         match commit.publish(subject.clone(), expect_revision(entry.revision), Bytes::from(value)).await {
-            Ok(_) => return Ok(next),
+            Ok(ack) => {
+                return Ok(match next {
+                    Begin::Run(record, _) => Begin::Run(record, ack.sequence),
+                    other => other,
+                });
+            }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
             Err(e) => return Err(err(e)),
         }
@@ -107,18 +116,32 @@ pub async fn replace_unreadable(
     Ok(())
 }
 
-/// Stores the outcome: the provider's answer, or the error.
+/// How storing a run's outcome went.
+pub enum Finish {
+    Stored,
+    /// The state moved on since the run began (a redelivery of the job took
+    /// it over, and may have finished it): this run's outcome is not the
+    /// job's, and nothing of it may be recorded.
+    Lost,
+}
+
+/// Stores the outcome (the provider's answer, or the error), if the state is
+/// still at `revision`, the one this run's `begin` wrote.
 pub async fn finish(
     store: &kv::Store,
     commit: &GroupCommit,
     env: &Envelope,
     mut record: JobRecord,
+    revision: u64,
     status: JobStatus,
     outcome: &Outcome,
-) -> Result<(), StateError> {
+) -> Result<Finish, StateError> {
     record.conclude(status, outcome, now_ms() / 1000);
     let value = serde_json::to_vec(&record).map_err(err)?;
     let subject = kv_key(store, &jobstate::key(env.tenant, env.job_id));
-    commit.publish(subject, async_nats::HeaderMap::new(), Bytes::from(value)).await.map_err(err)?;
-    Ok(())
+    match commit.publish(subject, expect_revision(revision), Bytes::from(value)).await {
+        Ok(_) => Ok(Finish::Stored),
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Finish::Lost),
+        Err(e) => Err(err(e)),
+    }
 }

@@ -87,6 +87,7 @@ pub fn decode_state(message: &Message) -> Result<Vec<JobEvent>, DecodeError> {
         finished_ms: record.finished_ms.or(record.finished_at.map(|s| s * 1000)),
         metadata: record.metadata.and_then(|m| serde_json::to_string(&m).ok()),
         expires_ms: Some(record.expires_at * 1000),
+        unanswered_calls: i32::try_from(record.unanswered_calls).unwrap_or(i32::MAX),
     }])
 }
 
@@ -175,13 +176,13 @@ async fn one_by_one(db: &PgPool, events: &[JobEvent]) -> Result<(), db::DbError>
     Ok(())
 }
 
-/// Which of two events about one job the ledger keeps.
+/// Which of two events about one job the ledger keeps: the later in rank
+/// (queued, in progress by attempt, terminal); of two terminal ones the
+/// first, as the jobs table keeps the first terminal state it stores.
 fn rank(e: &JobEvent) -> (u8, i32) {
-    let status = match e.status {
-        JobStatus::Completed => 3,
-        s if s.is_terminal() => 2,
-        JobStatus::InProgress => 1,
-        _ => 0,
-    };
-    (status, e.attempts)
+    match e.status {
+        s if s.is_terminal() => (2, 0),
+        JobStatus::InProgress => (1, e.attempts),
+        _ => (0, e.attempts),
+    }
 }

@@ -29,6 +29,11 @@ pub enum CallError {
     Unsupported(TranslateError),
     /// A failure that another attempt may not meet.
     Retryable { reason: &'static str, status: Option<u16>, retry_after: Option<Duration> },
+    /// The request was sent and the call ran out of time (or its answer
+    /// broke off) before the whole answer came: the provider may have done,
+    /// and billed, the work. Repeated only within
+    /// `upstream.max_unanswered_repeats`, never handed back to the queue.
+    Unanswered { reason: &'static str },
     /// The job's deadline passed during the call.
     DeadlineExceeded,
     /// The answer was larger than `upstream.max_response_bytes` (not read further).
@@ -39,6 +44,7 @@ impl CallError {
     /// The failure says the deployment is unwell (counts toward its breaker).
     pub fn is_unhealthy(&self) -> bool {
         matches!(self, CallError::Retryable { status, .. } if *status != Some(429))
+            || matches!(self, CallError::Unanswered { .. })
     }
 }
 
@@ -229,7 +235,7 @@ impl Client {
     /// or after the configured timeouts, whichever comes first. The answer
     /// comes back in `api`'s shape, with the response's rate-limit headers.
     pub async fn call(&self, api: Endpoint, body: Bytes, deadline: Instant) -> (Result<Answer, CallError>, RateInfo) {
-        let (response, end, deadline) = match self.send(api, body, deadline).await {
+        let (response, end, deadline) = match self.send(api, body, deadline, false).await {
             Ok(r) => r,
             Err(e) => return (Err(e), RateInfo::default()),
         };
@@ -252,7 +258,7 @@ impl Client {
         body: Bytes,
         deadline: Instant,
     ) -> (Result<Opened, CallError>, RateInfo) {
-        let (response, end, deadline) = match self.send(api, body, deadline).await {
+        let (response, end, deadline) = match self.send(api, body, deadline, true).await {
             Ok(r) => r,
             Err(e) => return (Err(e), RateInfo::default()),
         };
@@ -278,11 +284,17 @@ impl Client {
         }
     }
 
+    /// Sends the request and waits for the response's headers. A stream's
+    /// headers come at once, so a provider that has not sent them within
+    /// `upstream.response_header_timeout_ms` is not answering; a non-streamed
+    /// answer's headers come only once the whole answer is made (OpenAI,
+    /// Anthropic, vLLM), so they wait for the call's own timeout.
     async fn send(
         &self,
         api: Endpoint,
         body: Bytes,
         deadline: Instant,
+        streaming: bool,
     ) -> Result<(reqwest::Response, Instant, Instant), CallError> {
         let (path, body) = self.provider.request(api, &body, &self.model).map_err(CallError::Unsupported)?;
         let now = Instant::now();
@@ -293,7 +305,7 @@ impl Client {
         let total = self.request_timeout.min(by_deadline);
         let end = now + total;
         let timed_out = || {
-            if end >= deadline { CallError::DeadlineExceeded } else { retryable("timeout", None, None) }
+            if end >= deadline { CallError::DeadlineExceeded } else { CallError::Unanswered { reason: "timeout" } }
         };
         let request = self
             .http
@@ -301,7 +313,7 @@ impl Client {
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(body);
         let request = self.provider.authorize(request, self.key.as_ref());
-        let headers_by = (now + self.header_timeout).min(end);
+        let headers_by = if streaming { (now + self.header_timeout).min(end) } else { end };
         let response = match tokio::time::timeout_at(headers_by, request.send()).await {
             Err(_) if headers_by < end => return Err(retryable("header_timeout", None, None)),
             Err(_) => return Err(timed_out()),
@@ -324,10 +336,19 @@ async fn read_answer(
     limit: usize,
     budget: &AnswerBudget,
 ) -> Result<(u16, Bytes, Held), CallError> {
-    let timed_out = || {
-        if end >= deadline { CallError::DeadlineExceeded } else { retryable("timeout", None, None) }
-    };
     let status = response.status().as_u16();
+    // Past a success's headers the provider has done the work: running out
+    // of time or a broken body leaves it unanswered, not merely failed.
+    let success = (200..300).contains(&status);
+    let timed_out = || {
+        if end >= deadline {
+            CallError::DeadlineExceeded
+        } else if success {
+            CallError::Unanswered { reason: "timeout" }
+        } else {
+            retryable("timeout", None, None)
+        }
+    };
     // Room for a declared large answer is waited for up to the job's
     // deadline, not the call's timeout: the provider has done (and billed)
     // the work, and running out of the call's time would call it again.
@@ -345,6 +366,7 @@ async fn read_answer(
     let end = (end + waiting.elapsed()).min(deadline);
     let (body, held) = match tokio::time::timeout_at(end, read_body(response, limit, budget, held)).await {
         Err(_) => return Err(timed_out()),
+        Ok(Err(None)) if success => return Err(CallError::Unanswered { reason: "body" }),
         Ok(Err(None)) => return Err(retryable("body", Some(status), None)),
         Ok(Err(Some(too_large))) => return Err(too_large),
         Ok(Ok(b)) => b,

@@ -164,6 +164,7 @@ impl Deployment {
             Err(CallError::Rejected { .. } | CallError::Unsupported(_)) => "rejected",
             Err(CallError::Retryable { status: Some(429), .. }) => "rate_limited",
             Err(CallError::DeadlineExceeded) => "deadline",
+            Err(CallError::Unanswered { .. }) => "unanswered",
             Err(_) => "error",
         };
         metrics::counter!(m::UPSTREAM_REQUESTS, "pool" => pool.clone(), "deployment" => name.clone(), "outcome" => kind)

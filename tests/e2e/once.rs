@@ -1,0 +1,175 @@
+//! Every accepted request keeps its result, once (`docs/reliability.md`): a
+//! slow answer is not a failure, a call the provider may have billed is not
+//! made again past its budget, a run that lost its job to a redelivery
+//! records nothing, and a job whose state is gone still ends.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use sluice_core::event::JobStatus;
+use sluice_core::jobstate::{self, JobRecord};
+
+use crate::harness::{Stack, WorkerHandle, add_profile_pool, wait_for};
+use crate::procs::{Cluster, settings};
+
+/// `unanswered_calls` and `attempts` of a job's ledger row.
+async fn ledger_calls(db: &sqlx::PgPool, job: uuid::Uuid) -> (i32, i32) {
+    sqlx::query_as("SELECT unanswered_calls, attempts FROM jobs WHERE id = $1").bind(job).fetch_one(db).await.unwrap()
+}
+
+/// A non-streamed answer's headers come only once the provider has made the
+/// whole answer: 35 s and 3 minutes of generation (at 10 tokens/s) reach the
+/// official SDK, with its own defaults, each from one provider call.
+#[tokio::test]
+async fn slow_non_streamed_answers_reach_the_openai_sdk_with_one_provider_call_each() {
+    let stack = Stack::start_with(|c| {
+        // The defaults, which the test harness otherwise shortens.
+        c.ingress.sync_timeout_ms = sluice_core::config::IngressConfig::default().sync_timeout_ms;
+        add_profile_pool(c, "slow-35s", "mock@tokens=350,tps=10");
+        add_profile_pool(c, "slow-3m", "mock@tokens=1800,tps=10");
+    })
+    .await;
+    let stdout = crate::sdk::run_sdk(
+        "openai_slow.py",
+        &[
+            ("OPENAI_BASE_URL", format!("{}/v1", stack.base)),
+            ("OPENAI_API_KEY", stack.key.clone()),
+            ("SLUICE_MODELS", "slow-35s,slow-3m".to_owned()),
+        ],
+    )
+    .await;
+    for (model, tokens, at_least) in [("slow-35s", 350, 34.0), ("slow-3m", 1800, 179.0)] {
+        let line = stdout.lines().find(|l| l.starts_with(&format!("{model}: "))).expect(&stdout).to_owned();
+        assert!(line.contains(": 200 "), "{line}");
+        let field = |name: &str| line.split(&format!("{name}=")).nth(1).and_then(|v| v.split(' ').next()).unwrap();
+        assert!(field("completion_tokens").parse::<u64>().unwrap() >= tokens, "{line}");
+        assert!(field("seconds").parse::<f64>().unwrap() >= at_least, "the answer took its time: {line}");
+        let job: uuid::Uuid = field("job").parse().unwrap();
+        let row = stack.ledger_row(job, "completed").await;
+        assert_eq!(row.attempts, 1, "{line}");
+    }
+    assert_eq!(stack.mock.requests().await, 2, "one provider call each: {stdout}");
+}
+
+/// A call that runs past `upstream.request_timeout_ms` after its request was
+/// sent may have been billed: it is made again `max_unanswered_repeats`
+/// times, never handed back to the queue for `max_attempts` more, and the
+/// job's record and ledger row count the calls.
+#[tokio::test]
+async fn a_call_left_unanswered_is_made_again_only_within_its_budget() {
+    let stack = Stack::start_with(|c| {
+        c.upstream.request_timeout_ms = 500;
+        c.upstream.max_unanswered_repeats = 1;
+        c.worker.max_attempts = 4;
+        add_profile_pool(c, "too-slow", "mock@first_ms=2000");
+    })
+    .await;
+    let mut body = Stack::job_body("slower than the call's timeout");
+    body["body"]["model"] = "too-slow".into();
+    let job: serde_json::Value = stack.submit_job(&stack.key, &body, None).await.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let job = stack.job_with_status(&id, "failed").await;
+    assert_eq!(job["error"]["code"], "timeout", "{job}");
+    assert_eq!(job["error"]["status"], 504, "{job}");
+    assert_eq!(job["unanswered_calls"], 2, "{job}");
+    let row = stack.ledger_row(id.parse().unwrap(), "failed").await;
+    assert_eq!(row.error_code.as_deref(), Some("timeout"));
+    assert_eq!(ledger_calls(&stack.db, id.parse().unwrap()).await, (2, 1), "two calls, one delivery");
+    assert_eq!(stack.mock.requests().await, 2, "the first call and one repeat, not one per attempt");
+}
+
+/// A worker that stalls (SIGSTOP) mid-call past `ack_wait` loses its job to
+/// the redelivery another worker runs; when it wakes and its own call
+/// returns, it records nothing: the job's state has one terminal revision
+/// (the other run's, so one webhook), and the loss is counted.
+#[tokio::test]
+async fn a_stalled_run_that_lost_its_job_to_a_redelivery_records_nothing() {
+    let mut cluster = Cluster::start(sluice_mock_provider::Settings::default(), 4, "").await;
+    cluster.start_ingress().await;
+    cluster.start_worker().await;
+    let (tenant, key) = cluster.tenant("stalled", settings(None, None, None)).await;
+    // The first call takes 6 s: long enough to stall its worker past ack_wait (2 s).
+    cluster.mock_faults(serde_json::json!({"hang_next": 1, "hang_ms": 6000})).await;
+    let body = Stack::job_body("stall me");
+    let job: serde_json::Value = cluster.submit(0, &key, &body).await.json().await.unwrap();
+    let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    wait_for("the first worker's call", Duration::from_secs(10), || async {
+        (cluster.mock_stats().await["requests"] == 1).then_some(())
+    })
+    .await;
+    let (_, stalled) = cluster.pids().into_iter().find(|(name, _)| name == "sluice-worker").unwrap();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill").args([sig, &stalled.to_string()]).status().unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    // Another worker takes the redelivered job and finishes it.
+    cluster.start_worker().await;
+    let get = |key: String| {
+        let (http, base) = (cluster.http.clone(), cluster.ingresses[0].clone());
+        async move {
+            let r = http.get(format!("{base}/v1/jobs/{id}")).bearer_auth(&key).send().await.unwrap();
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let done = wait_for("the redelivered job to complete", Duration::from_secs(20), || async {
+        let job = get(key.clone()).await;
+        (job["status"] == "completed").then_some(job)
+    })
+    .await;
+    assert_eq!(done["attempts"], 2, "{done}");
+    signal("-CONT");
+    // The stalled worker's call returns; its run finds the job taken over.
+    let stalled_ops = cluster.workers[0].clone();
+    wait_for("the stalled run to count itself lost", Duration::from_secs(20), || async {
+        let text = cluster.metrics(&stalled_ops).await;
+        text.lines().any(|l| l.starts_with("sluice_worker_runs_lost_total") && l.ends_with(" 1")).then_some(())
+    })
+    .await;
+    let job = get(key.clone()).await;
+    assert_eq!((job["status"].as_str(), job["attempts"].as_u64()), (Some("completed"), Some(2)), "{job}");
+    assert_eq!(cluster.mock_stats().await["requests"], 2, "each run called once");
+    // One terminal revision in the job's state history: one webhook event.
+    let nats = async_nats::connect(cluster.nats_url()).await.unwrap();
+    let kv = async_nats::jetstream::new(nats).get_key_value("JOB_STATE").await.unwrap();
+    let mut history = kv.history(jobstate::key(tenant, id)).await.unwrap();
+    let mut terminal = Vec::new();
+    while let Ok(Some(Ok(entry))) = tokio::time::timeout(Duration::from_secs(2), history.next()).await {
+        let record: JobRecord = serde_json::from_slice(&entry.value).unwrap();
+        if record.status.is_terminal() {
+            terminal.push((record.status, record.attempts));
+        }
+    }
+    assert_eq!(terminal, vec![(JobStatus::Completed, 2)], "only the run that owned the job wrote its end");
+    // And the ledger keeps that run's record.
+    wait_for("the ledger row", Duration::from_secs(10), || async {
+        let row: Option<(String, i32)> = sqlx::query_as("SELECT status, attempts FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&cluster.db)
+            .await
+            .unwrap();
+        (row == Some(("completed".into(), 2))).then_some(())
+    })
+    .await;
+}
+
+/// A job whose stored state is gone when a worker takes it (its retention
+/// passed while it waited, or a submit taken back after its publish landed)
+/// cannot run, but it still ends: its ledger row does not stay `queued`.
+#[tokio::test]
+async fn a_job_whose_state_was_lost_still_ends_with_a_terminal_event() {
+    let mut stack = Stack::start().await;
+    stack.worker.take().unwrap().shutdown().await;
+    let job: serde_json::Value =
+        stack.submit_job(&stack.key, &Stack::job_body("orphaned"), None).await.json().await.unwrap();
+    let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    // (the stack's tenant; its ledger row waits for a worker's ledger loop)
+    let tenant = sluice_core::db::ensure_tenant(&stack.db, "acme").await.unwrap();
+    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
+    let kv = async_nats::jetstream::new(nats).get_key_value("JOB_STATE").await.unwrap();
+    kv.purge(jobstate::key(tenant, id)).await.unwrap();
+    stack.worker = Some(WorkerHandle::start(stack.config.clone()).await);
+    let row = stack.ledger_row(id, "failed").await;
+    assert_eq!(row.error_code.as_deref(), Some("internal_error"));
+    assert_eq!(stack.mock.requests().await, 0, "nothing could record its result, so it was not run");
+}
