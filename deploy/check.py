@@ -397,6 +397,26 @@ def check_nats_config(where, objects, nats_server):
                     fail(where, f"the NATS config reads ${var}, which the NATS pod's environment does not set")
 
 
+def check_nats_image(where, objects, nats_server):
+    """The NATS image is pinned to the exact nats-server version the test
+    suite runs (scripts/requirements.txt): atomic-batch fixes land in patch
+    releases, and a floating tag would run a server nothing here tested."""
+    done = subprocess.run([nats_server, "--version"], capture_output=True, text=True)
+    tested = re.search(r"v?(\d+\.\d+\.\d+)", done.stdout + done.stderr)
+    if not tested:
+        fail(where, f"could not read the version of {nats_server}")
+        return
+    for o in objects:
+        if o["kind"] != "StatefulSet" or o["metadata"]["name"] != "nats":
+            continue
+        for c in containers(o):
+            if c["name"] != "nats":
+                continue
+            image = c.get("image", "")
+            if not re.fullmatch(rf"nats:{re.escape(tested.group(1))}(-alpine)?", image):
+                fail(where, f"the NATS image {image!r} must be pinned to the tested nats-server {tested.group(1)} (nats:{tested.group(1)}-alpine)")
+
+
 def check_nats_users(where, objects):
     """Each Sluice component connects as a user the NATS config defines,
     with its password from a Secret."""
@@ -434,6 +454,7 @@ def main():
     if args.nats_server:
         for name, objects in rendered.items():
             check_nats_config(name, objects, args.nats_server)
+            check_nats_image(name, objects, args.nats_server)
     prod = rendered["overlays/production"]
     nats_conf = next(o for o in prod if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "nats-config")
     if "sync_interval: always" not in nats_conf["data"]["nats.conf"]:
