@@ -173,3 +173,29 @@ async fn a_job_whose_state_was_lost_still_ends_with_a_terminal_event() {
     assert_eq!(row.error_code.as_deref(), Some("internal_error"));
     assert_eq!(stack.mock.requests().await, 0, "nothing could record its result, so it was not run");
 }
+
+/// The same past its deadline: the job ends `expired`, not `failed`.
+#[tokio::test]
+async fn a_job_whose_state_was_lost_past_its_deadline_ends_expired() {
+    let mut stack = Stack::start().await;
+    stack.worker.take().unwrap().shutdown().await;
+    let mut body = Stack::job_body("orphaned, then too late");
+    body["expires_in"] = serde_json::json!(1);
+    let job: serde_json::Value = stack.submit_job(&stack.key, &body, None).await.json().await.unwrap();
+    let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    // (`expires_at` is in whole seconds, the deadline itself in milliseconds)
+    let deadline_ms = (job["expires_at"].as_u64().unwrap() + 1) * 1000;
+    let tenant = sluice_core::db::ensure_tenant(&stack.db, "acme").await.unwrap();
+    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
+    let kv = async_nats::jetstream::new(nats).get_key_value("JOB_STATE").await.unwrap();
+    kv.purge(jobstate::key(tenant, id)).await.unwrap();
+    wait_for("the job's deadline to pass", Duration::from_secs(8), || async {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        (now > deadline_ms).then_some(())
+    })
+    .await;
+    stack.worker = Some(WorkerHandle::start(stack.config.clone()).await);
+    let row = stack.ledger_row(id, "expired").await;
+    assert_eq!(row.error_code, None);
+    assert_eq!(stack.mock.requests().await, 0);
+}

@@ -338,8 +338,9 @@ fn dropped(acked: Result<(), async_nats::Error>) -> Exit {
 /// waited, or its submit was taken back after a publish that did land): it
 /// cannot run, since nothing could record its result, but it still ends with
 /// a terminal event (`expired` past its deadline, else `failed`), so its
-/// ledger row does not stay `queued`. Its counts are not released: a submit
-/// taken back released them already.
+/// ledger row does not stay `queued`. Its message left the queue, so its
+/// counts are released like any other's (for a submit taken back, which
+/// released them already, the periodic count repair corrects the drift).
 async fn state_lost(
     ctx: &JobContext,
     message: jetstream::Message,
