@@ -104,6 +104,8 @@ def main():
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {a.key}\r\n"
             f"content-type: application/json\r\ncontent-length: {len(stream)}\r\n\r\n").encode()
     before = metric(a.ops, "sluice_ingress_write_timeouts_total")
+    cut_before = metric(a.ops, 'sluice_ingress_streams_interrupted_total{reason="slow_client"}')
+    open_before = metric(a.ops, "sluice_ingress_streams_open")
     silent = []
     for _ in range(200):
         s = socket.socket()
@@ -114,17 +116,23 @@ def main():
     started = time.monotonic()
     status, _ = post(chat, a.key, {"model": "bench", "messages": [{"role": "user", "content": "meanwhile"}]})
     served_s = time.monotonic() - started
+    # Each silent stream ends either by the write timeout (its connection
+    # closed) or, first, by its full buffer (cut off; its last bytes may then
+    # sit in the kernel's send buffer). Wait until none is open any more.
     deadline = time.monotonic() + 120
-    timeouts = 0.0
+    still_open = 200.0
     while time.monotonic() < deadline:
-        timeouts = metric(a.ops, "sluice_ingress_write_timeouts_total") - before
-        if timeouts >= 200:
+        still_open = metric(a.ops, "sluice_ingress_streams_open") - open_before
+        if still_open <= 0:
             break
         time.sleep(0.5)
-    closed_s = time.monotonic() - started
+    ended_s = time.monotonic() - started
+    timeouts = metric(a.ops, "sluice_ingress_write_timeouts_total") - before
+    cut = metric(a.ops, 'sluice_ingress_streams_interrupted_total{reason="slow_client"}') - cut_before
     for s in silent:
         s.close()
-    print(f"streams 200 never read: write_timeouts={timeouts:.0f} closed_within_s={closed_s:.1f} "
+    print(f"streams 200 never read: still_open={max(still_open, 0):.0f} write_timeouts={timeouts:.0f} "
+          f"cut_off_for_full_buffer={cut:.0f} ended_within_s={ended_s:.1f} "
           f"other_client_status={status} other_client_s={served_s:.2f} {rss()}")
     print(f"isolation ingress_peak_mb={peak_mb(a.ingress_pid):.1f} worker_peak_mb={peak_mb(a.worker_pid):.1f}")
 
