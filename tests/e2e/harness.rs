@@ -38,6 +38,16 @@ where
     }
 }
 
+/// Waits until the deadline of `job` (a job record as the API returns it) has
+/// passed; `expires_at` is in whole seconds, the deadline in milliseconds.
+pub async fn wait_past_deadline(job: &serde_json::Value) {
+    let deadline_ms = (job["expires_at"].as_u64().unwrap() + 1) * 1000;
+    wait_for("the job's deadline to pass", Duration::from_secs(8), || async {
+        (sluice_core::now_ms() > deadline_ms).then_some(())
+    })
+    .await;
+}
+
 /// Checks every 25 ms until `check` gives a value or `within` passes
 /// (`None`), for a test that reports what it found rather than failing.
 pub async fn poll_until<T, F, Fut>(within: Duration, mut check: F) -> Option<T>

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{Stack, WorkerHandle, wait_for};
+use crate::harness::{Stack, WorkerHandle, wait_for, wait_past_deadline};
 
 #[tokio::test]
 async fn a_submitted_job_is_visible_at_once_and_completes_with_the_result() {
@@ -104,11 +104,7 @@ async fn a_job_still_queued_at_its_deadline_expires_and_never_runs() {
     body["expires_in"] = serde_json::json!(1);
     let job: serde_json::Value = stack.submit_job(&stack.key, &body, None).await.json().await.unwrap();
     let id = job["id"].as_str().unwrap().to_owned();
-    let expires_at_ms = job["expires_at"].as_u64().unwrap() * 1000 + 1000;
-    wait_for("the job's deadline to pass", Duration::from_secs(5), || async {
-        (sluice_core::now_ms() > expires_at_ms).then_some(())
-    })
-    .await;
+    wait_past_deadline(&job).await;
 
     let _worker = WorkerHandle::start(stack.config.clone()).await;
     stack.ledger_row(id.parse().unwrap(), "expired").await;

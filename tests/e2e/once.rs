@@ -9,7 +9,7 @@ use futures::StreamExt;
 use sluice_core::event::JobStatus;
 use sluice_core::jobstate::{self, JobRecord};
 
-use crate::harness::{Stack, WorkerHandle, add_profile_pool, wait_for};
+use crate::harness::{Stack, WorkerHandle, add_profile_pool, wait_for, wait_past_deadline};
 use crate::procs::{Cluster, settings};
 
 /// `unanswered_calls` and `attempts` of a job's ledger row.
@@ -153,21 +153,28 @@ async fn a_stalled_run_that_lost_its_job_to_a_redelivery_records_nothing() {
     .await;
 }
 
-/// A job whose stored state is gone when a worker takes it (its retention
-/// passed while it waited, or a submit taken back after its publish landed)
-/// cannot run, but it still ends: its ledger row does not stay `queued`.
-#[tokio::test]
-async fn a_job_whose_state_was_lost_still_ends_with_a_terminal_event() {
-    let mut stack = Stack::start().await;
+/// Submits `body` as a job while no worker runs and purges its stored state,
+/// as if its retention had passed while it waited: returns the job record.
+async fn orphaned(stack: &mut Stack, body: &serde_json::Value) -> serde_json::Value {
     stack.worker.take().unwrap().shutdown().await;
-    let job: serde_json::Value =
-        stack.submit_job(&stack.key, &Stack::job_body("orphaned"), None).await.json().await.unwrap();
+    let job: serde_json::Value = stack.submit_job(&stack.key, body, None).await.json().await.unwrap();
     let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
     // (the stack's tenant; its ledger row waits for a worker's ledger loop)
     let tenant = sluice_core::db::ensure_tenant(&stack.db, "acme").await.unwrap();
     let nats = async_nats::connect(&stack.nats.url).await.unwrap();
     let kv = async_nats::jetstream::new(nats).get_key_value("JOB_STATE").await.unwrap();
     kv.purge(jobstate::key(tenant, id)).await.unwrap();
+    job
+}
+
+/// A job whose stored state is gone when a worker takes it (its retention
+/// passed while it waited, or a submit taken back after its publish landed)
+/// cannot run, but it still ends: its ledger row does not stay `queued`.
+#[tokio::test]
+async fn a_job_whose_state_was_lost_still_ends_with_a_terminal_event() {
+    let mut stack = Stack::start().await;
+    let job = orphaned(&mut stack, &Stack::job_body("orphaned")).await;
+    let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
     stack.worker = Some(WorkerHandle::start(stack.config.clone()).await);
     let row = stack.ledger_row(id, "failed").await;
     assert_eq!(row.error_code.as_deref(), Some("internal_error"));
@@ -178,22 +185,11 @@ async fn a_job_whose_state_was_lost_still_ends_with_a_terminal_event() {
 #[tokio::test]
 async fn a_job_whose_state_was_lost_past_its_deadline_ends_expired() {
     let mut stack = Stack::start().await;
-    stack.worker.take().unwrap().shutdown().await;
     let mut body = Stack::job_body("orphaned, then too late");
     body["expires_in"] = serde_json::json!(1);
-    let job: serde_json::Value = stack.submit_job(&stack.key, &body, None).await.json().await.unwrap();
+    let job = orphaned(&mut stack, &body).await;
     let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
-    // (`expires_at` is in whole seconds, the deadline itself in milliseconds)
-    let deadline_ms = (job["expires_at"].as_u64().unwrap() + 1) * 1000;
-    let tenant = sluice_core::db::ensure_tenant(&stack.db, "acme").await.unwrap();
-    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
-    let kv = async_nats::jetstream::new(nats).get_key_value("JOB_STATE").await.unwrap();
-    kv.purge(jobstate::key(tenant, id)).await.unwrap();
-    wait_for("the job's deadline to pass", Duration::from_secs(8), || async {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-        (now > deadline_ms).then_some(())
-    })
-    .await;
+    wait_past_deadline(&job).await;
     stack.worker = Some(WorkerHandle::start(stack.config.clone()).await);
     let row = stack.ledger_row(id, "expired").await;
     assert_eq!(row.error_code, None);
