@@ -151,8 +151,9 @@ fn route(waiting: &mut HashMap<u64, Slot>, message: async_nats::Message, max_byt
             return None;
         }
     };
+    // (an answer the worker stored as the job's state needs nothing more)
     let unwanted = |reply: Reply| match reply {
-        Reply::Answer(a) if !a.ends_stream => Some(a),
+        Reply::Answer(a) if !a.ends_stream && !a.stored => Some(a),
         _ => None,
     };
     let Some(slot) = subjects::parse_reply(message.subject.as_str()) else {

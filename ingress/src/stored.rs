@@ -19,7 +19,8 @@ use crate::state::AppState;
 
 /// An answer too large for a message, sent on as it is read from the bodies
 /// bucket (the ingress holds one chunk of it at a time). Once the whole body
-/// went out it is deleted: a synchronous answer is read once. A successful
+/// went out it is deleted: a synchronous answer is read once, unless the
+/// worker stored it as its job's result (`Sluice-Stored`). A successful
 /// answer whose client left before the end is kept instead, as its job's
 /// result, so the job id the response named (`x-sluice-job-id`) finds it.
 pub async fn answer(
@@ -33,7 +34,8 @@ pub async fn answer(
         ApiError::new(ErrorCode::Internal, "the answer was stored but cannot be read")
     })?;
     let keep = (200..300).contains(&status).then(|| Box::new(answer.clone()));
-    let mut unsent = Unsent { state: state.clone(), name: stored.name.clone(), left: stored.size, keep };
+    let mut unsent =
+        Unsent { state: state.clone(), name: stored.name.clone(), left: stored.size, keep, job_result: answer.stored };
     let body = Body::from_stream(futures::StreamExt::map(chunks, move |chunk| {
         if let Ok(c) = &chunk {
             unsent.sent(c.len());
@@ -56,6 +58,8 @@ struct Unsent {
     name: String,
     left: u64,
     keep: Option<Box<Answer>>,
+    /// The worker stored the answer as its job's result: it stays.
+    job_result: bool,
 }
 
 impl Unsent {
@@ -68,6 +72,9 @@ impl Unsent {
 
 impl Drop for Unsent {
     fn drop(&mut self) {
+        if self.job_result {
+            return;
+        }
         let state = self.state.clone();
         match self.keep.take() {
             Some(answer) if self.left > 0 => {

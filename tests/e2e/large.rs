@@ -30,7 +30,7 @@ async fn wait_until_no_stored_bodies(stack: &Stack) {
     .await;
 }
 
-fn embeddings_body(n: usize) -> serde_json::Value {
+pub(crate) fn embeddings_body(n: usize) -> serde_json::Value {
     let inputs: Vec<String> = (0..n).map(|i| format!("document {i} of a retrieval batch")).collect();
     serde_json::json!({"model": MODEL, "input": inputs, "dimensions": 1536, "encoding_format": "float"})
 }

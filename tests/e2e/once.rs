@@ -195,3 +195,94 @@ async fn a_job_whose_state_was_lost_past_its_deadline_ends_expired() {
     assert_eq!(row.error_code, None);
     assert_eq!(stack.mock.requests().await, 0);
 }
+
+/// A synchronous request whose wait ran out (504 naming its job) keeps its
+/// answer when its ingress is gone before the answer comes (a rolling
+/// deploy): the worker stores the outcome itself, a small answer and one
+/// too large for a message alike, and another ingress serves it.
+#[tokio::test]
+async fn a_timed_out_request_keeps_its_answer_when_its_ingress_restarts() {
+    let stack = Stack::start_with(|c| c.ingress.sync_timeout_ms = 1_000).await;
+    stack.mock.faults(serde_json::json!({"hang_next": 2, "hang_ms": 4000})).await;
+    let body = Stack::chat_body("answered after its ingress left");
+    let small = stack.chat(&body);
+    let large = stack
+        .http
+        .post(format!("{}/v1/embeddings", stack.base))
+        .bearer_auth(&stack.key)
+        .json(&crate::large::embeddings_body(100))
+        .send();
+    let (small, large) = tokio::join!(small, large);
+    let mut ids = Vec::new();
+    for r in [small, large.unwrap()] {
+        assert_eq!(r.status(), 504);
+        assert_eq!(r.headers().get("x-should-retry").and_then(|v| v.to_str().ok()), Some("false"));
+        let error: serde_json::Value = r.json().await.unwrap();
+        ids.push(error["error"]["job_id"].as_str().unwrap().to_owned());
+    }
+    // Gone before either answer came: nobody is subscribed to its replies.
+    stack.stop_ingress();
+    assert!(stack.mock.requests().await <= 2);
+    let (other, _guard) = stack.another_ingress().await;
+    let get = |id: &str| {
+        let url = format!("{other}/v1/jobs/{id}");
+        let (http, key) = (stack.http.clone(), stack.key.clone());
+        async move { http.get(url).bearer_auth(key).send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
+    };
+    for (id, check) in ids.iter().zip(["chat", "embeddings"]) {
+        let job = wait_for("the answer stored by the worker", Duration::from_secs(20), || async {
+            let job = get(id).await;
+            (job["status"] == "completed").then_some(job)
+        })
+        .await;
+        match check {
+            "chat" => assert_eq!(
+                job["result"]["choices"][0]["message"]["content"], "mock reply to: answered after its ingress left",
+                "{job}"
+            ),
+            _ => {
+                assert_eq!(job["result"]["data"].as_array().map(Vec::len), Some(100));
+                assert!(job["result_bytes"].as_u64().unwrap() > 1024 * 1024);
+            }
+        }
+    }
+    assert_eq!(stack.mock.requests().await, 2, "each ran once");
+}
+
+/// A synchronous request repeated with its `Idempotency-Key` while the first
+/// runs, and after it ended, gets the first one's answer: one provider call.
+/// The key reused for another body is refused.
+#[tokio::test]
+async fn a_repeated_synchronous_request_with_its_idempotency_key_gets_the_first_answer() {
+    let stack = Stack::start().await;
+    stack.mock.faults(serde_json::json!({"hang_next": 1, "hang_ms": 1500})).await;
+    let body = Stack::chat_body("only once");
+    let send = |body: serde_json::Value| {
+        let (http, url, key) = (stack.http.clone(), format!("{}/v1/chat/completions", stack.base), stack.key.clone());
+        async move { http.post(url).bearer_auth(key).header("idempotency-key", "k-1").json(&body).send().await.unwrap() }
+    };
+    let first = tokio::spawn(send(body.clone()));
+    wait_for("the first call", Duration::from_secs(10), || async { (stack.mock.requests().await == 1).then_some(()) })
+        .await;
+    let during = send(body.clone()).await;
+    let first = first.await.unwrap();
+    let after = send(body.clone()).await;
+    let job = |r: &reqwest::Response| r.headers().get("x-sluice-job-id").unwrap().to_str().unwrap().to_owned();
+    let (id, during_id, after_id) = (job(&first), job(&during), job(&after));
+    assert_eq!((during_id.as_str(), after_id.as_str()), (id.as_str(), id.as_str()));
+    let replayed = |r: &reqwest::Response| r.headers().get("idempotent-replayed").is_some();
+    assert_eq!((replayed(&first), replayed(&during), replayed(&after)), (false, true, true));
+    let mut contents = Vec::new();
+    for r in [first, during, after] {
+        assert_eq!(r.status(), 200);
+        let answer: serde_json::Value = r.json().await.unwrap();
+        contents.push(answer["choices"][0]["message"]["content"].as_str().unwrap().to_owned());
+    }
+    assert!(contents.iter().all(|c| c == "mock reply to: only once"), "{contents:?}");
+    assert_eq!(stack.mock.requests().await, 1, "one provider call for three requests");
+    // The job is there to fetch, like any other.
+    assert_eq!(stack.job_with_status(&id, "completed").await["attempts"], 1);
+    let other = send(Stack::chat_body("something else")).await;
+    assert_eq!(other.status(), 409);
+    assert_eq!(stack.mock.requests().await, 1);
+}

@@ -31,6 +31,7 @@ pub const ANSWER_MEMORY: &str = "sluice_worker_answer_memory_bytes";
 pub const ANSWER_BUDGET_WAITS: &str = "sluice_worker_answer_budget_waits_total";
 pub const RUNS_LOST: &str = "sluice_worker_runs_lost_total";
 pub const UNANSWERED_CALLS: &str = "sluice_worker_unanswered_calls_total";
+pub const SYNC_OUTCOMES_STORED: &str = "sluice_worker_sync_outcomes_stored_total";
 
 pub fn describe() {
     sluice_core::group_commit::describe();
@@ -81,6 +82,10 @@ pub fn describe() {
     metrics::describe_counter!(
         ANSWER_BUDGET_WAITS,
         "answers that waited for room in upstream.max_response_memory_bytes before being read"
+    );
+    metrics::describe_counter!(
+        SYNC_OUTCOMES_STORED,
+        "synchronous jobs whose client was no longer waiting (the ingress answered 504, or its client left) whose outcome the worker stored as the job's state, by result (stored, failed)"
     );
     metrics::describe_counter!(
         RUNS_LOST,

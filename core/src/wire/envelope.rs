@@ -32,6 +32,13 @@ pub const H_QUEUED_COUNTED: &str = "Sluice-Queued-Counted";
 /// The minute window whose tokens-per-minute counter holds this job's
 /// estimate; the worker corrects it by the real usage.
 pub const H_TPM_WINDOW: &str = "Sluice-Tpm-Window";
+/// When the waiting ingress stops waiting for a synchronous answer (ms since
+/// the epoch): past it, the worker stores the outcome as the job's state.
+pub const H_WAIT_UNTIL: &str = "Sluice-Wait-Until-Ms";
+/// Present on a synchronous job whose state is in the job-state bucket from
+/// its submit (it carries an `Idempotency-Key`): the worker moves it on like
+/// an asynchronous job's and stores its outcome before it answers.
+pub const H_KEPT: &str = "Sluice-Kept";
 
 /// The API a job calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +145,10 @@ pub struct Envelope {
     pub stream: bool,
     /// Where the request body is, when it is not the message's payload.
     pub body_ref: Option<StoredBody>,
+    /// A synchronous job: when its ingress stops waiting ([`H_WAIT_UNTIL`]).
+    pub wait_until_ms: Option<u64>,
+    /// A synchronous job whose state is kept in the bucket ([`H_KEPT`]).
+    pub kept: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -181,6 +192,12 @@ impl Envelope {
         if let Some(body) = &self.body_ref {
             h.insert(H_BODY_REF, body.header_value().as_str());
         }
+        if let Some(until) = self.wait_until_ms {
+            h.insert(H_WAIT_UNTIL, until.to_string().as_str());
+        }
+        if self.kept {
+            h.insert(H_KEPT, "1");
+        }
         h
     }
 
@@ -219,6 +236,11 @@ impl Envelope {
                 None => None,
                 Some(v) => Some(StoredBody::parse(v).ok_or(EnvelopeError::Malformed(H_BODY_REF))?),
             },
+            wait_until_ms: match get(H_WAIT_UNTIL) {
+                None => None,
+                Some(v) => Some(v.parse().map_err(|_| EnvelopeError::Malformed(H_WAIT_UNTIL))?),
+            },
+            kept: get(H_KEPT).is_some(),
         })
     }
 }
@@ -243,6 +265,8 @@ mod tests {
             tpm_window: Some(29_000_000),
             stream: true,
             body_ref: Some(StoredBody { name: "req.a.b".into(), size: 2 << 20 }),
+            wait_until_ms: Some(1_700_000_000_500),
+            kept: true,
         }
     }
 

@@ -18,6 +18,7 @@
 //! | `Sluice-Usage` | answer | `prompt,completion,total` tokens, each empty when unknown |
 //! | `Sluice-Pass-<name>` | answer | a header for the client's response |
 //! | `Sluice-Body-Ref` | answer | `<size> <name>`: the body is in the bodies bucket, the payload empty ([`super::stored`]) |
+//! | `Sluice-Stored` | answer | the worker stored the outcome as the job's state: an ingress whose client left stores nothing, and a body in the bodies bucket is the job's result, kept |
 //!
 //! An error stays structured until the edge: the worker never renders an
 //! error body, the ingress renders it once in the dialect of the client's
@@ -42,6 +43,7 @@ const H_ERROR_PARAM: &str = "Sluice-Error-Param";
 const H_RETRY_AFTER: &str = "Sluice-Retry-After";
 const H_USAGE: &str = "Sluice-Usage";
 const H_PASS: &str = "Sluice-Pass-";
+const H_STORED: &str = "Sluice-Stored";
 
 /// The job an answer belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +104,9 @@ pub struct Answer {
     pub usage: Option<Usage>,
     /// Headers for the client's response, lowercase names.
     pub headers: Vec<(String, String)>,
+    /// The worker stored the outcome as the job's state (`GET /v1/jobs/{id}`
+    /// finds it): nobody else stores it, and a stored body is the job's result.
+    pub stored: bool,
 }
 
 /// One event of a streamed answer.
@@ -155,6 +160,9 @@ impl Answer {
         h.insert(H_DEADLINE, a.job.deadline_ms.to_string().as_str());
         if a.ends_stream {
             h.insert(H_STREAM_END, "1");
+        }
+        if a.stored {
+            h.insert(H_STORED, "1");
         }
         if let Some(u) = &a.usage {
             let usage =
@@ -254,7 +262,8 @@ impl Reply {
             }),
         };
         let ends_stream = get(H_STREAM_END).is_some();
-        Ok(Reply::Answer(Box::new(Answer { job, attempt, outcome, ends_stream, usage, headers })))
+        let stored = get(H_STORED).is_some();
+        Ok(Reply::Answer(Box::new(Answer { job, attempt, outcome, ends_stream, usage, headers, stored })))
     }
 }
 
@@ -334,10 +343,10 @@ mod tests {
 
     fn answer() -> impl Strategy<Value = Reply> {
         let pass = proptest::collection::btree_map("[a-z][a-z0-9-]{0,20}", "[!-~]([ -~]{0,30}[!-~])?", 0..4);
-        (job(), any::<u32>(), outcome(), any::<bool>(), usage(), pass).prop_map(
-            |(job, attempt, outcome, ends_stream, usage, pass)| {
+        (job(), any::<u32>(), outcome(), any::<bool>(), usage(), pass, any::<bool>()).prop_map(
+            |(job, attempt, outcome, ends_stream, usage, pass, stored)| {
                 let headers = pass.into_iter().collect();
-                Reply::Answer(Box::new(Answer { job, attempt, outcome, ends_stream, usage, headers }))
+                Reply::Answer(Box::new(Answer { job, attempt, outcome, ends_stream, usage, headers, stored }))
             },
         )
     }

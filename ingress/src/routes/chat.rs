@@ -74,6 +74,8 @@ async fn handle(
     request_id: &str,
 ) -> Result<Response, ApiError> {
     let owner = state.keys.authenticate(headers)?;
+    let idempotency_key = validate::idempotency_key(headers)?;
+    let job_id = idempotency_key.map_or(job_id, |key| sluice_core::jobstate::idempotent_job_id(owner.tenant_id, key));
     let limit = state.config.ingress.max_body_bytes;
     let (bytes, body_permit) =
         crate::body::read_json_body(headers, body, limit, &state.body_budget, state.body_timeout()).await?;
@@ -112,12 +114,45 @@ async fn handle(
         tpm_window: admitted.tpm_window,
         stream: checked.stream,
         body_ref: None,
+        wait_until_ms: Some(submitted_ms + state.config.ingress.sync_timeout_ms),
+        // A streamed answer goes out as it comes and is not kept.
+        kept: idempotency_key.is_some() && !checked.stream,
     };
     let class = Class::Interactive.capped_by(policy.tier);
     let subject = subjects::job(checked.pool_token, class, owner.tenant_id);
     let in_flight = metrics::gauge!(crate::metrics::IN_FLIGHT);
     in_flight.increment(1.0);
     let _gauge = validate::scopeguard(move || in_flight.decrement(1.0));
+
+    // An `Idempotency-Key` claims its job first; a repeat answers from it.
+    if env.kept {
+        let claimed = crate::kept::claim(state, &env, &bytes).await;
+        let record = match claimed {
+            Ok(crate::kept::Claim::New) => None,
+            Ok(crate::kept::Claim::Replay(record)) => Some(record),
+            Err(error) => {
+                state.admission.rollback(admitted);
+                return Err(error);
+            }
+        };
+        if let Some(record) = record {
+            // The first request was counted when it was accepted.
+            state.admission.rollback(admitted);
+            env.queued_counted = false;
+            env.tpm_window = None;
+            // Published again while queued: the first publish may have been
+            // lost with the crash that made the client repeat. The stream
+            // drops the copy as a duplicate, and a worker runs a job only
+            // from `queued`.
+            if record.status == sluice_core::event::JobStatus::Queued {
+                let payload = publish::payload(state, &mut env, bytes).await?;
+                publish::job(state, subject, &env, payload).await?;
+            }
+            drop(body_permit);
+            let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+            return crate::kept::replay(state, &env, *record, wait).await;
+        }
+    }
 
     let publish_started = Instant::now();
     let published = match publish::payload(state, &mut env, bytes).await {
@@ -126,6 +161,10 @@ async fn handle(
     };
     if let Err(error) = published {
         state.admission.rollback(admitted);
+        if env.kept {
+            // Nothing was queued: take the key back.
+            let _ = state.job_state.purge(sluice_core::jobstate::key(env.tenant, env.job_id)).await;
+        }
         return Err(error);
     }
     metrics::histogram!(crate::metrics::PUBLISH_SECONDS).record(publish_started.elapsed().as_secs_f64());

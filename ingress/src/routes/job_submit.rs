@@ -66,6 +66,8 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         tpm_window: None,
         stream: false,
         body_ref: None,
+        wait_until_ms: None,
+        kept: false,
     };
     let subject = sluice_core::wire::subjects::job(checked.pool_token, class, owner.tenant_id);
 

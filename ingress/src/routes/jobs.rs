@@ -81,7 +81,7 @@ pub async fn cancel(State(state): State<Arc<AppState>>, headers: HeaderMap, Path
 }
 
 /// The job's record and its revision, or 404 (also for another tenant's job).
-pub(super) async fn load(store: &kv::Store, tenant: Uuid, id: &str) -> Result<(JobRecord, u64), ApiError> {
+pub(crate) async fn load(store: &kv::Store, tenant: Uuid, id: &str) -> Result<(JobRecord, u64), ApiError> {
     let not_found = || ApiError::new(ErrorCode::NotFound, format!("no job with id `{id}`"));
     let job: Uuid = id.parse().map_err(|_| not_found())?;
     let entry = store.entry(jobstate::key(tenant, job)).await.map_err(|e| unavailable(&e))?;
@@ -99,7 +99,7 @@ pub(super) fn to_bytes(record: &JobRecord) -> Result<Bytes, ApiError> {
         .map_err(|_| ApiError::new(ErrorCode::Internal, "cannot encode the job's state"))
 }
 
-pub(super) fn unavailable(error: &dyn std::fmt::Display) -> ApiError {
+pub(crate) fn unavailable(error: &dyn std::fmt::Display) -> ApiError {
     tracing::warn!(%error, "job state store failed");
     ApiError::new(ErrorCode::QueueUnavailable, "the job store is unavailable; retry shortly").retry_after(1)
 }

@@ -5,7 +5,7 @@
 mod chat;
 mod job_list;
 mod job_submit;
-mod jobs;
+pub(crate) mod jobs;
 mod models;
 
 use std::sync::Arc;

@@ -159,10 +159,11 @@ async fn execute(
     let remaining = Duration::from_millis(env.deadline_ms.saturating_sub(started_ms));
     let deadline = started + remaining;
 
-    // An asynchronous job moves through its stored state: it runs only from
-    // `queued` (or `in_progress` on a redelivery), never once cancelled.
+    // An asynchronous job (or a synchronous one kept from its submit) moves
+    // through its stored state: it runs only from `queued` (or
+    // `in_progress` on a redelivery), never once cancelled.
     let mut record = None;
-    if env.reply.is_none() {
+    if env.reply.is_none() || env.kept {
         match state::begin(&ctx.job_state, &ctx.state_commit, env, attempt, remaining.is_zero()).await {
             Ok(Begin::Run(r, revision)) => record = Some((*r, revision)),
             Ok(Begin::Expired) => return conclude(ctx, message, env, JobStatus::Expired, attempt).await,
@@ -239,21 +240,6 @@ async fn execute(
                 }
             };
             let reported = (usage != Usage::default()).then(|| usage.clone());
-            let answer = Answer {
-                job: JobRef::of(env),
-                attempt,
-                outcome,
-                ends_stream: env.stream,
-                usage: reported,
-                headers: Vec::new(),
-            };
-            if let Some(subject) = &env.reply {
-                let (headers, payload) = answer.encode();
-                if let Err(error) = ctx.nats.publish_with_headers(subject.clone(), headers, payload).await {
-                    tracing::warn!(%error, "could not publish the answer to the ingress");
-                }
-            }
-            let outcome = answer.outcome;
             let tokens = usage.total_tokens.map(|t| t.max(0) as u64);
             let mut event = JobEvent::from_envelope(env, status, attempt as i32);
             event.upstream_status = upstream_status.map(i32::from);
@@ -273,16 +259,35 @@ async fn execute(
                 event.metadata = record.metadata.as_ref().and_then(|m| serde_json::to_string(m).ok());
                 event.expires_ms = Some(record.expires_at * 1000);
             }
-            if let Some((mut record, revision)) = record {
+            // The state first, then the answer: a run that lost its job says
+            // nothing, and a kept job's waiter finds its state written.
+            let stored = if let Some((mut record, revision)) = record {
                 record.unanswered_calls = unanswered;
                 match state::finish(&ctx.job_state, &ctx.state_commit, env, record, revision, status, &outcome).await {
-                    Ok(state::Finish::Stored) => {}
+                    Ok(state::Finish::Stored) => true,
                     Ok(state::Finish::Lost) => return lost(ctx, &outcome),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot store the job's outcome; retrying in 1 s");
                         let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                         return Exit::Stayed;
                     }
+                }
+            } else {
+                adopt_detached(ctx, env, attempt, unanswered, status, &outcome).await
+            };
+            let answer = Answer {
+                job: JobRef::of(env),
+                attempt,
+                outcome,
+                ends_stream: env.stream,
+                usage: reported,
+                headers: Vec::new(),
+                stored: stored && env.reply.is_some(),
+            };
+            if let Some(subject) = &env.reply {
+                let (headers, payload) = answer.encode();
+                if let Err(error) = ctx.nats.publish_with_headers(subject.clone(), headers, payload).await {
+                    tracing::warn!(%error, "could not publish the answer to the ingress");
                 }
             }
             tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "answer published");
@@ -299,6 +304,52 @@ async fn execute(
                 .increment(1);
             metrics::histogram!(m::JOB_SECONDS, "pool" => env.pool.clone()).record(started.elapsed().as_secs_f64());
             left(acked, tokens, status != JobStatus::Completed)
+        }
+    }
+}
+
+/// A synchronous job run for longer than this since its submit may have lost
+/// its client (the ingress then stored it `queued`): its state is looked up.
+/// Shorter ones are not, so the common case costs no extra round trip.
+const ADOPT_CHECK_AFTER_MS: u64 = 1_000;
+/// Clocks of ingresses and workers may differ by this much: an answer this
+/// close to the end of its ingress's wait is stored as if the wait were over.
+const WAIT_CLOCK_MARGIN_MS: u64 = 2_000;
+
+/// Stores a synchronous job's outcome as its state when its client may no
+/// longer take it from the ingress ([`state::adopt`]): the ingress's wait is
+/// over (it answered 504 naming the job, or it is gone), or the job ran long
+/// enough for its client to have left. A streamed answer went out as it came
+/// and is not kept. `true` when the outcome is stored.
+async fn adopt_detached(
+    ctx: &JobContext,
+    env: &Envelope,
+    attempt: u32,
+    unanswered: u32,
+    status: JobStatus,
+    outcome: &sluice_core::wire::reply::Outcome,
+) -> bool {
+    if env.reply.is_none() || env.stream {
+        return false;
+    }
+    let now = now_ms();
+    let wait_over = env.wait_until_ms.is_some_and(|until| now + WAIT_CLOCK_MARGIN_MS >= until);
+    if !wait_over && now.saturating_sub(env.submitted_ms) < ADOPT_CHECK_AFTER_MS {
+        return false;
+    }
+    match state::adopt(&ctx.job_state, &ctx.state_commit, env, attempt, unanswered, status, outcome, wait_over).await {
+        Ok(stored) => {
+            if stored {
+                metrics::counter!(m::SYNC_OUTCOMES_STORED, "result" => "stored").increment(1);
+                tracing::info!(wait_over, "the client no longer waits; its outcome is stored as the job's state");
+            }
+            stored
+        }
+        Err(error) => {
+            // The ingress, if it is still there, stores it when nobody takes it.
+            metrics::counter!(m::SYNC_OUTCOMES_STORED, "result" => "failed").increment(1);
+            tracing::warn!(%error, "cannot store the outcome of a synchronous job whose client may have left");
+            false
         }
     }
 }

@@ -5,6 +5,13 @@
 //! `ack_wait` while the redelivered job ran elsewhere finds the revision
 //! moved on and records nothing (one terminal state per job, one webhook).
 //! Both writes go through the group commit (`nats.group_commit`).
+//!
+//! A synchronous job has a state only when its client can no longer take
+//! the answer from its ingress: the ingress answered 504 naming the job, or
+//! its client left (the ingress then stores it `queued`), or it carries an
+//! `Idempotency-Key` (its state is written at submit, like an asynchronous
+//! job's). [`adopt`] stores such a job's outcome from the worker, so
+//! `GET /v1/jobs/{id}` finds it whatever became of the ingress.
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
@@ -144,4 +151,49 @@ pub async fn finish(
         Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Finish::Lost),
         Err(e) => Err(err(e)),
     }
+}
+
+/// Stores a synchronous job's outcome as its state when the job has one that
+/// is not terminal yet (its ingress stored it when the client left or the
+/// wait ran out), or, with `create`, when it has none (the ingress's wait is
+/// over, and its own write may not have landed, or never will: it may have
+/// restarted). `Ok(true)` when this call stored it; `Ok(false)` when the job
+/// needs nothing (no state: the ingress still waits; or an outcome is there).
+#[allow(clippy::too_many_arguments, reason = "the job and its outcome, passed once")]
+pub async fn adopt(
+    store: &kv::Store,
+    commit: &GroupCommit,
+    env: &Envelope,
+    attempt: u32,
+    unanswered: u32,
+    status: JobStatus,
+    outcome: &Outcome,
+    create: bool,
+) -> Result<bool, StateError> {
+    let key = jobstate::key(env.tenant, env.job_id);
+    let subject = kv_key(store, &key);
+    for _ in 0..3 {
+        let entry = store.entry(&key).await.map_err(err)?;
+        let (mut record, revision) = match entry {
+            Some(e) if e.operation == kv::Operation::Put => match serde_json::from_slice::<JobRecord>(&e.value) {
+                Ok(record) if !record.status.is_terminal() => (record, e.revision),
+                _ => return Ok(false),
+            },
+            // A key taken back or never written: the revision to expect is
+            // that of its tombstone, or 0.
+            other if create => (JobRecord::of_job(&JobRef::of(env)), other.map_or(0, |e| e.revision)),
+            _ => return Ok(false),
+        };
+        record.attempts = attempt;
+        record.unanswered_calls = unanswered;
+        record.conclude(status, outcome, now_ms() / 1000);
+        let value = serde_json::to_vec(&record).map_err(err)?;
+        match commit.publish(subject.clone(), expect_revision(revision), Bytes::from(value)).await {
+            Ok(_) => return Ok(true),
+            // The ingress wrote meanwhile: read again.
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Err(StateError("the job's state kept changing".into()))
 }
