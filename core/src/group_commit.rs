@@ -42,6 +42,7 @@ const IN_FLIGHT: usize = 2;
 pub const BATCH_SIZE: &str = "sluice_group_commit_batch_size";
 /// Batches the stream refused and that were sent again write by write.
 pub const BATCH_FALLBACKS: &str = "sluice_group_commit_fallbacks_total";
+pub const BATCH_SHORT: &str = "sluice_group_commit_short_acks_total";
 /// Writes too large for a NATS message, sent (and refused) alone.
 pub const OVERSIZED: &str = "sluice_group_commit_oversized_total";
 
@@ -49,6 +50,10 @@ pub const OVERSIZED: &str = "sluice_group_commit_oversized_total";
 pub fn describe() {
     metrics::describe_histogram!(BATCH_SIZE, "writes stored per commit by the group commit, by stream");
     metrics::describe_counter!(BATCH_FALLBACKS, "atomic batches the stream refused, sent again write by write");
+    metrics::describe_counter!(
+        BATCH_SHORT,
+        "atomic batches whose commit acknowledgement named another batch or fewer writes than were sent; their writes were answered as failed, to be repeated"
+    );
     metrics::describe_counter!(OVERSIZED, "writes too large for a NATS message, sent alone so they fail alone");
 }
 
@@ -200,7 +205,7 @@ async fn commit_fitting(
         let _ = w.done.send(result);
         return;
     }
-    match send_batch(nats, js, &writes).await {
+    match send_batch(nats, js, &writes).await.and_then(|(id, ack)| covers(ack, &id, writes.len())) {
         Ok(ack) => {
             let last = writes.len() as u64 - 1;
             for (i, w) in writes.into_iter().enumerate() {
@@ -240,13 +245,34 @@ async fn single(
     js.publish_with_headers(subject, headers, payload).await?.await
 }
 
+/// The commit's acknowledgement when it says the server stored this batch
+/// (`batch`) whole (`count`). A clustered stream's apply may skip a member it
+/// could not store and still acknowledge the commit: then which writes are
+/// stored is unknown, so none is answered as stored. The error may pass
+/// (each caller repeats its write under its message id or expected
+/// revision, and finds it if it was stored after all).
+pub fn covers(ack: PublishAck, batch_id: &str, writes: usize) -> Result<PublishAck, PublishError> {
+    if ack.batch_id.as_deref() == Some(batch_id) && ack.batch_size == Some(writes as u64) {
+        return Ok(ack);
+    }
+    metrics::counter!(BATCH_SHORT).increment(1);
+    tracing::warn!(
+        batch = batch_id, sent = writes, acked_batch = ?ack.batch_id, acked_count = ?ack.batch_size,
+        "an atomic batch's acknowledgement does not cover every write; none is taken as stored"
+    );
+    Err(PublishError::with_source(
+        PublishErrorKind::BrokenPipe,
+        format!("the batch's acknowledgement covers {:?} of {writes} writes", ack.batch_size),
+    ))
+}
+
 /// Sends every write but the last as a batch member, then the last with the
-/// commit marker, and returns the commit's acknowledgement.
+/// commit marker; returns the batch's id and the commit's acknowledgement.
 async fn send_batch(
     nats: &async_nats::Client,
     js: &jetstream::Context,
     writes: &[Write],
-) -> Result<PublishAck, PublishError> {
+) -> Result<(String, PublishAck), PublishError> {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let n = writes.len();
     let headers = |i: usize, w: &Write| {
@@ -264,7 +290,8 @@ async fn send_batch(
             .map_err(|e| PublishError::with_source(PublishErrorKind::BrokenPipe, e))?;
     }
     let last = &writes[n - 1];
-    js.publish_with_headers(last.subject.clone(), headers(n - 1, last), last.payload.clone()).await?.await
+    let ack = js.publish_with_headers(last.subject.clone(), headers(n - 1, last), last.payload.clone()).await?.await?;
+    Ok((id, ack))
 }
 
 /// Errors that say nothing about the writes themselves and may pass: the
@@ -281,4 +308,31 @@ pub fn expect_revision(revision: u64) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Expected-Last-Subject-Sequence", revision.to_string().as_str());
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(batch: Option<&str>, count: Option<u64>) -> PublishAck {
+        let mut json = serde_json::json!({"stream": "JOBS", "seq": 40});
+        if let Some(b) = batch {
+            json["batch"] = b.into();
+        }
+        if let Some(c) = count {
+            json["count"] = c.into();
+        }
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_commit_ack_covers_its_batch_only_when_it_names_it_and_counts_every_write() {
+        assert_eq!(covers(ack(Some("b1"), Some(4)), "b1", 4).unwrap().sequence, 40);
+        // Trimmed: the server stored fewer writes than were sent.
+        let short = covers(ack(Some("b1"), Some(3)), "b1", 4).unwrap_err();
+        assert!(retryable(&short), "the writes are repeated: {short}");
+        // Forged or foreign: another batch's acknowledgement, or none at all.
+        assert!(covers(ack(Some("b2"), Some(4)), "b1", 4).is_err());
+        assert!(covers(ack(None, None), "b1", 4).is_err());
+    }
 }
