@@ -286,3 +286,29 @@ async fn a_repeated_synchronous_request_with_its_idempotency_key_gets_the_first_
     assert_eq!(other.status(), 409);
     assert_eq!(stack.mock.requests().await, 1);
 }
+
+/// A synchronous request kept by its `Idempotency-Key` and cancelled before
+/// a worker took it is answered as cancelled (409) when a worker does, not
+/// left waiting for its 504.
+#[tokio::test]
+async fn a_kept_synchronous_request_cancelled_while_queued_is_answered_at_once() {
+    let mut stack = Stack::start().await;
+    stack.worker.take().unwrap().shutdown().await;
+    let (http, url, key) = (stack.http.clone(), format!("{}/v1/chat/completions", stack.base), stack.key.clone());
+    let body = Stack::chat_body("cancel me");
+    let waiting = tokio::spawn(async move {
+        http.post(url).bearer_auth(key).header("idempotency-key", "c-1").json(&body).send().await.unwrap()
+    });
+    let tenant = sluice_core::db::ensure_tenant(&stack.db, "acme").await.unwrap();
+    let id = jobstate::idempotent_job_id(tenant, "c-1").to_string();
+    wait_for("the kept request's state", Duration::from_secs(10), || async {
+        (stack.get_job(&stack.key, &id).await.status() == 200).then_some(())
+    })
+    .await;
+    let r = stack.http.post(format!("{}/v1/jobs/{id}/cancel", stack.base)).bearer_auth(&stack.key).send().await;
+    assert_eq!(r.unwrap().status(), 200);
+    stack.worker = Some(WorkerHandle::start(stack.config.clone()).await);
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status(), 409, "cancelled, not a 504 at the end of the wait");
+    assert_eq!(stack.mock.requests().await, 0);
+}

@@ -429,6 +429,27 @@ async fn conclude(
         let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
         return Exit::Stayed;
     }
+    // A synchronous job kept from its submit may be waited for: its client
+    // learns the end now, not at its 504.
+    if let Some(subject) = &env.reply {
+        let error = match status {
+            JobStatus::Cancelled => ApiError::new(ErrorCode::Conflict, "the job was cancelled before it ran"),
+            _ => ApiError::new(ErrorCode::Timeout, "the request's deadline passed before a worker could run it"),
+        };
+        let answer = Answer {
+            job: JobRef::of(env),
+            attempt,
+            outcome: sluice_core::wire::reply::Outcome::Error(error),
+            ends_stream: env.stream,
+            usage: None,
+            headers: Vec::new(),
+            stored: true,
+        };
+        let (headers, payload) = answer.encode();
+        if let Err(error) = ctx.nats.publish_with_headers(subject.clone(), headers, payload).await {
+            tracing::warn!(%error, "could not publish the job's end to the ingress");
+        }
+    }
     tracing::info!(status = status.as_str(), "job ended without running");
     let tenant = ctx.tenants.get(env.tenant).name.clone();
     metrics::counter!(m::JOBS, "pool" => env.pool.clone(), "tenant" => tenant, "outcome" => status.as_str())
