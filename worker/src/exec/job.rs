@@ -273,7 +273,7 @@ async fn execute(
                     }
                 }
             } else {
-                adopt_detached(ctx, env, attempt, unanswered, status, &outcome).await
+                state::adopt_detached(ctx, env, attempt, unanswered, status, &outcome).await
             };
             let answer = Answer {
                 job: JobRef::of(env),
@@ -285,10 +285,7 @@ async fn execute(
                 stored: stored && env.reply.is_some(),
             };
             if let Some(subject) = &env.reply {
-                let (headers, payload) = answer.encode();
-                if let Err(error) = ctx.nats.publish_with_headers(subject.clone(), headers, payload).await {
-                    tracing::warn!(%error, "could not publish the answer to the ingress");
-                }
+                reply(ctx, subject, &answer).await;
             }
             tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "answer published");
             if !ctx.events.record(event).await {
@@ -308,49 +305,11 @@ async fn execute(
     }
 }
 
-/// A synchronous job run for longer than this since its submit may have lost
-/// its client (the ingress then stored it `queued`): its state is looked up.
-/// Shorter ones are not, so the common case costs no extra round trip.
-const ADOPT_CHECK_AFTER_MS: u64 = 1_000;
-/// Clocks of ingresses and workers may differ by this much: an answer this
-/// close to the end of its ingress's wait is stored as if the wait were over.
-const WAIT_CLOCK_MARGIN_MS: u64 = 2_000;
-
-/// Stores a synchronous job's outcome as its state when its client may no
-/// longer take it from the ingress ([`state::adopt`]): the ingress's wait is
-/// over (it answered 504 naming the job, or it is gone), or the job ran long
-/// enough for its client to have left. A streamed answer went out as it came
-/// and is not kept. `true` when the outcome is stored.
-async fn adopt_detached(
-    ctx: &JobContext,
-    env: &Envelope,
-    attempt: u32,
-    unanswered: u32,
-    status: JobStatus,
-    outcome: &sluice_core::wire::reply::Outcome,
-) -> bool {
-    if env.reply.is_none() || env.stream {
-        return false;
-    }
-    let now = now_ms();
-    let wait_over = env.wait_until_ms.is_some_and(|until| now + WAIT_CLOCK_MARGIN_MS >= until);
-    if !wait_over && now.saturating_sub(env.submitted_ms) < ADOPT_CHECK_AFTER_MS {
-        return false;
-    }
-    match state::adopt(&ctx.job_state, &ctx.state_commit, env, attempt, unanswered, status, outcome, wait_over).await {
-        Ok(stored) => {
-            if stored {
-                metrics::counter!(m::SYNC_OUTCOMES_STORED, "result" => "stored").increment(1);
-                tracing::info!(wait_over, "the client no longer waits; its outcome is stored as the job's state");
-            }
-            stored
-        }
-        Err(error) => {
-            // The ingress, if it is still there, stores it when nobody takes it.
-            metrics::counter!(m::SYNC_OUTCOMES_STORED, "result" => "failed").increment(1);
-            tracing::warn!(%error, "cannot store the outcome of a synchronous job whose client may have left");
-            false
-        }
+/// Sends the answer to the ingress waiting on `subject`.
+async fn reply(ctx: &JobContext, subject: &str, answer: &Answer) {
+    let (headers, payload) = answer.encode();
+    if let Err(error) = ctx.nats.publish_with_headers(subject.to_owned(), headers, payload).await {
+        tracing::warn!(%error, "could not publish the answer to the ingress");
     }
 }
 
@@ -445,10 +404,7 @@ async fn conclude(
             headers: Vec::new(),
             stored: true,
         };
-        let (headers, payload) = answer.encode();
-        if let Err(error) = ctx.nats.publish_with_headers(subject.clone(), headers, payload).await {
-            tracing::warn!(%error, "could not publish the job's end to the ingress");
-        }
+        reply(ctx, subject, &answer).await;
     }
     tracing::info!(status = status.as_str(), "job ended without running");
     let tenant = ctx.tenants.get(env.tenant).name.clone();
