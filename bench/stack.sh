@@ -61,6 +61,12 @@ PIDS+=($!)
 pg_start "$PG_DIR" "$PG_PORT"
 as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U sluice sluice
 
+# The keyring sealing webhook secrets (binaries from before sealing have no
+# `webhooks new-key` and take no keyring: SLUICE_BENCH_BIN may be older).
+WEBHOOK_KEYS_LINE=""
+if "$BIN/sluice-admin" webhooks new-key --id bench >"$WORK/webhook-keys" 2>/dev/null; then
+  WEBHOOK_KEYS_LINE="secret_keys_file = \"$WORK/webhook-keys\""
+fi
 cat >"$WORK/bench.toml" <<TOML
 [nats]
 url = "nats://127.0.0.1:$NATS_PORT"
@@ -77,6 +83,7 @@ listen = "127.0.0.1:$SCALER_PORT"
 ops_listen = "127.0.0.1:$SCALER_OPS_PORT"
 [webhooks]
 allow_loopback_targets = true
+$WEBHOOK_KEYS_LINE
 [log]
 filter = "warn"
 [[pools]]

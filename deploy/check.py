@@ -297,6 +297,7 @@ def check_structure(where, objects):
             if not {"caCert", "tlsClientCert", "tlsClientKey"} <= params:
                 fail(where, f"trigger {t['type']}: needs an authenticationRef with caCert, tlsClientCert and tlsClientKey")
     check_scaler_tls(where, config, by_kind)
+    check_webhook_keys(where, config, by_kind)
 
 
 def check_scaler_tls(where, config, by_kind):
@@ -310,13 +311,29 @@ def check_scaler_tls(where, config, by_kind):
     if not d:
         fail(where, "no Deployment sluice-scaler")
         return
-    spec = pod_spec(d)
-    secrets = {v["name"] for v in spec.get("volumes", []) if "secret" in v}
-    mounts = [m["mountPath"].rstrip("/") + "/" for c in containers(d) for m in c.get("volumeMounts", []) if m["name"] in secrets]
+    mounts = secret_mounts(d)
     for key in ("cert_file", "key_file", "client_ca_file"):
         path = tls.get(key, "")
         if not any(path.startswith(m) for m in mounts):
             fail(where, f"scaler.tls.{key} {path!r} is not in a Secret volume the scaler mounts")
+
+
+def secret_mounts(d):
+    """The mount paths (with a trailing slash) of a Deployment's Secret volumes."""
+    secrets = {v["name"] for v in pod_spec(d).get("volumes", []) if "secret" in v}
+    return [m["mountPath"].rstrip("/") + "/" for c in containers(d) for m in c.get("volumeMounts", []) if m["name"] in secrets]
+
+
+def check_webhook_keys(where, config, by_kind):
+    """The ingress and the workers read the keyring that seals webhook secrets from a mounted Secret."""
+    path = config.get("webhooks", {}).get("secret_keys_file", "")
+    if not path:
+        fail(where, "webhooks.secret_keys_file is not set: the ingress and the workers refuse to start without it")
+        return
+    for name in ("sluice-ingress", "sluice-worker"):
+        d = by_kind.get("Deployment", {}).get(name)
+        if d and not any(path.startswith(m) for m in secret_mounts(d)):
+            fail(where, f"{name}: webhooks.secret_keys_file {path!r} is not in a Secret volume it mounts")
 
 
 def validate_schemas(where, objects):

@@ -99,6 +99,13 @@ as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U sluice sluice 2>/dev/null
 export SLUICE_CONFIG="$CONFIG"
 export SLUICE__NATS__URL="nats://127.0.0.1:$NATS_PORT"
 export SLUICE__DATABASE__URL="postgres://sluice@127.0.0.1:$PG_PORT/sluice"
+# The keyring that seals webhook secrets in the database, beside it (a
+# deployment mounts it from a Secret: deploy/README.md).
+WEBHOOK_KEYS="$PG_DIR/webhook-keys"
+if [ ! -s "$WEBHOOK_KEYS" ]; then
+  (umask 077 && "$BIN/sluice-admin" webhooks new-key --id dev >"$WEBHOOK_KEYS")
+fi
+export SLUICE__WEBHOOKS__SECRET_KEYS_FILE="$WEBHOOK_KEYS"
 
 "$BIN/sluice-admin" migrate
 

@@ -178,6 +178,12 @@ pub struct WebhooksConfig {
     pub max_concurrency_per_tenant: usize,
     /// How often the delivery loop looks for due deliveries.
     pub poll_ms: u64,
+    /// The keyring that seals webhook signing secrets at rest: a file
+    /// mounted from a secret, one `<id> <base64 32-byte key>` per line, the
+    /// first key sealing (see `sluice_core::seal` and the README's Webhooks
+    /// section for rotation). Required by the ingress, the worker and `sluice-admin
+    /// webhooks set`; `sluice-admin webhook-keys new` prints a key line.
+    pub secret_keys_file: Option<std::path::PathBuf>,
 }
 
 /// Limits of a tenant that has no value of its own in Postgres (set them
@@ -322,11 +328,20 @@ impl Default for WebhooksConfig {
             max_concurrency: 32,
             max_concurrency_per_tenant: 8,
             poll_ms: 200,
+            secret_keys_file: None,
         }
     }
 }
 
 impl WebhooksConfig {
+    /// The keyring of `secret_keys_file`; an error naming the key when it is not set.
+    pub fn keyring(&self) -> Result<crate::seal::Keyring, crate::seal::SealError> {
+        match &self.secret_keys_file {
+            Some(path) => crate::seal::Keyring::load(path),
+            None => Err(crate::seal::SealError::NotConfigured),
+        }
+    }
+
     pub fn policy(&self) -> crate::webhook::TargetPolicy {
         crate::webhook::TargetPolicy {
             allow_private: self.allow_private_targets,

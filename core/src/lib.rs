@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the typed configuration, layered defaults → file → `SLUICE__…` env.
 //! - [`secret`]: a wrapper that keeps secrets out of logs.
+//! - [`seal`]: webhook signing secrets encrypted at rest under a mounted keyring.
 //! - [`wire`]: everything that crosses NATS: subjects, the job envelope, the reply.
 //! - [`event`]: the job outcome events the worker publishes and the ledger writes.
 //! - [`jobstate`]: the state of asynchronous jobs, as kept in a key-value bucket.
@@ -30,6 +31,7 @@ pub mod jobstate;
 pub mod nats;
 pub mod ops;
 pub mod reload;
+pub mod seal;
 pub mod secret;
 pub mod shutdown;
 pub mod tasks;

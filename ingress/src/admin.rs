@@ -23,6 +23,8 @@ pub enum AdminError {
     NoKey(Uuid),
     #[error("key {0} is already revoked")]
     Revoked(Uuid),
+    #[error(transparent)]
+    Keys(#[from] sluice_core::seal::SealError),
 }
 
 impl From<db::DbError> for AdminError {
@@ -250,15 +252,40 @@ pub async fn revoke_key(config: &Config, id: Uuid) -> Result<(), AdminError> {
 /// signature) for 24 hours, so receivers can switch without losing events.
 pub async fn set_webhook(config: &Config, tenant: &str, url: &str) -> Result<String, AdminError> {
     sluice_core::webhook::check_target(url, config.webhooks.policy()).await?;
+    let keys = config.webhooks.keyring()?;
     let secret = sluice_core::webhook::new_secret()?;
     let pool = connect(config).await?;
     let tenant_id = db::tenant_id(&pool, tenant).await?;
-    db::webhooks::set_endpoint(&pool, tenant_id, url, &secret).await?;
+    let sealed = keys.seal(&sluice_core::seal::endpoint_place(tenant_id), &secret)?;
+    db::webhooks::set_endpoint(&pool, tenant_id, url, &sealed).await?;
     println!("tenant:  {tenant}");
     println!("url:     {url}");
     println!("secret:  {secret}");
     println!("(the secret is shown only now; deliveries are signed with it)");
     Ok(secret)
+}
+
+/// Prints a new keyring line; its id defaults to `k` and today's date.
+pub fn new_webhook_key(id: Option<String>) -> Result<(), AdminError> {
+    let id = id.unwrap_or_else(|| {
+        let today = sluice_core::clock::Civil::now();
+        format!("k{:04}{:02}{:02}", today.year, today.month, today.day)
+    });
+    let line = sluice_core::seal::Keyring::new_key_line(&id)?;
+    // Checked as the processes will read it (a bad id is refused now).
+    sluice_core::seal::Keyring::parse(&line)?;
+    println!("{line}");
+    Ok(())
+}
+
+/// Seals every stored webhook secret with the keyring's first key.
+pub async fn reseal_webhook_secrets(config: &Config) -> Result<(), AdminError> {
+    let keys = config.webhooks.keyring()?;
+    let pool = connect(config).await?;
+    let done = db::webhooks::reseal(&pool, &keys).await?;
+    println!("sealed again with key {}: {}", keys.current(), done.sealed);
+    println!("would not open (left as they are): {}", done.unopenable);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ pub enum StartError {
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Keys(#[from] sluice_core::seal::SealError),
 }
 
 /// A built ingress, ready to serve on any listener.
@@ -61,6 +63,7 @@ impl Ingress {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         crate::metrics::describe();
         let ingress_id = Uuid::now_v7().simple().to_string();
+        let sealer = config.webhooks.keyring()?;
         let client = nats::connect(&config.nats, nats::Role::Ingress, &format!("sluice-ingress-{ingress_id}")).await?;
         let js = nats::jetstream(client.clone(), &config.nats);
         nats::ensure_streams(&js, &config.nats).await?;
@@ -102,6 +105,7 @@ impl Ingress {
             replies,
             tasks: tasks.clone(),
             pools,
+            sealer,
         };
         Ok(Self { state: Arc::new(state), db, tasks })
     }

@@ -40,6 +40,8 @@ pub struct AppState {
     pub tasks: sluice_core::tasks::Tasks,
     /// Pool name → its subject token and output limit, precomputed.
     pub pools: std::collections::HashMap<String, crate::validate::PoolRoute>,
+    /// Seals the webhook secrets of submitted jobs (`webhooks.secret_keys_file`).
+    pub sealer: sluice_core::seal::Keyring,
 }
 
 impl AppState {

@@ -113,6 +113,7 @@ fn admin_cli(stack: &Stack, args: &[&str]) -> (Option<i32>, String, String) {
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("SLUICE__DATABASE__URL", stack.config.database.url.expose())
+        .env("SLUICE__WEBHOOKS__SECRET_KEYS_FILE", crate::harness::webhook_keys_file())
         .output()
         .unwrap();
     let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();

@@ -219,6 +219,20 @@ impl Mock {
     }
 }
 
+/// The keyring file that seals webhook secrets in every test
+/// (`webhooks.secret_keys_file`): one key, drawn once per test run.
+pub fn webhook_keys_file() -> &'static std::path::Path {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("webhook-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys");
+        let line = sluice_core::seal::Keyring::new_key_line("test").unwrap();
+        std::fs::write(&file, format!("# drawn for this test run\n{line}\n")).unwrap();
+        file
+    })
+}
+
 /// A config for one test: its NATS, its database, the mock as upstream, and
 /// timeouts short enough for tests.
 pub fn test_config(nats_url: &str, db_url: &str, mock_base: &str) -> Config {
@@ -241,6 +255,7 @@ pub fn test_config(nats_url: &str, db_url: &str, mock_base: &str) -> Config {
     c.webhooks.allow_loopback_targets = true;
     c.webhooks.poll_ms = 50;
     c.webhooks.retry_schedule_ms = vec![100, 100, 100];
+    c.webhooks.secret_keys_file = Some(webhook_keys_file().to_owned());
     c.upstream.breaker_open_ms = 300;
     let pool = |name: &str, model: Option<&str>, provider: ProviderKind| {
         let mut p = PoolConfig::single(name, &format!("{mock_base}/v1"));

@@ -68,6 +68,7 @@ shutdown_grace_ms = 2000
 
 [webhooks]
 allow_loopback_targets = true
+secret_keys_file = "{keys}"
 
 [log]
 filter = "warn"
@@ -82,6 +83,7 @@ api_key = "sk-upstream-test"
             nats = nats.url,
             model = crate::harness::MODEL,
             mock = mock.base,
+            keys = crate::harness::webhook_keys_file().display(),
         );
         std::fs::write(&config, toml).unwrap();
         Self {

@@ -339,12 +339,16 @@ async fn a_rotated_tenant_secret_signs_alongside_the_previous_one() {
     let old = sluice_ingress::admin::set_webhook(&stack.config, "acme", &receiver.url).await.unwrap();
     let new = sluice_ingress::admin::set_webhook(&stack.config, "acme", &receiver.url).await.unwrap();
     assert_ne!(old, new);
-    let row: (Option<String>, Option<bool>) =
+    let (previous, overlapping): (Option<String>, Option<bool>) =
         sqlx::query_as("SELECT previous_secret, previous_expires_at > now() FROM webhook_endpoints")
             .fetch_one(&stack.db)
             .await
             .unwrap();
-    assert_eq!(row, (Some(old.clone()), Some(true)));
+    assert_eq!(overlapping, Some(true));
+    let tenant = sluice_core::db::ensure_tenant(&stack.db, "acme").await.unwrap();
+    let keyring = stack.config.webhooks.keyring().unwrap();
+    let place = sluice_core::seal::endpoint_place(tenant);
+    assert_eq!(keyring.open(&place, &previous.unwrap()).unwrap(), old, "the previous secret, sealed");
     stack.submit_job(&stack.key, &Stack::job_body("rotate"), None).await;
     let got = receiver.next().await;
     let signatures = got.headers["webhook-signature"].to_str().unwrap();
@@ -426,4 +430,103 @@ async fn a_webhook_event_leaves_a_stored_result_out_and_names_its_size() {
     let job: serde_json::Value = stack.get_job(&stack.key, &id).await.json().await.unwrap();
     assert_eq!(job["result"]["data"].as_array().unwrap().len(), 100);
     assert_eq!(job["result_bytes"].as_u64(), Some(size));
+}
+
+/// Webhook secrets are sealed at rest (issue 15, item 7): the endpoint's
+/// secret in Postgres, a per-job secret in the job's state and its delivery
+/// row, none of them readable without the keyring; a delivery to the
+/// tenant's endpoint keeps no copy and is signed with the endpoint's
+/// secret as it is when sent, so a redelivery after a rotation carries the
+/// new secret's signature; a secret left in clear by an older version
+/// still signs and is sealed when a worker starts.
+#[tokio::test]
+async fn webhook_secrets_are_sealed_at_rest_and_a_redelivery_signs_with_the_rotated_secret() {
+    let mut stack = Stack::start().await;
+    let mut receiver = Receiver::start(&[]).await;
+    let keyring = stack.config.webhooks.keyring().unwrap();
+    let acme = sluice_core::db::ensure_tenant(&stack.db, "acme").await.unwrap();
+    let stored = |db: sqlx::PgPool| async move {
+        sqlx::query_as::<_, (String, Option<String>)>("SELECT secret, previous_secret FROM webhook_endpoints")
+            .fetch_one(&db)
+            .await
+            .unwrap()
+    };
+    // A secret as its base64 body: what must not appear anywhere stored.
+    let body_of = |s: &str| s.strip_prefix("whsec_").unwrap().to_owned();
+
+    let old = sluice_ingress::admin::set_webhook(&stack.config, "acme", &receiver.url).await.unwrap();
+    let (secret, _) = stored(stack.db.clone()).await;
+    assert!(secret.starts_with("sealed:v1:test:") && !secret.contains(&body_of(&old)), "{secret}");
+    let place = sluice_core::seal::endpoint_place(acme);
+    assert_eq!(keyring.open(&place, &secret).unwrap(), old);
+    let other = sluice_core::seal::endpoint_place(uuid::Uuid::now_v7());
+    assert!(keyring.open(&other, &secret).is_err(), "sealed for its tenant only");
+
+    stack.submit_job(&stack.key, &Stack::job_body("sealed"), None).await;
+    let first = receiver.next().await;
+    verify(&old, &first).await;
+    let delivery = first.headers["webhook-id"].to_str().unwrap().to_owned();
+    let copied: Option<String> = sqlx::query_scalar("SELECT secret FROM webhook_deliveries WHERE id = $1")
+        .bind(&delivery)
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    assert_eq!(copied, None, "a delivery to the tenant's endpoint keeps no copy of its secret");
+
+    // Rotated, then redelivered: signed with the new secret (and the old one, for the overlap).
+    let new = sluice_ingress::admin::set_webhook(&stack.config, "acme", &receiver.url).await.unwrap();
+    let (secret, previous) = stored(stack.db.clone()).await;
+    assert!(!secret.contains(&body_of(&new)) && !previous.as_deref().unwrap().contains(&body_of(&old)));
+    wait_for("the first delivery to be recorded", Duration::from_secs(5), || async {
+        (attempts(&stack, &delivery).await == vec![Some(200)]).then_some(())
+    })
+    .await;
+    let job =
+        serde_json::from_str::<serde_json::Value>(&first.body).unwrap()["data"]["id"].as_str().unwrap().to_owned();
+    let url = format!("{}/v1/jobs/{job}/webhook/redeliver", stack.base);
+    assert_eq!(stack.http.post(&url).bearer_auth(&stack.key).send().await.unwrap().status(), 202);
+    let again = receiver.next().await;
+    assert_eq!(again.headers["webhook-id"].to_str().unwrap(), delivery);
+    verify(&new, &again).await;
+    verify(&old, &again).await;
+
+    // A per-job secret: shown once at submit, sealed for its job in the
+    // job's state and in its delivery row.
+    let mut body = Stack::job_body("own secret");
+    body["webhook"] = serde_json::json!({"url": receiver.url});
+    let job: serde_json::Value = stack.submit_job(&stack.key, &body, None).await.json().await.unwrap();
+    let own = job["webhook"]["secret"].as_str().unwrap().to_owned();
+    let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    let got = receiver.next().await;
+    verify(&own, &got).await;
+    let nats = async_nats::connect(&stack.config.nats.url).await.unwrap();
+    let states = async_nats::jetstream::new(nats).get_key_value(&stack.config.jobs.state_bucket).await.unwrap();
+    let entry = states.get(sluice_core::jobstate::key(acme, id)).await.unwrap().unwrap();
+    let record: sluice_core::jobstate::JobRecord = serde_json::from_slice(&entry).unwrap();
+    let in_state = record.webhook.unwrap().secret;
+    assert!(in_state.starts_with("sealed:v1:test:") && !in_state.contains(&body_of(&own)), "{in_state}");
+    assert_eq!(keyring.open(&sluice_core::seal::job_place(id), &in_state).unwrap(), own);
+    let row: Option<String> = sqlx::query_scalar("SELECT secret FROM webhook_deliveries WHERE job_id = $1")
+        .bind(id)
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    let row = row.unwrap();
+    assert!(row.starts_with("sealed:v1:test:") && !row.contains(&body_of(&own)), "{row}");
+
+    // A secret in clear, as an older version stored it, still signs, and a
+    // worker that starts seals it.
+    let clear = sluice_core::webhook::new_secret().unwrap();
+    sqlx::query("UPDATE webhook_endpoints SET secret = $1, previous_secret = NULL")
+        .bind(&clear)
+        .execute(&stack.db)
+        .await
+        .unwrap();
+    stack.submit_job(&stack.key, &Stack::job_body("clear"), None).await;
+    verify(&clear, &receiver.next().await).await;
+    stack.worker.take().unwrap().shutdown().await;
+    stack.worker = Some(crate::harness::WorkerHandle::start(stack.config.clone()).await);
+    let (secret, _) = stored(stack.db.clone()).await;
+    assert!(secret.starts_with("sealed:v1:test:"), "sealed at the worker's start: {secret}");
+    assert_eq!(keyring.open(&place, &secret).unwrap(), clear);
 }

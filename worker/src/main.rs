@@ -32,6 +32,10 @@ async fn main() -> ExitCode {
             eprintln!("sluice-worker: bad configuration: {error}");
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
+        Err(StartError::Keys(error)) => {
+            eprintln!("sluice-worker: bad configuration: {error}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
         Err(error) => {
             eprintln!("sluice-worker: {error}");
             return ExitCode::FAILURE;

@@ -105,5 +105,8 @@ pub fn describe() {
         "job events Postgres refused for their data, kept in ledger_dead_letters instead of the jobs table"
     );
     metrics::describe_counter!(WEBHOOK_ATTEMPTS, "webhook delivery attempts, by resulting delivery status");
-    metrics::describe_counter!(WEBHOOK_FAILURES, "webhook bookkeeping failures (enqueue, record), by reason");
+    metrics::describe_counter!(
+        WEBHOOK_FAILURES,
+        "webhook failures of Sluice's own, by reason: enqueue, record (Postgres), secret (a signing secret that does not open)"
+    );
 }

@@ -39,6 +39,8 @@ pub enum StartError {
     Consumer { name: String, message: String },
     #[error("ops server error: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Keys(#[from] sluice_core::seal::SealError),
 }
 
 /// A durable pull consumer over the whole stream, explicit acks, no
@@ -73,6 +75,8 @@ pub struct Worker {
     ledger: PullConsumer,
     ledger_state: PullConsumer,
     webhooks: PullConsumer,
+    /// Seals and opens webhook signing secrets (`webhooks.secret_keys_file`).
+    keys: Arc<sluice_core::seal::Keyring>,
 }
 
 impl Worker {
@@ -81,6 +85,7 @@ impl Worker {
     pub async fn build(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, StartError> {
         crate::metrics::describe();
         let pools = Pools::configure(&config.pools, &config.upstream, &env)?;
+        let keys = Arc::new(config.webhooks.keyring()?);
         let client = nats::connect(&config.nats, nats::Role::Worker, "sluice-worker").await?;
         let js = nats::jetstream(client.clone(), &config.nats);
         nats::ensure_streams(&js, &config.nats).await?;
@@ -88,6 +93,15 @@ impl Worker {
         let max_payload = client.server_info().max_payload;
         let bodies = sluice_core::bodies::Bodies::open(&js, max_payload, &config.nats, &config.jobs).await?;
         let db = db::connect(&config.database).await?;
+        // Secrets in clear from before sealing, or under a key being rotated
+        // out, are sealed with the current key.
+        match db::webhooks::reseal(&db, &keys).await {
+            Ok(done) if done == db::webhooks::Resealed::default() => {}
+            Ok(done) => {
+                tracing::info!(sealed = done.sealed, unopenable = done.unopenable, "webhook secrets sealed again")
+            }
+            Err(error) => tracing::warn!(%error, "cannot seal stored webhook secrets again; the next start tries"),
+        }
 
         let w = &config.worker;
         let consumer_error = |name: &str, e: &dyn std::fmt::Display| StartError::Consumer {
@@ -167,7 +181,20 @@ impl Worker {
             max_fetch: sc.max_fetch,
             discover: ms(sc.discover_ms),
         };
-        Ok(Self { config, nats: client, db, executor, jobs, counters, hints, tasks, ledger, ledger_state, webhooks })
+        Ok(Self {
+            config,
+            nats: client,
+            db,
+            executor,
+            jobs,
+            counters,
+            hints,
+            tasks,
+            ledger,
+            ledger_state,
+            webhooks,
+            keys,
+        })
     }
 
     /// Runs the executor and the ledger (and the ops server on `ops`, if
@@ -234,8 +261,15 @@ impl Worker {
         ));
 
         let wake = crate::webhooks::Wake::default();
-        tasks.spawn(crate::webhooks::enqueue(self.webhooks.clone(), self.db.clone(), wake.clone(), background.clone()));
-        tasks.spawn(crate::webhooks::deliver(self.db.clone(), self.config.webhooks.clone(), wake, tasks.clone()));
+        let (db, keys) = (self.db.clone(), self.keys.clone());
+        tasks.spawn(crate::webhooks::enqueue(
+            self.webhooks.clone(),
+            db.clone(),
+            keys.clone(),
+            wake.clone(),
+            background.clone(),
+        ));
+        tasks.spawn(crate::webhooks::deliver(db, self.config.webhooks.clone(), keys, wake, tasks.clone()));
 
         self.executor.run(shutdown).await;
         let grace = ms(self.config.worker.shutdown_grace_ms);

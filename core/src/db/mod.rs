@@ -40,6 +40,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, "ledger dead letters", include_str!("../../../migrations/0007_ledger_dead_letters.sql")),
     (8, "webhook fair claims", include_str!("../../../migrations/0008_webhook_fair_claims.sql")),
     (9, "unanswered calls", include_str!("../../../migrations/0009_unanswered_calls.sql")),
+    (10, "sealed webhook secrets", include_str!("../../../migrations/0010_sealed_webhook_secrets.sql")),
 ];
 
 pub type KeyDigest = [u8; 32];

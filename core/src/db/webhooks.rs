@@ -13,10 +13,11 @@ use super::DbError;
 /// How long the previous secret keeps signing after an endpoint's secret is rotated.
 pub const ROTATION_OVERLAP: &str = "24 hours";
 
-/// Sets the tenant's default endpoint with a new secret. Set again, it
-/// rotates: the previous secret keeps signing (a second signature) for
-/// [`ROTATION_OVERLAP`], and a disabled endpoint is enabled again.
-pub async fn set_endpoint(db: &PgPool, tenant: Uuid, url: &str, secret: &str) -> Result<(), DbError> {
+/// Sets the tenant's default endpoint with a new secret, `sealed` for the
+/// tenant (`seal::endpoint_place`). Set again, it rotates: the previous
+/// secret keeps signing (a second signature) for [`ROTATION_OVERLAP`], and a
+/// disabled endpoint is enabled again.
+pub async fn set_endpoint(db: &PgPool, tenant: Uuid, url: &str, sealed: &str) -> Result<(), DbError> {
     sqlx::query(
         "INSERT INTO webhook_endpoints (tenant_id, url, secret) VALUES ($1, $2, $3)
          ON CONFLICT (tenant_id) DO UPDATE SET url = EXCLUDED.url, secret = EXCLUDED.secret, disabled_at = NULL,
@@ -25,31 +26,27 @@ pub async fn set_endpoint(db: &PgPool, tenant: Uuid, url: &str, secret: &str) ->
     )
     .bind(tenant)
     .bind(url)
-    .bind(secret)
+    .bind(sealed)
     .bind(ROTATION_OVERLAP)
     .execute(db)
     .await?;
     Ok(())
 }
 
-/// The enabled default endpoints of these tenants: their URL and signing
-/// secrets (during a rotation the previous one too, space-separated, until
-/// it expires).
-pub async fn endpoints(db: &PgPool, tenants: &[Uuid]) -> Result<HashMap<Uuid, (String, String)>, DbError> {
+/// The tenants among these that have an enabled default endpoint. Their
+/// deliveries carry no secret: it is looked up when each attempt is sent.
+pub async fn with_endpoints(db: &PgPool, tenants: &[Uuid]) -> Result<HashMap<Uuid, String>, DbError> {
     let mut found = HashMap::new();
     if tenants.is_empty() {
         return Ok(found);
     }
-    let rows = sqlx::query(
-        "SELECT tenant_id, url, secret || CASE WHEN previous_secret IS NOT NULL AND previous_expires_at > now()
-                                               THEN ' ' || previous_secret ELSE '' END AS secret
-         FROM webhook_endpoints WHERE tenant_id = ANY($1) AND disabled_at IS NULL",
-    )
-    .bind(tenants)
-    .fetch_all(db)
-    .await?;
+    let rows =
+        sqlx::query("SELECT tenant_id, url FROM webhook_endpoints WHERE tenant_id = ANY($1) AND disabled_at IS NULL")
+            .bind(tenants)
+            .fetch_all(db)
+            .await?;
     for row in rows {
-        found.insert(row.try_get("tenant_id")?, (row.try_get("url")?, row.try_get("secret")?));
+        found.insert(row.try_get("tenant_id")?, row.try_get("url")?);
     }
     Ok(found)
 }
@@ -61,7 +58,9 @@ pub struct NewDelivery {
     pub tenant_id: Uuid,
     pub event_type: &'static str,
     pub url: String,
-    pub secret: String,
+    /// A per-job webhook's own secret, sealed for its job; none for the
+    /// tenant's endpoint (its secrets are looked up at each attempt).
+    pub secret: Option<String>,
     /// Sent to the tenant's default endpoint (which a 410 disables).
     pub tenant_endpoint: bool,
     pub payload: String,
@@ -76,7 +75,7 @@ pub async fn insert_deliveries(db: &PgPool, deliveries: Vec<NewDelivery>) -> Res
     let n = deliveries.len();
     let (mut ids, mut jobs, mut owners, mut kinds) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut urls, mut secrets, mut tenant_endpoints, mut payloads) =
+    let (mut urls, mut secrets, mut tenant_endpoints, mut payloads): (_, Vec<Option<String>>, _, _) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for d in deliveries {
         ids.push(d.id);
@@ -111,9 +110,15 @@ pub async fn insert_deliveries(db: &PgPool, deliveries: Vec<NewDelivery>) -> Res
 /// A delivery claimed for an attempt.
 pub struct Due {
     pub id: String,
+    pub job_id: Uuid,
     pub tenant_id: Uuid,
+    /// Where it goes: for the tenant's endpoint, the endpoint's URL now.
     pub url: String,
-    pub secret: String,
+    /// The sealed secret that signs: the job's own, or the tenant
+    /// endpoint's current one (none when the endpoint was removed).
+    pub secret: Option<String>,
+    /// During a rotation of the tenant's endpoint, its previous secret.
+    pub previous_secret: Option<String>,
     pub payload: String,
     pub attempts: i32,
     pub tenant_endpoint: bool,
@@ -121,7 +126,8 @@ pub struct Due {
 
 /// Claims up to `limit` due deliveries (`FOR UPDATE SKIP LOCKED`, so
 /// workers share them) and reserves each for `lease_ms`: a worker that dies
-/// mid-attempt leaves it to another after that.
+/// mid-attempt leaves it to another after that. A delivery to a tenant's
+/// endpoint comes with the endpoint's URL and secrets as they are now.
 pub async fn claim_deliveries(
     db: &PgPool,
     limit: i64,
@@ -132,7 +138,8 @@ pub async fn claim_deliveries(
     // Tenants by their oldest due delivery, at most `per_tenant` each: one
     // tenant's backlog cannot take every slot from the others.
     let rows = sqlx::query(
-        "UPDATE webhook_deliveries SET next_attempt_at = now() + $2 * interval '1 millisecond'
+        "WITH claimed AS (
+         UPDATE webhook_deliveries SET next_attempt_at = now() + $2 * interval '1 millisecond'
          WHERE id IN (
              SELECT d.id
              FROM (SELECT tenant_id, min(next_attempt_at) AS oldest FROM webhook_deliveries
@@ -143,7 +150,13 @@ pub async fn claim_deliveries(
                  WHERE w.tenant_id = t.tenant_id AND w.status = 'pending' AND w.next_attempt_at <= now()
                  ORDER BY w.next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) d
              LIMIT $1)
-         RETURNING id, tenant_id, url, secret, payload, attempts, tenant_endpoint",
+         RETURNING id, job_id, tenant_id, url, secret, payload, attempts, tenant_endpoint)
+         SELECT c.id, c.job_id, c.tenant_id, c.payload, c.attempts, c.tenant_endpoint,
+                CASE WHEN c.tenant_endpoint THEN COALESCE(e.url, c.url) ELSE c.url END AS url,
+                CASE WHEN c.tenant_endpoint THEN e.secret ELSE c.secret END AS secret,
+                CASE WHEN c.tenant_endpoint AND e.previous_expires_at > now() THEN e.previous_secret END
+                    AS previous_secret
+         FROM claimed c LEFT JOIN webhook_endpoints e ON c.tenant_endpoint AND e.tenant_id = c.tenant_id",
     )
     .bind(limit)
     .bind(lease_ms)
@@ -155,9 +168,11 @@ pub async fn claim_deliveries(
         .map(|r| {
             Ok(Due {
                 id: r.try_get("id")?,
+                job_id: r.try_get("job_id")?,
                 tenant_id: r.try_get("tenant_id")?,
                 url: r.try_get("url")?,
                 secret: r.try_get("secret")?,
+                previous_secret: r.try_get("previous_secret")?,
                 payload: r.try_get("payload")?,
                 attempts: r.try_get("attempts")?,
                 tenant_endpoint: r.try_get("tenant_endpoint")?,
@@ -248,4 +263,158 @@ pub async fn redeliver_webhook(db: &PgPool, job: Uuid, tenant: Uuid) -> Result<V
     .fetch_all(db)
     .await?;
     Ok(statuses)
+}
+
+/// An endpoint whose secrets are not all sealed with the current key (in
+/// clear from before sealing, or under a key being rotated out).
+pub struct UnsealedEndpoint {
+    pub tenant: Uuid,
+    pub secret: String,
+    pub previous: Option<String>,
+}
+
+/// Up to `limit` such endpoints, after tenant `after` (a cursor, nil first).
+pub async fn unsealed_endpoints(
+    db: &PgPool,
+    current: &str,
+    after: Uuid,
+    limit: i64,
+) -> Result<Vec<UnsealedEndpoint>, DbError> {
+    let rows = sqlx::query(
+        "SELECT tenant_id, secret, previous_secret FROM webhook_endpoints
+         WHERE (secret NOT LIKE $1 OR previous_secret NOT LIKE $1) AND tenant_id > $2 ORDER BY tenant_id LIMIT $3",
+    )
+    .bind(format!("sealed:v1:{current}:%"))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(UnsealedEndpoint {
+                tenant: r.try_get("tenant_id")?,
+                secret: r.try_get("secret")?,
+                previous: r.try_get("previous_secret")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(DbError::from)
+}
+
+/// Up to `limit` deliveries whose (per-job) secret is not sealed with the
+/// current key, after delivery id `after` (a cursor, empty first): id, job, secret.
+pub async fn unsealed_deliveries(
+    db: &PgPool,
+    current: &str,
+    after: &str,
+    limit: i64,
+) -> Result<Vec<(String, Uuid, String)>, DbError> {
+    let rows = sqlx::query_as(
+        "SELECT id, job_id, secret FROM webhook_deliveries WHERE secret NOT LIKE $1 AND id > $2 ORDER BY id LIMIT $3",
+    )
+    .bind(format!("sealed:v1:{current}:%"))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows)
+}
+
+/// Replaces an endpoint's secrets by their resealed forms, if they are
+/// still what was read (another worker may have resealed them first).
+pub async fn replace_endpoint_secrets(
+    db: &PgPool,
+    tenant: Uuid,
+    read: (&str, Option<&str>),
+    sealed: (&str, Option<&str>),
+) -> Result<(), DbError> {
+    sqlx::query(
+        "UPDATE webhook_endpoints SET secret = $4, previous_secret = $5
+         WHERE tenant_id = $1 AND secret = $2 AND previous_secret IS NOT DISTINCT FROM $3",
+    )
+    .bind(tenant)
+    .bind(read.0)
+    .bind(read.1)
+    .bind(sealed.0)
+    .bind(sealed.1)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Replaces a delivery's secret by its resealed form, if it is still what was read.
+pub async fn replace_delivery_secret(db: &PgPool, id: &str, read: &str, sealed: &str) -> Result<(), DbError> {
+    sqlx::query("UPDATE webhook_deliveries SET secret = $3 WHERE id = $1 AND secret = $2")
+        .bind(id)
+        .bind(read)
+        .bind(sealed)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// What [`reseal`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Resealed {
+    /// Secrets sealed again with the current key.
+    pub sealed: usize,
+    /// Secrets that would not open (sealed under a key not in the keyring,
+    /// or corrupted): left as they are, and their deliveries fail.
+    pub unopenable: usize,
+}
+
+/// Seals every stored secret that is not sealed with the keyring's current
+/// key (one in clear from before sealing, or under a key being rotated
+/// out) with it. Workers run this at start; concurrent runs are harmless
+/// (each replacement is conditional on the value read).
+pub async fn reseal(db: &PgPool, keys: &crate::seal::Keyring) -> Result<Resealed, DbError> {
+    use crate::seal;
+    const PAGE: i64 = 500;
+    let mut done = Resealed::default();
+    let mut after = Uuid::nil();
+    loop {
+        let page = unsealed_endpoints(db, keys.current(), after, PAGE).await?;
+        for e in &page {
+            after = e.tenant;
+            let place = seal::endpoint_place(e.tenant);
+            let again = |stored: &str| keys.open(&place, stored).and_then(|clear| keys.seal(&place, &clear));
+            let previous = e.previous.as_deref().map(again).transpose();
+            match (again(&e.secret), previous) {
+                (Ok(secret), Ok(previous)) => {
+                    let read = (e.secret.as_str(), e.previous.as_deref());
+                    replace_endpoint_secrets(db, e.tenant, read, (&secret, previous.as_deref())).await?;
+                    done.sealed += 1 + usize::from(previous.is_some());
+                }
+                (Err(error), _) | (_, Err(error)) => {
+                    tracing::warn!(tenant = %e.tenant, %error, "a webhook endpoint's secret does not open");
+                    done.unopenable += 1;
+                }
+            }
+        }
+        if (page.len() as i64) < PAGE {
+            break;
+        }
+    }
+    let mut after = String::new();
+    loop {
+        let page = unsealed_deliveries(db, keys.current(), &after, PAGE).await?;
+        for (id, job, stored) in &page {
+            after.clone_from(id);
+            let place = seal::job_place(*job);
+            match keys.open(&place, stored).and_then(|clear| keys.seal(&place, &clear)) {
+                Ok(sealed) => {
+                    replace_delivery_secret(db, id, stored, &sealed).await?;
+                    done.sealed += 1;
+                }
+                Err(error) => {
+                    tracing::warn!(delivery = %id, %error, "a webhook delivery's secret does not open");
+                    done.unopenable += 1;
+                }
+            }
+        }
+        if (page.len() as i64) < PAGE {
+            break;
+        }
+    }
+    Ok(done)
 }

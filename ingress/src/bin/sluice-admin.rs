@@ -109,6 +109,17 @@ enum Webhooks {
         #[arg(long)]
         url: String,
     },
+    /// Prints a new line for the keyring file (`webhooks.secret_keys_file`):
+    /// the id and 32 random bytes in base64. Put it first to make it the key
+    /// that seals (see the README's webhook section for a rotation).
+    NewKey {
+        /// The key's id (letters, digits, `-`, `_`); by default `k` and today's date.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Seals every stored webhook secret with the keyring's first key (those
+    /// in clear or under an older key); workers also do this when they start.
+    Reseal,
 }
 
 impl From<SetOptions> for TenantOptions {
@@ -148,6 +159,8 @@ async fn main() -> ExitCode {
         Command::Webhooks(Webhooks::Set { tenant, url }) => {
             admin::set_webhook(&config, &tenant, &url).await.map(|_| ())
         }
+        Command::Webhooks(Webhooks::NewKey { id }) => admin::new_webhook_key(id),
+        Command::Webhooks(Webhooks::Reseal) => admin::reseal_webhook_secrets(&config).await,
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,

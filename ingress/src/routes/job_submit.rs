@@ -45,7 +45,18 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     let mut record = JobRecord::queued(job_id, job.endpoint.as_str(), &checked.model, submitted_ms, job.expiry_ms);
     record.metadata = job.metadata;
     record.priority = job.priority;
-    record.webhook = job.webhook;
+    // The webhook's secret is kept sealed for its job; shown once, in clear, below.
+    let shown_secret = job.webhook.as_ref().map(|h| h.secret.clone());
+    record.webhook = match job.webhook {
+        Some(mut hook) => {
+            hook.secret = state.sealer.seal(&sluice_core::seal::job_place(job_id), &hook.secret).map_err(|error| {
+                tracing::error!(%error, "cannot seal a webhook secret");
+                ApiError::new(ErrorCode::Internal, "cannot store the webhook secret")
+            })?;
+            Some(hook)
+        }
+        None => None,
+    };
     record.request_hash = idempotency_key.map(|_| jobstate::hash_hex(&bytes));
     let key = jobstate::key(owner.tenant_id, job_id);
     let request_id = validate::request_id(headers, job_id);
@@ -118,8 +129,8 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     }
     let mut shown = record.public();
     // The webhook secret is shown once, on the submit that set it.
-    if !replayed && let (Some(hook), Some(out)) = (&record.webhook, shown.get_mut("webhook")) {
-        out["secret"] = serde_json::Value::String(hook.secret.clone());
+    if !replayed && let (Some(secret), Some(out)) = (shown_secret, shown.get_mut("webhook")) {
+        out["secret"] = serde_json::Value::String(secret);
     }
     let mut response = (StatusCode::ACCEPTED, Json(shown)).into_response();
     let h = response.headers_mut();

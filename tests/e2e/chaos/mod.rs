@@ -372,6 +372,7 @@ response_header_timeout_ms = 1000
 breaker_open_ms = 500
 [webhooks]
 allow_loopback_targets = true
+secret_keys_file = "{keys}"
 poll_ms = 100
 retry_schedule_ms = [200, 500, 1000, 2000, 4000]
 [log]
@@ -383,6 +384,7 @@ api_key = "sk-upstream-test"
 "#,
             nats = nats.url(),
             mock = mock.base,
+            keys = crate::harness::webhook_keys_file().display(),
         ),
     )
     .unwrap();

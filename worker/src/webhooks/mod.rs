@@ -13,6 +13,11 @@
 //!   private addresses again, after DNS resolution, before every attempt,
 //!   and the connection resolves the name through the same guard
 //!   ([`resolve`]), so DNS rebinding reaches nothing.
+//!
+//! Signing secrets are sealed at rest ([`sluice_core::seal`]) and opened
+//! only to sign an attempt; a delivery to a tenant's endpoint carries no
+//! secret of its own and signs with the endpoint's secrets as they are when
+//! it is sent.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +29,7 @@ use sluice_core::db::DbError;
 use sluice_core::db::webhooks::{self as hooks, AttemptRecord, Due, NewDelivery};
 use sluice_core::event::JobStatus;
 use sluice_core::jobstate::JobRecord;
+use sluice_core::seal::{self, Keyring};
 use sluice_core::tasks::Tasks;
 use sluice_core::webhook;
 use sqlx::PgPool;
@@ -44,14 +50,14 @@ const ENQUEUE_BATCH: usize = 128;
 /// Longest the first state of a batch waits for company.
 const ENQUEUE_LINGER: Duration = Duration::from_millis(20);
 
-pub async fn enqueue(consumer: PullConsumer, db: PgPool, wake: Wake, shutdown: CancellationToken) {
+pub async fn enqueue(consumer: PullConsumer, db: PgPool, keys: Arc<Keyring>, wake: Wake, shutdown: CancellationToken) {
     crate::batches::run(consumer, ENQUEUE_BATCH, ENQUEUE_LINGER, "webhook enqueue", shutdown, |batch| {
-        enqueue_batch(&db, &wake, batch)
+        enqueue_batch(&db, &keys, &wake, batch)
     })
     .await;
 }
 
-async fn enqueue_batch(db: &PgPool, wake: &Wake, batch: Vec<async_nats::jetstream::Message>) {
+async fn enqueue_batch(db: &PgPool, keys: &Keyring, wake: &Wake, batch: Vec<async_nats::jetstream::Message>) {
     let mut finished = Vec::new();
     for message in &batch {
         match crate::ledger::parse_state(message) {
@@ -64,7 +70,7 @@ async fn enqueue_batch(db: &PgPool, wake: &Wake, batch: Vec<async_nats::jetstrea
             Err(error) => tracing::warn!(%error, "undecodable job state skipped by webhook enqueue"),
         }
     }
-    match record_deliveries(db, finished).await {
+    match record_deliveries(db, keys, finished).await {
         Ok(recorded) => {
             for message in batch {
                 let _ = message.ack().await;
@@ -95,18 +101,22 @@ fn event_type(status: JobStatus) -> Option<&'static str> {
 
 /// Records one delivery per finished job that has a target, in one
 /// statement; returns how many jobs had one.
-async fn record_deliveries(db: &PgPool, finished: Vec<(Uuid, &'static str, JobRecord)>) -> Result<usize, DbError> {
+async fn record_deliveries(
+    db: &PgPool,
+    keys: &Keyring,
+    finished: Vec<(Uuid, &'static str, JobRecord)>,
+) -> Result<usize, DbError> {
     // Tenants' default endpoints, for jobs without a webhook of their own.
     let tenants: Vec<Uuid> = finished.iter().filter(|(_, _, r)| r.webhook.is_none()).map(|(t, _, _)| *t).collect();
-    let defaults = hooks::endpoints(db, &tenants).await?;
+    let defaults = hooks::with_endpoints(db, &tenants).await?;
     let timestamp = sluice_core::now_ms() / 1000;
     let mut seen = std::collections::HashSet::new();
     let mut deliveries = Vec::new();
     for (tenant, kind, record) in finished {
         let (url, secret, tenant_endpoint) = match &record.webhook {
-            Some(hook) => (hook.url.clone(), hook.secret.clone(), false),
+            Some(hook) => (hook.url.clone(), Some(sealed_for_job(keys, record.id, &hook.secret)), false),
             None => match defaults.get(&tenant) {
-                Some((url, secret)) => (url.clone(), secret.clone(), true),
+                Some(url) => (url.clone(), None, true),
                 None => continue,
             },
         };
@@ -131,9 +141,46 @@ async fn record_deliveries(db: &PgPool, finished: Vec<(Uuid, &'static str, JobRe
     Ok(count)
 }
 
+/// A job's own secret as its delivery keeps it: sealed with the current key
+/// (the ingress sealed it; one stored in clear by an older ingress, or under
+/// a key being rotated out, is sealed again here). One that does not open
+/// is kept as it is: its attempts fail, and say why.
+fn sealed_for_job(keys: &Keyring, job: Uuid, stored: &str) -> String {
+    if keys.is_current(stored) {
+        return stored.to_owned();
+    }
+    let place = seal::job_place(job);
+    keys.open(&place, stored).and_then(|clear| keys.seal(&place, &clear)).unwrap_or_else(|error| {
+        tracing::warn!(%job, %error, "a job's webhook secret does not open");
+        stored.to_owned()
+    })
+}
+
+/// The secrets that sign an attempt, opened, space-separated (a tenant's
+/// endpoint during a rotation has two).
+fn signing_secrets(keys: &Keyring, d: &Due) -> Result<String, String> {
+    let place = if d.tenant_endpoint { seal::endpoint_place(d.tenant_id) } else { seal::job_place(d.job_id) };
+    let Some(secret) = &d.secret else {
+        return Err("the tenant's webhook endpoint was removed".to_owned());
+    };
+    let mut secrets = keys.open(&place, secret).map_err(|e| format!("cannot open the signing secret: {e}"))?;
+    if let Some(previous) = &d.previous_secret {
+        match keys.open(&place, previous) {
+            Ok(p) => {
+                secrets.push(' ');
+                secrets.push_str(&p);
+            }
+            Err(error) => {
+                tracing::warn!(tenant = %d.tenant_id, %error, "the previous endpoint secret does not open; signed with the current one only")
+            }
+        }
+    }
+    Ok(secrets)
+}
+
 /// Claims and attempts due deliveries until shutdown begins; attempts under
 /// way then finish (they are tracked in `tasks`).
-pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, tasks: Tasks) {
+pub async fn deliver(db: PgPool, config: WebhooksConfig, keys: Arc<Keyring>, wake: Wake, tasks: Tasks) {
     let shutdown = tasks.stopping();
     let lookup: Arc<dyn webhook::Lookup> = Arc::new(webhook::SystemLookup);
     let client = match resolve::client(Duration::from_millis(config.timeout_ms), config.policy(), lookup) {
@@ -192,9 +239,9 @@ pub async fn deliver(db: PgPool, config: WebhooksConfig, wake: Wake, tasks: Task
                 continue;
             };
             let Some(permit) = permits.pop() else { break };
-            let (db, client, config) = (db.clone(), client.clone(), config.clone());
+            let (db, client, config, keys) = (db.clone(), client.clone(), config.clone(), keys.clone());
             tasks.spawn(async move {
-                attempt(&db, &client, &config, delivery).await;
+                attempt(&db, &client, &config, &keys, delivery).await;
                 drop((permit, taken));
             });
         }
@@ -251,10 +298,10 @@ enum Attempt {
     Refused(String),
 }
 
-async fn attempt(db: &PgPool, client: &reqwest::Client, config: &WebhooksConfig, d: Due) {
+async fn attempt(db: &PgPool, client: &reqwest::Client, config: &WebhooksConfig, keys: &Keyring, d: Due) {
     let started = Instant::now();
     let attempt_no = d.attempts + 1;
-    let result = send(client, config, &d).await;
+    let result = send(client, config, keys, &d).await;
     let latency_ms = started.elapsed().as_millis() as i32;
     let (status_code, error) = match &result {
         Attempt::Delivered(s) | Attempt::Gone(s) => (Some(i32::from(*s)), None),
@@ -301,12 +348,19 @@ async fn attempt(db: &PgPool, client: &reqwest::Client, config: &WebhooksConfig,
     }
 }
 
-async fn send(client: &reqwest::Client, config: &WebhooksConfig, d: &Due) -> Attempt {
+async fn send(client: &reqwest::Client, config: &WebhooksConfig, keys: &Keyring, d: &Due) -> Attempt {
     if let Err(e) = webhook::check_target(&d.url, config.policy()).await {
         return Attempt::Refused(e.to_string());
     }
+    let secrets = match signing_secrets(keys, d) {
+        Ok(s) => s,
+        Err(e) => {
+            metrics::counter!(m::WEBHOOK_FAILURES, "reason" => "secret").increment(1);
+            return Attempt::Refused(e);
+        }
+    };
     let timestamp = sluice_core::now_ms() / 1000;
-    let signature = match webhook::sign_all(&d.secret, &d.id, timestamp, d.payload.as_bytes()) {
+    let signature = match webhook::sign_all(&secrets, &d.id, timestamp, d.payload.as_bytes()) {
         Ok(s) => s,
         Err(e) => return Attempt::Refused(e.to_string()),
     };
