@@ -148,8 +148,12 @@ pub struct WorkerConfig {
 pub struct JobsConfig {
     /// JetStream key-value bucket holding the state of asynchronous jobs.
     pub state_bucket: String,
+    /// JetStream key-value bucket holding which job each `Idempotency-Key`
+    /// names, for `retention_ms` after the key's first use.
+    pub idempotency_bucket: String,
     /// How long a job's state and result stay readable after its last
-    /// change; also the window of `Idempotency-Key`.
+    /// change; also the window of an `Idempotency-Key`: it names one job for
+    /// this long after its first use, and a new job after that.
     pub retention_ms: u64,
     /// Expiry of a job that sets no `expires_in`: still queued then, it
     /// becomes `expired` and never runs.
@@ -310,6 +314,7 @@ impl Default for JobsConfig {
     fn default() -> Self {
         Self {
             state_bucket: "JOB_STATE".into(),
+            idempotency_bucket: "IDEMPOTENCY".into(),
             retention_ms: 7 * 24 * 3600 * 1000,
             default_expiry_ms: 24 * 3600 * 1000,
             max_expiry_ms: 7 * 24 * 3600 * 1000,

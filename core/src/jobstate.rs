@@ -63,6 +63,29 @@ pub struct JobRecord {
     /// billed, the work (`upstream.max_unanswered_repeats` bounds them).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub unanswered_calls: u32,
+    /// Drawn at random by the submit that wrote the first state, and kept by
+    /// every later write: a submit whose write was contested (a duplicate
+    /// racing it, an acknowledgement lost) reads the state back and knows
+    /// from this whether it holds its own write. Not shown to clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
+}
+
+/// A new random claim for a job's first state.
+pub fn new_claim() -> String {
+    let mut b = [0u8; 12];
+    let _ = getrandom::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Whether two encoded states were written by the same submit (their claims match).
+pub fn same_claim(a: &[u8], b: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Claimed {
+        claim: Option<String>,
+    }
+    let claim = |v: &[u8]| serde_json::from_slice::<Claimed>(v).ok().and_then(|c| c.claim);
+    matches!((claim(a), claim(b)), (Some(x), Some(y)) if x == y)
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -90,6 +113,7 @@ impl JobRecord {
         let mut value = serde_json::to_value(self).unwrap_or_default();
         if let Some(object) = value.as_object_mut() {
             object.remove("request_hash");
+            object.remove("claim");
             object.remove("started_ms");
             object.remove("created_ms");
             object.remove("finished_ms");
@@ -129,6 +153,7 @@ impl JobRecord {
             webhook: None,
             request_hash: None,
             unanswered_calls: 0,
+            claim: None,
         }
     }
 
@@ -214,19 +239,6 @@ pub fn parse_key(key: &str) -> Option<(Uuid, Uuid)> {
     Some((Uuid::parse_str(tenant).ok()?, Uuid::parse_str(job).ok()?))
 }
 
-/// The job id of a submit carrying `Idempotency-Key`: derived from the tenant
-/// and the key, so every ingress replica and every retry finds the same job.
-pub fn idempotent_job_id(tenant: Uuid, idempotency_key: &str) -> Uuid {
-    let mut hash = Sha256::new();
-    hash.update(b"sluice-idempotency\0");
-    hash.update(tenant.as_bytes());
-    hash.update(idempotency_key.as_bytes());
-    let digest = hash.finalize();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_custom_bytes(bytes).into_uuid()
-}
-
 pub fn hash_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -243,11 +255,17 @@ mod tests {
     }
 
     #[test]
-    fn idempotent_ids_depend_on_tenant_and_key() {
-        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        assert_eq!(idempotent_job_id(a, "k1"), idempotent_job_id(a, "k1"));
-        assert_ne!(idempotent_job_id(a, "k1"), idempotent_job_id(a, "k2"));
-        assert_ne!(idempotent_job_id(a, "k1"), idempotent_job_id(b, "k1"));
+    fn a_state_is_known_by_its_claim() {
+        let mut a = JobRecord::queued(Uuid::nil(), "chat.completions", "m", 1_000, 1_000);
+        let mut b = a.clone();
+        assert!(!same_claim(&serde_json::to_vec(&a).unwrap(), &serde_json::to_vec(&b).unwrap()), "no claims");
+        a.claim = Some(new_claim());
+        b.claim = Some(new_claim());
+        let (ea, eb) = (serde_json::to_vec(&a).unwrap(), serde_json::to_vec(&b).unwrap());
+        assert!(!same_claim(&ea, &eb), "identical submits in one millisecond still differ");
+        let mut later = a.clone();
+        later.status = JobStatus::Completed;
+        assert!(same_claim(&ea, &serde_json::to_vec(&later).unwrap()), "a later state keeps the claim");
     }
 
     #[test]
@@ -255,9 +273,11 @@ mod tests {
         let mut r = JobRecord::queued(Uuid::nil(), "chat.completions", "m", 1_000, 1_000);
         r.webhook = Some(WebhookTarget { url: "https://example.com/h".into(), secret: "whsec_x".into() });
         r.request_hash = Some("abc".into());
+        r.claim = Some(new_claim());
         let v = r.public();
         assert_eq!(v["status"], "queued");
         assert!(v.get("request_hash").is_none());
+        assert!(v.get("claim").is_none());
         assert!(v.get("created_ms").is_none(), "millisecond fields are the ledger's, not the API's");
         assert_eq!(v["webhook"]["url"], "https://example.com/h");
         assert!(v["webhook"].get("secret").is_none());

@@ -163,6 +163,52 @@ async fn create_bucket(
     .map_err(|e| NatsError::Bucket { name, message: e.to_string() })
 }
 
+/// Opens the bucket of idempotency keys, creating it on first use: which
+/// job each key names (one value per key, file storage), each entry removed
+/// `jobs.retention_ms` after it was written. The job's state is written
+/// after its key and lives `jobs.retention_ms` after its last change, so a
+/// key never outlives its job's state: within the window it names a job
+/// that can be replayed, and after it the key names a new job.
+pub async fn idempotency_bucket(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    jobs: &JobsConfig,
+) -> Result<jetstream::kv::Store, NatsError> {
+    let name = jobs.idempotency_bucket.clone();
+    if let Ok(store) = js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    js.create_key_value(jetstream::kv::Config {
+        bucket: name.clone(),
+        history: 1,
+        max_age: ms(jobs.retention_ms),
+        storage: stream::StorageType::File,
+        num_replicas: nats.replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| NatsError::Bucket { name, message: e.to_string() })
+}
+
+/// Whether a write conditional on a subject's last sequence failed because
+/// the subject already has a message: 10071 (`wrong last sequence: N`), or,
+/// on a clustered stream, 10164 (`wrong last sequence`, the constant form a
+/// leader answers while another write to the subject is still being
+/// applied), which the client library reports as `Other`.
+pub fn is_taken(e: &jetstream::context::PublishError) -> bool {
+    if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(js) = s.downcast_ref::<jetstream::Error>() {
+            return js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT;
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// Whether a publish failed because the stream is at its limits (its
 /// `max_msgs` or `max_bytes`, or the server's storage): JetStream's error
 /// code 10077, "stream store failed", read from the error's source chain.

@@ -1,6 +1,6 @@
-//! Synchronous requests with an `Idempotency-Key`: the job id is derived
-//! from the tenant and the key (as on `POST /v1/jobs`), and the job's state
-//! is written before its publish, which claims the key. The worker moves that
+//! Synchronous requests with an `Idempotency-Key`: the key names the job
+//! (`crate::idempotency`, as on `POST /v1/jobs`), and the job's state is
+//! written before its publish. The worker moves that
 //! state on and stores the outcome before it answers (`Sluice-Kept`), so a
 //! repeat of the request — a client whose connection broke, an SDK retrying
 //! a 5xx — gets the first request's answer instead of a second provider call:
@@ -38,6 +38,7 @@ pub async fn claim(state: &AppState, env: &Envelope, body: &[u8]) -> Result<Clai
     let mut record = JobRecord::of_job(&JobRef::of(env));
     let digest = jobstate::hash_hex(body);
     record.request_hash = Some(digest.clone());
+    record.claim = Some(jobstate::new_claim());
     let value = serde_json::to_vec(&record).map_err(|_| ApiError::new(ErrorCode::Internal, "cannot encode a job"))?;
     let key = jobstate::key(env.tenant, env.job_id);
     match crate::publish::job_state(state, &key, value.into()).await {

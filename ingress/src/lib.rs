@@ -25,6 +25,7 @@ pub mod admin_api;
 pub mod admission;
 pub mod auth;
 pub mod body;
+pub mod idempotency;
 pub mod kept;
 pub mod metrics;
 pub mod publish;

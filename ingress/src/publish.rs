@@ -121,34 +121,56 @@ pub fn publish_error(e: PublishError) -> ApiError {
     }
 }
 
-/// Creates the job's state (through the group commit: the write must find
-/// no value for the key), repeating like the job's publish. A repeat that
-/// finds the key exists found its own earlier write (the key holds this
-/// request's new job id), unless the first attempt already did.
+/// Creates a job's first state (`value` carries a [`jobstate::new_claim`]).
+/// `AlreadyExists` when another submit's state is there: a duplicate that
+/// got in first, on this replica or another. A write whose answer is
+/// ambiguous — a lost acknowledgement retried into "the key is taken", or a
+/// clustered leader's "wrong last sequence" while a racing write is still
+/// being applied — is settled by reading the key back: its claim says
+/// whose write it holds.
 pub async fn job_state(state: &AppState, key: &str, value: Bytes) -> Result<(), kv::CreateError> {
-    let repeated = AtomicBool::new(false);
     let subject = subjects::kv_key(&state.job_state, key);
     let written = (|| state.state_commit.publish(subject.clone(), expect_revision(0), value.clone()))
         .retry(backoff(state))
         // Anything but a taken key or a value too large may pass (no leader,
         // a lost or refused acknowledgement during an election).
-        .when(|e| !matches!(e.kind(), PublishErrorKind::WrongLastSequence | PublishErrorKind::MaxPayloadExceeded))
+        .when(|e| !sluice_core::nats::is_taken(e) && e.kind() != PublishErrorKind::MaxPayloadExceeded)
         .notify(|e, _| {
             metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => "job_state").increment(1);
             tracing::info!(error = %e, "storing a job's state failed; retrying");
-            repeated.store(true, Ordering::Relaxed);
         })
         .await;
-    match written {
-        Ok(_) => Ok(()),
-        // The key has a value, or a tombstone (a submit taken back) that
-        // the bucket's own create writes over.
-        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => match state.job_state.create(key, value).await {
-            Err(e) if repeated.load(Ordering::Relaxed) && e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
-            other => other.map(|_| ()),
-        },
-        Err(e) => Err(kv::CreateError::with_source(kv::CreateErrorKind::Publish, e)),
+    let contested = match written {
+        Ok(_) => return Ok(()),
+        Err(e) if sluice_core::nats::is_taken(&e) => e,
+        Err(e) => return Err(kv::CreateError::with_source(kv::CreateErrorKind::Publish, e)),
+    };
+    // The key holds a state (ours or another's), a tombstone (a submit taken
+    // back, which the bucket's own create writes over), or nothing yet (a
+    // racing write the leader has not applied).
+    let mut pause = Duration::from_millis(20);
+    for _ in 0..8 {
+        match state.job_state.entry(key).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                return if jobstate::same_claim(&entry.value, &value) {
+                    Ok(())
+                } else {
+                    Err(kv::CreateError::new(kv::CreateErrorKind::AlreadyExists))
+                };
+            }
+            // (a replica's read may lag: the create is what decides)
+            Ok(_) => {
+                if state.job_state.create(key, value.clone()).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(kv::CreateError::with_source(kv::CreateErrorKind::Publish, e)),
+        }
+        metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => "job_state_contested").increment(1);
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
     }
+    Err(kv::CreateError::with_source(kv::CreateErrorKind::Publish, contested))
 }
 
 /// Records the job when the handler is dropped mid-wait (client disconnect).

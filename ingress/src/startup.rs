@@ -68,6 +68,7 @@ impl Ingress {
         let js = nats::jetstream(client.clone(), &config.nats);
         nats::ensure_streams(&js, &config.nats).await?;
         let job_state = nats::state_bucket(&js, &config.nats, &config.jobs).await?;
+        let idempotency = nats::idempotency_bucket(&js, &config.nats, &config.jobs).await?;
         let counters = sluice_core::counters::Counters::open(&js, &config.nats).await?;
         let db = db::connect(&config.database).await?;
         let tasks = Tasks::new();
@@ -98,6 +99,7 @@ impl Ingress {
             nats: client,
             js,
             job_state,
+            idempotency,
             bodies,
             db: db.clone(),
             keys,

@@ -20,6 +20,8 @@ pub struct AppState {
     pub js: async_nats::jetstream::Context,
     /// State of asynchronous jobs.
     pub job_state: async_nats::jetstream::kv::Store,
+    /// Which job each `Idempotency-Key` names (`crate::idempotency`).
+    pub idempotency: async_nats::jetstream::kv::Store,
     /// Bodies too large for a NATS message: request bodies stored, answers read.
     pub bodies: sluice_core::bodies::Bodies,
     /// Job publishes, batched with `nats.group_commit`.

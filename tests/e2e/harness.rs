@@ -443,6 +443,22 @@ impl Stack {
         line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
     }
 
+    /// The job an `Idempotency-Key` of `tenant` names, once its first use wrote it.
+    pub async fn job_of_key(&self, tenant: Uuid, key: &str) -> Uuid {
+        let nats = async_nats::connect(&self.nats.url).await.unwrap();
+        let keys = async_nats::jetstream::new(nats).get_key_value(&self.config.jobs.idempotency_bucket).await.unwrap();
+        let entry = sluice_ingress::idempotency::entry_key(tenant, key);
+        wait_for(&format!("idempotency key {key}"), Duration::from_secs(10), || {
+            let (keys, entry) = (keys.clone(), entry.clone());
+            async move {
+                let value = keys.get(&entry).await.unwrap()?;
+                let named: serde_json::Value = serde_json::from_slice(&value).unwrap();
+                named["job"].as_str().map(|j| j.parse::<Uuid>().unwrap())
+            }
+        })
+        .await
+    }
+
     pub fn chat_body(content: &str) -> serde_json::Value {
         serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": content}]})
     }

@@ -295,3 +295,42 @@ async fn a_sync_request_whose_client_disconnects_goes_on_as_a_job() {
     let job = stack.job_with_status(&id, "completed").await;
     assert_eq!(job["result"]["choices"][0]["message"]["content"], "mock reply to: I will not wait");
 }
+
+/// An `Idempotency-Key` names its job for `jobs.retention_ms` after its
+/// first use; after that it names a new job with an id of its own (its
+/// ledger row and webhooks are not mistaken for the old job's).
+#[tokio::test]
+async fn an_idempotency_key_names_a_new_job_after_its_window() {
+    let stack = Stack::start_with(|c| {
+        c.jobs.retention_ms = 3_000;
+        c.jobs.max_expiry_ms = 3_000;
+        c.jobs.default_expiry_ms = 3_000;
+    })
+    .await;
+    let body = Stack::job_body("once per window");
+    let first: serde_json::Value = stack.submit_job(&stack.key, &body, Some("w-1")).await.json().await.unwrap();
+    let id = first["id"].as_str().unwrap().to_owned();
+    stack.job_with_status(&id, "completed").await;
+    let again = stack.submit_job(&stack.key, &body, Some("w-1")).await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true", "within the window: the same job");
+    let tenant = sluice_core::db::tenant_id(&stack.db, "acme").await.unwrap();
+    assert_eq!(stack.job_of_key(tenant, "w-1").await.to_string(), id);
+    // The key's entry expires with the window.
+    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
+    let keys = async_nats::jetstream::new(nats).get_key_value(&stack.config.jobs.idempotency_bucket).await.unwrap();
+    let entry = sluice_ingress::idempotency::entry_key(tenant, "w-1");
+    wait_for("the key's window to end", Duration::from_secs(20), || async {
+        keys.get(&entry).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let later = stack.submit_job(&stack.key, &body, Some("w-1")).await;
+    assert_eq!(later.status(), 202);
+    assert!(later.headers().get("idempotent-replayed").is_none(), "a new job, not a replay");
+    let later: serde_json::Value = later.json().await.unwrap();
+    let new_id = later["id"].as_str().unwrap().to_owned();
+    assert_ne!(new_id, id, "after the window the key names a new job");
+    stack.job_with_status(&new_id, "completed").await;
+    stack.ledger_row(id.parse().unwrap(), "completed").await;
+    stack.ledger_row(new_id.parse().unwrap(), "completed").await;
+    assert_eq!(stack.mock.requests().await, 2, "once per window");
+}

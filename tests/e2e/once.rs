@@ -300,7 +300,7 @@ async fn a_kept_synchronous_request_cancelled_while_queued_is_answered_at_once()
         http.post(url).bearer_auth(key).header("idempotency-key", "c-1").json(&body).send().await.unwrap()
     });
     let tenant = sluice_core::db::ensure_tenant(&stack.db, "acme").await.unwrap();
-    let id = jobstate::idempotent_job_id(tenant, "c-1").to_string();
+    let id = stack.job_of_key(tenant, "c-1").await.to_string();
     wait_for("the kept request's state", Duration::from_secs(10), || async {
         (stack.get_job(&stack.key, &id).await.status() == 200).then_some(())
     })

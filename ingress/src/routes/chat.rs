@@ -75,11 +75,19 @@ async fn handle(
 ) -> Result<Response, ApiError> {
     let owner = state.keys.authenticate(headers)?;
     let idempotency_key = validate::idempotency_key(headers)?;
-    let job_id = idempotency_key.map_or(job_id, |key| sluice_core::jobstate::idempotent_job_id(owner.tenant_id, key));
     let limit = state.config.ingress.max_body_bytes;
     let (bytes, body_permit) =
         crate::body::read_json_body(headers, body, limit, &state.body_budget, state.body_timeout()).await?;
     let checked = validate::validate(state, endpoint, &bytes)?;
+    // A non-streamed request with an `Idempotency-Key` is kept: the key
+    // names its job (a new one, or the first use's, answered again).
+    let job_id = match idempotency_key {
+        Some(key) if !checked.stream => {
+            let digest = sluice_core::jobstate::hash_hex(&bytes);
+            crate::idempotency::job_for(state, owner.tenant_id, key, &digest).await?
+        }
+        _ => job_id,
+    };
     let Ok(permit) = state.in_flight.clone().try_acquire_owned() else {
         return Err(ApiError::new(ErrorCode::Overloaded, "this gateway has too many requests waiting; retry shortly")
             .retry_after(1));

@@ -38,11 +38,12 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     let checked = job.checked;
     let idempotency_key = validate::idempotency_key(headers)?;
     let job_id = match idempotency_key {
-        Some(key) => jobstate::idempotent_job_id(owner.tenant_id, key),
+        Some(key) => crate::idempotency::job_for(state, owner.tenant_id, key, &jobstate::hash_hex(&bytes)).await?,
         None => Uuid::now_v7(),
     };
     let submitted_ms = now_ms();
     let mut record = JobRecord::queued(job_id, job.endpoint.as_str(), &checked.model, submitted_ms, job.expiry_ms);
+    record.claim = Some(jobstate::new_claim());
     record.metadata = job.metadata;
     record.priority = job.priority;
     // The webhook's secret is kept sealed for its job; shown once, in clear, below.

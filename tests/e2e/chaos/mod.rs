@@ -14,7 +14,12 @@
 //! - `nats-leader`: kill -9 of the JOBS stream's leader node, restarted 2 s later;
 //! - `postgres`: Postgres restarted;
 //! - `provider`: the mock fails the next 30 calls (503) and answers 4 only
-//!   after 5 s (slow, not failed: each is waited for, called once).
+//!   after 5 s (slow, not failed: each is waited for, called once);
+//! - `duplicates`: 40 asynchronous submits with an `Idempotency-Key`, each
+//!   sent twice at the same moment, once to each ingress: both copies must
+//!   name the same job, exactly one of them as its first write (the other
+//!   answered with `idempotent-replayed: true`), and the job must run once (its state's
+//!   `attempts` is 1).
 //!
 //! Audit, after the load: every request whose submit got a 2xx (or a 504
 //! naming its job) has exactly one ledger row in a terminal state (else it
@@ -405,8 +410,9 @@ api_key = "sk-upstream-test"
         .await;
     }
 
-    let scenarios: [&'static str; 5] = ["worker", "ingress", "nats-leader", "postgres", "provider"];
+    let scenarios: [&'static str; 6] = ["worker", "ingress", "nats-leader", "postgres", "provider", "duplicates"];
     let mut rows = Vec::new();
+    let mut raced = Vec::new();
     for scenario in scenarios {
         let bases = Arc::new(Mutex::new(sluice.bases()));
         // Long enough after the fault to see the service come back.
@@ -456,6 +462,7 @@ api_key = "sk-upstream-test"
                 mock.faults(serde_json::json!({"fail_next": 30, "error_status": 503, "hang_next": 4, "hang_ms": 5000}))
                     .await
             }
+            "duplicates" => raced = race_duplicates(&sluice.bases(), &key).await,
             _ => unreachable!(),
         }
         let outcomes = running.await.unwrap();
@@ -484,6 +491,8 @@ api_key = "sk-upstream-test"
             r.slowest_ms
         );
     }
+    let racing = audit_races(&sluice.bases()[0], &key, &raced).await;
+    println!("{racing}");
     let mock_calls = mock.requests().await;
     println!("chaos upstream calls={mock_calls} (jobs re-run after a kill are counted again)");
     // The faults met batched commits: writes and commits of the ingresses
@@ -501,6 +510,7 @@ api_key = "sk-upstream-test"
         }
     }
     println!("chaos group_commit ingresses_running writes={writes} commits={commits}");
+    assert!(racing.clean(), "{racing}");
     for r in &rows {
         assert_eq!(r.lost, 0, "{r:?}");
         assert_eq!(r.duplicated, 0, "{r:?}");
@@ -510,4 +520,99 @@ api_key = "sk-upstream-test"
             assert!(r.accepted > r.sent * 9 / 10, "nearly every request must be accepted: {r:?}");
         }
     }
+}
+
+/// One idempotent submit sent twice at once: what each copy was answered.
+struct Race {
+    answers: [(Option<u16>, Option<String>, Option<bool>); 2],
+}
+
+/// 40 idempotent submits, each sent at the same moment to both ingresses.
+async fn race_duplicates(bases: &[String], key: &str) -> Vec<Race> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let one = |base: String, idem: String, body: serde_json::Value| {
+        let (http, key) = (http.clone(), key.to_owned());
+        async move {
+            let r = http.post(format!("{base}/v1/jobs")).bearer_auth(key).header("idempotency-key", idem).json(&body);
+            match r.send().await {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let replayed = r.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
+                    let v: serde_json::Value = r.json().await.unwrap_or_default();
+                    (Some(status), v["id"].as_str().map(str::to_owned), Some(replayed))
+                }
+                Err(_) => (None, None, None),
+            }
+        }
+    };
+    let races = (0..40).map(|i| {
+        let idem = format!("race-{}-{i}", Uuid::now_v7().simple());
+        let body = serde_json::json!({
+            "endpoint": "chat.completions",
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": idem}]}
+        });
+        let (a, b) = (bases[0].clone(), bases[bases.len() - 1].clone());
+        let (first, second) = (one(a, idem.clone(), body.clone()), one(b, idem, body));
+        async move {
+            let (x, y) = tokio::join!(first, second);
+            Race { answers: [x, y] }
+        }
+    });
+    futures::future::join_all(races).await
+}
+
+/// The races' audit: pairs whose copies named different jobs, pairs without
+/// exactly one first write, jobs that did not end completed after one run.
+struct RaceAudit {
+    pairs: usize,
+    accepted: usize,
+    split: usize,
+    not_one_first: usize,
+    not_run_once: usize,
+}
+
+impl RaceAudit {
+    fn clean(&self) -> bool {
+        self.pairs > 0 && self.accepted == self.pairs && self.split + self.not_one_first + self.not_run_once == 0
+    }
+}
+
+impl std::fmt::Display for RaceAudit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "chaos duplicates racing_pairs={} both_accepted={} different_jobs={} not_exactly_one_first_write={} not_run_once={}",
+            self.pairs, self.accepted, self.split, self.not_one_first, self.not_run_once
+        )
+    }
+}
+
+async fn audit_races(base: &str, key: &str, races: &[Race]) -> RaceAudit {
+    let http = http_client();
+    let mut audit = RaceAudit { pairs: races.len(), accepted: 0, split: 0, not_one_first: 0, not_run_once: 0 };
+    for race in races {
+        let [(sa, ja, ra), (sb, jb, rb)] = &race.answers;
+        if *sa != Some(202) || *sb != Some(202) {
+            continue;
+        }
+        audit.accepted += 1;
+        if ja != jb {
+            audit.split += 1;
+            continue;
+        }
+        if [ra, rb].iter().filter(|r| ***r == Some(false)).count() != 1 {
+            audit.not_one_first += 1;
+        }
+        let Some(id) = ja else { continue };
+        let url = format!("{base}/v1/jobs/{id}");
+        let ended = poll_until(Duration::from_secs(30), || async {
+            let job: serde_json::Value = http.get(&url).bearer_auth(key).send().await.ok()?.json().await.ok()?;
+            (job["status"] == "completed" || job["status"] == "failed").then_some(job)
+        })
+        .await;
+        if !ended.is_some_and(|job| job["status"] == "completed" && job["attempts"] == 1) {
+            audit.not_run_once += 1;
+        }
+    }
+    audit
 }
