@@ -569,6 +569,8 @@ struct RaceAudit {
     split: usize,
     not_one_first: usize,
     not_run_once: usize,
+    /// The statuses of pairs not both accepted.
+    refused: Vec<(Option<u16>, Option<u16>)>,
 }
 
 impl RaceAudit {
@@ -581,18 +583,20 @@ impl std::fmt::Display for RaceAudit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "chaos duplicates racing_pairs={} both_accepted={} different_jobs={} not_exactly_one_first_write={} not_run_once={}",
-            self.pairs, self.accepted, self.split, self.not_one_first, self.not_run_once
+            "chaos duplicates racing_pairs={} both_accepted={} different_jobs={} not_exactly_one_first_write={} not_run_once={} refused={:?}",
+            self.pairs, self.accepted, self.split, self.not_one_first, self.not_run_once, self.refused
         )
     }
 }
 
 async fn audit_races(base: &str, key: &str, races: &[Race]) -> RaceAudit {
     let http = http_client();
-    let mut audit = RaceAudit { pairs: races.len(), accepted: 0, split: 0, not_one_first: 0, not_run_once: 0 };
+    let mut audit =
+        RaceAudit { pairs: races.len(), accepted: 0, split: 0, not_one_first: 0, not_run_once: 0, refused: Vec::new() };
     for race in races {
         let [(sa, ja, ra), (sb, jb, rb)] = &race.answers;
         if *sa != Some(202) || *sb != Some(202) {
+            audit.refused.push((*sa, *sb));
             continue;
         }
         audit.accepted += 1;
