@@ -90,6 +90,49 @@ impl NatsCluster {
         self.spawn(i);
     }
 
+    /// The nodes' names.
+    pub fn names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.0.clone()).collect()
+    }
+
+    /// Moves the stream's leadership to `name` (a step-down with that node
+    /// preferred) and waits until it leads, its replicas all current.
+    pub async fn make_leader(&self, stream: &str, name: &str) {
+        let client = async_nats::connect(sluice_core::nats::server_addrs(&self.url()).unwrap()).await.unwrap();
+        wait_for(&format!("{name} to lead {stream}"), Duration::from_secs(60), || {
+            let client = client.clone();
+            async move {
+                if self.leader_of(stream).await.as_deref() == Some(name) {
+                    return Some(());
+                }
+                let body = serde_json::json!({"placement": {"preferred": name}}).to_string();
+                let subject = format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}");
+                let _ = client.request(subject, body.into()).await;
+                None
+            }
+        })
+        .await;
+    }
+
+    /// Waits until every replica of the stream is current with its leader
+    /// (none offline, none lagging): what each then holds is what it keeps.
+    pub async fn caught_up(&self, stream: &str) {
+        let client = async_nats::connect(sluice_core::nats::server_addrs(&self.url()).unwrap()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        wait_for(&format!("every replica of {stream} current"), Duration::from_secs(60), || {
+            let js = js.clone();
+            async move {
+                let info = js.get_stream(stream).await.ok()?.info().await.ok()?.clone();
+                let cluster = info.cluster?;
+                cluster.leader.as_ref()?;
+                (cluster.replicas.len() == 2
+                    && cluster.replicas.iter().all(|r| r.current && !r.offline && r.lag.unwrap_or(0) == 0))
+                .then_some(())
+            }
+        })
+        .await;
+    }
+
     /// The stream's leader node, when it has one.
     pub async fn leader_of(&self, stream: &str) -> Option<String> {
         let client = async_nats::connect(sluice_core::nats::server_addrs(&self.url()).ok()?).await.ok()?;

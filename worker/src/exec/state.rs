@@ -13,7 +13,6 @@
 //! job's). [`adopt`] stores such a job's outcome from the worker, so
 //! `GET /v1/jobs/{id}` finds it whatever became of the ingress.
 
-use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use sluice_core::event::JobStatus;
@@ -52,6 +51,33 @@ fn err(e: impl std::fmt::Display) -> StateError {
     StateError(e.to_string())
 }
 
+/// A key's last write: its revision, and its value (none for a tombstone).
+struct Found {
+    revision: u64,
+    value: Option<Bytes>,
+}
+
+/// The key's last write. A key-value read may be answered by any replica,
+/// and a replica may not have applied the state an ingress has just
+/// written: a read that finds no value is asked again of the stream's
+/// leader, so a job is never taken for one without a state because a
+/// replica lagged.
+async fn last_write(store: &kv::Store, key: &str, subject: &str) -> Result<Option<Found>, StateError> {
+    if let Some(entry) = store.entry(key).await.map_err(err)?
+        && entry.operation == kv::Operation::Put
+    {
+        return Ok(Some(Found { revision: entry.revision, value: Some(entry.value) }));
+    }
+    match store.stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => {
+            let tombstone = message.headers.get("KV-Operation").is_some();
+            Ok(Some(Found { revision: message.sequence, value: (!tombstone).then_some(message.payload) }))
+        }
+        Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(err(e)),
+    }
+}
+
 pub async fn begin(
     store: &kv::Store,
     commit: &GroupCommit,
@@ -62,10 +88,10 @@ pub async fn begin(
     let key = jobstate::key(env.tenant, env.job_id);
     let subject = kv_key(store, &key);
     for _ in 0..3 {
-        let Some(entry) = store.entry(&key).await.map_err(err)?.filter(|e| e.operation == kv::Operation::Put) else {
+        let Some(Found { revision, value: Some(value) }) = last_write(store, &key, &subject).await? else {
             return Ok(Begin::Missing);
         };
-        let mut record: JobRecord = match serde_json::from_slice(&entry.value) {
+        let mut record: JobRecord = match serde_json::from_slice(&value) {
             Ok(record) => record,
             Err(e) => return Ok(Begin::Unreadable(e.to_string())),
         };
@@ -91,14 +117,14 @@ pub async fn begin(
             Begin::Run(Box::new(record.clone()), 0)
         };
         let value = serde_json::to_vec(&record).map_err(err)?;
-        match commit.publish(subject.clone(), expect_revision(entry.revision), Bytes::from(value)).await {
+        match commit.publish(subject.clone(), expect_revision(revision), Bytes::from(value)).await {
             Ok(ack) => {
                 return Ok(match next {
                     Begin::Run(record, _) => Begin::Run(record, ack.sequence),
                     other => other,
                 });
             }
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
+            Err(e) if sluice_core::nats::is_taken(&e) => continue,
             Err(e) => return Err(err(e)),
         }
     }
@@ -148,10 +174,22 @@ pub async fn finish(
 ) -> Result<Finish, StateError> {
     record.conclude(status, outcome, now_ms() / 1000);
     let value = serde_json::to_vec(&record).map_err(err)?;
-    let subject = kv_key(store, &jobstate::key(env.tenant, env.job_id));
-    match commit.publish(subject, expect_revision(revision), Bytes::from(value)).await {
+    let key = jobstate::key(env.tenant, env.job_id);
+    let subject = kv_key(store, &key);
+    match commit.publish(subject.clone(), expect_revision(revision), Bytes::from(value)).await {
         Ok(_) => Ok(Finish::Stored),
-        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Finish::Lost),
+        // The state moved on: another run's outcome, or this run's own, when
+        // this is a repeat of a write whose acknowledgement was lost. This
+        // run's attempt number tells them apart (a redelivery runs under
+        // another).
+        Err(e) if sluice_core::nats::is_taken(&e) => {
+            let ours = match last_write(store, &key, &subject).await? {
+                Some(Found { value: Some(value), .. }) => serde_json::from_slice::<JobRecord>(&value)
+                    .is_ok_and(|stored| stored.status == status && stored.attempts == record.attempts),
+                _ => false,
+            };
+            Ok(if ours { Finish::Stored } else { Finish::Lost })
+        }
         Err(e) => Err(err(e)),
     }
 }
@@ -176,15 +214,14 @@ pub async fn adopt(
     let key = jobstate::key(env.tenant, env.job_id);
     let subject = kv_key(store, &key);
     for _ in 0..3 {
-        let entry = store.entry(&key).await.map_err(err)?;
-        let (mut record, revision) = match entry {
-            Some(e) if e.operation == kv::Operation::Put => match serde_json::from_slice::<JobRecord>(&e.value) {
-                Ok(record) if !record.status.is_terminal() => (record, e.revision),
+        let (mut record, revision) = match last_write(store, &key, &subject).await? {
+            Some(Found { revision, value: Some(value) }) => match serde_json::from_slice::<JobRecord>(&value) {
+                Ok(record) if !record.status.is_terminal() => (record, revision),
                 _ => return Ok(false),
             },
             // A key taken back or never written: the revision to expect is
             // that of its tombstone, or 0.
-            other if create => (JobRecord::of_job(&JobRef::of(env)), other.map_or(0, |e| e.revision)),
+            other if create => (JobRecord::of_job(&JobRef::of(env)), other.map_or(0, |f| f.revision)),
             _ => return Ok(false),
         };
         record.attempts = attempt;
@@ -194,7 +231,7 @@ pub async fn adopt(
         match commit.publish(subject.clone(), expect_revision(revision), Bytes::from(value)).await {
             Ok(_) => return Ok(true),
             // The ingress wrote meanwhile: read again.
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
+            Err(e) if sluice_core::nats::is_taken(&e) => continue,
             Err(e) => return Err(err(e)),
         }
     }
