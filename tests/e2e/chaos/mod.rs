@@ -15,6 +15,9 @@
 //! - `postgres`: Postgres restarted;
 //! - `provider`: the mock fails the next 30 calls (503) and answers 4 only
 //!   after 5 s (slow, not failed: each is waited for, called once);
+//! - `slow`: two asynchronous jobs whose (non-streamed) answers take 35 s
+//!   and 130 s to come, headers included, as a long generation's do: each
+//!   must complete after exactly one provider call (audited at the end);
 //! - `duplicates`: 40 asynchronous submits with an `Idempotency-Key`, each
 //!   sent twice at the same moment, once to each ingress: both copies must
 //!   name the same job, exactly one of them as its first write (the other
@@ -386,6 +389,17 @@ filter = "warn"
 name = "{MODEL}"
 base_url = "{mock}/v1"
 api_key = "sk-upstream-test"
+# Answers that take 35 s and 130 s (10 tokens a second, sent whole).
+[[pools]]
+name = "slow-35s"
+base_url = "{mock}/v1"
+model = "mock@tokens=350,tps=10"
+api_key = "sk-upstream-test"
+[[pools]]
+name = "slow-130s"
+base_url = "{mock}/v1"
+model = "mock@tokens=1300,tps=10"
+api_key = "sk-upstream-test"
 "#,
             nats = nats.url(),
             mock = mock.base,
@@ -410,9 +424,11 @@ api_key = "sk-upstream-test"
         .await;
     }
 
-    let scenarios: [&'static str; 6] = ["worker", "ingress", "nats-leader", "postgres", "provider", "duplicates"];
+    let scenarios: [&'static str; 7] =
+        ["worker", "ingress", "nats-leader", "postgres", "provider", "slow", "duplicates"];
     let mut rows = Vec::new();
     let mut raced = Vec::new();
+    let mut slow = Vec::new();
     for scenario in scenarios {
         let bases = Arc::new(Mutex::new(sluice.bases()));
         // Long enough after the fault to see the service come back.
@@ -462,6 +478,7 @@ api_key = "sk-upstream-test"
                 mock.faults(serde_json::json!({"fail_next": 30, "error_status": 503, "hang_next": 4, "hang_ms": 5000}))
                     .await
             }
+            "slow" => slow = submit_slow(&sluice.bases()[0], &key).await,
             "duplicates" => raced = race_duplicates(&sluice.bases(), &key).await,
             _ => unreachable!(),
         }
@@ -493,6 +510,7 @@ api_key = "sk-upstream-test"
     }
     let racing = audit_races(&sluice.bases()[0], &key, &raced).await;
     println!("{racing}");
+    let slow_ok = audit_slow(&db, &sluice.bases()[0], &key, &slow).await;
     let mock_calls = mock.requests().await;
     println!("chaos upstream calls={mock_calls} (jobs re-run after a kill are counted again)");
     // The faults met batched commits: writes and commits of the ingresses
@@ -511,6 +529,7 @@ api_key = "sk-upstream-test"
     }
     println!("chaos group_commit ingresses_running writes={writes} commits={commits}");
     assert!(racing.clean(), "{racing}");
+    assert!(slow_ok, "every slow answer must complete after one provider call");
     for r in &rows {
         // A job Sluice itself failed (a state a lagging replica did not
         // have yet, a body it could not read) is a fault of its own.
@@ -622,4 +641,53 @@ async fn audit_races(base: &str, key: &str, races: &[Race]) -> RaceAudit {
         }
     }
     audit
+}
+
+/// The slow scenario's jobs: one answered in 35 s, one in 130 s.
+async fn submit_slow(base: &str, key: &str) -> Vec<(&'static str, Uuid, Instant)> {
+    let http = http_client();
+    let mut jobs = Vec::new();
+    for pool in ["slow-35s", "slow-130s"] {
+        let body = serde_json::json!({
+            "endpoint": "chat.completions",
+            "body": {"model": pool, "messages": [{"role": "user", "content": "take your time"}]}
+        });
+        let r = http.post(format!("{base}/v1/jobs")).bearer_auth(key).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 202, "{pool}");
+        let job: serde_json::Value = r.json().await.unwrap();
+        jobs.push((pool, job["id"].as_str().unwrap().parse().unwrap(), Instant::now()));
+    }
+    jobs
+}
+
+/// Waits for the slow jobs to end; each must be completed with one attempt
+/// and no call that went unanswered (one provider call in all).
+async fn audit_slow(db: &sqlx::PgPool, base: &str, key: &str, jobs: &[(&'static str, Uuid, Instant)]) -> bool {
+    let http = http_client();
+    let mut clean = !jobs.is_empty();
+    for (pool, id, submitted) in jobs {
+        let url = format!("{base}/v1/jobs/{id}");
+        let job = poll_until(Duration::from_secs(200), || async {
+            let job: serde_json::Value = http.get(&url).bearer_auth(key).send().await.ok()?.json().await.ok()?;
+            matches!(job["status"].as_str(), Some("completed" | "failed" | "expired" | "cancelled")).then_some(job)
+        })
+        .await;
+        let took = submitted.elapsed().as_secs_f64();
+        let ledger: Option<(String, i32, i32)> = poll_until(Duration::from_secs(10), || async {
+            sqlx::query_as::<_, (String, i32, i32)>("SELECT status, attempts, unanswered_calls FROM jobs WHERE id = $1")
+                .bind(id)
+                .fetch_optional(db)
+                .await
+                .unwrap()
+                .filter(|(s, _, _)| s != "queued" && s != "in_progress")
+        })
+        .await;
+        let status = job.as_ref().and_then(|j| j["status"].as_str().map(str::to_owned));
+        println!(
+            "chaos slow {pool}: status={status:?} took_s={took:.1} ledger(status, attempts, unanswered)={ledger:?}"
+        );
+        clean &= status.as_deref() == Some("completed")
+            && ledger.is_some_and(|(s, a, u)| s == "completed" && a == 1 && u == 0);
+    }
+    clean
 }
