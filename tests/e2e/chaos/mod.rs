@@ -10,7 +10,14 @@
 //! ingresses, each with a unique marker in its prompt. Mid-load, one fault:
 //!
 //! - `worker`: kill -9 of a worker with calls in flight, then a new one;
+//! - `stalled-worker`: a worker stopped (SIGSTOP) past `worker.ack_wait_ms`,
+//!   then continued: its jobs ran again elsewhere, and its own runs must
+//!   record nothing (no second terminal state, no second webhook);
 //! - `ingress`: kill -9 of an ingress, then a new one;
+//! - `ingress-504`: the next 6 provider calls hang 25 s, past the 20 s
+//!   synchronous wait; the ingress that answered a 504 naming its job is
+//!   restarted (SIGTERM) at once; every such job's answer must be fetched
+//!   afterwards (`timed_out(unfetched)`);
 //! - `nats-leader`: kill -9 of the JOBS stream's leader node, restarted 2 s later;
 //! - `postgres`: Postgres restarted;
 //! - `provider`: the mock fails the next 30 calls (503) and answers 4 only
@@ -27,10 +34,12 @@
 //! Audit, after the load: every request whose submit got a 2xx (or a 504
 //! naming its job) has exactly one ledger row in a terminal state (else it
 //! is *lost*); every synchronous answer quotes its own marker and no two
-//! requests got the same job id (else *duplicated*); every completed
-//! asynchronous job's webhook arrived. The table is printed with the
-//! refusals by status and the time the fault took to heal (from the fault
-//! to the last refused request; every later one was accepted).
+//! requests got the same job id (else *duplicated*); no asynchronous job
+//! announced two terminal outcomes (two webhook deliveries: else
+//! *double_terminal*); every completed asynchronous job's webhook arrived.
+//! The table is printed with the refusals by status and the time the fault
+//! took to heal (from the fault to the last refused request; every later
+//! one was accepted).
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -198,6 +207,15 @@ struct Row {
     scenario: &'static str,
     sent: usize,
     accepted: usize,
+    /// Jobs with more than one terminal outcome announced (two webhook
+    /// deliveries: the delivery id names the status). Counted for the
+    /// asynchronous half of the load, whose jobs have a webhook.
+    double_terminal: i64,
+    /// Synchronous requests answered 504 naming their job, and of those,
+    /// how many could not be fetched completed with their answer afterwards
+    /// from an ingress that was not the one that answered.
+    timed_out: usize,
+    timed_out_unfetched: usize,
     completed: i64,
     failed: Vec<(String, i64)>,
     lost: usize,
@@ -219,6 +237,8 @@ async fn audit(
     outcomes: &[Outcome],
     hooks: &Arc<Mutex<HashSet<Uuid>>>,
     fault_at: Instant,
+    base: &str,
+    key: &str,
 ) -> Row {
     let took: Vec<&Outcome> = outcomes.iter().filter(|o| accepted(o)).collect();
     let mut ids = Vec::new();
@@ -277,6 +297,29 @@ async fn audit(
     .fetch_all(db)
     .await
     .unwrap();
+    let double_terminal: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT job_id FROM webhook_deliveries WHERE job_id = ANY($1)
+                               GROUP BY job_id HAVING count(*) > 1) t",
+    )
+    .bind(&ids)
+    .fetch_one(db)
+    .await
+    .unwrap();
+    // A 504 naming its job: the job goes on, and its answer is fetched later
+    // (here from `base`, the ingress that answered may be gone).
+    let timed_out: Vec<Uuid> = took.iter().filter(|o| o.sync && o.status == Some(504)).filter_map(|o| o.job).collect();
+    let http = http_client();
+    let mut timed_out_unfetched = 0;
+    for id in &timed_out {
+        let url = format!("{base}/v1/jobs/{id}");
+        let fetched = poll_until(Duration::from_secs(60), || async {
+            let job: serde_json::Value = http.get(&url).bearer_auth(key).send().await.ok()?.json().await.ok()?;
+            (job["status"] == "completed" && job["result"]["choices"][0]["message"]["content"].is_string())
+                .then_some(())
+        })
+        .await;
+        timed_out_unfetched += usize::from(fetched.is_none());
+    }
     // Recovered: from the fault until the last refused request was sent
     // (every request sent later was accepted); 0 when none was refused.
     let recovered_ms = outcomes
@@ -310,6 +353,9 @@ async fn audit(
         scenario,
         sent: outcomes.len(),
         accepted: took.len(),
+        double_terminal,
+        timed_out: timed_out.len(),
+        timed_out_unfetched,
         completed,
         failed,
         lost,
@@ -424,8 +470,17 @@ api_key = "sk-upstream-test"
         .await;
     }
 
-    let scenarios: [&'static str; 7] =
-        ["worker", "ingress", "nats-leader", "postgres", "provider", "slow", "duplicates"];
+    let scenarios: [&'static str; 9] = [
+        "worker",
+        "stalled-worker",
+        "ingress",
+        "ingress-504",
+        "nats-leader",
+        "postgres",
+        "provider",
+        "slow",
+        "duplicates",
+    ];
     let mut rows = Vec::new();
     let mut raced = Vec::new();
     let mut slow = Vec::new();
@@ -455,6 +510,64 @@ api_key = "sk-upstream-test"
                 let _ = victim.wait().await;
                 sluice.add_worker().await;
             }
+            "stalled-worker" => {
+                // Stopped past `worker.ack_wait_ms` (2 s): its jobs run again
+                // elsewhere, and its own runs, when it goes on, record nothing.
+                let pid = sluice.workers[0].id().expect("the worker runs").to_string();
+                let signal = |sig: &str| {
+                    assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success())
+                };
+                signal("-STOP");
+                let stopped_at = sent.load(std::sync::atomic::Ordering::Relaxed);
+                // 200 more requests sent: about 3 s, past the ack wait.
+                wait_for("the load to go on past the ack wait", Duration::from_secs(20), || async {
+                    (sent.load(std::sync::atomic::Ordering::Relaxed) >= stopped_at + 200).then_some(())
+                })
+                .await;
+                signal("-CONT");
+            }
+            "ingress-504" => {
+                // The next calls hang past the 20 s synchronous wait: their
+                // clients get 504 naming the job; the ingress that answered
+                // is restarted (SIGTERM) at once, and the jobs' answers must
+                // still be fetched from an ingress.
+                let http = http_client();
+                let ops = sluice.ops();
+                // 504s each ingress has answered so far.
+                let timeouts = |o: String| {
+                    let http = http.clone();
+                    async move {
+                        let text = http.get(format!("{o}/metrics")).send().await.ok()?.text().await.ok()?;
+                        let count = text
+                            .lines()
+                            .filter(|l| l.starts_with("sluice_ingress_requests_total{") && l.contains("status=\"504\""))
+                            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                            .sum::<f64>();
+                        Some(count)
+                    }
+                };
+                let mut before = Vec::new();
+                for o in &ops {
+                    before.push(timeouts(o.clone()).await.unwrap_or(0.0));
+                }
+                mock.faults(serde_json::json!({"hang_next": 6, "hang_ms": 25000})).await;
+                let answered = wait_for("a 504 naming a job", Duration::from_secs(60), || async {
+                    for (i, o) in ops.iter().enumerate() {
+                        if timeouts(o.clone()).await? > before[i] {
+                            return Some(i);
+                        }
+                    }
+                    None
+                })
+                .await;
+                let (base, _, mut victim) = sluice.ingresses.remove(answered);
+                let pid = victim.id().expect("the ingress runs").to_string();
+                assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+                let _ = victim.wait().await;
+                bases.lock().unwrap().retain(|b| *b != base);
+                sluice.add_ingress().await;
+                *bases.lock().unwrap() = sluice.bases();
+            }
             "ingress" => {
                 let (base, _, mut victim) = sluice.ingresses.remove(0);
                 let _ = victim.start_kill();
@@ -483,18 +596,18 @@ api_key = "sk-upstream-test"
             _ => unreachable!(),
         }
         let outcomes = running.await.unwrap();
-        rows.push(audit(&db, scenario, &outcomes, &hooks, fault_at).await);
+        rows.push(audit(&db, scenario, &outcomes, &hooks, fault_at, &sluice.bases()[0], &key).await);
         mock.faults(serde_json::json!({})).await;
     }
 
     println!(
-        "chaos scenario   sent accepted completed failed(reason)       lost duplicated webhooks_missing refused(status)   recovered_ms slowest_after_fault_ms"
+        "chaos scenario         sent accepted completed failed(reason)       lost duplicated double_terminal webhooks_missing timed_out(unfetched) refused(status)   recovered_ms slowest_after_fault_ms"
     );
     for r in &rows {
         let failed: Vec<String> = r.failed.iter().map(|(k, n)| format!("{k}={n}")).collect();
         let refused: Vec<String> = r.refused.iter().map(|(k, n)| format!("{k}x{n}")).collect();
         println!(
-            "chaos {:<12} {:>5} {:>8} {:>9} {:<20} {:>4} {:>10} {:>16} {:<17} {:>12} {:>22}",
+            "chaos {:<16} {:>5} {:>8} {:>9} {:<20} {:>4} {:>10} {:>15} {:>16} {:>20} {:<17} {:>12} {:>22}",
             r.scenario,
             r.sent,
             r.accepted,
@@ -502,7 +615,9 @@ api_key = "sk-upstream-test"
             if failed.is_empty() { "0".to_owned() } else { failed.join(",") },
             r.lost,
             r.duplicated,
+            r.double_terminal,
             r.webhooks_missing,
+            format!("{}({})", r.timed_out, r.timed_out_unfetched),
             if refused.is_empty() { "0".to_owned() } else { refused.join(",") },
             r.recovered_ms,
             r.slowest_ms
@@ -536,10 +651,15 @@ api_key = "sk-upstream-test"
         assert!(r.failed.iter().all(|(reason, _)| reason != "internal_error"), "{r:?}");
         assert_eq!(r.lost, 0, "{r:?}");
         assert_eq!(r.duplicated, 0, "{r:?}");
+        assert_eq!(r.double_terminal, 0, "{r:?}");
+        assert_eq!(r.timed_out_unfetched, 0, "{r:?}");
         assert_eq!(r.webhooks_missing, 0, "{r:?}");
         assert!(r.resumed, "requests must be accepted again after the fault: {r:?}");
         if r.scenario != "nats-leader" {
             assert!(r.accepted > r.sent * 9 / 10, "nearly every request must be accepted: {r:?}");
+        }
+        if r.scenario == "ingress-504" {
+            assert!(r.timed_out > 0, "the scenario must produce 504s naming their jobs: {r:?}");
         }
     }
 }
