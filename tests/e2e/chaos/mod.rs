@@ -297,6 +297,16 @@ async fn audit(
     .fetch_all(db)
     .await
     .unwrap();
+    if std::env::var("SLUICE_CHAOS_DEBUG").is_ok() {
+        let reasons: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+            "SELECT status, error_message, count(*) FROM jobs WHERE id = ANY($1) AND status <> 'completed' GROUP BY 1, 2",
+        )
+        .bind(&ids)
+        .fetch_all(db)
+        .await
+        .unwrap();
+        println!("{scenario}: not completed {reasons:?}");
+    }
     let double_terminal: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT job_id FROM webhook_deliveries WHERE job_id = ANY($1)
                                GROUP BY job_id HAVING count(*) > 1) t",
