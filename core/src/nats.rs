@@ -190,6 +190,32 @@ pub async fn idempotency_bucket(
     .map_err(|e| NatsError::Bucket { name, message: e.to_string() })
 }
 
+/// A key's last write in a key-value bucket: its revision, and its value
+/// (none for a tombstone); `None` when the key was never written (or has
+/// expired). A key-value read may be answered by any replica of a
+/// replicated bucket, and a replica may not have applied a write that was
+/// just acknowledged: a read that finds no value is asked again of the
+/// stream's leader (`$JS.API.STREAM.MSG.GET`), so a state just written is
+/// never taken for missing.
+pub async fn kv_last_write(
+    store: &jetstream::kv::Store,
+    key: &str,
+) -> Result<Option<(u64, Option<bytes::Bytes>)>, async_nats::Error> {
+    if let Some(entry) = store.entry(key).await?
+        && entry.operation == jetstream::kv::Operation::Put
+    {
+        return Ok(Some((entry.revision, Some(entry.value))));
+    }
+    match store.stream.get_last_raw_message_by_subject(&subjects::kv_key(store, key)).await {
+        Ok(message) => {
+            let tombstone = message.headers.get("KV-Operation").is_some();
+            Ok(Some((message.sequence, (!tombstone).then_some(message.payload))))
+        }
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Whether a write conditional on a subject's last sequence failed because
 /// the subject already has a message: 10071 (`wrong last sequence: N`), or,
 /// on a clustered stream, 10164 (`wrong last sequence`, the constant form a

@@ -84,13 +84,16 @@ pub async fn cancel(State(state): State<Arc<AppState>>, headers: HeaderMap, Path
 pub(crate) async fn load(store: &kv::Store, tenant: Uuid, id: &str) -> Result<(JobRecord, u64), ApiError> {
     let not_found = || ApiError::new(ErrorCode::NotFound, format!("no job with id `{id}`"));
     let job: Uuid = id.parse().map_err(|_| not_found())?;
-    let entry = store.entry(jobstate::key(tenant, job)).await.map_err(|e| unavailable(&e))?;
-    let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+    // (asked of the stream's leader when a replica has no value: a job just
+    // accepted is never a 404 because a replica lagged)
+    let found =
+        sluice_core::nats::kv_last_write(store, &jobstate::key(tenant, job)).await.map_err(|e| unavailable(&e))?;
+    let Some((revision, Some(value))) = found else {
         return Err(not_found());
     };
-    let record: JobRecord = serde_json::from_slice(&entry.value)
+    let record: JobRecord = serde_json::from_slice(&value)
         .map_err(|_| ApiError::new(ErrorCode::Internal, "the job's stored state is unreadable"))?;
-    Ok((record, entry.revision))
+    Ok((record, revision))
 }
 
 pub(super) fn to_bytes(record: &JobRecord) -> Result<Bytes, ApiError> {

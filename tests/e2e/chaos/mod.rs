@@ -676,8 +676,12 @@ api_key = "sk-upstream-test"
 
 /// One idempotent submit sent twice at once: what each copy was answered.
 struct Race {
-    answers: [(Option<u16>, Option<String>, Option<bool>); 2],
+    answers: [Answer; 2],
 }
+
+/// One copy's status, job id, whether it was a replay, and the status of a
+/// `GET` of the job sent right after its 202.
+type Answer = (Option<u16>, Option<String>, Option<bool>, Option<u16>);
 
 /// 40 idempotent submits, each sent at the same moment to both ingresses.
 async fn race_duplicates(bases: &[String], key: &str) -> Vec<Race> {
@@ -685,15 +689,25 @@ async fn race_duplicates(bases: &[String], key: &str) -> Vec<Race> {
     let one = |base: String, idem: String, body: serde_json::Value| {
         let (http, key) = (http.clone(), key.to_owned());
         async move {
-            let r = http.post(format!("{base}/v1/jobs")).bearer_auth(key).header("idempotency-key", idem).json(&body);
+            let r = http.post(format!("{base}/v1/jobs")).bearer_auth(&key).header("idempotency-key", idem).json(&body);
             match r.send().await {
                 Ok(r) => {
                     let status = r.status().as_u16();
                     let replayed = r.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
                     let v: serde_json::Value = r.json().await.unwrap_or_default();
-                    (Some(status), v["id"].as_str().map(str::to_owned), Some(replayed))
+                    let id = v["id"].as_str().map(str::to_owned);
+                    // Read at once after the 202: a replica that has not
+                    // applied the state yet must not make it a 404.
+                    let read = match &id {
+                        Some(id) => match http.get(format!("{base}/v1/jobs/{id}")).bearer_auth(&key).send().await {
+                            Ok(r) => Some(r.status().as_u16()),
+                            Err(_) => None,
+                        },
+                        None => None,
+                    };
+                    (Some(status), id, Some(replayed), read)
                 }
-                Err(_) => (None, None, None),
+                Err(_) => (None, None, None, None),
             }
         }
     };
@@ -721,13 +735,17 @@ struct RaceAudit {
     split: usize,
     not_one_first: usize,
     not_run_once: usize,
+    /// `GET`s right after a 202 that were not a 200.
+    unreadable_after_accept: usize,
     /// The statuses of pairs not both accepted.
     refused: Vec<(Option<u16>, Option<u16>)>,
 }
 
 impl RaceAudit {
     fn clean(&self) -> bool {
-        self.pairs > 0 && self.accepted == self.pairs && self.split + self.not_one_first + self.not_run_once == 0
+        self.pairs > 0
+            && self.accepted == self.pairs
+            && self.split + self.not_one_first + self.not_run_once + self.unreadable_after_accept == 0
     }
 }
 
@@ -735,23 +753,37 @@ impl std::fmt::Display for RaceAudit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "chaos duplicates racing_pairs={} both_accepted={} different_jobs={} not_exactly_one_first_write={} not_run_once={} refused={:?}",
-            self.pairs, self.accepted, self.split, self.not_one_first, self.not_run_once, self.refused
+            "chaos duplicates racing_pairs={} both_accepted={} different_jobs={} not_exactly_one_first_write={} not_run_once={} get_after_202_not_200={} refused={:?}",
+            self.pairs,
+            self.accepted,
+            self.split,
+            self.not_one_first,
+            self.not_run_once,
+            self.unreadable_after_accept,
+            self.refused
         )
     }
 }
 
 async fn audit_races(base: &str, key: &str, races: &[Race]) -> RaceAudit {
     let http = http_client();
-    let mut audit =
-        RaceAudit { pairs: races.len(), accepted: 0, split: 0, not_one_first: 0, not_run_once: 0, refused: Vec::new() };
+    let mut audit = RaceAudit {
+        pairs: races.len(),
+        accepted: 0,
+        split: 0,
+        not_one_first: 0,
+        not_run_once: 0,
+        unreadable_after_accept: 0,
+        refused: Vec::new(),
+    };
     for race in races {
-        let [(sa, ja, ra), (sb, jb, rb)] = &race.answers;
+        let [(sa, ja, ra, ga), (sb, jb, rb, gb)] = &race.answers;
         if *sa != Some(202) || *sb != Some(202) {
             audit.refused.push((*sa, *sb));
             continue;
         }
         audit.accepted += 1;
+        audit.unreadable_after_accept += [ga, gb].iter().filter(|g| ***g != Some(200)).count();
         if ja != jb {
             audit.split += 1;
             continue;

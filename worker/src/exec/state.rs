@@ -57,25 +57,12 @@ struct Found {
     value: Option<Bytes>,
 }
 
-/// The key's last write. A key-value read may be answered by any replica,
-/// and a replica may not have applied the state an ingress has just
-/// written: a read that finds no value is asked again of the stream's
-/// leader, so a job is never taken for one without a state because a
-/// replica lagged.
-async fn last_write(store: &kv::Store, key: &str, subject: &str) -> Result<Option<Found>, StateError> {
-    if let Some(entry) = store.entry(key).await.map_err(err)?
-        && entry.operation == kv::Operation::Put
-    {
-        return Ok(Some(Found { revision: entry.revision, value: Some(entry.value) }));
-    }
-    match store.stream.get_last_raw_message_by_subject(subject).await {
-        Ok(message) => {
-            let tombstone = message.headers.get("KV-Operation").is_some();
-            Ok(Some(Found { revision: message.sequence, value: (!tombstone).then_some(message.payload) }))
-        }
-        Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(err(e)),
-    }
+/// The key's last write, asked of the stream's leader when a replica had
+/// none ([`sluice_core::nats::kv_last_write`]): a job is never taken for one
+/// without a state because a replica lagged.
+async fn last_write(store: &kv::Store, key: &str) -> Result<Option<Found>, StateError> {
+    let found = sluice_core::nats::kv_last_write(store, key).await.map_err(err)?;
+    Ok(found.map(|(revision, value)| Found { revision, value }))
 }
 
 pub async fn begin(
@@ -88,7 +75,7 @@ pub async fn begin(
     let key = jobstate::key(env.tenant, env.job_id);
     let subject = kv_key(store, &key);
     for _ in 0..3 {
-        let Some(Found { revision, value: Some(value) }) = last_write(store, &key, &subject).await? else {
+        let Some(Found { revision, value: Some(value) }) = last_write(store, &key).await? else {
             return Ok(Begin::Missing);
         };
         let mut record: JobRecord = match serde_json::from_slice(&value) {
@@ -183,7 +170,7 @@ pub async fn finish(
         // run's attempt number tells them apart (a redelivery runs under
         // another).
         Err(e) if sluice_core::nats::is_taken(&e) => {
-            let ours = match last_write(store, &key, &subject).await? {
+            let ours = match last_write(store, &key).await? {
                 Some(Found { value: Some(value), .. }) => serde_json::from_slice::<JobRecord>(&value)
                     .is_ok_and(|stored| stored.status == status && stored.attempts == record.attempts),
                 _ => false,
@@ -214,7 +201,7 @@ pub async fn adopt(
     let key = jobstate::key(env.tenant, env.job_id);
     let subject = kv_key(store, &key);
     for _ in 0..3 {
-        let (mut record, revision) = match last_write(store, &key, &subject).await? {
+        let (mut record, revision) = match last_write(store, &key).await? {
             Some(Found { revision, value: Some(value) }) => match serde_json::from_slice::<JobRecord>(&value) {
                 Ok(record) if !record.status.is_terminal() => (record, revision),
                 _ => return Ok(false),
