@@ -15,11 +15,17 @@ use sqlx::PgPool;
 pub struct Readiness {
     pub nats: Option<async_nats::Client>,
     pub db: Option<PgPool>,
+    /// Cancelled once the process is stopping: `/readyz` answers 503 from
+    /// then on, before any listener closes.
+    pub stopping: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Readiness {
     /// `Ok` when every dependency answers, else the first one that does not.
     pub async fn check(&self) -> Result<(), &'static str> {
+        if self.stopping.as_ref().is_some_and(|s| s.is_cancelled()) {
+            return Err("stopping");
+        }
         if let Some(client) = &self.nats
             && client.connection_state() != async_nats::connection::State::Connected
         {

@@ -39,6 +39,8 @@ pub struct Ingress {
     state: Arc<AppState>,
     db: PgPool,
     tasks: Tasks,
+    /// Cancelled when the drain begins (`ingress.drain_ms`).
+    draining: CancellationToken,
 }
 
 /// Where the ingress serves: the public API, and the admin API (served
@@ -109,7 +111,7 @@ impl Ingress {
             pools,
             sealer,
         };
-        Ok(Self { state: Arc::new(state), db, tasks })
+        Ok(Self { state: Arc::new(state), db, tasks, draining: CancellationToken::new() })
     }
 
     /// The admin API's router, when `admin.token` is set.
@@ -118,13 +120,30 @@ impl Ingress {
     }
 
     fn readiness(&self) -> Readiness {
-        Readiness { nats: Some(self.state.nats.clone()), db: Some(self.db.clone()) }
+        Readiness {
+            nats: Some(self.state.nats.clone()),
+            db: Some(self.db.clone()),
+            stopping: Some(self.draining.clone()),
+        }
     }
 
     /// The public API, with `/healthz` and `/readyz` for load balancers
     /// (`/metrics` is on the ops listener only: its labels name tenants).
     pub fn router(&self) -> Router {
-        crate::routes::router(self.state.clone()).merge(ops::health(self.readiness()))
+        let draining = self.draining.clone();
+        // While draining, every answer asks the client to close its
+        // connection: none is left idle for the listener's close to cut.
+        let close = axum::middleware::map_response(move |mut response: axum::response::Response| {
+            let draining = draining.is_cancelled();
+            async move {
+                if draining {
+                    let close = axum::http::HeaderValue::from_static("close");
+                    response.headers_mut().insert(axum::http::header::CONNECTION, close);
+                }
+                response
+            }
+        });
+        crate::routes::router(self.state.clone()).merge(ops::health(self.readiness())).layer(close)
     }
 
     /// Serves `router` on a listener of its own (the admin API, the ops
@@ -139,20 +158,41 @@ impl Ingress {
         });
     }
 
-    /// Serves until `shutdown` fires, then lets in-flight requests finish
+    /// Serves until `shutdown` fires; then drains for `ingress.drain_ms`
+    /// (`/readyz` says 503, answers say `Connection: close`, requests are
+    /// still served), closes the listeners, lets in-flight requests finish
     /// for `ingress.shutdown_grace_ms` before giving up, stops the
     /// background loops and waits (bounded) for the work they left.
     pub async fn run(self, listeners: Listeners, shutdown: CancellationToken) -> Result<(), StartError> {
         let grace = Duration::from_millis(self.state.config.ingress.shutdown_grace_ms);
+        let drain = Duration::from_millis(self.state.config.ingress.drain_ms);
+        // The listeners close after the drain, not at the signal.
+        let close = CancellationToken::new();
+        {
+            let (shutdown, draining, close) = (shutdown.clone(), self.draining.clone(), close.clone());
+            self.tasks.spawn(async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = close.cancelled() => return,
+                }
+                draining.cancel();
+                tracing::info!(
+                    drain_ms = drain.as_millis() as u64,
+                    "stopping: not ready; draining before the listeners close"
+                );
+                tokio::time::sleep(drain).await;
+                close.cancel();
+            });
+        }
         if let (Some(admin), Some(router)) = (listeners.admin, self.admin_router()) {
-            self.serve_beside(admin, router, "admin API", &shutdown);
+            self.serve_beside(admin, router, "admin API", &close);
         }
         if let Some(ops_listener) = listeners.ops {
-            self.serve_beside(ops_listener, ops::router(self.readiness()), "ops endpoints", &shutdown);
+            self.serve_beside(ops_listener, ops::router(self.readiness()), "ops endpoints", &close);
         }
         let listener = listeners.http;
         let app = self.router();
-        let stop = shutdown.clone();
+        let stop = close.clone();
         let c = &self.state.config.ingress;
         let limits = crate::serve::Limits {
             max_connections: c.max_connections,
@@ -167,7 +207,7 @@ impl Ingress {
         tokio::pin!(server);
         let result = tokio::select! {
             done = &mut server => done,
-            _ = shutdown.cancelled() => {
+            _ = close.cancelled() => {
                 tracing::info!(grace_ms = grace.as_millis() as u64, "draining in-flight requests");
                 match tokio::time::timeout(grace, &mut server).await {
                     Ok(done) => done,
@@ -179,6 +219,7 @@ impl Ingress {
                 }
             }
         };
+        close.cancel();
         // What requests left behind (a timed-out request recorded as a job,
         // an orphan answer stored, a count taken back) finishes here.
         self.tasks.shutdown(nats::FINAL_FLUSH).await;

@@ -72,7 +72,7 @@ impl Server {
         tasks.spawn(snapshot::refresh(stream, every, pools, tx, tasks.stopping()));
         tasks.spawn(snapshot::wake_ups(client.clone(), wakes.clone(), tasks.stopping()));
         if let Some(listener) = listeners.ops {
-            let app = ops::router(Readiness { nats: Some(client.clone()), db: None });
+            let app = ops::router(Readiness { nats: Some(client.clone()), db: None, stopping: None });
             let stop = shutdown.clone();
             tasks.spawn(async move {
                 let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;

@@ -244,6 +244,8 @@ pub fn test_config(nats_url: &str, db_url: &str, mock_base: &str) -> Config {
     c.ingress.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     c.ingress.sync_timeout_ms = 10_000;
     c.ingress.auth_refresh_ms = 100;
+    // Stopped ingresses close at once here (`rolling` tests the drain).
+    c.ingress.drain_ms = 0;
     c.worker.ack_wait_ms = 1_000;
     c.worker.retry_min_delay_ms = 50;
     c.worker.retry_max_delay_ms = 500;

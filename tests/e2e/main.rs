@@ -25,6 +25,7 @@ mod large;
 mod nats_users;
 mod once;
 mod providers;
+mod rolling;
 mod scaler;
 mod sdk;
 mod security;

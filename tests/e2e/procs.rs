@@ -25,6 +25,9 @@ pub struct Cluster {
     pub ingress_ops: Vec<String>,
     /// Base URLs of the running workers' ops servers (`/metrics`).
     pub workers: Vec<String>,
+    /// The child of each running ingress and worker, in their lists' order.
+    ingress_children: Vec<usize>,
+    worker_children: Vec<usize>,
     config: PathBuf,
     children: Vec<Child>,
     /// The binary of each child, in order.
@@ -94,6 +97,8 @@ api_key = "sk-upstream-test"
             ingresses: Vec::new(),
             ingress_ops: Vec::new(),
             workers: Vec::new(),
+            ingress_children: Vec::new(),
+            worker_children: Vec::new(),
             config,
             children: Vec::new(),
             names: Vec::new(),
@@ -138,6 +143,7 @@ api_key = "sk-upstream-test"
             ],
         );
         let base = format!("http://127.0.0.1:{port}");
+        self.ingress_children.push(self.children.len() - 1);
         self.wait_ready(&base).await;
         self.ingresses.push(base.clone());
         self.ingress_ops.push(format!("http://127.0.0.1:{ops}"));
@@ -149,8 +155,31 @@ api_key = "sk-upstream-test"
         let port = free_port();
         self.spawn("sluice-worker", &[("SLUICE__WORKER__OPS_LISTEN", format!("127.0.0.1:{port}"))]);
         let base = format!("http://127.0.0.1:{port}");
+        self.worker_children.push(self.children.len() - 1);
         self.wait_ready(&base).await;
         self.workers.push(base);
+    }
+
+    /// Stops ingress `i` as Kubernetes does (SIGTERM) and waits for it to
+    /// exit; its exit status.
+    pub async fn terminate_ingress(&mut self, i: usize) -> std::process::ExitStatus {
+        self.ingresses.remove(i);
+        self.ingress_ops.remove(i);
+        let child = self.ingress_children.remove(i);
+        self.terminate(child).await
+    }
+
+    /// Stops worker `i` by SIGTERM and waits for it to exit; its exit status.
+    pub async fn terminate_worker(&mut self, i: usize) -> std::process::ExitStatus {
+        self.workers.remove(i);
+        let child = self.worker_children.remove(i);
+        self.terminate(child).await
+    }
+
+    async fn terminate(&mut self, child: usize) -> std::process::ExitStatus {
+        let pid = self.children[child].id().expect("the process runs").to_string();
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        self.children[child].wait().await.unwrap()
     }
 
     /// Each running process: its binary and its pid.

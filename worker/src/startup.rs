@@ -236,7 +236,11 @@ impl Worker {
             background.clone(),
         ));
         if let Some(listener) = ops {
-            let readiness = Readiness { nats: Some(self.nats.clone()), db: Some(self.db.clone()) };
+            let readiness = Readiness {
+                nats: Some(self.nats.clone()),
+                db: Some(self.db.clone()),
+                stopping: Some(shutdown.clone()),
+            };
             let app = ops::router(readiness);
             let stop = background.clone();
             tasks.spawn(async move {

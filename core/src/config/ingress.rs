@@ -31,7 +31,13 @@ pub struct IngressConfig {
     /// How long the last loaded keys are trusted while reloads fail; past
     /// it every request gets 503 (fails closed). 0: trusted forever.
     pub auth_max_staleness_ms: u64,
-    /// Time given to in-flight requests after SIGTERM.
+    /// After SIGTERM, how long the ingress keeps serving with `/readyz`
+    /// answering 503 and every answer carrying `Connection: close`, so that
+    /// load balancers stop sending it requests and clients drop their
+    /// keep-alive connections before its listener closes. 0: none.
+    pub drain_ms: u64,
+    /// Time given to in-flight requests after the drain, once the listener
+    /// has closed.
     pub shutdown_grace_ms: u64,
     /// Open client connections at once; a connection past the limit is
     /// closed as soon as it is accepted.
@@ -72,6 +78,7 @@ impl Default for IngressConfig {
             max_in_flight: 10_000,
             auth_refresh_ms: 5_000,
             auth_max_staleness_ms: 300_000,
+            drain_ms: 2_000,
             shutdown_grace_ms: 25_000,
             max_connections: 10_000,
             header_timeout_ms: 10_000,
