@@ -186,7 +186,7 @@ pub struct WebhooksConfig {
     /// mounted from a secret, one `<id> <base64 32-byte key>` per line, the
     /// first key sealing (see `sluice_core::seal` and the README's Webhooks
     /// section for rotation). Required by the ingress, the worker and `sluice-admin
-    /// webhooks set`; `sluice-admin webhook-keys new` prints a key line.
+    /// webhooks set`; `sluice-admin webhooks new-key` prints a key line.
     pub secret_keys_file: Option<std::path::PathBuf>,
 }
 

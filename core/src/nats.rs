@@ -206,6 +206,15 @@ pub async fn kv_last_write(
     {
         return Ok(Some((entry.revision, Some(entry.value))));
     }
+    kv_leader_last_write(store, key).await
+}
+
+/// A key's last write as the stream's leader has it (never a lagging
+/// replica's): for reads that settle a contested write.
+pub async fn kv_leader_last_write(
+    store: &jetstream::kv::Store,
+    key: &str,
+) -> Result<Option<(u64, Option<bytes::Bytes>)>, async_nats::Error> {
     match store.stream.get_last_raw_message_by_subject(&subjects::kv_key(store, key)).await {
         Ok(message) => {
             let tombstone = message.headers.get("KV-Operation").is_some();

@@ -15,12 +15,12 @@
 
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::kv;
 use serde::{Deserialize, Serialize};
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::jobstate;
 use uuid::Uuid;
 
+use crate::routes::jobs::unavailable;
 use crate::state::AppState;
 
 /// A key's entry: the job it names and the digest of its first request.
@@ -52,25 +52,33 @@ pub async fn job_for(state: &AppState, tenant: Uuid, key: &str, request_hash: &s
             Err(e) => e,
         };
         // Taken, by a first use or by this create whose answer was lost; or
-        // the store did not answer: read the key back.
-        match state.idempotency.entry(&entry).await {
-            Ok(Some(found)) if found.operation == kv::Operation::Put => {
-                let named: Named = serde_json::from_slice(&found.value)
+        // the store did not answer: read the key back (from the stream's
+        // leader: a lagging replica would keep this loop from settling).
+        match sluice_core::nats::kv_leader_last_write(&state.idempotency, &entry).await {
+            Ok(Some((revision, Some(found)))) => {
+                let named: Named = serde_json::from_slice(&found)
                     .map_err(|_| ApiError::new(ErrorCode::Internal, "an idempotency key's entry does not decode"))?;
-                if named.job == job {
-                    return Ok(job);
+                if named.job == job || named.request_hash == request_hash {
+                    return Ok(named.job);
                 }
-                if named.request_hash != request_hash {
+                // A different request. The key is spent only if its job was
+                // stored: a first use refused before that (a 429, a 503)
+                // leaves it to a corrected request, which takes it over.
+                let stored = sluice_core::nats::kv_last_write(&state.job_state, &jobstate::key(tenant, named.job))
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                if stored.is_some_and(|(_, value)| value.is_some()) {
                     return Err(ApiError::new(
                         ErrorCode::Conflict,
                         "this Idempotency-Key was used for a different request",
                     )
                     .param("Idempotency-Key"));
                 }
-                return Ok(named.job);
+                if state.idempotency.update(&entry, value.clone().into(), revision).await.is_ok() {
+                    return Ok(job);
+                }
             }
-            // Nothing readable yet (a racing create not applied, or read
-            // from a replica that lags): create again.
+            // Nothing yet (a racing create not applied): create again.
             Ok(_) => {}
             Err(e) => tracing::info!(error = %e, "reading an idempotency key failed; retrying"),
         }

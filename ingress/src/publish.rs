@@ -150,15 +150,15 @@ pub async fn job_state(state: &AppState, key: &str, value: Bytes) -> Result<(), 
     // racing write the leader has not applied).
     let mut pause = Duration::from_millis(20);
     for _ in 0..8 {
-        match state.job_state.entry(key).await {
-            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
-                return if jobstate::same_claim(&entry.value, &value) {
+        match sluice_core::nats::kv_leader_last_write(&state.job_state, key).await {
+            Ok(Some((_, Some(stored)))) => {
+                return if jobstate::same_claim(&stored, &value) {
                     Ok(())
                 } else {
                     Err(kv::CreateError::new(kv::CreateErrorKind::AlreadyExists))
                 };
             }
-            // (a replica's read may lag: the create is what decides)
+            // A tombstone, or nothing yet: the create decides.
             Ok(_) => {
                 if state.job_state.create(key, value.clone()).await.is_ok() {
                     return Ok(());

@@ -334,3 +334,30 @@ async fn an_idempotency_key_names_a_new_job_after_its_window() {
     stack.ledger_row(new_id.parse().unwrap(), "completed").await;
     assert_eq!(stack.mock.requests().await, 2, "once per window");
 }
+
+/// A first use of an `Idempotency-Key` refused before its job was stored
+/// (here a 429: the tenant's queue is full) does not spend the key: the
+/// corrected request, with another body, is accepted under it.
+#[tokio::test]
+async fn an_idempotency_key_refused_at_admission_is_not_spent() {
+    let mut stack = Stack::start().await;
+    sluice_core::db::set_tenant(&stack.db, "acme", &crate::procs::settings(None, Some(1), None)).await.unwrap();
+    stack.worker.take().unwrap().shutdown().await;
+    let first: serde_json::Value =
+        stack.submit_job(&stack.key, &Stack::job_body("fills the queue"), None).await.json().await.unwrap();
+    wait_for("the queue cap to refuse a submit", Duration::from_secs(5), || async {
+        let r = stack.submit_job(&stack.key, &Stack::job_body("refused"), Some("k-429")).await;
+        (r.status() == 429).then_some(())
+    })
+    .await;
+    stack.worker = Some(WorkerHandle::start(stack.config.clone()).await);
+    stack.job_with_status(first["id"].as_str().unwrap(), "completed").await;
+    let corrected = wait_for("the corrected request accepted", Duration::from_secs(10), || async {
+        let r = stack.submit_job(&stack.key, &Stack::job_body("corrected"), Some("k-429")).await;
+        assert_ne!(r.status(), 409, "a key whose job was never stored is not spent");
+        (r.status() == 202).then_some(r)
+    })
+    .await;
+    let job: serde_json::Value = corrected.json().await.unwrap();
+    stack.job_with_status(job["id"].as_str().unwrap(), "completed").await;
+}

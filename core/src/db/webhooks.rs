@@ -282,9 +282,10 @@ pub async fn unsealed_endpoints(
 ) -> Result<Vec<UnsealedEndpoint>, DbError> {
     let rows = sqlx::query(
         "SELECT tenant_id, secret, previous_secret FROM webhook_endpoints
-         WHERE (secret NOT LIKE $1 OR previous_secret NOT LIKE $1) AND tenant_id > $2 ORDER BY tenant_id LIMIT $3",
+         WHERE (NOT starts_with(secret, $1) OR NOT starts_with(previous_secret, $1)) AND tenant_id > $2
+         ORDER BY tenant_id LIMIT $3",
     )
-    .bind(format!("sealed:v1:{current}:%"))
+    .bind(format!("sealed:v1:{current}:"))
     .bind(after)
     .bind(limit)
     .fetch_all(db)
@@ -310,9 +311,10 @@ pub async fn unsealed_deliveries(
     limit: i64,
 ) -> Result<Vec<(String, Uuid, String)>, DbError> {
     let rows = sqlx::query_as(
-        "SELECT id, job_id, secret FROM webhook_deliveries WHERE secret NOT LIKE $1 AND id > $2 ORDER BY id LIMIT $3",
+        "SELECT id, job_id, secret FROM webhook_deliveries WHERE NOT starts_with(secret, $1) AND id > $2
+         ORDER BY id LIMIT $3",
     )
-    .bind(format!("sealed:v1:{current}:%"))
+    .bind(format!("sealed:v1:{current}:"))
     .bind(after)
     .bind(limit)
     .fetch_all(db)

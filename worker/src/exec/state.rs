@@ -170,8 +170,11 @@ pub async fn finish(
         // run's attempt number tells them apart (a redelivery runs under
         // another).
         Err(e) if sluice_core::nats::is_taken(&e) => {
-            let ours = match last_write(store, &key).await? {
-                Some(Found { value: Some(value), .. }) => serde_json::from_slice::<JobRecord>(&value)
+            // (read from the leader: a lagging replica's older state would
+            // make a stored outcome look lost)
+            let leader = sluice_core::nats::kv_leader_last_write(store, &key).await.map_err(err)?;
+            let ours = match leader {
+                Some((_, Some(value))) => serde_json::from_slice::<JobRecord>(&value)
                     .is_ok_and(|stored| stored.status == status && stored.attempts == record.attempts),
                 _ => false,
             };

@@ -352,11 +352,14 @@ async fn send(client: &reqwest::Client, config: &WebhooksConfig, keys: &Keyring,
     if let Err(e) = webhook::check_target(&d.url, config.policy()).await {
         return Attempt::Refused(e.to_string());
     }
+    // A secret that does not open is retried on the schedule, not failed:
+    // during a keyring rotation another worker (or this one, once rolled
+    // out) may hold the key.
     let secrets = match signing_secrets(keys, d) {
         Ok(s) => s,
         Err(e) => {
             metrics::counter!(m::WEBHOOK_FAILURES, "reason" => "secret").increment(1);
-            return Attempt::Refused(e);
+            return Attempt::Retry { status: None, error: Some(e), retry_after: None };
         }
     };
     let timestamp = sluice_core::now_ms() / 1000;
