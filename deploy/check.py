@@ -298,6 +298,7 @@ def check_structure(where, objects):
                 fail(where, f"trigger {t['type']}: needs an authenticationRef with caCert, tlsClientCert and tlsClientKey")
     check_scaler_tls(where, config, by_kind)
     check_webhook_keys(where, config, by_kind)
+    check_secret_modes(where, by_kind)
 
 
 def check_scaler_tls(where, config, by_kind):
@@ -334,6 +335,21 @@ def check_webhook_keys(where, config, by_kind):
         d = by_kind.get("Deployment", {}).get(name)
         if d and not any(path.startswith(m) for m in secret_mounts(d)):
             fail(where, f"{name}: webhooks.secret_keys_file {path!r} is not in a Secret volume it mounts")
+
+
+def check_secret_modes(where, by_kind):
+    """A Secret volume is readable by the image's user (10001, not root):
+    world-readable, or group-readable with the pod's fsGroup set."""
+    for name, d in by_kind.get("Deployment", {}).items():
+        spec = pod_spec(d)
+        fs_group = spec.get("securityContext", {}).get("fsGroup")
+        for v in spec.get("volumes", []):
+            if "secret" not in v:
+                continue
+            mode = v["secret"].get("defaultMode", 0o644)
+            if not (mode & 0o004 or (mode & 0o040 and fs_group is not None)):
+                fail(where, f"{name}: Secret volume {v['name']} (mode {mode:o}) is unreadable by the image's user: "
+                            "make it group-readable and set the pod's fsGroup")
 
 
 def validate_schemas(where, objects):
