@@ -180,7 +180,11 @@ impl Ingress {
                     drain_ms = drain.as_millis() as u64,
                     "stopping: not ready; draining before the listeners close"
                 );
-                tokio::time::sleep(drain).await;
+                // (a server that ended on its own ends the drain too)
+                tokio::select! {
+                    _ = tokio::time::sleep(drain) => {}
+                    _ = close.cancelled() => {}
+                }
                 close.cancel();
             });
         }

@@ -380,17 +380,23 @@ pub async fn reseal(db: &PgPool, keys: &crate::seal::Keyring) -> Result<Resealed
             after = e.tenant;
             let place = seal::endpoint_place(e.tenant);
             let again = |stored: &str| keys.open(&place, stored).and_then(|clear| keys.seal(&place, &clear));
-            let previous = e.previous.as_deref().map(again).transpose();
-            match (again(&e.secret), previous) {
-                (Ok(secret), Ok(previous)) => {
-                    let read = (e.secret.as_str(), e.previous.as_deref());
-                    replace_endpoint_secrets(db, e.tenant, read, (&secret, previous.as_deref())).await?;
-                    done.sealed += 1 + usize::from(previous.is_some());
-                }
-                (Err(error), _) | (_, Err(error)) => {
-                    tracing::warn!(tenant = %e.tenant, %error, "a webhook endpoint's secret does not open");
-                    done.unopenable += 1;
-                }
+            // Each secret on its own: a previous secret that does not open
+            // (it may long have expired) does not keep the current one unsealed.
+            let current = again(&e.secret);
+            let previous = e.previous.as_deref().map(|p| (p, again(p)));
+            for error in
+                [current.as_ref().err(), previous.as_ref().and_then(|(_, r)| r.as_ref().err())].into_iter().flatten()
+            {
+                tracing::warn!(tenant = %e.tenant, %error, "a webhook endpoint's secret does not open");
+                done.unopenable += 1;
+            }
+            let secret = current.as_deref().unwrap_or(&e.secret).to_owned();
+            let kept_previous = previous.as_ref().map(|(read, r)| r.as_deref().unwrap_or(read).to_owned());
+            let changed = usize::from(current.is_ok()) + previous.as_ref().map_or(0, |(_, r)| usize::from(r.is_ok()));
+            if changed > 0 {
+                let read = (e.secret.as_str(), e.previous.as_deref());
+                replace_endpoint_secrets(db, e.tenant, read, (&secret, kept_previous.as_deref())).await?;
+                done.sealed += changed;
             }
         }
         if (page.len() as i64) < PAGE {
