@@ -133,7 +133,7 @@ pub async fn state_bucket(
     let bucket_error = |e: &dyn std::fmt::Display| NatsError::Bucket { name: name.clone(), message: e.to_string() };
     let store = match js.get_key_value(&name).await {
         Ok(store) => store,
-        Err(_) => create_bucket(js, nats, jobs).await?,
+        Err(_) => create_bucket(js, &name, nats, jobs).await?,
     };
     let mut stream = js.get_stream(&store.stream_name).await.map_err(|e| bucket_error(&e))?;
     let info = stream.info().await.map_err(|e| bucket_error(&e))?;
@@ -145,14 +145,17 @@ pub async fn state_bucket(
     Ok(store)
 }
 
+/// Creates a key-value bucket as Sluice keeps them: one value per key, file
+/// storage, entries removed `jobs.retention_ms` after their last write, at
+/// `nats.replicas`.
 async fn create_bucket(
     js: &jetstream::Context,
+    name: &str,
     nats: &NatsConfig,
     jobs: &JobsConfig,
 ) -> Result<jetstream::kv::Store, NatsError> {
-    let name = jobs.state_bucket.clone();
     js.create_key_value(jetstream::kv::Config {
-        bucket: name.clone(),
+        bucket: name.to_owned(),
         history: 1,
         max_age: ms(jobs.retention_ms),
         storage: stream::StorageType::File,
@@ -160,7 +163,7 @@ async fn create_bucket(
         ..Default::default()
     })
     .await
-    .map_err(|e| NatsError::Bucket { name, message: e.to_string() })
+    .map_err(|e| NatsError::Bucket { name: name.to_owned(), message: e.to_string() })
 }
 
 /// Opens the bucket of idempotency keys, creating it on first use: which
@@ -174,20 +177,10 @@ pub async fn idempotency_bucket(
     nats: &NatsConfig,
     jobs: &JobsConfig,
 ) -> Result<jetstream::kv::Store, NatsError> {
-    let name = jobs.idempotency_bucket.clone();
-    if let Ok(store) = js.get_key_value(&name).await {
-        return Ok(store);
+    match js.get_key_value(&jobs.idempotency_bucket).await {
+        Ok(store) => Ok(store),
+        Err(_) => create_bucket(js, &jobs.idempotency_bucket, nats, jobs).await,
     }
-    js.create_key_value(jetstream::kv::Config {
-        bucket: name.clone(),
-        history: 1,
-        max_age: ms(jobs.retention_ms),
-        storage: stream::StorageType::File,
-        num_replicas: nats.replicas,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| NatsError::Bucket { name, message: e.to_string() })
 }
 
 /// A key's last write in a key-value bucket: its revision, and its value
