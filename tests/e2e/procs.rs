@@ -176,10 +176,28 @@ api_key = "sk-upstream-test"
         self.terminate(child).await
     }
 
+    /// Sends worker `i` SIGTERM and returns at once: the worker's ops base
+    /// URL and its process, for [`Cluster::exited`].
+    pub fn signal_worker(&mut self, i: usize) -> (String, usize) {
+        let base = self.workers.remove(i);
+        let child = self.worker_children.remove(i);
+        self.sigterm(child);
+        (base, child)
+    }
+
+    /// Waits for a process signalled by [`Cluster::signal_worker`] to exit.
+    pub async fn exited(&mut self, child: usize) -> std::process::ExitStatus {
+        self.children[child].wait().await.unwrap()
+    }
+
     async fn terminate(&mut self, child: usize) -> std::process::ExitStatus {
+        self.sigterm(child);
+        self.children[child].wait().await.unwrap()
+    }
+
+    fn sigterm(&self, child: usize) {
         let pid = self.children[child].id().expect("the process runs").to_string();
         assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        self.children[child].wait().await.unwrap()
     }
 
     /// Each running process: its binary and its pid.

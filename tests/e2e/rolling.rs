@@ -95,7 +95,11 @@ async fn a_rolling_restart_of_every_ingress_and_worker_under_load_leaves_clients
                         }
                         Ok(r) => Sent {
                             took: started.elapsed(),
-                            error: Some(format!("{base}: status {}", r.status())),
+                            error: Some(format!(
+                                "{base}: status {}: {}",
+                                r.status(),
+                                r.text().await.unwrap_or_default()
+                            )),
                             job: None,
                         },
                         Err(e) => Sent { took: started.elapsed(), error: Some(format!("{base}: {e}")), job: None },
@@ -142,22 +146,28 @@ async fn a_rolling_restart_of_every_ingress_and_worker_under_load_leaves_clients
 
     let errors: Vec<&String> = sent.iter().filter_map(|s| s.error.as_ref()).collect();
     let slowest = sent.iter().map(|s| s.took).max().unwrap_or_default();
-    // Every accepted job ends completed.
+    // Every accepted job ends completed, and none was delivered more than
+    // twice: a stopping worker hands back the jobs it has not started (one
+    // more delivery), but must not bounce them back and forth, each bounce
+    // spending one of `worker.max_attempts`.
     let base = cluster.ingresses[0].clone();
     let jobs: Vec<&String> = sent.iter().filter_map(|s| s.job.as_ref()).collect();
-    let mut unfinished = 0;
+    let (mut unfinished, mut redelivered, mut most_attempts) = (0, 0, 0);
     for id in &jobs {
         let url = format!("{base}/v1/jobs/{id}");
         let done = poll_until(Duration::from_secs(30), || async {
             let job: serde_json::Value =
                 cluster.http.get(&url).bearer_auth(&key).send().await.ok()?.json().await.ok()?;
-            (job["status"] == "completed").then_some(())
+            (job["status"] == "completed").then(|| job["attempts"].as_u64().unwrap_or(0))
         })
         .await;
         unfinished += usize::from(done.is_none());
+        let attempts = done.unwrap_or(0);
+        redelivered += usize::from(attempts > 1);
+        most_attempts = most_attempts.max(attempts);
     }
     println!(
-        "rolling restart: restarts={restarts} (4 ingress, 4 worker) requests={} client_errors={} slowest_ms={} jobs={} jobs_not_completed={unfinished}",
+        "rolling restart: restarts={restarts} (4 ingress, 4 worker) requests={} client_errors={} slowest_ms={} jobs={} jobs_not_completed={unfinished} jobs_delivered_again={redelivered} most_attempts={most_attempts}",
         sent.len(),
         errors.len(),
         slowest.as_millis(),
@@ -165,4 +175,55 @@ async fn a_rolling_restart_of_every_ingress_and_worker_under_load_leaves_clients
     );
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
     assert_eq!(unfinished, 0, "every accepted job completes");
+    assert!(most_attempts <= 2, "a job was delivered {most_attempts} times: stopping workers bounced it");
+}
+
+/// A worker told to stop keeps its running jobs, and a job that reaches it
+/// meanwhile (through a pull it had open on an idle queue) goes back to the
+/// queue once, not round and round: each delivery counts against
+/// `worker.max_attempts`, and a job bounced past it failed without a call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_hands_a_job_back_once() {
+    let mut cluster = Cluster::start(Default::default(), 16, "").await;
+    cluster.start_ingress().await;
+    cluster.start_worker().await;
+    let (_, key) = cluster.tenant("stopping", settings(None, None, None)).await;
+    let job = serde_json::json!({"endpoint": "chat.completions",
+        "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}});
+
+    // A job that holds the worker's drain open for a second, on a queue that
+    // has just seen a job: the idle worker holds a pull open on it.
+    cluster.mock_faults(serde_json::json!({"hang_next": 1, "hang_ms": 1000})).await;
+    assert_eq!(cluster.submit(0, &key, &job).await.status(), 202);
+    wait_for("the call to hang", Duration::from_secs(10), || async {
+        (cluster.mock_stats().await["hangs"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
+    let (ops, child) = cluster.signal_worker(0);
+    wait_for("the worker to say it is stopping", Duration::from_secs(5), || async {
+        let r = cluster.http.get(format!("{ops}/readyz")).send().await.ok()?;
+        (r.status() == 503).then_some(())
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let r = cluster.submit(0, &key, &job).await;
+        assert_eq!(r.status(), 202);
+        ids.push(r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+    }
+    assert!(cluster.exited(child).await.success(), "the worker exits cleanly once its call is done");
+
+    cluster.start_worker().await;
+    let base = cluster.ingresses[0].clone();
+    for id in &ids {
+        let url = format!("{base}/v1/jobs/{id}");
+        let job: serde_json::Value = wait_for("the job to finish", Duration::from_secs(20), || async {
+            let job: serde_json::Value =
+                cluster.http.get(&url).bearer_auth(&key).send().await.ok()?.json().await.ok()?;
+            matches!(job["status"].as_str(), Some("completed" | "failed")).then_some(job)
+        })
+        .await;
+        assert_eq!(job["status"], "completed", "{job}");
+        assert!(job["attempts"].as_u64() <= Some(2), "delivered {} times: {job}", job["attempts"]);
+    }
 }

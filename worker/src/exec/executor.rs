@@ -359,14 +359,16 @@ async fn standing_pull(
         // stops waiting too, in case that server went away.
         let give_up = tokio::time::Instant::now() + STANDING_EXPIRES + Duration::from_secs(2);
         while !permits.is_empty() {
-            match tokio::time::timeout_at(give_up, batch.next()).await {
+            let next = tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    hand_back(batch).await;
+                    break;
+                }
+                next = tokio::time::timeout_at(give_up, batch.next()) => next,
+            };
+            match next {
                 Ok(Some(Ok(message))) => {
-                    // The fetch loop is gone once stopping: hand the job
-                    // straight back rather than let it wait out `ack_wait`.
-                    if stop.is_cancelled() {
-                        let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
-                        continue;
-                    }
                     let Some(permit) = permits.pop() else { break };
                     let _ = tx.send(Standing::Arrived { key: key.clone(), message: Box::new(message), permit });
                 }
@@ -375,6 +377,27 @@ async fn standing_pull(
         }
     }
     let _ = tx.send(Standing::Ended(key));
+}
+
+/// Ends a standing pull of a stopping worker, whose fetch loop is gone:
+/// the pull is withdrawn first, so the server sends it nothing more, and
+/// the jobs already on their way are handed straight back. Left open, the
+/// pull would take job after job until it expired, each handed back and
+/// redelivered at once, often to the same pull: every round counts as a
+/// delivery, and a job bounced past `worker.max_attempts` deliveries fails
+/// without a single call (seen as a 502 in a rolling restart).
+async fn hand_back(mut batch: async_nats::jetstream::consumer::pull::Batch) {
+    use futures::{FutureExt, StreamExt};
+    let mut arrived = Vec::new();
+    while let Some(Some(Ok(message))) = batch.next().now_or_never() {
+        arrived.push(message);
+    }
+    // Dropping the subscription unsubscribes; the client sends that before
+    // the naks below, so their redeliveries go to other pulls.
+    drop(batch);
+    for message in arrived {
+        let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+    }
 }
 
 /// The job's token estimate from the ingress, or one from its size.
