@@ -15,7 +15,10 @@ use uuid::Uuid;
 use crate::harness::{Mock, NatsServer, TempDir, binary, fresh_database, http_client, wait_for};
 
 pub struct Cluster {
-    nats: NatsServer,
+    /// The nats-server this cluster started (none when it runs on a NATS
+    /// cluster of the test's own), and the URL its processes connect to.
+    _nats: Option<NatsServer>,
+    nats_url: String,
     pub db: PgPool,
     mock: Mock,
     pub http: reqwest::Client,
@@ -46,6 +49,20 @@ impl Cluster {
     /// (whole sections, e.g. `[scheduler]`).
     pub async fn start(mock: sluice_mock_provider::Settings, worker_slots: usize, extra: &str) -> Self {
         let nats = NatsServer::start().await;
+        let url = nats.url.clone();
+        Self::start_on(Some(nats), &url, 1, mock, worker_slots, extra).await
+    }
+
+    /// The same on NATS at `nats_url` (a three-node cluster, say) with
+    /// streams of `replicas` replicas.
+    pub async fn start_on(
+        nats: Option<NatsServer>,
+        nats_url: &str,
+        replicas: usize,
+        mock: sluice_mock_provider::Settings,
+        worker_slots: usize,
+        extra: &str,
+    ) -> Self {
         let (db_url, db) = fresh_database().await;
         let mock = Mock::start(mock).await;
         let dir = TempDir::new("cluster");
@@ -53,7 +70,8 @@ impl Cluster {
         let toml = format!(
             r#"
 [nats]
-url = "{nats}"
+url = "{nats_url}"
+replicas = {replicas}
 request_timeout_ms = 2000
 connect_timeout_ms = 2000
 
@@ -83,14 +101,14 @@ api_key = "sk-upstream-test"
 
 {extra}
 "#,
-            nats = nats.url,
             model = crate::harness::MODEL,
             mock = mock.base,
             keys = crate::harness::webhook_keys_file().display(),
         );
         std::fs::write(&config, toml).unwrap();
         Self {
-            nats,
+            _nats: nats,
+            nats_url: nats_url.to_owned(),
             db,
             mock,
             http: http_client(),
@@ -214,7 +232,7 @@ api_key = "sk-upstream-test"
     }
 
     pub fn nats_url(&self) -> &str {
-        &self.nats.url
+        &self.nats_url
     }
 
     /// The Prometheus text of a component's `/metrics`.

@@ -1,6 +1,6 @@
 //! A rolling restart under steady load, as Kubernetes does one: every
 //! ingress and every worker stopped by SIGTERM in turn, each replaced and
-//! ready before the next is stopped, twice around. The clients sit behind a
+//! ready before the next is stopped, twice around; and every NATS node. The clients sit behind a
 //! load balancer that follows each ingress's `/readyz` (probed every 20 ms,
 //! as a Service's endpoints follow readiness) and reuse their keep-alive
 //! connections. They must see no error at all: an ingress told to stop
@@ -24,132 +24,129 @@ struct Sent {
     job: Option<String>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rolling_restart_of_every_ingress_and_worker_under_load_leaves_clients_no_error() {
-    let mock = sluice_mock_provider::Settings { latency_ms: 100, ..Default::default() };
-    let mut cluster = Cluster::start(mock, 16, "").await;
-    for _ in 0..2 {
-        cluster.start_ingress().await;
-        cluster.start_worker().await;
-    }
-    let (_, key) = cluster.tenant("rolling", settings(None, None, None)).await;
+/// A load balancer that follows each ingress's `/readyz` (probed every
+/// 20 ms, as a Service's endpoints follow readiness), and clients behind it
+/// sending a request every 10 ms, synchronous chat and asynchronous jobs in
+/// turn, over one pool of keep-alive connections.
+struct Balanced {
+    known: Arc<Mutex<Vec<String>>>,
+    rotation: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    prober: tokio::task::JoinHandle<()>,
+    load: tokio::task::JoinHandle<Vec<Sent>>,
+}
 
-    // The load balancer: the ingresses it knows, and those ready now.
-    let known = Arc::new(Mutex::new(cluster.ingresses.clone()));
-    let rotation = Arc::new(Mutex::new(cluster.ingresses.clone()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let prober = {
-        let (known, rotation, stop) = (known.clone(), rotation.clone(), stop.clone());
-        let http = reqwest::Client::builder().timeout(Duration::from_millis(500)).build().unwrap();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_millis(20));
-            while !stop.load(Ordering::Relaxed) {
-                every.tick().await;
-                let bases = known.lock().unwrap().clone();
-                let mut ready = Vec::new();
-                for base in bases {
-                    let up = http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200);
-                    if up {
-                        ready.push(base);
-                    }
-                }
-                *rotation.lock().unwrap() = ready;
-            }
-        })
-    };
-    // The clients: a request every 10 ms, synchronous chat and asynchronous
-    // jobs in turn, over one pool of keep-alive connections.
-    let load = {
-        let (rotation, stop, key) = (rotation.clone(), stop.clone(), key.clone());
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-        tokio::spawn(async move {
-            let mut tasks = Vec::new();
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            let mut i = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                let base = {
-                    let r = rotation.lock().unwrap();
-                    (!r.is_empty()).then(|| r[i % r.len()].clone())
-                };
-                let (http, key, sync) = (http.clone(), key.clone(), i.is_multiple_of(2));
-                i += 1;
-                tasks.push(tokio::spawn(async move {
-                    let started = Instant::now();
-                    let Some(base) = base else {
-                        return Sent { took: Duration::ZERO, error: Some("no ingress ready".into()), job: None };
-                    };
-                    let chat =
-                        serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": format!("r{i}")}]});
-                    let request = if sync {
-                        http.post(format!("{base}/v1/chat/completions")).json(&chat)
-                    } else {
-                        http.post(format!("{base}/v1/jobs"))
-                            .json(&serde_json::json!({"endpoint": "chat.completions", "body": chat}))
-                    };
-                    match request.bearer_auth(&key).send().await {
-                        Ok(r) if r.status().is_success() => {
-                            let body: serde_json::Value = r.json().await.unwrap_or_default();
-                            let job = (!sync).then(|| body["id"].as_str().map(str::to_owned)).flatten();
-                            Sent { took: started.elapsed(), error: None, job }
+impl Balanced {
+    async fn start(cluster: &Cluster, key: &str) -> Self {
+        let known = Arc::new(Mutex::new(cluster.ingresses.clone()));
+        let rotation = Arc::new(Mutex::new(cluster.ingresses.clone()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let prober = {
+            let (known, rotation, stop) = (known.clone(), rotation.clone(), stop.clone());
+            let http = reqwest::Client::builder().timeout(Duration::from_millis(500)).build().unwrap();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(20));
+                while !stop.load(Ordering::Relaxed) {
+                    every.tick().await;
+                    let bases = known.lock().unwrap().clone();
+                    let mut ready = Vec::new();
+                    for base in bases {
+                        let up = http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200);
+                        if up {
+                            ready.push(base);
                         }
-                        Ok(r) => Sent {
-                            took: started.elapsed(),
-                            error: Some(format!(
-                                "{base}: status {}: {}",
-                                r.status(),
-                                r.text().await.unwrap_or_default()
-                            )),
-                            job: None,
-                        },
-                        Err(e) => Sent { took: started.elapsed(), error: Some(format!("{base}: {e}")), job: None },
                     }
-                }));
-            }
-            let mut sent = Vec::new();
-            for t in tasks {
-                sent.push(t.await.unwrap());
-            }
-            sent
-        })
-    };
-    wait_for("the load to be under way", Duration::from_secs(10), || async {
-        (cluster.mock_stats().await["requests"].as_u64().unwrap_or(0) > 50).then_some(())
-    })
-    .await;
-
-    let mut restarts = 0;
-    for _ in 0..2 {
-        for _ in 0..2 {
-            let old = cluster.ingresses[0].clone();
-            let status = cluster.terminate_ingress(0).await;
-            assert!(status.success(), "the ingress exits cleanly on SIGTERM: {status}");
-            known.lock().unwrap().retain(|b| *b != old);
-            let new = cluster.start_ingress().await;
-            known.lock().unwrap().push(new.clone());
-            wait_for("the new ingress in rotation", Duration::from_secs(10), || async {
-                rotation.lock().unwrap().contains(&new).then_some(())
+                    *rotation.lock().unwrap() = ready;
+                }
             })
-            .await;
-            restarts += 1;
-        }
-        for _ in 0..2 {
-            let status = cluster.terminate_worker(0).await;
-            assert!(status.success(), "the worker exits cleanly on SIGTERM: {status}");
-            cluster.start_worker().await;
-            restarts += 1;
-        }
+        };
+        let load = {
+            let (rotation, stop, key) = (rotation.clone(), stop.clone(), key.to_owned());
+            let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+            tokio::spawn(async move {
+                let mut tasks = Vec::new();
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let base = {
+                        let r = rotation.lock().unwrap();
+                        (!r.is_empty()).then(|| r[i % r.len()].clone())
+                    };
+                    let (http, key, sync) = (http.clone(), key.clone(), i.is_multiple_of(2));
+                    i += 1;
+                    tasks.push(tokio::spawn(send(http, base, key, sync, i)));
+                }
+                let mut sent = Vec::new();
+                for t in tasks {
+                    sent.push(t.await.unwrap());
+                }
+                sent
+            })
+        };
+        let balanced = Self { known, rotation, stop, prober, load };
+        wait_for("the load to be under way", Duration::from_secs(10), || async {
+            (cluster.mock_stats().await["requests"].as_u64().unwrap_or(0) > 50).then_some(())
+        })
+        .await;
+        balanced
     }
-    stop.store(true, Ordering::Relaxed);
-    let sent = load.await.unwrap();
-    prober.await.unwrap();
 
+    fn forget(&self, base: &str) {
+        self.known.lock().unwrap().retain(|b| b != base);
+    }
+
+    async fn add(&self, base: String) {
+        self.known.lock().unwrap().push(base.clone());
+        wait_for("the new ingress in rotation", Duration::from_secs(10), || async {
+            self.rotation.lock().unwrap().contains(&base).then_some(())
+        })
+        .await;
+    }
+
+    /// Stops the load; what each request came to.
+    async fn finish(self) -> Vec<Sent> {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self.load.await.unwrap();
+        self.prober.await.unwrap();
+        sent
+    }
+}
+
+async fn send(http: reqwest::Client, base: Option<String>, key: String, sync: bool, i: usize) -> Sent {
+    let started = Instant::now();
+    let Some(base) = base else {
+        return Sent { took: Duration::ZERO, error: Some("no ingress ready".into()), job: None };
+    };
+    let chat = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": format!("r{i}")}]});
+    let request = if sync {
+        http.post(format!("{base}/v1/chat/completions")).json(&chat)
+    } else {
+        http.post(format!("{base}/v1/jobs")).json(&serde_json::json!({"endpoint": "chat.completions", "body": chat}))
+    };
+    match request.bearer_auth(&key).send().await {
+        Ok(r) if r.status().is_success() => {
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            let job = (!sync).then(|| body["id"].as_str().map(str::to_owned)).flatten();
+            Sent { took: started.elapsed(), error: None, job }
+        }
+        Ok(r) => {
+            let status = r.status();
+            let error = format!("{base}: status {status}: {}", r.text().await.unwrap_or_default());
+            Sent { took: started.elapsed(), error: Some(error), job: None }
+        }
+        Err(e) => Sent { took: started.elapsed(), error: Some(format!("{base}: {e}")), job: None },
+    }
+}
+
+/// Prints what the clients saw and checks it: no error, every accepted job
+/// completed, and none delivered more than twice (a stopping worker hands
+/// back the jobs it has not started, one more delivery each, but must not
+/// bounce them back and forth, each bounce spending one of
+/// `worker.max_attempts`).
+async fn audit(cluster: &Cluster, key: &str, sent: &[Sent], restarts: &str) {
     let errors: Vec<&String> = sent.iter().filter_map(|s| s.error.as_ref()).collect();
     let slowest = sent.iter().map(|s| s.took).max().unwrap_or_default();
-    // Every accepted job ends completed, and none was delivered more than
-    // twice: a stopping worker hands back the jobs it has not started (one
-    // more delivery), but must not bounce them back and forth, each bounce
-    // spending one of `worker.max_attempts`.
     let base = cluster.ingresses[0].clone();
     let jobs: Vec<&String> = sent.iter().filter_map(|s| s.job.as_ref()).collect();
     let (mut unfinished, mut redelivered, mut most_attempts) = (0, 0, 0);
@@ -157,7 +154,7 @@ async fn a_rolling_restart_of_every_ingress_and_worker_under_load_leaves_clients
         let url = format!("{base}/v1/jobs/{id}");
         let done = poll_until(Duration::from_secs(30), || async {
             let job: serde_json::Value =
-                cluster.http.get(&url).bearer_auth(&key).send().await.ok()?.json().await.ok()?;
+                cluster.http.get(&url).bearer_auth(key).send().await.ok()?.json().await.ok()?;
             (job["status"] == "completed").then(|| job["attempts"].as_u64().unwrap_or(0))
         })
         .await;
@@ -167,7 +164,7 @@ async fn a_rolling_restart_of_every_ingress_and_worker_under_load_leaves_clients
         most_attempts = most_attempts.max(attempts);
     }
     println!(
-        "rolling restart: restarts={restarts} (4 ingress, 4 worker) requests={} client_errors={} slowest_ms={} jobs={} jobs_not_completed={unfinished} jobs_delivered_again={redelivered} most_attempts={most_attempts}",
+        "rolling restart: restarts={restarts} requests={} client_errors={} slowest_ms={} jobs={} jobs_not_completed={unfinished} jobs_delivered_again={redelivered} most_attempts={most_attempts}",
         sent.len(),
         errors.len(),
         slowest.as_millis(),
@@ -176,6 +173,62 @@ async fn a_rolling_restart_of_every_ingress_and_worker_under_load_leaves_clients
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
     assert_eq!(unfinished, 0, "every accepted job completes");
     assert!(most_attempts <= 2, "a job was delivered {most_attempts} times: stopping workers bounced it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_ingress_and_worker_under_load_leaves_clients_no_error() {
+    let mock = sluice_mock_provider::Settings { latency_ms: 100, ..Default::default() };
+    let mut cluster = Cluster::start(mock, 16, "").await;
+    for _ in 0..2 {
+        cluster.start_ingress().await;
+        cluster.start_worker().await;
+    }
+    let (_, key) = cluster.tenant("rolling", settings(None, None, None)).await;
+    let balanced = Balanced::start(&cluster, &key).await;
+
+    for _ in 0..2 {
+        for _ in 0..2 {
+            let old = cluster.ingresses[0].clone();
+            let status = cluster.terminate_ingress(0).await;
+            assert!(status.success(), "the ingress exits cleanly on SIGTERM: {status}");
+            balanced.forget(&old);
+            let new = cluster.start_ingress().await;
+            balanced.add(new).await;
+        }
+        for _ in 0..2 {
+            let status = cluster.terminate_worker(0).await;
+            assert!(status.success(), "the worker exits cleanly on SIGTERM: {status}");
+            cluster.start_worker().await;
+        }
+    }
+    let sent = balanced.finish().await;
+    audit(&cluster, &key, &sent, "8 (4 ingress, 4 worker)").await;
+}
+
+/// The same load on a three-node NATS cluster (every stream at three
+/// replicas), each node stopped in turn as deploy/'s StatefulSet stops it
+/// (lame-duck mode, then exit), restarted, and caught up before the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_nats_node_under_load_leaves_clients_no_error() {
+    use crate::chaos::cluster::NatsCluster;
+    let mut nats = NatsCluster::start().await;
+    let mock = sluice_mock_provider::Settings { latency_ms: 100, ..Default::default() };
+    let mut cluster = Cluster::start_on(None, &nats.url(), 3, mock, 16, "").await;
+    for _ in 0..2 {
+        cluster.start_ingress().await;
+        cluster.start_worker().await;
+    }
+    let (_, key) = cluster.tenant("rolling", settings(None, None, None)).await;
+    let balanced = Balanced::start(&cluster, &key).await;
+    for name in nats.names() {
+        nats.lame_duck_stop(&name).await;
+        nats.restart(&name);
+        for stream in ["JOBS", "KV_JOB_STATE"] {
+            nats.caught_up(stream).await;
+        }
+    }
+    let sent = balanced.finish().await;
+    audit(&cluster, &key, &sent, "3 (NATS nodes)").await;
 }
 
 /// A worker told to stop keeps its running jobs, and a job that reaches it

@@ -60,7 +60,16 @@ impl NatsCluster {
             .map(|(_, n)| format!("nats://127.0.0.1:{}", n.2))
             .collect();
         let (name, port, cport, store, _) = &self.nodes[i];
+        // deploy/'s lame-duck period (30 s, nats-server's least): a node
+        // stopped by `lame_duck_stop` moves its clients off over 30 s; the
+        // grace before it starts is cut to 0.5 s (10 s by default).
+        let conf = self._dir.0.join("lame-duck.conf");
+        if !conf.exists() {
+            std::fs::write(&conf, "lame_duck_duration: 30s\nlame_duck_grace_period: 500ms\n").unwrap();
+        }
         let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&conf)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-n", name, "--cluster_name", "sluice"])
             .arg("-sd")
             .arg(store)
@@ -82,6 +91,19 @@ impl NatsCluster {
         if let Some(mut child) = node.4.take() {
             let _ = child.start_kill();
             let _ = child.wait().await;
+        }
+    }
+
+    /// Stops a node as the StatefulSet in deploy/ does: lame-duck mode
+    /// first (its `preStop` hook; the node hands its leaderships on and
+    /// moves its clients to the others), then it exits by itself.
+    pub async fn lame_duck_stop(&mut self, name: &str) {
+        let node = self.nodes.iter_mut().find(|n| n.0 == name).unwrap();
+        if let Some(mut child) = node.4.take() {
+            let pid = child.id().expect("the node runs").to_string();
+            assert!(std::process::Command::new("kill").args(["-USR2", &pid]).status().unwrap().success());
+            let status = child.wait().await.unwrap();
+            assert!(status.success(), "{name} leaves lame-duck mode by exiting cleanly: {status}");
         }
     }
 
