@@ -103,6 +103,7 @@ impl Replies {
         let mut subscription = client.subscribe(subjects::replies_of(ingress_id)).await?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Command>();
         let (shutdown, orphans) = (tasks.stopping(), tasks.clone());
+        let confirm = Confirm::start(client.clone(), tasks);
         tasks.spawn(async move {
             let mut waiting: HashMap<u64, Slot> = HashMap::new();
             loop {
@@ -117,8 +118,12 @@ impl Replies {
                     },
                     message = subscription.next() => {
                         let Some(message) = message else { return };
-                        if let Some(orphan) = route(&mut waiting, message, buffer.bytes) {
-                            orphans.spawn(store_orphan(job_state.clone(), orphan));
+                        let asks = message.reply.clone();
+                        match route(&mut waiting, message, buffer.bytes) {
+                            Some(orphan) => {
+                                orphans.spawn(store_orphan(job_state.clone(), orphan, asks.map(|r| (confirm.clone(), r))));
+                            }
+                            None => if let Some(to) = asks { confirm.send(to) },
                         }
                     }
                 }
@@ -202,8 +207,44 @@ fn route(waiting: &mut HashMap<u64, Slot>, message: async_nats::Message, max_byt
     }
 }
 
-/// Stores an answer nobody waits for as the job's final state.
-pub(crate) async fn store_orphan(job_state: kv::Store, answer: Box<Answer>) {
+/// Confirmations of answers the router took (a worker that asks for one
+/// stores the answer as the job's state when it does not come), sent by a
+/// task of their own so that a slow connection never holds up the router.
+/// A confirmation dropped on a full buffer only makes a worker store an
+/// answer that was delivered.
+#[derive(Clone)]
+pub(crate) struct Confirm(mpsc::Sender<async_nats::Subject>);
+
+impl Confirm {
+    fn start(client: async_nats::Client, tasks: &Tasks) -> Self {
+        let (tx, mut rx) = mpsc::channel::<async_nats::Subject>(4096);
+        let shutdown = tasks.stopping();
+        tasks.spawn(async move {
+            loop {
+                let to = tokio::select! {
+                    to = rx.recv() => match to { Some(to) => to, None => return },
+                    _ = shutdown.cancelled() => return,
+                };
+                let _ = client.publish(to, bytes::Bytes::new()).await;
+            }
+        });
+        Self(tx)
+    }
+
+    fn send(&self, to: async_nats::Subject) {
+        if self.0.try_send(to).is_err() {
+            tracing::debug!("confirmation buffer full; the worker stores the answer as the job's state");
+        }
+    }
+}
+
+/// Stores an answer nobody waits for as the job's final state; then
+/// confirms it to its worker, when it asked.
+pub(crate) async fn store_orphan(
+    job_state: kv::Store,
+    answer: Box<Answer>,
+    confirm: Option<(Confirm, async_nats::Subject)>,
+) {
     let job = &answer.job;
     let mut record = JobRecord::of_job(job);
     record.attempts = answer.attempt;
@@ -211,7 +252,12 @@ pub(crate) async fn store_orphan(job_state: kv::Store, answer: Box<Answer>) {
     let outcome = if (200..300).contains(&status) { JobStatus::Completed } else { JobStatus::Failed };
     record.conclude(outcome, &answer.outcome, now_ms() / 1000);
     let Ok(value) = serde_json::to_vec(&record) else { return };
-    if let Err(error) = job_state.put(jobstate::key(job.tenant, job.job_id), value.into()).await {
-        tracing::warn!(%error, job_id = %job.job_id, "could not store an answer whose client left");
+    match job_state.put(jobstate::key(job.tenant, job.job_id), value.into()).await {
+        Ok(_) => {
+            if let Some((confirm, to)) = confirm {
+                confirm.send(to);
+            }
+        }
+        Err(error) => tracing::warn!(%error, job_id = %job.job_id, "could not store an answer whose client left"),
     }
 }

@@ -80,7 +80,7 @@ impl Drop for Unsent {
             Some(answer) if self.left > 0 => {
                 metrics::counter!(crate::metrics::STORED_ANSWERS_KEPT).increment(1);
                 tracing::info!(job_id = %answer.job.job_id, left = self.left, "the client left mid-answer; keeping it as the job's result");
-                self.state.tasks.spawn(crate::replies::store_orphan(state.job_state.clone(), answer));
+                self.state.tasks.spawn(crate::replies::store_orphan(state.job_state.clone(), answer, None));
             }
             _ => {
                 let name = std::mem::take(&mut self.name);

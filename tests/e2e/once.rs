@@ -312,3 +312,49 @@ async fn a_kept_synchronous_request_cancelled_while_queued_is_answered_at_once()
     assert_eq!(r.status(), 409, "cancelled, not a 504 at the end of the wait");
     assert_eq!(stack.mock.requests().await, 0);
 }
+
+/// A synchronous answer lost on its way to the ingress (the ingress's NATS
+/// node went down as the worker published it, say) is not lost with it: the
+/// ingress confirms every answer it takes, and a worker whose answer is not
+/// confirmed stores it as the job's state. Here the job names a reply
+/// subject nobody listens on, as an ingress cut off from NATS would.
+#[tokio::test]
+async fn a_synchronous_answer_its_ingress_never_got_is_stored_as_the_jobs_state() {
+    use sluice_core::wire::envelope::{Class, Endpoint, Envelope};
+    let stack = Stack::start().await;
+    let tenant = sluice_core::db::ensure_tenant(&stack.db, "acme").await.unwrap();
+    let now = sluice_core::now_ms();
+    let env = Envelope {
+        job_id: uuid::Uuid::now_v7(),
+        tenant,
+        pool: crate::harness::MODEL.to_owned(),
+        endpoint: Endpoint::ChatCompletions,
+        reply: Some(sluice_core::wire::subjects::reply("cut-off-ingress", 1)),
+        deadline_ms: now + 60_000,
+        submitted_ms: now,
+        request_id: "lost-answer".into(),
+        traceparent: None,
+        est_tokens: 0,
+        queued_counted: false,
+        tpm_window: None,
+        stream: false,
+        body_ref: None,
+        wait_until_ms: Some(now + 20_000),
+        kept: false,
+    };
+    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let subject = sluice_core::wire::subjects::job(&env.pool, Class::Interactive, tenant);
+    let body = serde_json::to_vec(&Stack::chat_body("nobody hears this")).unwrap();
+    js.publish_with_headers(subject, env.to_headers(), body.into()).await.unwrap().await.unwrap();
+
+    let job = wait_for("the answer stored as the job's state", Duration::from_secs(10), || async {
+        let r = stack.get_job(&stack.key, &env.job_id.to_string()).await;
+        let job: serde_json::Value = r.json().await.ok()?;
+        (job["status"] == "completed").then_some(job)
+    })
+    .await;
+    let content = job["result"]["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    assert!(content.contains("nobody hears this"), "{job}");
+    assert_eq!(stack.mock.requests().await, 1);
+}

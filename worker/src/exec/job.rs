@@ -285,7 +285,15 @@ async fn execute(
                 stored: stored && env.reply.is_some(),
             };
             if let Some(subject) = &env.reply {
-                reply(ctx, subject, &answer).await;
+                // The ingress confirms a synchronous answer it took (one
+                // that sets `Sluice-Wait-Until-Ms` does); unconfirmed (lost
+                // with a NATS node, or its ingress gone), the answer is
+                // stored as the job's state, where the job id of the 504
+                // the client then gets finds it.
+                let confirm = !stored && !env.stream && env.wait_until_ms.is_some();
+                if !reply(ctx, subject, &answer, confirm).await && confirm {
+                    state::adopt_unconfirmed(ctx, env, attempt, unanswered, status, &answer.outcome).await;
+                }
             }
             tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "answer published");
             if !ctx.events.record(event).await {
@@ -306,12 +314,35 @@ async fn execute(
 }
 
 /// Sends the answer to the ingress waiting on `subject`.
-async fn reply(ctx: &JobContext, subject: &str, answer: &Answer) {
+/// Publishes the answer to its ingress; with `confirm`, as a request the
+/// ingress answers once it took the answer. `false` when the publish failed
+/// or the confirmation did not come within [`CONFIRM_WAIT`].
+async fn reply(ctx: &JobContext, subject: &str, answer: &Answer, confirm: bool) -> bool {
     let (headers, payload) = answer.encode();
-    if let Err(error) = ctx.nats.publish_with_headers(subject.to_owned(), headers, payload).await {
-        tracing::warn!(%error, "could not publish the answer to the ingress");
+    if !confirm {
+        if let Err(error) = ctx.nats.publish_with_headers(subject.to_owned(), headers, payload).await {
+            tracing::warn!(%error, "could not publish the answer to the ingress");
+            return false;
+        }
+        return true;
+    }
+    let request = ctx.nats.request_with_headers(subject.to_owned(), headers, payload);
+    match tokio::time::timeout(CONFIRM_WAIT, request).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(error)) => {
+            tracing::info!(%error, "the ingress did not confirm the answer");
+            false
+        }
+        Err(_) => {
+            tracing::info!("the ingress did not confirm the answer within 2 s");
+            false
+        }
     }
 }
+
+/// How long a worker waits for its ingress to confirm a synchronous answer
+/// before it stores the answer as the job's state.
+const CONFIRM_WAIT: Duration = Duration::from_secs(2);
 
 /// A message that was acked or terminated left the queue; one whose ack
 /// failed may come back, and is released when it does.
@@ -404,7 +435,7 @@ async fn conclude(
             headers: Vec::new(),
             stored: true,
         };
-        reply(ctx, subject, &answer).await;
+        reply(ctx, subject, &answer, false).await;
     }
     tracing::info!(status = status.as_str(), "job ended without running");
     let tenant = ctx.tenants.get(env.tenant).name.clone();

@@ -257,11 +257,38 @@ pub(crate) async fn adopt_detached(
     if !wait_over && now.saturating_sub(env.submitted_ms) < ADOPT_CHECK_AFTER_MS {
         return false;
     }
-    match adopt(&ctx.job_state, &ctx.state_commit, env, attempt, unanswered, status, outcome, wait_over).await {
+    store_sync(ctx, env, attempt, unanswered, status, outcome, wait_over).await
+}
+
+/// Stores a synchronous job's outcome as its state because its ingress did
+/// not confirm the answer: the answer message was lost (its ingress's NATS
+/// node went down), or the ingress is gone. Its client then gets a 504
+/// naming the job, and `GET /v1/jobs/{id}` finds the outcome.
+pub(crate) async fn adopt_unconfirmed(
+    ctx: &JobContext,
+    env: &Envelope,
+    attempt: u32,
+    unanswered: u32,
+    status: JobStatus,
+    outcome: &Outcome,
+) -> bool {
+    store_sync(ctx, env, attempt, unanswered, status, outcome, true).await
+}
+
+async fn store_sync(
+    ctx: &JobContext,
+    env: &Envelope,
+    attempt: u32,
+    unanswered: u32,
+    status: JobStatus,
+    outcome: &Outcome,
+    create: bool,
+) -> bool {
+    match adopt(&ctx.job_state, &ctx.state_commit, env, attempt, unanswered, status, outcome, create).await {
         Ok(stored) => {
             if stored {
                 metrics::counter!(m::SYNC_OUTCOMES_STORED, "result" => "stored").increment(1);
-                tracing::info!(wait_over, "the client no longer waits; its outcome is stored as the job's state");
+                tracing::info!(create, "the client may no longer wait; its outcome is stored as the job's state");
             }
             stored
         }
