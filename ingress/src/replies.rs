@@ -7,7 +7,10 @@
 //!
 //! An answer whose request is gone (the client timed out or disconnected)
 //! is not lost: it is stored as the job's state, where
-//! `GET /v1/jobs/{id}` finds it with the job id the 504 named.
+//! `GET /v1/jobs/{id}` finds it with the job id the 504 named. A worker that
+//! asks for it (a request with a reply subject) gets a confirmation once the
+//! answer is handed over or stored; without one it stores the answer itself
+//! (decision 0021).
 
 use sluice_core::tasks::Tasks;
 use std::collections::HashMap;

@@ -34,6 +34,7 @@ pub const H_QUEUED_COUNTED: &str = "Sluice-Queued-Counted";
 pub const H_TPM_WINDOW: &str = "Sluice-Tpm-Window";
 /// When the waiting ingress stops waiting for a synchronous answer (ms since
 /// the epoch): past it, the worker stores the outcome as the job's state.
+/// An ingress that sets it confirms the answers it takes (decision 0021).
 pub const H_WAIT_UNTIL: &str = "Sluice-Wait-Until-Ms";
 /// Present on a synchronous job whose state is in the job-state bucket from
 /// its submit (it carries an `Idempotency-Key`): the worker moves it on like
