@@ -48,7 +48,7 @@ proptest! {
         request_id in "[!-~]{1,64}", est in any::<u64>(), counted in any::<bool>(),
         window in proptest::option::of(any::<u64>()), stream in any::<bool>(),
         stored in proptest::option::of((any::<u64>(), any::<bool>())),
-        wait_until in proptest::option::of(any::<u64>()), kept in any::<bool>(),
+        wait_until in proptest::option::of(any::<u64>()), kept in any::<bool>(), confirm in any::<bool>(),
     ) {
         let body_ref = stored.map(|(size, result)| {
             let kind = if result { stored::Kind::Result } else { stored::Kind::Request };
@@ -58,7 +58,7 @@ proptest! {
             job_id: Uuid::from_u128(job), tenant: Uuid::from_u128(tenant), pool, endpoint, reply,
             deadline_ms: deadline, submitted_ms: submitted, request_id, traceparent: None,
             est_tokens: est, queued_counted: counted, tpm_window: window, stream, body_ref,
-            wait_until_ms: wait_until, kept,
+            wait_until_ms: wait_until, kept, confirm,
         };
         prop_assert_eq!(Envelope::from_headers(Some(&env.to_headers())).unwrap(), env);
     }

@@ -21,6 +21,7 @@ use async_nats::jetstream::kv;
 use futures::StreamExt;
 use sluice_core::event::JobStatus;
 use sluice_core::jobstate::{self, JobRecord};
+use sluice_core::nats::Role;
 use sluice_core::now_ms;
 use sluice_core::wire::reply::{Answer, Reply};
 use sluice_core::wire::subjects;
@@ -34,7 +35,8 @@ enum Command {
 /// The router's side of a waiter: a buffer bounded in chunks
 /// (`ingress.stream_buffer_chunks`) and in bytes (`ingress.stream_buffer_bytes`).
 struct Slot {
-    tx: mpsc::Sender<Reply>,
+    /// Each reply, with the subject of the confirmation its worker asked for.
+    tx: mpsc::Sender<(Reply, Option<async_nats::Subject>)>,
     held: Arc<Held>,
 }
 
@@ -56,6 +58,7 @@ pub struct Buffer {
 
 pub struct Replies {
     ingress_id: String,
+    confirm: Confirm,
     next: AtomicU64,
     buffer: Buffer,
     commands: mpsc::UnboundedSender<Command>,
@@ -65,21 +68,28 @@ pub struct Replies {
 pub struct Waiter {
     pub subject: String,
     id: u64,
-    rx: mpsc::Receiver<Reply>,
+    rx: mpsc::Receiver<(Reply, Option<async_nats::Subject>)>,
     held: Arc<Held>,
     commands: mpsc::UnboundedSender<Command>,
+    confirm: Confirm,
 }
 
 impl Waiter {
     /// Waits for the answer (or the next chunk of a streamed one); `None`
     /// if the router stopped, or dropped this waiter because its client
-    /// read too slowly ([`Waiter::overflowed`]).
+    /// read too slowly ([`Waiter::overflowed`]). An answer is confirmed to
+    /// its worker only here, once the request has it: one left in the
+    /// buffer by a request that gave up (504, client gone) is not, and its
+    /// worker stores it as the job's state.
     pub async fn recv(&mut self) -> Option<Reply> {
-        let reply = self.rx.recv().await;
-        if let Some(Reply::Chunk(c)) = &reply {
+        let (reply, asks) = self.rx.recv().await?;
+        if let Reply::Chunk(c) = &reply {
             self.held.bytes.fetch_sub(c.data.len(), Ordering::Relaxed);
         }
-        reply
+        if let Some(to) = asks {
+            self.confirm.send(to);
+        }
+        Some(reply)
     }
 
     /// Whether the router cut this waiter off: its buffer was full.
@@ -107,6 +117,7 @@ impl Replies {
         let (tx, mut rx) = mpsc::unbounded_channel::<Command>();
         let (shutdown, orphans) = (tasks.stopping(), tasks.clone());
         let confirm = Confirm::start(client.clone(), tasks);
+        let router_confirm = confirm.clone();
         tasks.spawn(async move {
             let mut waiting: HashMap<u64, Slot> = HashMap::new();
             loop {
@@ -121,19 +132,16 @@ impl Replies {
                     },
                     message = subscription.next() => {
                         let Some(message) = message else { return };
-                        let asks = message.reply.clone();
-                        match route(&mut waiting, message, buffer.bytes) {
-                            Some(orphan) => {
-                                orphans.spawn(store_orphan(job_state.clone(), orphan, asks.map(|r| (confirm.clone(), r))));
-                            }
-                            None => if let Some(to) = asks { confirm.send(to) },
+                        if let Some((orphan, asks)) = route(&mut waiting, message, buffer.bytes) {
+                            let confirm = asks.map(|to| (router_confirm.clone(), to));
+                            orphans.spawn(store_orphan(job_state.clone(), orphan, confirm));
                         }
                     }
                 }
             }
         });
         let buffer = Buffer { chunks: buffer.chunks.max(1), bytes: buffer.bytes };
-        Ok(Self { ingress_id: ingress_id.to_owned(), next: AtomicU64::new(1), buffer, commands: tx })
+        Ok(Self { ingress_id: ingress_id.to_owned(), confirm, next: AtomicU64::new(1), buffer, commands: tx })
     }
 
     pub fn register(&self) -> Waiter {
@@ -142,15 +150,23 @@ impl Replies {
         let held = Arc::new(Held::default());
         let _ = self.commands.send(Command::Register(id, Slot { tx, held: held.clone() }));
         let subject = subjects::reply(&self.ingress_id, id);
-        Waiter { subject, id, rx, held, commands: self.commands.clone() }
+        Waiter { subject, id, rx, held, commands: self.commands.clone(), confirm: self.confirm.clone() }
     }
 }
 
-/// Hands the answer to its waiter; returns it when nobody waits any more.
+/// Hands the answer to its waiter; returns it when nobody waits any more,
+/// with the confirmation its worker asked for (sent once it is stored).
 /// A streamed answer's pieces are not returned: they went out as they came.
 /// A waiter whose buffer is full (its client reads slower than the provider
 /// writes) is dropped: its stream ends, and nothing else waits for it.
-fn route(waiting: &mut HashMap<u64, Slot>, message: async_nats::Message, max_bytes: usize) -> Option<Box<Answer>> {
+fn route(
+    waiting: &mut HashMap<u64, Slot>,
+    message: async_nats::Message,
+    max_bytes: usize,
+) -> Option<(Box<Answer>, Option<async_nats::Subject>)> {
+    // Only a worker's inbox: the confirmation is sent with the ingress's
+    // response permission, which must not reach any other subject.
+    let asks = message.reply.filter(|to| to.starts_with(&format!("{}.", Role::Worker.inbox_prefix())));
     let reply = match Reply::decode(message.headers.as_ref(), message.payload) {
         Ok(reply) => reply,
         Err(error) => {
@@ -160,28 +176,28 @@ fn route(waiting: &mut HashMap<u64, Slot>, message: async_nats::Message, max_byt
         }
     };
     // (an answer the worker stored as the job's state needs nothing more)
-    let unwanted = |reply: Reply| match reply {
-        Reply::Answer(a) if !a.ends_stream && !a.stored => Some(a),
+    let unwanted = |reply: Reply, asks: Option<async_nats::Subject>| match reply {
+        Reply::Answer(a) if !a.ends_stream && !a.stored => Some((a, asks)),
         _ => None,
     };
     let Some(slot) = subjects::parse_reply(message.subject.as_str()) else {
         metrics::counter!(crate::metrics::ORPHAN_REPLIES).increment(1);
-        return unwanted(reply);
+        return unwanted(reply, asks);
     };
     // A chunk leaves its slot in place for the next one; an answer frees it.
     let (sent, held) = match (&reply, waiting.get(&slot)) {
         (_, None) => {
             metrics::counter!(crate::metrics::ORPHAN_REPLIES).increment(1);
-            return unwanted(reply);
+            return unwanted(reply, asks);
         }
         (Reply::Chunk(c), Some(waiter)) => {
             let len = c.data.len();
             // Counted before it is sent, so the waiter never counts it below zero.
             let before = waiter.held.bytes.fetch_add(len, Ordering::Relaxed);
             let sent = if before + len > max_bytes {
-                Err(mpsc::error::TrySendError::Full(reply))
+                Err(mpsc::error::TrySendError::Full((reply, None)))
             } else {
-                waiter.tx.try_send(reply)
+                waiter.tx.try_send((reply, None))
             };
             if sent.is_err() {
                 waiter.held.bytes.fetch_sub(len, Ordering::Relaxed);
@@ -189,23 +205,23 @@ fn route(waiting: &mut HashMap<u64, Slot>, message: async_nats::Message, max_byt
             (sent, waiter.held.clone())
         }
         (Reply::Answer(_), Some(_)) => match waiting.remove(&slot) {
-            Some(waiter) => (waiter.tx.try_send(reply), waiter.held),
+            Some(waiter) => (waiter.tx.try_send((reply, asks)), waiter.held),
             None => return None,
         },
     };
     match sent {
         Ok(()) => None,
-        Err(mpsc::error::TrySendError::Full(reply)) => {
+        Err(mpsc::error::TrySendError::Full((reply, asks))) => {
             held.overflowed.store(true, Ordering::Relaxed);
             waiting.remove(&slot);
             metrics::counter!(crate::metrics::STREAMS_INTERRUPTED, "reason" => "slow_client").increment(1);
-            unwanted(reply)
+            unwanted(reply, asks)
         }
-        Err(mpsc::error::TrySendError::Closed(reply)) => {
+        Err(mpsc::error::TrySendError::Closed((reply, asks))) => {
             // The waiter gave up between our lookup and now.
             waiting.remove(&slot);
             metrics::counter!(crate::metrics::ORPHAN_REPLIES).increment(1);
-            unwanted(reply)
+            unwanted(reply, asks)
         }
     }
 }
@@ -241,7 +257,8 @@ impl Confirm {
     }
 }
 
-/// Stores an answer nobody waits for as the job's final state; then
+/// Stores an answer nobody waits for as the job's final state, unless the
+/// job has one already (its worker, not confirmed in time, stored it); then
 /// confirms it to its worker, when it asked.
 pub(crate) async fn store_orphan(
     job_state: kv::Store,
@@ -255,8 +272,23 @@ pub(crate) async fn store_orphan(
     let outcome = if (200..300).contains(&status) { JobStatus::Completed } else { JobStatus::Failed };
     record.conclude(outcome, &answer.outcome, now_ms() / 1000);
     let Ok(value) = serde_json::to_vec(&record) else { return };
-    match job_state.put(jobstate::key(job.tenant, job.job_id), value.into()).await {
-        Ok(_) => {
+    let key = jobstate::key(job.tenant, job.job_id);
+    // Created, or written over a state that is not terminal (the `queued`
+    // one of a 504), never over an outcome.
+    let stored = match job_state.create(&key, value.clone().into()).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => match job_state.entry(&key).await {
+            Ok(Some(entry)) => match serde_json::from_slice::<JobRecord>(&entry.value) {
+                Ok(existing) if existing.status.is_terminal() => Ok(()),
+                _ => job_state.update(&key, value.into(), entry.revision).await.map(|_| ()).map_err(|e| e.to_string()),
+            },
+            Ok(None) => Err("the job's state vanished".to_owned()),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    match stored {
+        Ok(()) => {
             if let Some((confirm, to)) = confirm {
                 confirm.send(to);
             }

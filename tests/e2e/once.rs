@@ -341,6 +341,7 @@ async fn a_synchronous_answer_its_ingress_never_got_is_stored_as_the_jobs_state(
         body_ref: None,
         wait_until_ms: Some(now + 20_000),
         kept: false,
+        confirm: true,
     };
     let nats = async_nats::connect(&stack.nats.url).await.unwrap();
     let js = async_nats::jetstream::new(nats);

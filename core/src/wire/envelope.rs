@@ -34,7 +34,10 @@ pub const H_QUEUED_COUNTED: &str = "Sluice-Queued-Counted";
 pub const H_TPM_WINDOW: &str = "Sluice-Tpm-Window";
 /// When the waiting ingress stops waiting for a synchronous answer (ms since
 /// the epoch): past it, the worker stores the outcome as the job's state.
-/// An ingress that sets it confirms the answers it takes (decision 0021).
+/// Present when the waiting ingress confirms the answer it takes (a reply
+/// to the answer message): a worker that gets no confirmation stores the
+/// outcome as the job's state (decision 0021).
+pub const H_CONFIRM: &str = "Sluice-Confirm";
 pub const H_WAIT_UNTIL: &str = "Sluice-Wait-Until-Ms";
 /// Present on a synchronous job whose state is in the job-state bucket from
 /// its submit (it carries an `Idempotency-Key`): the worker moves it on like
@@ -150,6 +153,8 @@ pub struct Envelope {
     pub wait_until_ms: Option<u64>,
     /// A synchronous job whose state is kept in the bucket ([`H_KEPT`]).
     pub kept: bool,
+    /// The waiting ingress confirms the answer ([`H_CONFIRM`]).
+    pub confirm: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -199,6 +204,9 @@ impl Envelope {
         if self.kept {
             h.insert(H_KEPT, "1");
         }
+        if self.confirm {
+            h.insert(H_CONFIRM, "1");
+        }
         h
     }
 
@@ -242,6 +250,7 @@ impl Envelope {
                 Some(v) => Some(v.parse().map_err(|_| EnvelopeError::Malformed(H_WAIT_UNTIL))?),
             },
             kept: get(H_KEPT).is_some(),
+            confirm: get(H_CONFIRM).is_some(),
         })
     }
 }
@@ -268,6 +277,7 @@ mod tests {
             body_ref: Some(StoredBody { name: "req.a.b".into(), size: 2 << 20 }),
             wait_until_ms: Some(1_700_000_000_500),
             kept: true,
+            confirm: true,
         }
     }
 

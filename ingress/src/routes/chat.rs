@@ -125,6 +125,8 @@ async fn handle(
         wait_until_ms: Some(submitted_ms + state.config.ingress.sync_timeout_ms),
         // A streamed answer goes out as it comes and is not kept.
         kept: idempotency_key.is_some() && !checked.stream,
+        // The reply router confirms the answer once this request has it.
+        confirm: !checked.stream,
     };
     let class = Class::Interactive.capped_by(policy.tier);
     let subject = subjects::job(checked.pool_token, class, owner.tenant_id);

@@ -80,6 +80,7 @@ async fn handle_submit(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         body_ref: None,
         wait_until_ms: None,
         kept: false,
+        confirm: false,
     };
     let subject = sluice_core::wire::subjects::job(checked.pool_token, class, owner.tenant_id);
 

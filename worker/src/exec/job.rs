@@ -285,12 +285,12 @@ async fn execute(
                 stored: stored && env.reply.is_some(),
             };
             if let Some(subject) = &env.reply {
-                // The ingress confirms a synchronous answer it took (one
-                // that sets `Sluice-Wait-Until-Ms` does); unconfirmed (lost
-                // with a NATS node, or its ingress gone), the answer is
-                // stored as the job's state, where the job id of the 504
-                // the client then gets finds it.
-                let confirm = !stored && !env.stream && env.wait_until_ms.is_some();
+                // The ingress confirms a synchronous answer its request
+                // took (`Sluice-Confirm`); unconfirmed (lost with a NATS
+                // node, left unread by a request that gave up, or its
+                // ingress gone), the answer is stored as the job's state,
+                // where the job id of the 504 the client gets finds it.
+                let confirm = !stored && !env.stream && env.confirm;
                 if !reply(ctx, subject, &answer, confirm).await && confirm {
                     state::adopt_unconfirmed(ctx, env, attempt, unanswered, status, &answer.outcome).await;
                 }
