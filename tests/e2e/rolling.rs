@@ -144,13 +144,14 @@ async fn send(http: reqwest::Client, base: Option<String>, key: String, sync: bo
     }
 }
 
-/// Prints what the clients saw and checks it: no error (or, with
-/// `refusals_allowed`, none but 503s and 504s naming their job), every
-/// accepted job — and every job a 504 named — completed, and none delivered
-/// more than twice (a stopping worker hands back the jobs it has not
-/// started, one more delivery each, but must not bounce them back and
-/// forth, each bounce spending one of `worker.max_attempts`).
-async fn audit(cluster: &Cluster, key: &str, sent: &[Sent], restarts: &str, refusals_allowed: bool) {
+/// Prints what the clients saw and checks it: no error (or, when NATS
+/// nodes were restarted, none but 503s and 504s naming their job), every
+/// accepted job — and every job a 504 named — completed, and (with NATS
+/// up throughout) none delivered more than twice: a stopping worker hands
+/// back the jobs it has not started, one more delivery each, but must not
+/// bounce them back and forth, each bounce spending one of
+/// `worker.max_attempts`.
+async fn audit(cluster: &Cluster, key: &str, sent: &[Sent], restarts: &str, nats_restarted: bool) {
     let errors: Vec<&String> = sent.iter().filter_map(|s| s.error.as_ref()).collect();
     let slowest = sent.iter().map(|s| s.took).max().unwrap_or_default();
     let base = cluster.ingresses[0].clone();
@@ -176,7 +177,7 @@ async fn audit(cluster: &Cluster, key: &str, sent: &[Sent], restarts: &str, refu
         slowest.as_millis(),
         jobs.len()
     );
-    if refusals_allowed {
+    if nats_restarted {
         let other: Vec<&Sent> = sent
             .iter()
             .filter(|s| s.error.as_ref().is_some_and(|e| !e.contains("status 503 ") && s.job.is_none()))
@@ -187,7 +188,11 @@ async fn audit(cluster: &Cluster, key: &str, sent: &[Sent], restarts: &str, refu
         assert!(errors.is_empty(), "clients saw errors: {errors:?}");
     }
     assert_eq!(unfinished, 0, "every accepted job completes");
-    assert!(most_attempts <= 2, "a job was delivered {most_attempts} times: stopping workers bounced it");
+    // (a NATS node's restart may lose acknowledgements: their jobs come
+    // back once more each, which is what at-least-once delivery means)
+    if !nats_restarted {
+        assert!(most_attempts <= 2, "a job was delivered {most_attempts} times: stopping workers bounced it");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
