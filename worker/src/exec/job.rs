@@ -292,7 +292,7 @@ async fn execute(
                 // where the job id of the 504 the client gets finds it.
                 let confirm = !stored && !env.stream && env.confirm;
                 if !reply(ctx, subject, &answer, confirm).await && confirm {
-                    state::adopt_unconfirmed(ctx, env, attempt, unanswered, status, &answer.outcome).await;
+                    state::store_sync(ctx, env, attempt, unanswered, status, &answer.outcome, true).await;
                 }
             }
             tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "answer published");

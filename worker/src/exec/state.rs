@@ -260,22 +260,13 @@ pub(crate) async fn adopt_detached(
     store_sync(ctx, env, attempt, unanswered, status, outcome, wait_over).await
 }
 
-/// Stores a synchronous job's outcome as its state because its ingress did
-/// not confirm the answer: the answer message was lost (its ingress's NATS
-/// node went down), or the ingress is gone. Its client then gets a 504
-/// naming the job, and `GET /v1/jobs/{id}` finds the outcome.
-pub(crate) async fn adopt_unconfirmed(
-    ctx: &JobContext,
-    env: &Envelope,
-    attempt: u32,
-    unanswered: u32,
-    status: JobStatus,
-    outcome: &Outcome,
-) -> bool {
-    store_sync(ctx, env, attempt, unanswered, status, outcome, true).await
-}
-
-async fn store_sync(
+/// Stores a synchronous job's outcome as its state ([`state::adopt`]; with
+/// `create`, also when the job has none), counted and logged. Called with
+/// `create` when the ingress's wait is over, or when the ingress did not
+/// confirm the answer (lost with its NATS node, left unread, or the ingress
+/// gone): its client then gets a 504 naming the job, and
+/// `GET /v1/jobs/{id}` finds the outcome.
+pub(crate) async fn store_sync(
     ctx: &JobContext,
     env: &Envelope,
     attempt: u32,
