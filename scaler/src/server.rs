@@ -62,7 +62,12 @@ impl Server {
         Ok(Self { config: Arc::new(config), client, stream, db, tls, tasks: Tasks::new() })
     }
 
-    /// Serves until `shutdown`, then waits (bounded) for its tasks.
+    /// Serves until `shutdown`; then drains for `scaler.drain_ms` (`/readyz`
+    /// says 503, every RPC is still answered, new connections too), ends
+    /// the open `StreamIsActive` streams, stops the gRPC server gracefully
+    /// (HTTP/2 GOAWAY: KEDA's client moves to another replica without
+    /// failing a call; in-flight calls finish) and waits (bounded) for its
+    /// tasks.
     pub async fn run(self, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServeError> {
         let Self { config, client, stream, db, tls, tasks } = self;
         let (tx, rx) = watch::channel(Arc::new(Backlog::default()));
@@ -71,14 +76,30 @@ impl Server {
         let every = Duration::from_millis(config.scaler.refresh_ms);
         tasks.spawn(snapshot::refresh(stream, every, pools, tx, tasks.stopping()));
         tasks.spawn(snapshot::wake_ups(client.clone(), wakes.clone(), tasks.stopping()));
+        let (stopping, closing) = (CancellationToken::new(), CancellationToken::new());
+        {
+            let (stopping, closing) = (stopping.clone(), closing.clone());
+            let (drain, ended) = (Duration::from_millis(config.scaler.drain_ms), tasks.stopping());
+            tasks.spawn(async move {
+                // (a server that ended on its own has nothing to drain)
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = ended.cancelled() => return,
+                }
+                stopping.cancel();
+                tracing::info!(drain_ms = drain.as_millis() as u64, "stopping: not ready; draining before gRPC closes");
+                tokio::time::sleep(drain).await;
+                closing.cancel();
+            });
+        }
         if let Some(listener) = listeners.ops {
-            let app = ops::router(Readiness { nats: Some(client.clone()), db: None, stopping: None });
-            let stop = shutdown.clone();
+            let app = ops::router(Readiness { nats: Some(client.clone()), db: None, stopping: Some(stopping) });
+            let stop = closing.clone();
             tasks.spawn(async move {
                 let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
             });
         }
-        let scaler = Scaler::new(config, rx, wakes, db, tasks.clone());
+        let scaler = Scaler::new(config, rx, wakes, db, tasks.clone(), closing.clone());
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;
@@ -87,7 +108,7 @@ impl Server {
             .add_service(ExternalScalerServer::new(scaler))
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listeners.grpc),
-                shutdown.cancelled_owned(),
+                closing.cancelled_owned(),
             )
             .await;
         tasks.shutdown(nats::FINAL_FLUSH).await;

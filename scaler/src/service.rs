@@ -23,6 +23,7 @@ use sluice_core::config::Config;
 use sluice_core::db::DbError;
 use sluice_core::error::{ApiError, ErrorCode};
 use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
@@ -45,6 +46,10 @@ pub struct Scaler {
     tenant_ids: Mutex<HashMap<String, Uuid>>,
     /// The `StreamIsActive` pushers.
     tasks: sluice_core::tasks::Tasks,
+    /// Cancelled when the scaler's drain ends: every open stream then ends
+    /// with `UNAVAILABLE`, so that KEDA opens it again on another replica
+    /// (and the gRPC server's graceful shutdown is not held by it).
+    closing: CancellationToken,
 }
 
 impl Scaler {
@@ -56,9 +61,10 @@ impl Scaler {
         wakes: broadcast::Sender<(String, Uuid)>,
         db: sqlx::PgPool,
         tasks: sluice_core::tasks::Tasks,
+        closing: CancellationToken,
     ) -> Self {
         let stale = Duration::from_millis(config.scaler.stale_ms);
-        Self { config, backlog, wakes, stale, db, tenant_ids: Mutex::new(HashMap::new()), tasks }
+        Self { config, backlog, wakes, stale, db, tenant_ids: Mutex::new(HashMap::new()), tasks, closing }
     }
 
     fn selection(&self, r: Option<&ScaledObjectRef>) -> Result<Selection, ApiError> {
@@ -162,7 +168,21 @@ impl ExternalScaler for Scaler {
                 self.stale,
                 tx,
             ));
-            let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+            // Once the scaler closes, the stream ends with `UNAVAILABLE`
+            // (its pusher then sees the client gone).
+            let closing = self.closing.clone();
+            let stream = futures::stream::unfold(Some(rx), move |rx| {
+                let closing = closing.clone();
+                async move {
+                    let mut rx = rx?;
+                    tokio::select! {
+                        item = rx.recv() => item.map(|item| (item, Some(rx))),
+                        _ = closing.cancelled() => {
+                            Some((Err(Status::unavailable("the scaler is stopping; open the stream again")), None))
+                        }
+                    }
+                }
+            });
             Ok(Response::new(Box::pin(stream) as ActiveStream))
         }
         .await;
@@ -208,7 +228,7 @@ impl ExternalScaler for Scaler {
 /// Pushes the selection's activity: `true` on a wake-up for its pool (and
 /// tenant), and any change seen in a new snapshot or as schedules open and
 /// close. Ends with `UNAVAILABLE` once the snapshot is stale, and when the
-/// client goes away.
+/// client goes away (or the scaler closes the stream).
 async fn push_active(
     s: Selection,
     tenant: Option<Uuid>,

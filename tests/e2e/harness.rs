@@ -198,7 +198,12 @@ pub struct Mock {
 
 impl Mock {
     pub async fn start(settings: sluice_mock_provider::Settings) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at("127.0.0.1", settings).await
+    }
+
+    /// The mock listening on `host` (an address of this machine's).
+    pub async fn start_at(host: &str, settings: sluice_mock_provider::Settings) -> Self {
+        let listener = tokio::net::TcpListener::bind((host, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(sluice_mock_provider::run(listener, settings, stop.clone()));

@@ -1,5 +1,5 @@
-//! Sluice as separate processes: the real `sluice-ingress` and
-//! `sluice-worker` binaries, several of each, on one nats-server and one
+//! Sluice as separate processes: the real `sluice-ingress`,
+//! `sluice-worker` and `sluice-scaler` binaries, several of each, on one nats-server and one
 //! fresh database, with the in-process mock provider as upstream. For the
 //! tests whose point is that state is shared across replicas.
 
@@ -28,9 +28,12 @@ pub struct Cluster {
     pub ingress_ops: Vec<String>,
     /// Base URLs of the running workers' ops servers (`/metrics`).
     pub workers: Vec<String>,
-    /// The child of each running ingress and worker, in their lists' order.
+    /// Each running scaler: its gRPC address (`host:port`) and its ops base URL.
+    pub scalers: Vec<(String, String)>,
+    /// The child of each running ingress, worker and scaler, in their lists' order.
     ingress_children: Vec<usize>,
     worker_children: Vec<usize>,
+    scaler_children: Vec<usize>,
     config: PathBuf,
     children: Vec<Child>,
     /// The binary of each child, in order.
@@ -115,8 +118,10 @@ api_key = "sk-upstream-test"
             ingresses: Vec::new(),
             ingress_ops: Vec::new(),
             workers: Vec::new(),
+            scalers: Vec::new(),
             ingress_children: Vec::new(),
             worker_children: Vec::new(),
+            scaler_children: Vec::new(),
             config,
             children: Vec::new(),
             names: Vec::new(),
@@ -176,6 +181,28 @@ api_key = "sk-upstream-test"
         self.worker_children.push(self.children.len() - 1);
         self.wait_ready(&base).await;
         self.workers.push(base);
+    }
+
+    /// Starts one more scaler (KEDA's gRPC service); its gRPC address and
+    /// ops base URL once it is ready.
+    pub async fn start_scaler(&mut self) -> (String, String) {
+        let (grpc, ops) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+        self.spawn(
+            "sluice-scaler",
+            &[("SLUICE__SCALER__LISTEN", grpc.clone()), ("SLUICE__SCALER__OPS_LISTEN", ops.clone())],
+        );
+        let base = format!("http://{ops}");
+        self.scaler_children.push(self.children.len() - 1);
+        self.wait_ready(&base).await;
+        self.scalers.push((grpc.clone(), base.clone()));
+        (grpc, base)
+    }
+
+    /// Stops scaler `i` by SIGTERM and waits for it to exit; its exit status.
+    pub async fn terminate_scaler(&mut self, i: usize) -> std::process::ExitStatus {
+        self.scalers.remove(i);
+        let child = self.scaler_children.remove(i);
+        self.terminate(child).await
     }
 
     /// Stops ingress `i` as Kubernetes does (SIGTERM) and waits for it to

@@ -303,3 +303,142 @@ async fn a_stopping_worker_hands_a_job_back_once() {
         assert!(job["attempts"].as_u64() <= Some(2), "delivered {} times: {job}", job["attempts"]);
     }
 }
+
+/// A Kubernetes Service in front of the scalers, as kube-proxy is one: each
+/// new TCP connection goes to a replica whose `/readyz` said 200 at the last
+/// probe (every 20 ms), round robin; a connection lasts as long as both
+/// sides keep it.
+struct Service {
+    addr: String,
+    /// Every replica: its gRPC address and its ops base URL.
+    known: Arc<Mutex<Vec<(String, String)>>>,
+    ready: Arc<Mutex<Vec<String>>>,
+    _tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Service {
+    async fn start(replicas: Vec<(String, String)>) -> Self {
+        let known = Arc::new(Mutex::new(replicas.clone()));
+        let ready = Arc::new(Mutex::new(replicas.into_iter().map(|(grpc, _)| grpc).collect::<Vec<_>>()));
+        let prober = {
+            let (known, ready) = (known.clone(), ready.clone());
+            let http = reqwest::Client::builder().timeout(Duration::from_millis(500)).build().unwrap();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(20));
+                loop {
+                    every.tick().await;
+                    let replicas = known.lock().unwrap().clone();
+                    let mut up = Vec::new();
+                    for (grpc, ops) in replicas {
+                        if http.get(format!("{ops}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+                            up.push(grpc);
+                        }
+                    }
+                    *ready.lock().unwrap() = up;
+                }
+            })
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let forward = {
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                let mut next = 0usize;
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let to = {
+                        let r = ready.lock().unwrap();
+                        next += 1;
+                        (!r.is_empty()).then(|| r[next % r.len()].clone())
+                    };
+                    // No ready replica, or one that refuses: the connection
+                    // is dropped, as a Service without endpoints rejects it.
+                    let Some(to) = to else { continue };
+                    tokio::spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(&to).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                }
+            })
+        };
+        Self { addr, known, ready, _tasks: vec![prober, forward] }
+    }
+
+    fn forget(&self, grpc: &str) {
+        self.known.lock().unwrap().retain(|(g, _)| g != grpc);
+    }
+
+    async fn add(&self, replica: (String, String)) {
+        let grpc = replica.0.clone();
+        self.known.lock().unwrap().push(replica);
+        wait_for("the new scaler among the Service's endpoints", Duration::from_secs(10), || async {
+            self.ready.lock().unwrap().contains(&grpc).then_some(())
+        })
+        .await;
+    }
+}
+
+/// Two scalers behind a Service, each stopped by SIGTERM in turn and
+/// replaced, twice around, while a KEDA-like client (gRPC's C core:
+/// `tests/sdk/keda_client.py`) calls `GetMetrics` every 20 ms and holds a
+/// `StreamIsActive` stream open. No call may fail: a stopping scaler says
+/// 503 on `/readyz` and keeps answering for `scaler.drain_ms`, then ends
+/// its streams (`UNAVAILABLE`: the client opens them again elsewhere) and
+/// says GOAWAY (the client's next calls go over a new connection, to a
+/// ready replica). Its streams must not hold its exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_scaler_fails_no_call_of_keda() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut cluster = Cluster::start(Default::default(), 16, "").await;
+    // The ingress declares the jobs stream the scalers read.
+    cluster.start_ingress().await;
+    for _ in 0..2 {
+        cluster.start_scaler().await;
+    }
+    let service = Service::start(cluster.scalers.clone()).await;
+    let python = std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON is not set: run scripts/test.sh");
+    let mut keda = tokio::process::Command::new(python)
+        .arg(format!("{}/sdk/keda_client.py", env!("CARGO_MANIFEST_DIR")))
+        .args([&service.addr, MODEL])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(keda.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+    assert!(
+        matches!(&first, Ok(Ok(Some(l))) if l == "keda ready"),
+        "the client's first call must be answered: {first:?}"
+    );
+
+    let mut slowest_stop = Duration::ZERO;
+    for _ in 0..2 {
+        for _ in 0..2 {
+            let old = cluster.scalers[0].0.clone();
+            let began = Instant::now();
+            let stopped = tokio::time::timeout(Duration::from_secs(20), cluster.terminate_scaler(0)).await;
+            let status = stopped.expect("a scaler exits within 20 s of SIGTERM, its open streams ended");
+            assert!(status.success(), "the scaler exits cleanly on SIGTERM: {status}");
+            slowest_stop = slowest_stop.max(began.elapsed());
+            service.forget(&old);
+            let new = cluster.start_scaler().await;
+            service.add(new).await;
+        }
+    }
+    drop(keda.stdin.take());
+    let mut out = Vec::new();
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await {
+        out.push(line);
+    }
+    assert!(keda.wait().await.unwrap().success(), "{out:?}");
+    let figures = out.iter().find(|l| l.starts_with("keda calls=")).expect("the client's figures");
+    let value = |name: &str| -> u64 {
+        figures.split(' ').find_map(|f| f.strip_prefix(&format!("{name}="))?.parse().ok()).unwrap()
+    };
+    println!("rolling restart: restarts=4 (scalers) {figures} slowest_stop_ms={}", slowest_stop.as_millis());
+    assert_eq!(value("errors"), 0, "KEDA's calls failed: {out:?}");
+    assert!(value("calls") > 100, "{figures}");
+    // The stream's replica was stopped at least once: it was opened again.
+    assert!(value("stream_opens") >= 2, "{figures}");
+}

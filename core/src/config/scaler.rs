@@ -32,6 +32,10 @@ pub struct ScalerConfig {
     /// port can read every pool's backlog and hold streams open). Off by
     /// default; for a network where something else (a mesh's mTLS) does it.
     pub allow_plaintext: bool,
+    /// After SIGTERM, how long the scaler keeps answering with `/readyz`
+    /// saying 503, so that the Service stops sending it new connections
+    /// before its gRPC server says GOAWAY to the ones it has. 0: none.
+    pub drain_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +72,7 @@ impl Default for ScalerConfig {
             schedules: Vec::new(),
             tls: None,
             allow_plaintext: false,
+            drain_ms: 2_000,
         }
     }
 }

@@ -5,30 +5,58 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use uuid::Uuid;
 
+use super::sluice::Place;
 use crate::harness::{TempDir, wait_for};
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// One node of the cluster: its name, where it runs, its client and
+/// cluster ports, its store, and its process while it runs.
+struct Node {
+    name: String,
+    place: Place,
+    port: u16,
+    cport: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
 /// Three nats-server processes in one JetStream cluster.
 pub struct NatsCluster {
     bin: String,
-    nodes: Vec<(String, u16, u16, PathBuf, Option<Child>)>,
+    nodes: Vec<Node>,
     _dir: TempDir,
 }
 
 impl NatsCluster {
+    /// Three nodes on this machine's loopback.
     pub async fn start() -> Self {
+        Self::start_at(&[Place::loopback(), Place::loopback(), Place::loopback()]).await
+    }
+
+    /// One node at each place (`n0`, `n1`, … in their order).
+    pub async fn start_at(places: &[Place]) -> Self {
         let dir = TempDir::new("nats-cluster");
-        let nodes =
-            (0..3).map(|i| (format!("n{i}"), free_port(), free_port(), dir.0.join(format!("n{i}")), None)).collect();
+        let nodes = places
+            .iter()
+            .enumerate()
+            .map(|(i, place)| Node {
+                name: format!("n{i}"),
+                place: place.clone(),
+                port: free_port(),
+                cport: free_port(),
+                store: dir.0.join(format!("n{i}")),
+                child: None,
+            })
+            .collect();
         let bin = std::env::var("SLUICE_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
         let mut c = Self { bin, nodes, _dir: dir };
-        for i in 0..3 {
+        for i in 0..places.len() {
             c.spawn(i);
         }
         let url = c.url();
@@ -57,9 +85,9 @@ impl NatsCluster {
             .iter()
             .enumerate()
             .filter(|(j, _)| *j != i)
-            .map(|(_, n)| format!("nats://127.0.0.1:{}", n.2))
+            .map(|(_, n)| format!("nats://{}:{}", n.place.host, n.cport))
             .collect();
-        let (name, port, cport, store, _) = &self.nodes[i];
+        let node = &self.nodes[i];
         // deploy/'s lame-duck period (30 s, nats-server's least): a node
         // stopped by `lame_duck_stop` moves its clients off over 30 s; the
         // grace before it starts is cut to 0.5 s (10 s by default).
@@ -67,28 +95,37 @@ impl NatsCluster {
         if !conf.exists() {
             std::fs::write(&conf, "lame_duck_duration: 30s\nlame_duck_grace_period: 500ms\n").unwrap();
         }
-        let child = Command::new(&self.bin)
+        let host = &node.place.host;
+        let child = node
+            .place
+            .command(std::path::Path::new(&self.bin))
             .arg("-c")
             .arg(&conf)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-n", name, "--cluster_name", "sluice"])
+            .args(["-js", "-a", host, "-p", &node.port.to_string(), "-n", &node.name, "--cluster_name", "sluice"])
             .arg("-sd")
-            .arg(store)
-            .args(["--cluster", &format!("nats://127.0.0.1:{cport}"), "--routes", &routes.join(",")])
+            .arg(&node.store)
+            .args(["--cluster", &format!("nats://{host}:{}", node.cport), "--routes", &routes.join(",")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        self.nodes[i].4 = Some(child);
+        self.nodes[i].child = Some(child);
+    }
+
+    /// The URL of one node alone (a client of it sees what that node sees).
+    pub fn node_url(&self, name: &str) -> String {
+        let n = self.nodes.iter().find(|n| n.name == name).unwrap();
+        format!("nats://{}:{}", n.place.host, n.port)
     }
 
     pub fn url(&self) -> String {
-        self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.1)).collect::<Vec<_>>().join(",")
+        self.nodes.iter().map(|n| format!("nats://{}:{}", n.place.host, n.port)).collect::<Vec<_>>().join(",")
     }
 
     pub async fn kill(&mut self, name: &str) {
-        let node = self.nodes.iter_mut().find(|n| n.0 == name).unwrap();
-        if let Some(mut child) = node.4.take() {
+        let node = self.nodes.iter_mut().find(|n| n.name == name).unwrap();
+        if let Some(mut child) = node.child.take() {
             let _ = child.start_kill();
             let _ = child.wait().await;
         }
@@ -98,8 +135,8 @@ impl NatsCluster {
     /// first (its `preStop` hook; the node hands its leaderships on and
     /// moves its clients to the others), then it exits by itself.
     pub async fn lame_duck_stop(&mut self, name: &str) {
-        let node = self.nodes.iter_mut().find(|n| n.0 == name).unwrap();
-        if let Some(mut child) = node.4.take() {
+        let node = self.nodes.iter_mut().find(|n| n.name == name).unwrap();
+        if let Some(mut child) = node.child.take() {
             let pid = child.id().expect("the node runs").to_string();
             assert!(std::process::Command::new("kill").args(["-USR2", &pid]).status().unwrap().success());
             let status = child.wait().await.unwrap();
@@ -108,13 +145,13 @@ impl NatsCluster {
     }
 
     pub fn restart(&mut self, name: &str) {
-        let i = self.nodes.iter().position(|n| n.0 == name).unwrap();
+        let i = self.nodes.iter().position(|n| n.name == name).unwrap();
         self.spawn(i);
     }
 
     /// The nodes' names.
     pub fn names(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| n.0.clone()).collect()
+        self.nodes.iter().map(|n| n.name.clone()).collect()
     }
 
     /// Moves the stream's leadership to `name` (a step-down with that node
@@ -157,7 +194,17 @@ impl NatsCluster {
 
     /// The stream's leader node, when it has one.
     pub async fn leader_of(&self, stream: &str) -> Option<String> {
-        let client = async_nats::connect(sluice_core::nats::server_addrs(&self.url()).ok()?).await.ok()?;
+        Self::leader_at(&self.url(), stream).await
+    }
+
+    /// The stream's leader as the node `name` sees it (on the side of a
+    /// partition that node is on).
+    pub async fn leader_seen_by(&self, name: &str, stream: &str) -> Option<String> {
+        Self::leader_at(&self.node_url(name), stream).await
+    }
+
+    async fn leader_at(url: &str, stream: &str) -> Option<String> {
+        let client = async_nats::connect(sluice_core::nats::server_addrs(url).ok()?).await.ok()?;
         let js = async_nats::jetstream::new(client);
         let mut s = js.get_stream(stream).await.ok()?;
         s.info().await.ok()?.cluster.as_ref().and_then(|c| c.leader.clone())
@@ -172,7 +219,8 @@ pub struct Postgres {
 }
 
 impl Postgres {
-    pub fn run(&self, cmd: &str) {
+    /// Runs pg-instance.sh; its output (on start, the data directory).
+    pub fn run(&self, cmd: &str) -> String {
         let out = std::process::Command::new("bash")
             .arg(&self.script)
             .arg(cmd)
@@ -181,16 +229,20 @@ impl Postgres {
             .output()
             .unwrap();
         assert!(out.status.success(), "pg-instance.sh {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
-    pub async fn start() -> (Self, sqlx::PgPool, String) {
+    /// The instance, a pool on its `chaos` database, that database's URL over
+    /// TCP on loopback, and its URL over the Unix socket (which reaches it
+    /// from any network namespace of this machine).
+    pub async fn start() -> (Self, sqlx::PgPool, String, String) {
         let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pg-instance.sh"));
         let pg = Self {
             dir: std::env::temp_dir().join(format!("sluice-chaos-pg-{}", Uuid::new_v4().simple())),
             port: free_port(),
             script,
         };
-        pg.run("start");
+        let data = pg.run("start");
         let admin = format!("postgres://sluice@127.0.0.1:{}/postgres", pg.port);
         let admin_pool = sqlx::PgPool::connect(&admin).await.unwrap();
         sqlx::query("CREATE DATABASE chaos").execute(&admin_pool).await.unwrap();
@@ -202,7 +254,8 @@ impl Postgres {
         .await
         .unwrap();
         sluice_core::db::migrate(&db).await.unwrap();
-        (pg, db, url)
+        let socket = format!("postgres://sluice@localhost/chaos?host={data}/sock&port={}", pg.port);
+        (pg, db, url, socket)
     }
 }
 

@@ -42,20 +42,20 @@
 //! one was accepted).
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-use crate::harness::{MODEL, Mock, TempDir, binary, http_client, poll_until, wait_for};
+use crate::harness::{MODEL, Mock, http_client, poll_until, wait_for};
 
 pub(crate) mod cluster;
+mod partition;
 mod scenarios;
-use cluster::{NatsCluster, Postgres, free_port};
+mod sluice;
+use cluster::{NatsCluster, Postgres};
 use scenarios::{audit_races, audit_slow, race_duplicates, submit_slow};
+use sluice::{Sluice, hook_receiver};
 
 /// What one request of the load saw.
 #[derive(Debug, Clone)]
@@ -70,64 +70,6 @@ struct Outcome {
     /// When the answer (or the failure) arrived.
     done: Instant,
     base: String,
-}
-
-/// Sluice's processes, with their roles, on the cluster and the database.
-struct Sluice {
-    config: PathBuf,
-    /// Each ingress: its base URL, its ops URL (`/metrics`), its process.
-    ingresses: Vec<(String, String, Child)>,
-    workers: Vec<Child>,
-    _dir: TempDir,
-}
-
-impl Sluice {
-    fn spawn(config: &PathBuf, bin: &str, env: &[(&str, String)]) -> Child {
-        let mut cmd = Command::new(binary(bin));
-        cmd.arg("--config").arg(config).kill_on_drop(true).stdin(Stdio::null());
-        cmd.envs(env.iter().map(|(k, v)| (*k, v)));
-        match std::env::var("SLUICE_TEST_LOG") {
-            Ok(filter) => cmd.env("SLUICE__LOG__FILTER", filter).stdout(Stdio::inherit()).stderr(Stdio::inherit()),
-            Err(_) => cmd.stdout(Stdio::null()).stderr(Stdio::null()),
-        };
-        cmd.spawn().unwrap()
-    }
-
-    async fn ready(url: &str) {
-        let http = http_client();
-        wait_for(&format!("{url} to be ready"), Duration::from_secs(30), || async {
-            http.get(url).send().await.ok().filter(|r| r.status() == 200).map(|_| ())
-        })
-        .await;
-    }
-
-    async fn add_ingress(&mut self) {
-        let (port, ops) = (free_port(), free_port());
-        let env = [
-            ("SLUICE__INGRESS__LISTEN", format!("127.0.0.1:{port}")),
-            ("SLUICE__INGRESS__OPS_LISTEN", format!("127.0.0.1:{ops}")),
-        ];
-        let child = Self::spawn(&self.config, "sluice-ingress", &env);
-        let base = format!("http://127.0.0.1:{port}");
-        Self::ready(&format!("{base}/readyz")).await;
-        self.ingresses.push((base, format!("http://127.0.0.1:{ops}"), child));
-    }
-
-    async fn add_worker(&mut self) {
-        let port = free_port();
-        let child =
-            Self::spawn(&self.config, "sluice-worker", &[("SLUICE__WORKER__OPS_LISTEN", format!("127.0.0.1:{port}"))]);
-        Self::ready(&format!("http://127.0.0.1:{port}/readyz")).await;
-        self.workers.push(child);
-    }
-
-    fn bases(&self) -> Vec<String> {
-        self.ingresses.iter().map(|(b, _, _)| b.clone()).collect()
-    }
-
-    fn ops(&self) -> Vec<String> {
-        self.ingresses.iter().map(|(_, o, _)| o.clone()).collect()
-    }
 }
 
 /// Offers the load for `duration`; `bases` may change under it (an
@@ -149,7 +91,9 @@ async fn load(
         tick.tick().await;
         let base = {
             let b = bases.lock().unwrap();
-            b[i % b.len()].clone()
+            // Both kinds of request reach every ingress (sync, async, sync…
+            // against A, B, B, A… for two).
+            b[(i + i / 2) % b.len()].clone()
         };
         let (http, key, hook) = (http.clone(), key.clone(), hook.clone());
         let marker = format!("{scenario}-{i}-{}", Uuid::new_v4().simple());
@@ -383,70 +327,11 @@ async fn audit(
 #[tokio::test]
 async fn chaos_no_accepted_request_is_lost_or_duplicated() {
     let mut nats = NatsCluster::start().await;
-    let (pg, db, db_url) = Postgres::start().await;
+    let (pg, db, db_url, _) = Postgres::start().await;
     let mock = Mock::start(sluice_mock_provider::Settings { latency_ms: 150, ..Default::default() }).await;
-    let hooks: Arc<Mutex<HashSet<Uuid>>> = Arc::new(Mutex::new(HashSet::new()));
-    let receiver = {
-        let hooks = hooks.clone();
-        let app = axum::Router::new().route(
-            "/hook",
-            axum::routing::post(move |body: String| {
-                let hooks = hooks.clone();
-                async move {
-                    let event: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                    if event["type"] == "job.completed"
-                        && let Some(id) = event["data"]["id"].as_str().and_then(|s| s.parse().ok())
-                    {
-                        hooks.lock().unwrap().insert(id);
-                    }
-                    axum::http::StatusCode::OK
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        format!("http://{addr}/hook")
-    };
-    let dir = TempDir::new("chaos");
-    let config = dir.0.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[nats]
-url = "{nats}"
-replicas = 3
-# The production overlay's setting: every fault below meets batched commits.
-group_commit = true
-request_timeout_ms = 3000
-connect_timeout_ms = 3000
-[database]
-url = "{db_url}"
-[ingress]
-auth_refresh_ms = 100
-sync_timeout_ms = 20000
-shutdown_grace_ms = 2000
-[worker]
-ack_wait_ms = 2000
-max_attempts = 8
-retry_min_delay_ms = 100
-retry_max_delay_ms = 1000
-shutdown_grace_ms = 2000
-[upstream]
-response_header_timeout_ms = 1000
-breaker_open_ms = 500
-[webhooks]
-allow_loopback_targets = true
-secret_keys_file = "{keys}"
-poll_ms = 100
-retry_schedule_ms = [200, 500, 1000, 2000, 4000]
-[log]
-filter = "warn"
-[[pools]]
-name = "{MODEL}"
-base_url = "{mock}/v1"
-api_key = "sk-upstream-test"
+    let (receiver, hooks) = hook_receiver("127.0.0.1").await;
+    let slow_pools = format!(
+        r#"
 # Answers that take 35 s and 130 s (10 tokens a second, sent whole).
 [[pools]]
 name = "slow-35s"
@@ -459,28 +344,16 @@ base_url = "{mock}/v1"
 model = "mock@tokens=1300,tps=10"
 api_key = "sk-upstream-test"
 "#,
-            nats = nats.url(),
-            mock = mock.base,
-            keys = crate::harness::webhook_keys_file().display(),
-        ),
-    )
-    .unwrap();
+        mock = mock.base
+    );
+    let mut sluice = Sluice::configure(&nats.url(), &db_url, &mock.base, &slow_pools);
     let tenant = sluice_core::db::ensure_tenant(&db, "chaos").await.unwrap();
     let key = sluice_core::db::create_key(&db, tenant).await.unwrap().key.expose().to_owned();
-    let mut sluice = Sluice { config, ingresses: Vec::new(), workers: Vec::new(), _dir: dir };
     for _ in 0..2 {
         sluice.add_ingress().await;
         sluice.add_worker().await;
     }
-    // The key reaches both ingresses (100 ms refresh).
-    for base in sluice.bases() {
-        let http = http_client();
-        wait_for("the key on every ingress", Duration::from_secs(10), || async {
-            let r = http.get(format!("{base}/v1/models")).bearer_auth(&key).send().await.ok()?;
-            (r.status() == 200).then_some(())
-        })
-        .await;
-    }
+    sluice.key_everywhere(&key).await;
 
     let scenarios: [&'static str; 9] = [
         "worker",
@@ -598,7 +471,9 @@ api_key = "sk-upstream-test"
                 .await;
                 nats.restart(&leader);
             }
-            "postgres" => pg.run("restart"),
+            "postgres" => {
+                pg.run("restart");
+            }
             "provider" => {
                 mock.faults(serde_json::json!({"fail_next": 30, "error_status": 503, "hang_next": 4, "hang_ms": 5000}))
                     .await
@@ -612,29 +487,7 @@ api_key = "sk-upstream-test"
         mock.faults(serde_json::json!({})).await;
     }
 
-    println!(
-        "chaos scenario         sent accepted completed failed(reason)       lost duplicated double_terminal webhooks_missing timed_out(unfetched) refused(status)   recovered_ms slowest_after_fault_ms"
-    );
-    for r in &rows {
-        let failed: Vec<String> = r.failed.iter().map(|(k, n)| format!("{k}={n}")).collect();
-        let refused: Vec<String> = r.refused.iter().map(|(k, n)| format!("{k}x{n}")).collect();
-        println!(
-            "chaos {:<16} {:>5} {:>8} {:>9} {:<20} {:>4} {:>10} {:>15} {:>16} {:>20} {:<17} {:>12} {:>22}",
-            r.scenario,
-            r.sent,
-            r.accepted,
-            r.completed,
-            if failed.is_empty() { "0".to_owned() } else { failed.join(",") },
-            r.lost,
-            r.duplicated,
-            r.double_terminal,
-            r.webhooks_missing,
-            format!("{}({})", r.timed_out, r.timed_out_unfetched),
-            if refused.is_empty() { "0".to_owned() } else { refused.join(",") },
-            r.recovered_ms,
-            r.slowest_ms
-        );
-    }
+    print_table(&rows);
     let racing = audit_races(&sluice.bases()[0], &key, &raced).await;
     println!("{racing}");
     let slow_ok = audit_slow(&db, &sluice.bases()[0], &key, &slow).await;
@@ -673,5 +526,32 @@ api_key = "sk-upstream-test"
         if r.scenario == "ingress-504" {
             assert!(r.timed_out > 0, "the scenario must produce 504s naming their jobs: {r:?}");
         }
+    }
+}
+
+/// Prints the audit's table, one line per scenario.
+fn print_table(rows: &[Row]) {
+    println!(
+        "chaos scenario         sent accepted completed failed(reason)       lost duplicated double_terminal webhooks_missing timed_out(unfetched) refused(status)   recovered_ms slowest_after_fault_ms"
+    );
+    for r in rows {
+        let failed: Vec<String> = r.failed.iter().map(|(k, n)| format!("{k}={n}")).collect();
+        let refused: Vec<String> = r.refused.iter().map(|(k, n)| format!("{k}x{n}")).collect();
+        println!(
+            "chaos {:<16} {:>5} {:>8} {:>9} {:<20} {:>4} {:>10} {:>15} {:>16} {:>20} {:<17} {:>12} {:>22}",
+            r.scenario,
+            r.sent,
+            r.accepted,
+            r.completed,
+            if failed.is_empty() { "0".to_owned() } else { failed.join(",") },
+            r.lost,
+            r.duplicated,
+            r.double_terminal,
+            r.webhooks_missing,
+            format!("{}({})", r.timed_out, r.timed_out_unfetched),
+            if refused.is_empty() { "0".to_owned() } else { refused.join(",") },
+            r.recovered_ms,
+            r.slowest_ms
+        );
     }
 }
