@@ -181,6 +181,11 @@ fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     None
 }
 
+/// Whether `v4` lies in the /24 that starts with `prefix`.
+fn in_v4(v4: Ipv4Addr, prefix: [u8; 3]) -> bool {
+    v4.octets()[..3] == prefix
+}
+
 fn forbidden(ip: IpAddr, policy: TargetPolicy) -> bool {
     let ip = match ip {
         IpAddr::V6(v6) => embedded_v4(v6).map_or(ip, IpAddr::V4),
@@ -207,13 +212,22 @@ fn forbidden(ip: IpAddr, policy: TargetPolicy) -> bool {
                 || v4.is_multicast()
                 || (a == 100 && (64..128).contains(&b)) // carrier-grade NAT
                 || a == 0
+                || a >= 240 // reserved (240/4)
+                || (a == 198 && (b & 0xfe) == 18) // benchmarking (198.18/15)
+                || in_v4(v4, [192, 0, 0]) // IETF protocol assignments
+                || in_v4(v4, [192, 0, 2]) // documentation (TEST-NET-1)
+                || in_v4(v4, [198, 51, 100]) // documentation (TEST-NET-2)
+                || in_v4(v4, [203, 0, 113]) // documentation (TEST-NET-3)
         }
         IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
+            let [first, second, third, fourth, ..] = v6.segments();
             v6.is_unspecified()
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00 // unique local
                 || (first & 0xffc0) == 0xfe80 // link local
+                || (first == 0x2001 && second == 0x0db8) // documentation (2001:db8::/32)
+                || (first == 0x3fff && (second & 0xf000) == 0) // documentation (3fff::/20)
+                || (first == 0x0100 && second == 0 && third == 0 && fourth == 0) // discard-only (100::/64)
         }
     };
     private && !policy.allow_private
@@ -264,6 +278,19 @@ mod tests {
             "http://[::ffff:10.0.0.1]/",
             "http://0.0.0.0/",
             "http://localhost/",
+            // Ranges that are not on the public Internet either: a target
+            // there reaches whatever the gateway's network routes them to.
+            "http://192.0.0.8/",
+            "http://192.0.2.1/",
+            "http://198.51.100.7/",
+            "http://203.0.113.9/",
+            "http://198.18.0.1/",
+            "http://198.19.255.254/",
+            "http://240.0.0.1/",
+            "http://255.255.255.254/",
+            "http://[2001:db8::1]/",
+            "http://[3fff:fff::1]/",
+            "http://[100::1]/",
         ] {
             assert!(check_target(url, strict).await.is_err(), "{url} should be refused");
         }
@@ -272,6 +299,17 @@ mod tests {
         assert!(check_target("http://127.0.0.1:9000/", loopback).await.is_ok());
         assert!(check_target("http://10.1.2.3/", loopback).await.is_err());
         assert!(check_target("http://93.184.215.14/", strict).await.is_ok());
+        // The neighbours of those ranges are public.
+        for url in [
+            "http://192.0.3.1/",
+            "http://198.20.0.1/",
+            "http://203.0.114.1/",
+            "http://[2001:db9::1]/",
+            "http://[3fff:1000::1]/",
+            "http://[100:0:0:1::1]/",
+        ] {
+            assert!(check_target(url, strict).await.is_ok(), "{url} should pass");
+        }
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ The messages are encoded by hand (three string fields and a map): the
 scaler's protocol is KEDA's externalscaler.proto.
 """
 
+import collections
 import sys
 import threading
 import time
@@ -99,7 +100,8 @@ def main():
         "keda calls={calls} errors={errors} stream_opens={stream_opens} stream_messages={stream_messages}".format(
             **figures
         )
-        + " stream_ends=" + ",".join(stream_ends)
+        + " stream_ends="
+        + ",".join("{}:{}".format(code, n) for code, n in sorted(collections.Counter(stream_ends).items()))
     )
     for e in errors:
         print("keda error:", e)

@@ -264,18 +264,32 @@ async fn audit(
     // A 504 naming its job: the job goes on, and its answer is fetched later
     // (here from `base`, the ingress that answered may be gone).
     let timed_out: Vec<Uuid> = took.iter().filter(|o| o.sync && o.status == Some(504)).filter_map(|o| o.job).collect();
+    // Polled together under one deadline: a fault that strands many of them
+    // must fail the test, not keep it waiting a minute per job.
     let http = http_client();
-    let mut timed_out_unfetched = 0;
-    for id in &timed_out {
-        let url = format!("{base}/v1/jobs/{id}");
-        let fetched = poll_until(Duration::from_secs(60), || async {
-            let job: serde_json::Value = http.get(&url).bearer_auth(key).send().await.ok()?.json().await.ok()?;
-            (job["status"] == "completed" && job["result"]["choices"][0]["message"]["content"].is_string())
-                .then_some(())
-        })
-        .await;
-        timed_out_unfetched += usize::from(fetched.is_none());
-    }
+    let pending = Mutex::new(timed_out.clone());
+    poll_until(Duration::from_secs(60), || async {
+        let ids = pending.lock().unwrap().clone();
+        let mut still = Vec::new();
+        for id in ids {
+            let url = format!("{base}/v1/jobs/{id}");
+            let job: Option<serde_json::Value> = match http.get(&url).bearer_auth(key).send().await {
+                Ok(response) => response.json().await.ok(),
+                Err(_) => None,
+            };
+            let fetched = job.is_some_and(|job| {
+                job["status"] == "completed" && job["result"]["choices"][0]["message"]["content"].is_string()
+            });
+            if !fetched {
+                still.push(id);
+            }
+        }
+        let done = still.is_empty();
+        *pending.lock().unwrap() = still;
+        done.then_some(())
+    })
+    .await;
+    let timed_out_unfetched = pending.lock().unwrap().len();
     // Recovered: from the fault until the last refused request was sent
     // (every request sent later was accepted); 0 when none was refused.
     let recovered_ms = outcomes

@@ -72,7 +72,7 @@ impl Network {
     }
 
     fn place(&self, i: usize) -> Place {
-        Place { host: self.host(i), netns: Some(self.spaces[i].clone()) }
+        Place { host: self.host(i), netns: Some(self.spaces[i].clone()), nats: None }
     }
 
     /// Cuts namespace `alone` off from every other one (`add`), or heals
@@ -109,15 +109,20 @@ async fn chaos_a_partition_that_cuts_the_stream_leader_off_loses_and_duplicates_
     let mut sluice = Sluice::configure(&nats.url(), &db_socket, &mock.base, "");
     let tenant = sluice_core::db::ensure_tenant(&db, "partition").await.unwrap();
     let key = sluice_core::db::create_key(&db, tenant).await.unwrap().key.expose().to_owned();
-    // Side A (n0, the leader-to-be, alone) and side B (n1, with n2).
-    for place in &places[..2] {
-        sluice.add_ingress_at(place).await;
-        sluice.add_worker_at(place).await;
+    // Side A (n0, the leaders-to-be, alone) and side B (n1, with n2): each
+    // side's processes connect to their own node first.
+    for (i, place) in places[..2].iter().enumerate() {
+        let place = Place { nats: Some(nats.node_url(&format!("n{i}"))), ..place.clone() };
+        sluice.add_ingress_at(&place).await;
+        sluice.add_worker_at(&place).await;
     }
     sluice.key_everywhere(&key).await;
     let (side_a, side_b) = (sluice.bases()[0].clone(), sluice.bases()[1].clone());
-    nats.caught_up("JOBS").await;
-    nats.make_leader("JOBS", "n0").await;
+    // The jobs and their states both led from the side that will be cut off.
+    for stream in ["JOBS", "KV_JOB_STATE"] {
+        nats.caught_up(stream).await;
+        nats.make_leader(stream, "n0").await;
+    }
 
     let sent = Arc::new(AtomicUsize::new(0));
     let bases = Arc::new(std::sync::Mutex::new(sluice.bases()));
@@ -144,7 +149,9 @@ async fn chaos_a_partition_that_cuts_the_stream_leader_off_loses_and_duplicates_
     net.route("del", 0);
     let healed_at = Instant::now();
     let outcomes = running.await.unwrap();
-    nats.caught_up("JOBS").await;
+    for stream in ["JOBS", "KV_JOB_STATE"] {
+        nats.caught_up(stream).await;
+    }
     let row = audit(&db, "partition", &outcomes, &hooks, fault_at, &side_b, &key).await;
     print_table(std::slice::from_ref(&row));
     // Requests sent while the cut held, once the majority had its leader:

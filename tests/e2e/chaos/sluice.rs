@@ -20,11 +20,14 @@ use crate::harness::{MODEL, TempDir, binary, http_client, wait_for};
 pub struct Place {
     pub host: String,
     pub netns: Option<String>,
+    /// The NATS URL Sluice's processes here connect to (the configuration's
+    /// when `None`); the client learns the other nodes from the one it reaches.
+    pub nats: Option<String>,
 }
 
 impl Place {
     pub fn loopback() -> Self {
-        Self { host: "127.0.0.1".into(), netns: None }
+        Self { host: "127.0.0.1".into(), netns: None, nats: None }
     }
 
     /// A command that runs `program` at this place (`ip netns exec`, which
@@ -108,6 +111,9 @@ api_key = "sk-upstream-test"
         let mut cmd = place.command(&binary(bin));
         cmd.arg("--config").arg(&self.config).kill_on_drop(true).stdin(Stdio::null());
         cmd.envs(env.iter().map(|(k, v)| (*k, v)));
+        if let Some(url) = &place.nats {
+            cmd.env("SLUICE__NATS__URL", url);
+        }
         match std::env::var("SLUICE_TEST_LOG") {
             Ok(filter) => cmd.env("SLUICE__LOG__FILTER", filter).stdout(Stdio::inherit()).stderr(Stdio::inherit()),
             Err(_) => cmd.stdout(Stdio::null()).stderr(Stdio::null()),
