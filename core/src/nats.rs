@@ -224,29 +224,34 @@ pub async fn kv_leader_last_write(
 /// leader answers while another write to the subject is still being
 /// applied), which the client library reports as `Other`.
 pub fn is_taken(e: &jetstream::context::PublishError) -> bool {
-    if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence {
-        return true;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(js) = s.downcast_ref::<jetstream::Error>() {
-            return js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT;
-        }
-        source = s.source();
-    }
-    false
+    e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence
+        || error_code(e) == Some(jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
+}
+
+/// Whether a publish was refused because a message with its `Nats-Msg-Id`
+/// is being stored (proposed on a clustered stream, not yet applied): 10158,
+/// "duplicate message id is in process", which the client library reports
+/// as `Other`. Repeated a moment later it is acknowledged as the duplicate.
+pub fn is_duplicate_in_process(e: &jetstream::context::PublishError) -> bool {
+    error_code(e) == Some(jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT)
 }
 
 /// Whether a publish failed because the stream is at its limits (its
 /// `max_msgs` or `max_bytes`, or the server's storage): JetStream's error
-/// code 10077, "stream store failed", read from the error's source chain.
+/// code 10077, "stream store failed".
 pub fn is_storage_full(e: &jetstream::context::PublishError) -> bool {
+    error_code(e) == Some(jetstream::ErrorCode::STREAM_STORE_FAILED)
+}
+
+/// JetStream's error code for a failed publish, read from the error's
+/// source chain (the client library keeps only a kind of its own).
+fn error_code(e: &jetstream::context::PublishError) -> Option<jetstream::ErrorCode> {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(js) = s.downcast_ref::<jetstream::Error>() {
-            return js.error_code() == jetstream::ErrorCode::STREAM_STORE_FAILED;
+            return Some(js.error_code());
         }
         source = s.source();
     }
-    false
+    None
 }

@@ -84,8 +84,11 @@ pub async fn job_for(state: &AppState, tenant: Uuid, key: &str, request_hash: &s
         }
         if Instant::now() + pause > give_up {
             tracing::warn!(%error, "cannot claim an idempotency key");
-            return Err(ApiError::new(ErrorCode::QueueUnavailable, "the job store is unavailable; retry shortly")
-                .retry_after(1));
+            return Err(ApiError::new(
+                ErrorCode::QueueUnavailable,
+                "the Idempotency-Key could not be claimed (its store is unavailable); retry shortly",
+            )
+            .retry_after(1));
         }
         metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => "idempotency_key").increment(1);
         tokio::time::sleep(pause).await;

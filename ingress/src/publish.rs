@@ -70,7 +70,10 @@ pub async fn job(state: &AppState, subject: String, env: &Envelope, payload: Pay
     let repeated = AtomicBool::new(false);
     let published = (|| state.jobs_commit.publish(subject.clone(), headers.clone(), payload.bytes.clone()))
         .retry(backoff(state))
-        .when(sluice_core::group_commit::retryable)
+        // A racing submit of the same job (an idempotent duplicate on
+        // another ingress) whose publish is being applied: repeated, it is
+        // acknowledged as the duplicate.
+        .when(|e| sluice_core::group_commit::retryable(e) || sluice_core::nats::is_duplicate_in_process(e))
         .notify(|e, _| {
             metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => e.kind().to_string()).increment(1);
             tracing::info!(error = %e, job_id = %env.job_id, "publish failed; retrying");
@@ -170,6 +173,7 @@ pub async fn job_state(state: &AppState, key: &str, value: Bytes) -> Result<(), 
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(500));
     }
+    tracing::warn!(error = %contested, "a job's state stayed contested: the key is taken, but its leader shows no state");
     Err(kv::CreateError::with_source(kv::CreateErrorKind::Publish, contested))
 }
 

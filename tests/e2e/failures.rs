@@ -120,6 +120,31 @@ async fn nats_down_at_the_ingress_gets_503_not_a_hang() {
     assert_eq!(ready.status(), 503);
 }
 
+/// A request that comes while the ingress's NATS connection is down waits
+/// for it to come back (`ingress.reconnect_wait_ms`, 2 s) and is answered:
+/// a NATS node's restart is a pause for the client, not a 503.
+#[tokio::test]
+async fn a_request_while_nats_reconnects_waits_for_it_and_is_answered() {
+    let mut stack = Stack::start().await;
+    assert_eq!(stack.chat(&Stack::chat_body("before")).await.status(), 200);
+    stack.nats.kill().await;
+    // The ingress knows its connection is down (its readiness says so).
+    let ready = format!("{}/readyz", stack.base);
+    wait_for("the ingress to see NATS gone", Duration::from_secs(10), || async {
+        let r = stack.http.get(&ready).send().await.ok()?;
+        (r.status() == 503).then_some(())
+    })
+    .await;
+    let body = Stack::chat_body("during the restart");
+    let request = stack.http.post(format!("{}/v1/chat/completions", stack.base)).bearer_auth(&stack.key).json(&body);
+    let (response, ()) = tokio::join!(request.send(), stack.nats.restart());
+    let response = response.unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("mock reply to: during the restart"), "{text}");
+}
+
 #[tokio::test]
 async fn worker_shutdown_finishes_the_call_in_flight() {
     let mut stack = Stack::start().await;

@@ -93,6 +93,8 @@ impl Drop for TempDir {
 pub struct NatsServer {
     child: Option<Child>,
     pub url: String,
+    /// How it was started, for [`NatsServer::restart`].
+    command: Vec<std::ffi::OsString>,
     violations: Arc<Mutex<Vec<String>>>,
     _dir: TempDir,
 }
@@ -120,10 +122,23 @@ impl NatsServer {
         }
         let text = format!("jetstream {{\n  store_dir: {:?}\n  {jetstream}\n}}\n{top}\n", dir.0.join("js"));
         std::fs::write(&config, text).unwrap();
-        let mut child = Command::new(&bin)
-            .arg("-c")
-            .arg(&config)
-            .args(["-a", "127.0.0.1", "-p", "-1"])
+        let command: Vec<std::ffi::OsString> =
+            [bin.as_str().into(), "-c".into(), config.into_os_string(), "-a".into(), "127.0.0.1".into()].into();
+        let (child, port, violations) = Self::spawn(&command, "-1", env).await;
+        Self { child: Some(child), url: format!("nats://127.0.0.1:{port}"), command, violations, _dir: dir }
+    }
+
+    /// Starts the server of `command` on `port`; returns it with the port it
+    /// listens on and the permission violations it will log.
+    async fn spawn(
+        command: &[std::ffi::OsString],
+        port: &str,
+        env: &[(&str, &str)],
+    ) -> (Child, String, Arc<Mutex<Vec<String>>>) {
+        let bin = command[0].to_string_lossy().into_owned();
+        let mut child = Command::new(&command[0])
+            .args(&command[1..])
+            .args(["-p", port])
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -158,7 +173,16 @@ impl NatsServer {
                 }
             }
         });
-        Self { child: Some(child), url: format!("nats://127.0.0.1:{url}"), violations, _dir: dir }
+        (child, url, violations)
+    }
+
+    /// Starts the server again after [`NatsServer::kill`], on its port and
+    /// with its store (the environment of its first start is not kept).
+    pub async fn restart(&mut self) {
+        let port = self.url.rsplit(':').next().unwrap().to_owned();
+        let (child, _, violations) = Self::spawn(&self.command, &port, &[]).await;
+        self.child = Some(child);
+        self.violations = violations;
     }
 
     /// The permission violations the server has logged so far.

@@ -319,7 +319,7 @@ async fn a_kept_synchronous_request_cancelled_while_queued_is_answered_at_once()
 /// confirmed stores it as the job's state. Here the job names a reply
 /// subject nobody listens on, as an ingress cut off from NATS would.
 #[tokio::test]
-async fn a_synchronous_answer_its_ingress_never_got_is_stored_as_the_jobs_state() {
+async fn a_synchronous_answer_its_ingress_never_got_is_stored_and_sent_again() {
     use sluice_core::wire::envelope::{Class, Endpoint, Envelope};
     let stack = Stack::start().await;
     let tenant = sluice_core::db::ensure_tenant(&stack.db, "acme").await.unwrap();
@@ -357,5 +357,21 @@ async fn a_synchronous_answer_its_ingress_never_got_is_stored_as_the_jobs_state(
     .await;
     let content = job["result"]["choices"][0]["message"]["content"].as_str().unwrap_or_default();
     assert!(content.contains("nobody hears this"), "{job}");
+    // An ingress that was only reconnecting subscribes again: the stored
+    // answer is sent to it once more, marked stored (nothing to confirm).
+    let late = async_nats::connect(&stack.nats.url).await.unwrap();
+    let mut again = late.subscribe(env.reply.clone().unwrap()).await.unwrap();
+    late.flush().await.unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(10), again.next())
+        .await
+        .expect("the stored answer sent again within 10 s")
+        .unwrap();
+    match sluice_core::wire::reply::Reply::decode(message.headers.as_ref(), message.payload).unwrap() {
+        sluice_core::wire::reply::Reply::Answer(answer) => {
+            assert!(answer.stored && !answer.ends_stream, "{answer:?}");
+            assert_eq!(answer.job.job_id, env.job_id);
+        }
+        other => panic!("not an answer: {other:?}"),
+    }
     assert_eq!(stack.mock.requests().await, 1);
 }

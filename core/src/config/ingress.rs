@@ -65,6 +65,10 @@ pub struct IngressConfig {
     /// leader or its acknowledgement is late, before the client gets a 503.
     /// 0: no repeat.
     pub publish_retry_ms: u64,
+    /// How long a synchronous request waits for the ingress's NATS
+    /// connection to come back (a node restarting, the client moving to
+    /// another) before it gets a 503. 0: a 503 at once.
+    pub reconnect_wait_ms: u64,
 }
 
 impl Default for IngressConfig {
@@ -89,6 +93,7 @@ impl Default for IngressConfig {
             stream_chunk_gap_ms: 60_000,
             stream_keepalive_ms: 15_000,
             publish_retry_ms: 10_000,
+            reconnect_wait_ms: 2_000,
         }
     }
 }

@@ -92,7 +92,7 @@ async fn handle(
         return Err(ApiError::new(ErrorCode::Overloaded, "this gateway has too many requests waiting; retry shortly")
             .retry_after(1));
     };
-    if state.nats.connection_state() != async_nats::connection::State::Connected {
+    if !nats_up(state).await {
         return Err(
             ApiError::new(ErrorCode::QueueUnavailable, "the job queue is unreachable; retry shortly").retry_after(1)
         );
@@ -243,4 +243,24 @@ async fn handle(
         h.insert("x-sluice-job-id", v);
     }
     Ok(response)
+}
+
+/// Whether the ingress's NATS connection is up; while it reconnects (its
+/// node restarting, the client moving to another), waited for up to
+/// `ingress.reconnect_wait_ms`, so that a rolling restart of NATS is a short
+/// pause for the client rather than a 503.
+async fn nats_up(state: &AppState) -> bool {
+    let connected = || state.nats.connection_state() == async_nats::connection::State::Connected;
+    if connected() {
+        return true;
+    }
+    metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => "nats_reconnecting").increment(1);
+    let until = tokio::time::Instant::now() + Duration::from_millis(state.config.ingress.reconnect_wait_ms);
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if connected() {
+            return true;
+        }
+    }
+    false
 }

@@ -9,7 +9,7 @@ use tokio::process::Child;
 use uuid::Uuid;
 
 use super::sluice::Place;
-use crate::harness::{TempDir, wait_for};
+use crate::harness::{TempDir, poll_until, wait_for};
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -176,13 +176,21 @@ impl NatsCluster {
     /// Waits until every replica of the stream is current with its leader
     /// (none offline, none lagging): what each then holds is what it keeps.
     pub async fn caught_up(&self, stream: &str) {
+        self.caught_up_within(stream, Duration::from_secs(60)).await;
+    }
+
+    /// [`Self::caught_up`] within `within`; fails with what the replicas
+    /// last said.
+    pub async fn caught_up_within(&self, stream: &str, within: Duration) {
         let client = async_nats::connect(sluice_core::nats::server_addrs(&self.url()).unwrap()).await.unwrap();
         let js = async_nats::jetstream::new(client);
-        wait_for(&format!("every replica of {stream} current"), Duration::from_secs(60), || {
-            let js = js.clone();
+        let last = std::sync::Mutex::new(None);
+        let current = poll_until(within, || {
+            let (js, last) = (js.clone(), &last);
             async move {
                 let info = js.get_stream(stream).await.ok()?.info().await.ok()?.clone();
                 let cluster = info.cluster?;
+                *last.lock().unwrap() = Some(format!("{cluster:?}"));
                 cluster.leader.as_ref()?;
                 (cluster.replicas.len() == 2
                     && cluster.replicas.iter().all(|r| r.current && !r.offline && r.lag.unwrap_or(0) == 0))
@@ -190,6 +198,11 @@ impl NatsCluster {
             }
         })
         .await;
+        assert!(
+            current.is_some(),
+            "not every replica of {stream} current within {within:?}; last seen: {:?}",
+            last.lock().unwrap()
+        );
     }
 
     /// The stream's leader node, when it has one.

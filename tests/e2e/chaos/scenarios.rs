@@ -13,9 +13,11 @@ pub(super) struct Race {
     answers: [Answer; 2],
 }
 
-/// One copy's status, job id, whether it was a replay, and the status of a
-/// `GET` of the job sent right after its 202.
-type Answer = (Option<u16>, Option<String>, Option<bool>, Option<u16>);
+/// One copy's status, job id, whether it was a replay, the status of a
+/// `GET` of the job sent right after its 202, and for a copy not accepted
+/// its error message and how long it took (which of the submit's waits
+/// ran out: the idempotency key's claim, the state's create, the publish).
+type Answer = (Option<u16>, Option<String>, Option<bool>, Option<u16>, Option<String>);
 
 /// 40 idempotent submits, each sent at the same moment to both ingresses.
 pub(super) async fn race_duplicates(bases: &[String], key: &str) -> Vec<Race> {
@@ -24,12 +26,15 @@ pub(super) async fn race_duplicates(bases: &[String], key: &str) -> Vec<Race> {
         let (http, key) = (http.clone(), key.to_owned());
         async move {
             let r = http.post(format!("{base}/v1/jobs")).bearer_auth(&key).header("idempotency-key", idem).json(&body);
+            let sent = Instant::now();
             match r.send().await {
                 Ok(r) => {
                     let status = r.status().as_u16();
                     let replayed = r.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
                     let v: serde_json::Value = r.json().await.unwrap_or_default();
                     let id = v["id"].as_str().map(str::to_owned);
+                    let note = (status != 202)
+                        .then(|| format!("{} after {} ms", v["error"]["message"], sent.elapsed().as_millis()));
                     // Read at once after the 202: a replica that has not
                     // applied the state yet must not make it a 404.
                     let read = match &id {
@@ -39,9 +44,9 @@ pub(super) async fn race_duplicates(bases: &[String], key: &str) -> Vec<Race> {
                         },
                         None => None,
                     };
-                    (Some(status), id, Some(replayed), read)
+                    (Some(status), id, Some(replayed), read, note)
                 }
-                Err(_) => (None, None, None, None),
+                Err(e) => (None, None, None, None, Some(format!("{e} after {} ms", sent.elapsed().as_millis()))),
             }
         }
     };
@@ -73,6 +78,8 @@ pub(super) struct RaceAudit {
     unreadable_after_accept: usize,
     /// The statuses of pairs not both accepted.
     refused: Vec<(Option<u16>, Option<u16>)>,
+    /// What each copy not accepted was told, and when.
+    reasons: Vec<String>,
 }
 
 impl RaceAudit {
@@ -93,14 +100,15 @@ impl std::fmt::Display for RaceAudit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "chaos duplicates racing_pairs={} both_accepted={} different_jobs={} not_exactly_one_first_write={} not_run_once={} get_after_202_not_200={} refused={:?}",
+            "chaos duplicates racing_pairs={} both_accepted={} different_jobs={} not_exactly_one_first_write={} not_run_once={} get_after_202_not_200={} refused={:?} reasons={:?}",
             self.pairs,
             self.accepted,
             self.split,
             self.not_one_first,
             self.not_run_once,
             self.unreadable_after_accept,
-            self.refused
+            self.refused,
+            self.reasons
         )
     }
 }
@@ -115,11 +123,13 @@ pub(super) async fn audit_races(base: &str, key: &str, races: &[Race]) -> RaceAu
         not_run_once: 0,
         unreadable_after_accept: 0,
         refused: Vec::new(),
+        reasons: Vec::new(),
     };
     for race in races {
-        let [(sa, ja, ra, ga), (sb, jb, rb, gb)] = &race.answers;
+        let [(sa, ja, ra, ga, na), (sb, jb, rb, gb, nb)] = &race.answers;
         if *sa != Some(202) || *sb != Some(202) {
             audit.refused.push((*sa, *sb));
+            audit.reasons.extend([na, nb].into_iter().flatten().cloned());
             continue;
         }
         audit.accepted += 1;

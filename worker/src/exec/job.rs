@@ -273,7 +273,16 @@ async fn execute(
                     }
                 }
             } else {
-                state::adopt_detached(ctx, env, attempt, unanswered, status, &outcome).await
+                match with_progress(
+                    ctx,
+                    &message,
+                    state::adopt_detached(ctx, env, attempt, unanswered, status, &outcome),
+                )
+                .await
+                {
+                    None => return Exit::Stayed,
+                    Some(stored) => stored,
+                }
             };
             let answer = Answer {
                 job: JobRef::of(env),
@@ -291,8 +300,22 @@ async fn execute(
                 // ingress gone), the answer is stored as the job's state,
                 // where the job id of the 504 the client gets finds it.
                 let confirm = !stored && !env.stream && env.confirm;
-                if !reply(ctx, subject, &answer, confirm).await && confirm {
-                    state::store_sync(ctx, env, attempt, unanswered, status, &answer.outcome, true).await;
+                // (stored while the job is kept in progress: the store is
+                // repeated while the bucket elects a leader)
+                let stored_now = if !reply(ctx, subject, &answer, confirm).await && confirm {
+                    let store = state::store_sync(ctx, env, attempt, unanswered, status, &answer.outcome, true);
+                    match with_progress(ctx, &message, store).await {
+                        None => return Exit::Stayed,
+                        Some(stored) => stored,
+                    }
+                } else {
+                    false
+                };
+                if stored_now {
+                    // Its ingress may only have been reconnecting (a NATS
+                    // node restarting): the answer goes out again, as
+                    // stored, for a request that still waits.
+                    resend_later(ctx, subject.clone(), Answer { stored: true, ..answer.clone() });
                 }
             }
             tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "answer published");
@@ -339,6 +362,27 @@ async fn reply(ctx: &JobContext, subject: &str, answer: &Answer, confirm: bool) 
         }
     }
 }
+
+/// Publishes an answer already stored as its job's state again after each
+/// of [`RESEND_AFTER`], unconfirmed: a request still waiting takes it (its
+/// ingress was reconnecting when the answer first came), and an ingress
+/// without a waiter for it drops it, since it is stored.
+fn resend_later(ctx: &JobContext, subject: String, answer: Answer) {
+    let nats = ctx.nats.clone();
+    ctx.tasks.spawn(async move {
+        for pause in RESEND_AFTER {
+            tokio::time::sleep(pause).await;
+            let (headers, payload) = answer.encode();
+            if let Err(error) = nats.publish_with_headers(subject.clone(), headers, payload).await {
+                tracing::debug!(%error, "could not send a stored answer again");
+            }
+        }
+    });
+}
+
+/// When a stored, unconfirmed answer is sent again (after the first 2 s
+/// wait for its confirmation): 1 s and 3 s later.
+const RESEND_AFTER: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(2)];
 
 /// How long a worker waits for its ingress to confirm a synchronous answer
 /// before it stores the answer as the job's state.

@@ -13,7 +13,10 @@
 //! job's). [`adopt`] stores such a job's outcome from the worker, so
 //! `GET /v1/jobs/{id}` finds it whatever became of the ingress.
 
+use std::time::Duration;
+
 use async_nats::jetstream::kv;
+use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use sluice_core::event::JobStatus;
 use sluice_core::group_commit::{GroupCommit, expect_revision};
@@ -260,6 +263,9 @@ pub(crate) async fn adopt_detached(
     store_sync(ctx, env, attempt, unanswered, status, outcome, wait_over).await
 }
 
+/// How long a worker repeats storing an outcome it alone holds.
+const STORE_SYNC_FOR: Duration = Duration::from_secs(30);
+
 /// Stores a synchronous job's outcome as its state ([`state::adopt`]; with
 /// `create`, also when the job has none), counted and logged. Called with
 /// `create` when the ingress's wait is over, or when the ingress did not
@@ -275,7 +281,19 @@ pub(crate) async fn store_sync(
     outcome: &Outcome,
     create: bool,
 ) -> bool {
-    match adopt(&ctx.job_state, &ctx.state_commit, env, attempt, unanswered, status, outcome, create).await {
+    // The only copy of the answer: repeated while the bucket has no leader
+    // (an election, a partition), for up to `STORE_SYNC_FOR`.
+    let stored = (|| adopt(&ctx.job_state, &ctx.state_commit, env, attempt, unanswered, status, outcome, create))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(2))
+                .with_total_delay(Some(STORE_SYNC_FOR))
+                .without_max_times(),
+        )
+        .notify(|error, _| tracing::info!(%error, "storing a synchronous job's outcome failed; retrying"))
+        .await;
+    match stored {
         Ok(stored) => {
             if stored {
                 metrics::counter!(m::SYNC_OUTCOMES_STORED, "result" => "stored").increment(1);
