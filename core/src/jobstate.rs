@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::event::JobStatus;
+use crate::event::{JobStatus, Usage};
 use crate::wire::reply::{JobRef, Outcome};
 use crate::wire::stored::StoredBody;
 
@@ -69,6 +69,21 @@ pub struct JobRecord {
     /// from this whether it holds its own write. Not shown to clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<String>,
+    /// What the ledger is told of the run that ended the job and the state
+    /// alone does not say (the provider's status, the tokens it reported):
+    /// a redelivery of a job whose terminal event could not be recorded
+    /// records it again from here. Not shown to clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<LedgerNote>,
+}
+
+/// See [`JobRecord::ledger`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LedgerNote {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<i32>,
+    #[serde(default)]
+    pub usage: Usage,
 }
 
 /// A new random claim for a job's first state.
@@ -115,6 +130,7 @@ impl JobRecord {
             object.remove("started_ms");
             object.remove("created_ms");
             object.remove("finished_ms");
+            object.remove("ledger");
             if let Some(stored) = object.remove("result_ref") {
                 object.insert("result_bytes".into(), stored["size"].clone());
             }
@@ -152,6 +168,7 @@ impl JobRecord {
             request_hash: None,
             unanswered_calls: 0,
             claim: None,
+            ledger: None,
         }
     }
 
@@ -272,7 +289,9 @@ mod tests {
         r.webhook = Some(WebhookTarget { url: "https://example.com/h".into(), secret: "whsec_x".into() });
         r.request_hash = Some("abc".into());
         r.claim = Some(new_claim());
+        r.ledger = Some(LedgerNote { upstream_status: Some(200), ..Default::default() });
         let v = r.public();
+        assert!(v.get("ledger").is_none(), "the ledger's note is not the API's");
         assert_eq!(v["status"], "queued");
         assert!(v.get("request_hash").is_none());
         assert!(v.get("claim").is_none());

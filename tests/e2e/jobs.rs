@@ -26,6 +26,10 @@ async fn a_submitted_job_is_visible_at_once_and_completes_with_the_result() {
     assert!(done["started_at"].as_u64().is_some() && done["finished_at"].as_u64().is_some());
     let row = stack.ledger_row(id.parse().unwrap(), "completed").await;
     assert_eq!(row.attempts, 1);
+    // The ledger knows what it cost, whichever of its two sources (the
+    // job's state, its terminal event) wrote the completed row first.
+    let tokens = done["result"]["usage"]["prompt_tokens"].as_i64().map(|t| t as i32);
+    assert_eq!((row.prompt_tokens, row.upstream_status), (tokens, Some(200)), "{row:?}");
 }
 
 #[tokio::test]

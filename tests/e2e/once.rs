@@ -181,6 +181,70 @@ async fn a_job_whose_state_was_lost_still_ends_with_a_terminal_event() {
     assert_eq!(stack.mock.requests().await, 0, "nothing could record its result, so it was not run");
 }
 
+/// A job whose outcome is stored while its message is still queued (the
+/// run that ended it stored its state, then could not record its terminal
+/// event: the events stream was electing a leader, as when its node is cut
+/// off; or the run died in between): the redelivery does not run it again
+/// and does not drop it either, it records the event from the state, with
+/// the provider's status and usage, so the ledger row ends `completed`.
+#[tokio::test]
+async fn a_job_ended_without_its_event_is_recorded_from_its_state_by_the_redelivery() {
+    let mut stack = Stack::start().await;
+    stack.worker.take().unwrap().shutdown().await;
+    let job: serde_json::Value =
+        stack.submit_job(&stack.key, &Stack::job_body("ended, event lost"), None).await.json().await.unwrap();
+    let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    let tenant = sluice_core::db::ensure_tenant(&stack.db, "acme").await.unwrap();
+    let nats = async_nats::connect(&stack.nats.url).await.unwrap();
+    let kv = async_nats::jetstream::new(nats).get_key_value("JOB_STATE").await.unwrap();
+    // The state as the run left it: completed, with the answer and the
+    // ledger's note of the call.
+    let key = jobstate::key(tenant, id);
+    let mut record: JobRecord = serde_json::from_slice(&kv.get(&key).await.unwrap().unwrap()).unwrap();
+    record.status = JobStatus::Completed;
+    record.attempts = 1;
+    record.started_ms = Some(sluice_core::now_ms());
+    record.finished_ms = record.started_ms;
+    record.finished_at = record.started_ms.map(|ms| ms / 1000);
+    let answer = r#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"stored before the event was lost"},"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":11,"total_tokens":18}}"#;
+    record.result = Some(serde_json::value::RawValue::from_string(answer.into()).unwrap());
+    record.ledger = Some(jobstate::LedgerNote {
+        upstream_status: Some(200),
+        usage: sluice_core::event::Usage {
+            prompt_tokens: Some(7),
+            completion_tokens: Some(11),
+            total_tokens: Some(18),
+        },
+    });
+    kv.put(&key, serde_json::to_vec(&record).unwrap().into()).await.unwrap();
+
+    stack.worker = Some(WorkerHandle::start(stack.config.clone()).await);
+    let row = stack.ledger_row(id, "completed").await;
+    assert_eq!((row.prompt_tokens, row.completion_tokens, row.upstream_status), (Some(7), Some(11), Some(200)));
+    assert_eq!(row.attempts, 1, "the attempt that ran it, not the redelivery");
+    assert_eq!(stack.mock.requests().await, 0, "a job with its outcome is not run again");
+    let got: serde_json::Value = stack
+        .http
+        .get(format!("{}/v1/jobs/{id}", stack.base))
+        .bearer_auth(&stack.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["result"]["choices"][0]["message"]["content"], "stored before the event was lost", "{got}");
+    assert!(got.get("ledger").is_none(), "the ledger's note is not shown: {got}");
+    // The job-state loop of the ledger saw the completed state too; the
+    // event recorded from it is what the ledger has when that loop is the
+    // one held up (its consumer led by a node still catching up). (The
+    // worker runs in this process: its metrics are on the ingress's page.)
+    wait_for("the terminal event recorded from the state", Duration::from_secs(10), || async {
+        (stack.ingress_metric("sluice_worker_events_recorded_again_total").await >= 1.0).then_some(())
+    })
+    .await;
+}
+
 /// The same past its deadline: the job ends `expired`, not `failed`.
 #[tokio::test]
 async fn a_job_whose_state_was_lost_past_its_deadline_ends_expired() {

@@ -105,12 +105,23 @@ impl NatsCluster {
             .arg("-sd")
             .arg(&node.store)
             .args(["--cluster", &format!("nats://{host}:{}", node.cport), "--routes", &routes.join(",")])
+            .args(Self::log_args(&format!("{}-{}", node.name, node.port)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
         self.nodes[i].child = Some(child);
+    }
+
+    /// With `SLUICE_TEST_NATS_LOGS=<dir>`, each node writes its log there
+    /// (`<dir>/<node>-<client port>.log`, appended across restarts): what to
+    /// read when a chaos run fails.
+    fn log_args(name: &str) -> Vec<String> {
+        match std::env::var("SLUICE_TEST_NATS_LOGS") {
+            Ok(dir) => vec!["-l".into(), format!("{dir}/{name}.log")],
+            Err(_) => Vec::new(),
+        }
     }
 
     /// The URL of one node alone (a client of it sees what that node sees).
@@ -203,6 +214,23 @@ impl NatsCluster {
             "not every replica of {stream} current within {within:?}; last seen: {:?}",
             last.lock().unwrap()
         );
+    }
+
+    /// The streams (key-value buckets and object stores among them) whose
+    /// leader is the node `name`.
+    pub async fn streams_led_by(&self, name: &str) -> Vec<String> {
+        use futures::TryStreamExt;
+        let client = async_nats::connect(sluice_core::nats::server_addrs(&self.url()).unwrap()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let streams: Vec<String> = js.stream_names().try_collect().await.unwrap();
+        let mut led = Vec::new();
+        for stream in streams {
+            if self.leader_of(&stream).await.as_deref() == Some(name) {
+                led.push(stream);
+            }
+        }
+        led.sort();
+        led
     }
 
     /// The stream's leader node, when it has one.

@@ -252,6 +252,28 @@ async fn audit(
         .await
         .unwrap();
         println!("{scenario}: not completed {reasons:?}");
+        // What the stored state says of the jobs not terminal in the ledger
+        // (a state loop behind, or a job stuck in its queue), a few of them.
+        let stuck: Vec<(Uuid, bool)> = sqlx::query_as(
+            "SELECT id, false FROM jobs WHERE id = ANY($1) AND status NOT IN ('completed', 'failed', 'expired', 'cancelled') LIMIT 5",
+        )
+        .bind(&ids)
+        .fetch_all(db)
+        .await
+        .unwrap();
+        let http = http_client();
+        for (id, _) in stuck {
+            let sync = took.iter().any(|o| o.job == Some(id) && o.sync);
+            let state = match http.get(format!("{base}/v1/jobs/{id}")).bearer_auth(key).send().await {
+                Ok(r) => format!(
+                    "{} {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default().chars().take(160).collect::<String>()
+                ),
+                Err(e) => e.to_string(),
+            };
+            println!("{scenario}: stuck job {id} sync={sync} state: {state}");
+        }
     }
     let double_terminal: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT job_id FROM webhook_deliveries WHERE job_id = ANY($1)

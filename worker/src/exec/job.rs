@@ -20,6 +20,7 @@ use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use sluice_core::error::{ApiError, ErrorCode};
 use sluice_core::event::{JobEvent, JobStatus, Usage};
+use sluice_core::jobstate::{JobRecord, LedgerNote};
 use sluice_core::now_ms;
 use sluice_core::wire::envelope::Envelope;
 use sluice_core::wire::reply::{Answer, JobRef};
@@ -170,6 +171,7 @@ async fn execute(
             Ok(Begin::Skip(JobStatus::Cancelled)) => {
                 return conclude(ctx, message, env, JobStatus::Cancelled, attempt).await;
             }
+            Ok(Begin::Done(record)) => return record_again(ctx, message, env, *record).await,
             Ok(Begin::Skip(status)) => {
                 tracing::info!(status = status.as_str(), "job already handled elsewhere; message dropped");
                 return dropped(message.ack().await);
@@ -263,6 +265,7 @@ async fn execute(
             // nothing, and a kept job's waiter finds its state written.
             let stored = if let Some((mut record, revision)) = record {
                 record.unanswered_calls = unanswered;
+                record.ledger = Some(LedgerNote { upstream_status: event.upstream_status, usage: event.usage.clone() });
                 match state::finish(&ctx.job_state, &ctx.state_commit, env, record, revision, status, &outcome).await {
                     Ok(state::Finish::Stored) => true,
                     Ok(state::Finish::Lost) => return lost(ctx, &outcome),
@@ -319,8 +322,7 @@ async fn execute(
                 }
             }
             tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "answer published");
-            if !ctx.events.record(event).await {
-                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            if !recorded(ctx, &message, event).await {
                 return Exit::Stayed;
             }
             let acked = message.ack().await;
@@ -442,11 +444,55 @@ async fn state_lost(
         event.error_code = Some(ErrorCode::Internal.as_str().to_owned());
         event.error_message = Some("the job's stored state was gone when a worker took it; the job was not run".into());
     }
-    if !ctx.events.record(event).await {
-        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+    if !recorded(ctx, &message, event).await {
         return Exit::Stayed;
     }
     dropped(message.ack_with(AckKind::Term).await)
+}
+
+/// A job whose outcome is stored while its message is still queued
+/// ([`Begin::Done`]): the run that ended it could not record its terminal
+/// event (the events stream was electing a leader), or its ack was lost,
+/// or it died in between. The event is recorded again from the state (the
+/// ledger keeps one row per job), and the message leaves the queue with the
+/// counts that run did not release.
+async fn record_again(ctx: &JobContext, message: jetstream::Message, env: &Envelope, record: JobRecord) -> Exit {
+    metrics::counter!(m::EVENTS_RECORDED_AGAIN).increment(1);
+    tracing::info!(status = record.status.as_str(), "the job has ended; its terminal event is recorded from its state");
+    let note = record.ledger.clone().unwrap_or_default();
+    let tokens = note.usage.total_tokens.map(|t| t.max(0) as u64);
+    let mut event = JobEvent::from_envelope(env, record.status, i32::try_from(record.attempts).unwrap_or(i32::MAX));
+    event.upstream_status = note.upstream_status;
+    event.usage = note.usage;
+    if let Some(error) = &record.error {
+        event.error_code = Some(error.code.clone());
+        event.error_message = Some(error.message.clone());
+    }
+    event.started_ms = record.started_ms;
+    event.finished_ms = record.finished_ms;
+    event.metadata = record.metadata.as_ref().and_then(|m| serde_json::to_string(m).ok());
+    event.expires_ms = Some(record.expires_at * 1000);
+    event.unanswered_calls = i32::try_from(record.unanswered_calls).unwrap_or(i32::MAX);
+    if !recorded(ctx, &message, event).await {
+        return Exit::Stayed;
+    }
+    left(message.ack().await, tokens, record.status != JobStatus::Completed)
+}
+
+/// Records the job's event while telling JetStream the job is in progress
+/// (the publish is repeated through an election of the events stream's
+/// leader, which outlasts `ack_wait`). Not recorded, the job goes back to
+/// the queue for a second; its redelivery records the event from the
+/// stored state ([`record_again`]) or, for a job without one, runs again.
+async fn recorded(ctx: &JobContext, message: &jetstream::Message, event: JobEvent) -> bool {
+    match with_progress(ctx, message, ctx.events.record(event)).await {
+        Some(true) => true,
+        Some(false) => {
+            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            false
+        }
+        None => false,
+    }
 }
 
 /// Records a job that ends without a call (cancelled, expired) and acks it.
@@ -459,8 +505,7 @@ async fn conclude(
 ) -> Exit {
     let mut event = JobEvent::from_envelope(env, status, attempt as i32);
     event.finished_ms = Some(now_ms());
-    if !ctx.events.record(event).await {
-        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+    if !recorded(ctx, &message, event).await {
         return Exit::Stayed;
     }
     // A synchronous job kept from its submit may be waited for: its client

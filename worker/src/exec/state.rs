@@ -36,9 +36,14 @@ pub enum Begin {
     Run(Box<JobRecord>, u64),
     /// Its deadline passed while it was queued: now `expired`.
     Expired,
-    /// Someone else decided: cancelled, finished, or a duplicate message of a
-    /// job another delivery runs.
+    /// Someone else decided: cancelled, or a duplicate message of a job
+    /// another delivery runs.
     Skip(JobStatus),
+    /// The job has its outcome (completed, failed or expired) and its message
+    /// is still queued: the run that stored the outcome could not record its
+    /// terminal event or ack, or died first. The event is recorded again from
+    /// this state (the ledger keeps one row per job).
+    Done(Box<JobRecord>),
     /// No state (retention passed, or the submit was taken back).
     Missing,
     /// A state that does not decode: it never will, so the job cannot run
@@ -89,6 +94,7 @@ pub async fn begin(
             JobStatus::Queued => {}
             // A redelivery after a worker died mid-call: carry on.
             JobStatus::InProgress if attempt > 1 && !expired => {}
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Expired => return Ok(Begin::Done(Box::new(record))),
             other => return Ok(Begin::Skip(other)),
         }
         let now_ms = now_ms();

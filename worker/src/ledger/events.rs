@@ -19,6 +19,9 @@ use crate::metrics as m;
 const MAX_BATCH: usize = 128;
 /// Longest the first event of a batch waits for company.
 const LINGER: Duration = Duration::from_millis(2);
+/// How long a batch's publish is repeated before its jobs go back to the
+/// queue (their redeliveries record the events from the jobs' states).
+const PUBLISH_FOR: Duration = Duration::from_secs(15);
 
 type Pending = (JobEvent, oneshot::Sender<bool>);
 
@@ -90,11 +93,14 @@ async fn publish(js: &async_nats::jetstream::Context, events: &[JobEvent]) -> bo
         headers.insert(H_MSG_ID, msg_id.as_str());
         js.publish_with_headers(subject.clone(), headers, payload.clone()).await?.await
     };
+    // For up to PUBLISH_FOR: through an election of the events stream's
+    // leader (about ten seconds when a node is cut off), not just a blip.
     let policy = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
         .with_max_delay(Duration::from_secs(2))
         .with_jitter()
-        .with_max_times(5);
+        .with_total_delay(Some(PUBLISH_FOR))
+        .without_max_times();
     match attempt.retry(policy).await {
         Ok(_) => true,
         Err(error) => {

@@ -70,6 +70,9 @@ pub fn decode_events(message: &Message) -> Result<Vec<JobEvent>, DecodeError> {
 pub fn decode_state(message: &Message) -> Result<Vec<JobEvent>, DecodeError> {
     let Some((tenant, record)) = parse_state(message)? else { return Ok(Vec::new()) };
     let job = record.id;
+    // (the run's own account, when it ended the job: a completed row is
+    // final, so the state's row must carry the tokens if it comes first)
+    let note = record.ledger.unwrap_or_default();
     Ok(vec![JobEvent {
         job_id: job,
         tenant_id: tenant,
@@ -77,8 +80,8 @@ pub fn decode_state(message: &Message) -> Result<Vec<JobEvent>, DecodeError> {
         endpoint: record.endpoint,
         status: record.status,
         attempts: record.attempts as i32,
-        upstream_status: None,
-        usage: Default::default(),
+        upstream_status: note.upstream_status,
+        usage: note.usage,
         error_code: record.error.as_ref().map(|e| e.code.clone()),
         error_message: record.error.as_ref().map(|e| e.message.clone()),
         request_id: String::new(),
