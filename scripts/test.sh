@@ -28,5 +28,10 @@ export SLUICE_TEST_PG="postgres://sluice@127.0.0.1:$PG_PORT/postgres"
 export SLUICE_NATS_SERVER="$NATS_SERVER"
 export SLUICE_TEST_PYTHON="$VENV/bin/python"
 
+# CI keeps only the head and tail of this output: a failing test's
+# backtrace would push its own message out of the tail
+# (SLUICE_TEST_BACKTRACE=1 ./scripts/test.sh brings backtraces back).
+export RUST_BACKTRACE="${SLUICE_TEST_BACKTRACE:-0}"
+
 log "cargo test"
 cargo test --workspace --locked "$@"

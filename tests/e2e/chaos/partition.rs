@@ -187,6 +187,11 @@ async fn chaos_a_partition_that_cuts_the_stream_leader_off_loses_and_duplicates_
         .filter(|o| o.base == side_b && o.sent > fault_at + elected_after && o.sent < healed_at && !accepted(o))
         .map(|o| (o.sync, o.status, (o.sent - fault_at).as_millis(), (o.done - o.sent).as_millis()))
         .collect();
+    // The same by kind, for the figures line: (sync, status) → count.
+    let mut b_refusals = std::collections::BTreeMap::new();
+    for (sync, status, _, _) in &b_refused {
+        *b_refusals.entry((*sync, *status)).or_insert(0usize) += 1;
+    }
     let ids: Vec<uuid::Uuid> = outcomes.iter().filter(|o| accepted(o)).filter_map(|o| o.job).collect();
     let run_again: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE id = ANY($1) AND attempts > 1")
         .bind(&ids)
@@ -194,7 +199,7 @@ async fn chaos_a_partition_that_cuts_the_stream_leader_off_loses_and_duplicates_
         .await
         .unwrap();
     println!(
-        "chaos partition new_leader={elected} led_by_n0_elected_ms=[{}] elected_after_ms={} cut_ms={} rejoined_after_heal_ms={} while_cut(accepted/sent, slowest_ms) side_a(n0 alone)={a_ok}/{a_all},{a_slowest} side_b(n1+n2)={b_ok}/{b_all},{b_slowest} jobs_delivered_again={run_again} upstream_calls={}",
+        "chaos partition new_leader={elected} led_by_n0_elected_ms=[{}] elected_after_ms={} cut_ms={} rejoined_after_heal_ms={} while_cut(accepted/sent, slowest_ms) side_a(n0 alone)={a_ok}/{a_all},{a_slowest} side_b(n1+n2)={b_ok}/{b_all},{b_slowest} side_b_refused(sync,status)={b_refusals:?} jobs_delivered_again={run_again} upstream_calls={}",
         elections.join(" "),
         elected_after.as_millis(),
         (healed_at - fault_at).as_millis(),
