@@ -75,6 +75,14 @@ pub struct JobRecord {
     /// records it again from here. Not shown to clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ledger: Option<LedgerNote>,
+    /// The `JOBS` stream sequence of the message whose run set the job
+    /// `in_progress`. A delivery of that same message carries the run on
+    /// whatever its delivery count says (a consumer's new leader may deliver
+    /// a message again as if for the first time); a delivery of another
+    /// message of the job (a repeated publish) is a duplicate. Not shown to
+    /// clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_seq: Option<u64>,
 }
 
 /// See [`JobRecord::ledger`].
@@ -131,6 +139,7 @@ impl JobRecord {
             object.remove("created_ms");
             object.remove("finished_ms");
             object.remove("ledger");
+            object.remove("message_seq");
             if let Some(stored) = object.remove("result_ref") {
                 object.insert("result_bytes".into(), stored["size"].clone());
             }
@@ -169,6 +178,7 @@ impl JobRecord {
             unanswered_calls: 0,
             claim: None,
             ledger: None,
+            message_seq: None,
         }
     }
 
@@ -290,8 +300,10 @@ mod tests {
         r.request_hash = Some("abc".into());
         r.claim = Some(new_claim());
         r.ledger = Some(LedgerNote { upstream_status: Some(200), ..Default::default() });
+        r.message_seq = Some(42);
         let v = r.public();
         assert!(v.get("ledger").is_none(), "the ledger's note is not the API's");
+        assert!(v.get("message_seq").is_none(), "the queue's sequence is the worker's, not the API's");
         assert_eq!(v["status"], "queued");
         assert!(v.get("request_hash").is_none());
         assert!(v.get("claim").is_none());

@@ -245,6 +245,82 @@ async fn a_job_ended_without_its_event_is_recorded_from_its_state_by_the_redeliv
     .await;
 }
 
+/// Queues a job while no worker runs and leaves its state as a run of
+/// delivery 1 left it when its worker went away: `in_progress`, naming the
+/// message it ran (the job's own, or, with `own` false, another).
+async fn left_in_progress(stack: &Stack, body: &serde_json::Value, own: bool) -> (uuid::Uuid, serde_json::Value) {
+    let tenant = sluice_core::db::ensure_tenant(&stack.db, "acme").await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(&stack.nats.url).await.unwrap());
+    let kv = js.get_key_value("JOB_STATE").await.unwrap();
+    let mut jobs = js.get_stream(&stack.config.nats.jobs_stream).await.unwrap();
+    let job: serde_json::Value = stack.submit_job(&stack.key, body, None).await.json().await.unwrap();
+    let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    let seq = jobs.info().await.unwrap().state.last_sequence;
+    let message = jobs.get_raw_message(seq).await.unwrap();
+    let named = message.headers.get("Nats-Msg-Id").map(|v| v.to_string());
+    assert_eq!(named.as_deref(), Some(id.to_string().as_str()), "the stream's last message is this job's");
+    let key = jobstate::key(tenant, id);
+    let mut record: JobRecord = serde_json::from_slice(&kv.get(&key).await.unwrap().unwrap()).unwrap();
+    record.status = JobStatus::InProgress;
+    record.attempts = 1;
+    record.started_ms = Some(sluice_core::now_ms());
+    record.started_at = record.started_ms.map(|ms| ms / 1000);
+    record.message_seq = Some(if own { seq } else { seq + 1_000_000 });
+    kv.put(&key, serde_json::to_vec(&record).unwrap().into()).await.unwrap();
+    (id, job)
+}
+
+/// A consumer whose leader changed may deliver a message again with a
+/// delivery count of 1 (the deliveries its old leader made were not yet
+/// replicated). Such a delivery of the message whose run left its job
+/// `in_progress` carries the run on; a delivery of another message of the
+/// same job (a repeated publish) is dropped as the duplicate it is.
+#[tokio::test]
+async fn a_job_left_in_progress_is_carried_on_by_its_own_message_whatever_its_delivery_count() {
+    let mut stack = Stack::start().await;
+    stack.worker.take().unwrap().shutdown().await;
+    let (own, _) = left_in_progress(&stack, &Stack::job_body("its own message"), true).await;
+    let (_, _) = left_in_progress(&stack, &Stack::job_body("another message"), false).await;
+
+    stack.worker = Some(WorkerHandle::start(stack.config.clone()).await);
+    let row = stack.ledger_row(own, "completed").await;
+    assert_eq!(row.attempts, 1, "the message's first delivery as this consumer counts it");
+    let got: serde_json::Value = stack
+        .http
+        .get(format!("{}/v1/jobs/{own}", stack.base))
+        .bearer_auth(&stack.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["status"], "completed", "{got}");
+    assert!(got.get("message_seq").is_none(), "the queue's sequence is not shown: {got}");
+    // The second job's message is not the one that runs it: dropped, not run.
+    wait_for("the duplicate message dropped", Duration::from_secs(10), || async {
+        (stack.ingress_metric("sluice_worker_duplicate_messages_dropped_total").await >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(stack.mock.requests().await, 1, "the carried-on run called once; the duplicate never");
+}
+
+/// The same once the job's deadline has passed: it ends `expired` (it
+/// stayed `in_progress` for ever when such a redelivery was dropped).
+#[tokio::test]
+async fn a_job_left_in_progress_past_its_deadline_ends_expired() {
+    let mut stack = Stack::start().await;
+    stack.worker.take().unwrap().shutdown().await;
+    let mut body = Stack::job_body("in progress, then too late");
+    body["expires_in"] = serde_json::json!(1);
+    let (id, job) = left_in_progress(&stack, &body, true).await;
+    wait_past_deadline(&job).await;
+    stack.worker = Some(WorkerHandle::start(stack.config.clone()).await);
+    let row = stack.ledger_row(id, "expired").await;
+    assert_eq!(row.error_code, None);
+    assert_eq!(stack.mock.requests().await, 0);
+}
+
 /// The same past its deadline: the job ends `expired`, not `failed`.
 #[tokio::test]
 async fn a_job_whose_state_was_lost_past_its_deadline_ends_expired() {

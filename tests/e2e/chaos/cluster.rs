@@ -233,6 +233,35 @@ impl NatsCluster {
         led
     }
 
+    /// One line per consumer of `stream`: its leader and what it holds
+    /// (pending, awaiting acknowledgement, redelivered), as seen through
+    /// every node; printed when an audit finds jobs stuck.
+    pub async fn consumers_report(&self, stream: &str) -> Vec<String> {
+        use futures::StreamExt;
+        let Ok(client) = async_nats::connect(sluice_core::nats::server_addrs(&self.url()).unwrap()).await else {
+            return vec![format!("{stream}: no connection")];
+        };
+        let js = async_nats::jetstream::new(client);
+        let Ok(s) = js.get_stream(stream).await else { return vec![format!("{stream}: no stream info")] };
+        let mut lines = Vec::new();
+        let mut infos = s.consumers();
+        while let Some(info) = infos.next().await {
+            match info {
+                Ok(c) => lines.push(format!(
+                    "{stream}/{} leader={:?} pending={} ack_pending={} redelivered={} waiting={}",
+                    c.name,
+                    c.cluster.as_ref().and_then(|c| c.leader.clone()),
+                    c.num_pending,
+                    c.num_ack_pending,
+                    c.num_redelivered,
+                    c.num_waiting
+                )),
+                Err(e) => lines.push(format!("{stream}: {e}")),
+            }
+        }
+        lines
+    }
+
     /// The stream's leader node, when it has one.
     pub async fn leader_of(&self, stream: &str) -> Option<String> {
         Self::leader_at(&self.url(), stream).await

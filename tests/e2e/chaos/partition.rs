@@ -170,6 +170,29 @@ async fn chaos_a_partition_that_cuts_the_stream_leader_off_loses_and_duplicates_
         nats.caught_up_within(stream, Duration::from_secs(180)).await;
     }
     let rejoined = healed_at.elapsed();
+    // Jobs the audit counted lost that reached the ledger by the time every
+    // replica was current: late, not gone (printed, still a failure).
+    let accepted_ids: Vec<uuid::Uuid> = outcomes.iter().filter(|o| accepted(o)).filter_map(|o| o.job).collect();
+    if row.lost > 0 {
+        let still: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status IN ('completed', 'failed', 'expired', 'cancelled')",
+        )
+        .bind(&accepted_ids)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        println!(
+            "chaos partition: {} of the {} lost were terminal in the ledger {} ms after the heal",
+            row.lost as i64 - (accepted_ids.len() as i64 - still),
+            row.lost,
+            healed_at.elapsed().as_millis()
+        );
+        for stream in ["JOBS", "EVENTS", "KV_JOB_STATE"] {
+            for line in nats.consumers_report(stream).await {
+                println!("chaos partition: {line}");
+            }
+        }
+    }
     // Requests sent while the cut held, once the majority had its leader:
     // accepted, sent, and the longest wait, per side.
     let during = |base: &str| {
@@ -192,9 +215,8 @@ async fn chaos_a_partition_that_cuts_the_stream_leader_off_loses_and_duplicates_
     for (sync, status, _, _) in &b_refused {
         *b_refusals.entry((*sync, *status)).or_insert(0usize) += 1;
     }
-    let ids: Vec<uuid::Uuid> = outcomes.iter().filter(|o| accepted(o)).filter_map(|o| o.job).collect();
     let run_again: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE id = ANY($1) AND attempts > 1")
-        .bind(&ids)
+        .bind(&accepted_ids)
         .fetch_one(&db)
         .await
         .unwrap();

@@ -165,7 +165,8 @@ async fn execute(
     // `in_progress` on a redelivery), never once cancelled.
     let mut record = None;
     if env.reply.is_none() || env.kept {
-        match state::begin(&ctx.job_state, &ctx.state_commit, env, attempt, remaining.is_zero()).await {
+        let delivery = state::Delivery { attempt, seq: message.info().ok().map(|i| i.stream_sequence) };
+        match state::begin(&ctx.job_state, &ctx.state_commit, env, delivery, remaining.is_zero()).await {
             Ok(Begin::Run(r, revision)) => record = Some((*r, revision)),
             Ok(Begin::Expired) => return conclude(ctx, message, env, JobStatus::Expired, attempt).await,
             Ok(Begin::Skip(JobStatus::Cancelled)) => {
@@ -173,6 +174,7 @@ async fn execute(
             }
             Ok(Begin::Done(record)) => return record_again(ctx, message, env, *record).await,
             Ok(Begin::Skip(status)) => {
+                metrics::counter!(m::DUPLICATES_DROPPED, "status" => status.as_str()).increment(1);
                 tracing::info!(status = status.as_str(), "job already handled elsewhere; message dropped");
                 return dropped(message.ack().await);
             }

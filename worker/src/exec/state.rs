@@ -34,7 +34,8 @@ pub enum Begin {
     /// The job is now `in_progress`, owned by this delivery as long as its
     /// state keeps this revision.
     Run(Box<JobRecord>, u64),
-    /// Its deadline passed while it was queued: now `expired`.
+    /// Its deadline passed while it was queued, or before a redelivery
+    /// could carry its run on: now `expired`.
     Expired,
     /// Someone else decided: cancelled, or a duplicate message of a job
     /// another delivery runs.
@@ -77,7 +78,7 @@ pub async fn begin(
     store: &kv::Store,
     commit: &GroupCommit,
     env: &Envelope,
-    attempt: u32,
+    delivery: Delivery,
     expired: bool,
 ) -> Result<Begin, StateError> {
     let key = jobstate::key(env.tenant, env.job_id);
@@ -92,24 +93,27 @@ pub async fn begin(
         };
         match record.status {
             JobStatus::Queued => {}
-            // A redelivery after a worker died mid-call: carry on.
-            JobStatus::InProgress if attempt > 1 && !expired => {}
+            // This message's run began and did not end (its worker died or
+            // stalled, or its acknowledgement was lost): carry on.
+            JobStatus::InProgress if delivery.continues(record.message_seq) => {}
             JobStatus::Completed | JobStatus::Failed | JobStatus::Expired => return Ok(Begin::Done(Box::new(record))),
             other => return Ok(Begin::Skip(other)),
         }
         let now_ms = now_ms();
         let now = now_ms / 1000;
-        let next = if expired && record.status == JobStatus::Queued {
+        // Past its deadline the job ends `expired`, whether it waited in the
+        // queue or its run was cut short by a worker that is gone.
+        let next = if expired {
             record.status = JobStatus::Expired;
             record.finished_at = Some(now);
+            record.finished_ms = Some(now_ms);
             Begin::Expired
-        } else if expired {
-            return Ok(Begin::Skip(JobStatus::InProgress));
         } else {
             record.status = JobStatus::InProgress;
             record.started_at.get_or_insert(now);
             record.started_ms.get_or_insert(now_ms);
-            record.attempts = attempt;
+            record.attempts = delivery.attempt;
+            record.message_seq = delivery.seq;
             Begin::Run(Box::new(record.clone()), 0)
         };
         let value = serde_json::to_vec(&record).map_err(err)?;
@@ -125,6 +129,33 @@ pub async fn begin(
         }
     }
     Err(StateError("the job's state kept changing".into()))
+}
+
+/// Which delivery of which job message a run is.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery {
+    /// The delivery count JetStream reports (1 for the first).
+    pub attempt: u32,
+    /// The message's sequence in the `JOBS` stream.
+    pub seq: Option<u64>,
+}
+
+impl Delivery {
+    /// Whether a job left `in_progress` by the run of message `began` is
+    /// this delivery's to carry on. The same message: yes, whatever the
+    /// delivery count says — a consumer whose leader changed may deliver a
+    /// message again with a count of 1 (its deliveries were not yet
+    /// replicated), and a run that skipped it as a duplicate would leave the
+    /// job `in_progress` for ever. Another message of the same job (a
+    /// publish repeated past the stream's duplicate window): no. A state
+    /// written before the sequence was kept says nothing, and the delivery
+    /// count decides as it did then.
+    pub fn continues(&self, began: Option<u64>) -> bool {
+        match (began, self.seq) {
+            (Some(began), Some(seq)) => began == seq,
+            _ => self.attempt > 1,
+        }
+    }
 }
 
 /// Replaces a state that does not decode with a failed one, so that
@@ -313,5 +344,23 @@ pub(crate) async fn store_sync(
             tracing::warn!(%error, "cannot store the outcome of a synchronous job whose client may have left");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Delivery;
+
+    #[test]
+    fn a_run_is_carried_on_by_its_own_message_only() {
+        let own = |attempt, seq| Delivery { attempt, seq: Some(seq) };
+        assert!(own(1, 7).continues(Some(7)), "a count of 1 after a consumer's leader changed");
+        assert!(own(3, 7).continues(Some(7)));
+        assert!(!own(1, 8).continues(Some(7)), "another message of the job is a duplicate");
+        assert!(!own(2, 8).continues(Some(7)), "redelivered or not");
+        // A state written before the sequence was kept: the count decides.
+        assert!(own(2, 8).continues(None));
+        assert!(!own(1, 8).continues(None));
+        assert!(Delivery { attempt: 2, seq: None }.continues(Some(7)));
     }
 }
