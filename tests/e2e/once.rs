@@ -181,6 +181,41 @@ async fn a_job_whose_state_was_lost_still_ends_with_a_terminal_event() {
     assert_eq!(stack.mock.requests().await, 0, "nothing could record its result, so it was not run");
 }
 
+/// A job whose state is not found at all (no write of its key, not even the
+/// tombstone a submit taken back leaves) while it cannot have expired: the
+/// read came too early (a node rejoining after a partition answers from a
+/// store it is still rebuilding). The job is handed back and read again,
+/// and runs once its state is there, instead of ending as lost.
+#[tokio::test]
+async fn a_job_whose_state_is_not_found_yet_is_read_again_and_runs() {
+    let mut stack = Stack::start().await;
+    stack.worker.take().unwrap().shutdown().await;
+    let job: serde_json::Value =
+        stack.submit_job(&stack.key, &Stack::job_body("read too early"), None).await.json().await.unwrap();
+    let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    let tenant = sluice_core::db::ensure_tenant(&stack.db, "acme").await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(&stack.nats.url).await.unwrap());
+    let kv = js.get_key_value("JOB_STATE").await.unwrap();
+    let key = jobstate::key(tenant, id);
+    let state = kv.get(&key).await.unwrap().unwrap();
+    // Every write of the key removed, without a tombstone.
+    let bucket = js.get_stream("KV_JOB_STATE").await.unwrap();
+    bucket.purge().filter(format!("$KV.JOB_STATE.{key}")).await.unwrap();
+    assert!(kv.entry(&key).await.unwrap().is_none());
+
+    stack.worker = Some(WorkerHandle::start(stack.config.clone()).await);
+    wait_for("the worker to find no state and hand the job back", Duration::from_secs(10), || async {
+        (stack.ingress_metric("sluice_worker_job_state_not_found_total").await >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(stack.mock.requests().await, 0, "not run without its state");
+    // The state arrives (the replica caught up): the job runs.
+    kv.put(&key, state).await.unwrap();
+    let row = stack.ledger_row(id, "completed").await;
+    assert_eq!(row.error_code, None);
+    assert_eq!(stack.mock.requests().await, 1);
+}
+
 /// A job whose outcome is stored while its message is still queued (the
 /// run that ended it stored its state, then could not record its terminal
 /// event: the events stream was electing a leader, as when its node is cut

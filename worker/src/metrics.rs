@@ -32,6 +32,7 @@ pub const ANSWER_BUDGET_WAITS: &str = "sluice_worker_answer_budget_waits_total";
 pub const RUNS_LOST: &str = "sluice_worker_runs_lost_total";
 pub const EVENTS_RECORDED_AGAIN: &str = "sluice_worker_events_recorded_again_total";
 pub const DUPLICATES_DROPPED: &str = "sluice_worker_duplicate_messages_dropped_total";
+pub const STATE_NOT_FOUND: &str = "sluice_worker_job_state_not_found_total";
 pub const UNANSWERED_CALLS: &str = "sluice_worker_unanswered_calls_total";
 pub const SYNC_OUTCOMES_STORED: &str = "sluice_worker_sync_outcomes_stored_total";
 
@@ -104,6 +105,10 @@ pub fn describe() {
     metrics::describe_counter!(
         DUPLICATES_DROPPED,
         "job messages dropped without a run because another message of the same job (a publish repeated past the duplicate window) runs it, by the job's status then"
+    );
+    metrics::describe_counter!(
+        STATE_NOT_FOUND,
+        "asynchronous jobs whose state was not found while it could not have expired, handed back to be read again"
     );
     metrics::describe_counter!(POISON, "job messages that could not be decoded and were terminated");
     metrics::describe_counter!(EVENT_PUBLISH_FAILURES, "job events that could not be published to the events stream");

@@ -156,6 +156,7 @@ impl Worker {
             pools: pools.with_budgets(Shared { counters: counters.clone(), counts: counts.clone() }),
             max_attempts: w.max_attempts,
             max_unanswered_repeats: config.upstream.max_unanswered_repeats,
+            state_read_grace: crate::exec::job::STATE_READ_GRACE.min(ms(config.jobs.retention_ms)),
             ack_wait: ms(w.ack_wait_ms),
             retry_min: ms(w.retry_min_delay_ms),
             retry_max: ms(w.retry_max_delay_ms),

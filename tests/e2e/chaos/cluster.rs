@@ -262,6 +262,37 @@ impl NatsCluster {
         lines
     }
 
+    /// Every revision of `key` in the key-value bucket `bucket`, as the
+    /// cluster has it now: sequence, operation, and the job state's status
+    /// and attempts. Printed for jobs whose state a worker found missing.
+    pub async fn key_history(&self, bucket: &str, key: &str) -> Vec<String> {
+        use futures::StreamExt;
+        let Ok(client) = async_nats::connect(sluice_core::nats::server_addrs(&self.url()).unwrap()).await else {
+            return vec!["no connection".into()];
+        };
+        let Ok(kv) = async_nats::jetstream::new(client).get_key_value(bucket).await else {
+            return vec![format!("no bucket {bucket}")];
+        };
+        let Ok(mut entries) = kv.history(key).await else { return vec!["no history".into()] };
+        let mut lines = Vec::new();
+        while let Ok(Some(Ok(entry))) = tokio::time::timeout(Duration::from_secs(2), entries.next()).await {
+            let state: serde_json::Value = serde_json::from_slice(&entry.value).unwrap_or_default();
+            lines.push(format!(
+                "rev={} op={:?} status={} attempts={} message_seq={} at={}",
+                entry.revision,
+                entry.operation,
+                state["status"],
+                state["attempts"],
+                state["message_seq"],
+                entry.created
+            ));
+        }
+        if lines.is_empty() {
+            lines.push("no revisions".into());
+        }
+        lines
+    }
+
     /// The stream's leader node, when it has one.
     pub async fn leader_of(&self, stream: &str) -> Option<String> {
         Self::leader_at(&self.url(), stream).await

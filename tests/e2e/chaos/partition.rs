@@ -193,6 +193,28 @@ async fn chaos_a_partition_that_cuts_the_stream_leader_off_loses_and_duplicates_
             }
         }
     }
+    // Accepted jobs a worker found without a state (failed, internal_error):
+    // what the bucket holds of them now, for a few.
+    if row.failed.iter().any(|(reason, _)| reason == "internal_error") {
+        let missing: Vec<(uuid::Uuid, uuid::Uuid, Option<String>)> = sqlx::query_as(
+            "SELECT id, tenant_id, error_message FROM jobs WHERE id = ANY($1) AND error_code = 'internal_error' LIMIT 5",
+        )
+        .bind(&accepted_ids)
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        for (id, tenant, message) in missing {
+            let sync = outcomes.iter().any(|o| o.job == Some(id) && o.sync);
+            let side = outcomes.iter().find(|o| o.job == Some(id)).map(|o| if o.base == side_a { "A" } else { "B" });
+            let sent = outcomes.iter().find(|o| o.job == Some(id)).map(|o| o.sent.saturating_duration_since(fault_at));
+            println!(
+                "chaos partition: job {id} sync={sync} side={side:?} sent_after_fault={sent:?} failed: {message:?}"
+            );
+            for line in nats.key_history("JOB_STATE", &sluice_core::jobstate::key(tenant, id)).await {
+                println!("chaos partition:   {line}");
+            }
+        }
+    }
     // Requests sent while the cut held, once the majority had its leader:
     // accepted, sent, and the longest wait, per side.
     let during = |base: &str| {

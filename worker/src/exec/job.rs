@@ -59,6 +59,11 @@ pub struct JobContext {
     pub max_attempts: u32,
     /// `upstream.max_unanswered_repeats`.
     pub max_unanswered_repeats: u32,
+    /// How long after its submit a job whose state cannot be found is taken
+    /// to be reading a replica that lags, and handed back, before it is
+    /// ended as lost: the smaller of [`STATE_READ_GRACE`] and
+    /// `jobs.retention_ms` (past which a state may have expired for real).
+    pub state_read_grace: Duration,
     pub ack_wait: Duration,
     pub retry_min: Duration,
     pub retry_max: Duration,
@@ -67,6 +72,9 @@ pub struct JobContext {
     /// Every task the worker starts; shutdown waits for them.
     pub tasks: sluice_core::tasks::Tasks,
 }
+
+/// See [`JobContext::state_read_grace`].
+pub const STATE_READ_GRACE: Duration = Duration::from_secs(600);
 
 /// How a job's message ended up.
 enum Exit {
@@ -189,6 +197,21 @@ async fn execute(
                 return conclude(ctx, message, env, JobStatus::Failed, attempt).await;
             }
             Ok(Begin::Missing) => return state_lost(ctx, message, env, attempt, remaining.is_zero()).await,
+            // The state is written before the job is published, and taking a
+            // submit back leaves a tombstone (`Missing`): a state not found at
+            // all, while it cannot have expired, is a read that came too early
+            // (a node rejoining after a partition answers from a store it is
+            // still rebuilding). Handed back, and read again.
+            Ok(Begin::NotFound)
+                if !remaining.is_zero()
+                    && started_ms < env.submitted_ms.saturating_add(ctx.state_read_grace.as_millis() as u64) =>
+            {
+                metrics::counter!(m::STATE_NOT_FOUND).increment(1);
+                tracing::warn!("asynchronous job whose state was not found; handed back to be read again in 5 s");
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
+                return Exit::Stayed;
+            }
+            Ok(Begin::NotFound) => return state_lost(ctx, message, env, attempt, remaining.is_zero()).await,
             Err(error) => {
                 tracing::warn!(%error, "cannot read the job's state; retrying in 1 s");
                 let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;

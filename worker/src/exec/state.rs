@@ -45,8 +45,11 @@ pub enum Begin {
     /// terminal event or ack, or died first. The event is recorded again from
     /// this state (the ledger keeps one row per job).
     Done(Box<JobRecord>),
-    /// No state (retention passed, or the submit was taken back).
+    /// The submit was taken back (a tombstone where its state was).
     Missing,
+    /// No write of the key at all: its retention passed, or the read was
+    /// answered by a replica that does not have it yet.
+    NotFound,
     /// A state that does not decode: it never will, so the job cannot run
     /// (it is failed instead of being handed back forever).
     Unreadable(String),
@@ -84,8 +87,10 @@ pub async fn begin(
     let key = jobstate::key(env.tenant, env.job_id);
     let subject = kv_key(store, &key);
     for _ in 0..3 {
-        let Some(Found { revision, value: Some(value) }) = last_write(store, &key).await? else {
-            return Ok(Begin::Missing);
+        let (revision, value) = match last_write(store, &key).await? {
+            Some(Found { revision, value: Some(value) }) => (revision, value),
+            Some(Found { value: None, .. }) => return Ok(Begin::Missing),
+            None => return Ok(Begin::NotFound),
         };
         let mut record: JobRecord = match serde_json::from_slice(&value) {
             Ok(record) => record,
