@@ -236,6 +236,19 @@ pub fn is_duplicate_in_process(e: &jetstream::context::PublishError) -> bool {
     error_code(e) == Some(jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT)
 }
 
+/// Whether a publish was refused for a moment, not for good (the client
+/// library reports both as `Other`): 10063, "expected stream sequence does
+/// not match", which a stream leader answers as it resets its log after a
+/// leader change, and 10167, "too many requests", a leader whose inbound
+/// queue is full. Either is repeated within `ingress.publish_retry_ms`; a
+/// job's publish carries its `Nats-Msg-Id`, so a repeat is stored once.
+pub fn is_transient_refusal(e: &jetstream::context::PublishError) -> bool {
+    matches!(
+        error_code(e),
+        Some(jetstream::ErrorCode::STREAM_SEQUENCE_NOT_MATCH | jetstream::ErrorCode::STREAM_TOO_MANY_REQUESTS)
+    )
+}
+
 /// Whether a publish failed because the stream is at its limits (its
 /// `max_msgs` or `max_bytes`, or the server's storage): JetStream's error
 /// code 10077, "stream store failed".
@@ -254,4 +267,30 @@ fn error_code(e: &jetstream::context::PublishError) -> Option<jetstream::ErrorCo
         source = s.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+
+    /// A publish refused by the server with JetStream error `code`, as the
+    /// client library hands it over (kind `Other`, the API error as source).
+    fn refused(code: u64) -> PublishError {
+        let api: jetstream::Error =
+            serde_json::from_value(serde_json::json!({"code": 503, "err_code": code, "description": "refused"}))
+                .unwrap();
+        PublishError::with_source(PublishErrorKind::Other, api)
+    }
+
+    #[test]
+    fn refusals_are_told_apart_by_their_code() {
+        assert!(is_transient_refusal(&refused(10063)), "a leader resetting its log");
+        assert!(is_transient_refusal(&refused(10167)), "a full inbound queue");
+        assert!(!is_transient_refusal(&refused(10077)), "a full stream is not repeated");
+        assert!(is_storage_full(&refused(10077)));
+        assert!(is_duplicate_in_process(&refused(10158)));
+        assert!(!is_transient_refusal(&refused(10158)));
+        assert!(!is_transient_refusal(&PublishError::new(PublishErrorKind::Other)), "no code, no repeat");
+    }
 }

@@ -70,10 +70,16 @@ pub async fn job(state: &AppState, subject: String, env: &Envelope, payload: Pay
     let repeated = AtomicBool::new(false);
     let published = (|| state.jobs_commit.publish(subject.clone(), headers.clone(), payload.bytes.clone()))
         .retry(backoff(state))
-        // A racing submit of the same job (an idempotent duplicate on
-        // another ingress) whose publish is being applied: repeated, it is
-        // acknowledged as the duplicate.
-        .when(|e| sluice_core::group_commit::retryable(e) || sluice_core::nats::is_duplicate_in_process(e))
+        // No leader, a lost acknowledgement, a leader resetting its log
+        // after an election or with a full inbound queue: repeated. A racing
+        // submit of the same job (an idempotent duplicate on another ingress)
+        // whose publish is being applied: repeated, it is acknowledged as
+        // the duplicate.
+        .when(|e| {
+            sluice_core::group_commit::retryable(e)
+                || sluice_core::nats::is_duplicate_in_process(e)
+                || sluice_core::nats::is_transient_refusal(e)
+        })
         .notify(|e, _| {
             metrics::counter!(crate::metrics::PUBLISH_RETRIES, "reason" => e.kind().to_string()).increment(1);
             tracing::info!(error = %e, job_id = %env.job_id, "publish failed; retrying");
