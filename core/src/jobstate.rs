@@ -83,6 +83,13 @@ pub struct JobRecord {
     /// clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_seq: Option<u64>,
+    /// JetStream's delivery count for the delivery that began the latest
+    /// run. `attempts` counts runs begun; this counts how often the message
+    /// was handed out, which a job handed back without running (its state
+    /// not found yet, a worker stopping) raises and a consumer's new leader
+    /// may restart at 1. Not shown to clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliveries: Option<u32>,
 }
 
 /// See [`JobRecord::ledger`].
@@ -140,6 +147,7 @@ impl JobRecord {
             object.remove("finished_ms");
             object.remove("ledger");
             object.remove("message_seq");
+            object.remove("deliveries");
             if let Some(stored) = object.remove("result_ref") {
                 object.insert("result_bytes".into(), stored["size"].clone());
             }
@@ -179,6 +187,7 @@ impl JobRecord {
             claim: None,
             ledger: None,
             message_seq: None,
+            deliveries: None,
         }
     }
 

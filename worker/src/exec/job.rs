@@ -154,7 +154,7 @@ async fn execute(
     ctx: &JobContext,
     message: jetstream::Message,
     env: &Envelope,
-    attempt: u32,
+    mut attempt: u32,
     tenant: &str,
     lease: Option<Lease>,
 ) -> Exit {
@@ -175,7 +175,13 @@ async fn execute(
     if env.reply.is_none() || env.kept {
         let delivery = state::Delivery { attempt, seq: message.info().ok().map(|i| i.stream_sequence) };
         match state::begin(&ctx.job_state, &ctx.state_commit, env, delivery, remaining.is_zero()).await {
-            Ok(Begin::Run(r, revision)) => record = Some((*r, revision)),
+            Ok(Begin::Run(r, revision)) => {
+                // The run's number is the state's count of runs begun: a job
+                // handed back without running (its state not found yet) does
+                // not use up `worker.max_attempts`.
+                attempt = r.attempts;
+                record = Some((*r, revision));
+            }
             Ok(Begin::Expired) => return conclude(ctx, message, env, JobStatus::Expired, attempt).await,
             Ok(Begin::Skip(JobStatus::Cancelled)) => {
                 return conclude(ctx, message, env, JobStatus::Cancelled, attempt).await;

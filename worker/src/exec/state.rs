@@ -117,7 +117,11 @@ pub async fn begin(
             record.status = JobStatus::InProgress;
             record.started_at.get_or_insert(now);
             record.started_ms.get_or_insert(now_ms);
-            record.attempts = delivery.attempt;
+            // Runs begun, this one included: JetStream's delivery count also
+            // counts deliveries handed back without a run, and may start
+            // again at 1 after a consumer's leader changes.
+            record.attempts = record.attempts.saturating_add(1);
+            record.deliveries = Some(delivery.attempt);
             record.message_seq = delivery.seq;
             Begin::Run(Box::new(record.clone()), 0)
         };
