@@ -534,6 +534,13 @@ async fn a_synchronous_answer_its_ingress_never_got_is_stored_and_sent_again() {
     .await;
     let content = job["result"]["choices"][0]["message"]["content"].as_str().unwrap_or_default();
     assert!(content.contains("nobody hears this"), "{job}");
+    // The stored state carries the call's tokens for the ledger, which may
+    // read it before the run's event (and keeps the first terminal row).
+    let kv = js.get_key_value("JOB_STATE").await.unwrap();
+    let stored: sluice_core::jobstate::JobRecord =
+        serde_json::from_slice(&kv.get(jobstate::key(tenant, env.job_id)).await.unwrap().unwrap()).unwrap();
+    let note = stored.ledger.expect("the ledger's note is stored with the outcome");
+    assert!(note.usage.prompt_tokens.is_some() && note.upstream_status == Some(200), "{note:?}");
     // An ingress that was only reconnecting subscribes again: the stored
     // answer is sent to it once more, marked stored (nothing to confirm).
     let late = async_nats::connect(&stack.nats.url).await.unwrap();

@@ -292,11 +292,16 @@ async fn execute(
                 event.metadata = record.metadata.as_ref().and_then(|m| serde_json::to_string(m).ok());
                 event.expires_ms = Some(record.expires_at * 1000);
             }
+            let ran = state::Ran {
+                attempt,
+                unanswered,
+                ledger: LedgerNote { upstream_status: event.upstream_status, usage: event.usage.clone() },
+            };
             // The state first, then the answer: a run that lost its job says
             // nothing, and a kept job's waiter finds its state written.
             let stored = if let Some((mut record, revision)) = record {
                 record.unanswered_calls = unanswered;
-                record.ledger = Some(LedgerNote { upstream_status: event.upstream_status, usage: event.usage.clone() });
+                record.ledger = Some(ran.ledger.clone());
                 match state::finish(&ctx.job_state, &ctx.state_commit, env, record, revision, status, &outcome).await {
                     Ok(state::Finish::Stored) => true,
                     Ok(state::Finish::Lost) => return lost(ctx, &outcome),
@@ -307,13 +312,7 @@ async fn execute(
                     }
                 }
             } else {
-                match with_progress(
-                    ctx,
-                    &message,
-                    state::adopt_detached(ctx, env, attempt, unanswered, status, &outcome),
-                )
-                .await
-                {
+                match with_progress(ctx, &message, state::adopt_detached(ctx, env, &ran, status, &outcome)).await {
                     None => return Exit::Stayed,
                     Some(stored) => stored,
                 }
@@ -337,7 +336,7 @@ async fn execute(
                 // (stored while the job is kept in progress: the store is
                 // repeated while the bucket elects a leader)
                 let stored_now = if !reply(ctx, subject, &answer, confirm).await && confirm {
-                    let store = state::store_sync(ctx, env, attempt, unanswered, status, &answer.outcome, true);
+                    let store = state::store_sync(ctx, env, &ran, status, &answer.outcome, true);
                     match with_progress(ctx, &message, store).await {
                         None => return Exit::Stayed,
                         Some(stored) => stored,

@@ -244,8 +244,7 @@ pub async fn adopt(
     store: &kv::Store,
     commit: &GroupCommit,
     env: &Envelope,
-    attempt: u32,
-    unanswered: u32,
+    ran: &Ran,
     status: JobStatus,
     outcome: &Outcome,
     create: bool,
@@ -263,8 +262,11 @@ pub async fn adopt(
             other if create => (JobRecord::of_job(&JobRef::of(env)), other.map_or(0, |f| f.revision)),
             _ => return Ok(false),
         };
-        record.attempts = attempt;
-        record.unanswered_calls = unanswered;
+        record.attempts = ran.attempt;
+        record.unanswered_calls = ran.unanswered;
+        // The ledger may read this state before the run's event: it carries
+        // the call's tokens and status too, as an asynchronous job's does.
+        record.ledger = Some(ran.ledger.clone());
         record.conclude(status, outcome, now_ms() / 1000);
         let value = serde_json::to_vec(&record).map_err(err)?;
         match commit.publish(subject.clone(), expect_revision(revision), Bytes::from(value)).await {
@@ -293,8 +295,7 @@ const WAIT_CLOCK_MARGIN_MS: u64 = 2_000;
 pub(crate) async fn adopt_detached(
     ctx: &JobContext,
     env: &Envelope,
-    attempt: u32,
-    unanswered: u32,
+    ran: &Ran,
     status: JobStatus,
     outcome: &Outcome,
 ) -> bool {
@@ -306,7 +307,15 @@ pub(crate) async fn adopt_detached(
     if !wait_over && now.saturating_sub(env.submitted_ms) < ADOPT_CHECK_AFTER_MS {
         return false;
     }
-    store_sync(ctx, env, attempt, unanswered, status, outcome, wait_over).await
+    store_sync(ctx, env, ran, status, outcome, wait_over).await
+}
+
+/// What a run stores with a synchronous job's outcome besides the outcome:
+/// its attempt, its unanswered calls, and the ledger's note of the call.
+pub struct Ran {
+    pub attempt: u32,
+    pub unanswered: u32,
+    pub ledger: jobstate::LedgerNote,
 }
 
 /// How long a worker repeats storing an outcome it alone holds.
@@ -321,15 +330,14 @@ const STORE_SYNC_FOR: Duration = Duration::from_secs(30);
 pub(crate) async fn store_sync(
     ctx: &JobContext,
     env: &Envelope,
-    attempt: u32,
-    unanswered: u32,
+    ran: &Ran,
     status: JobStatus,
     outcome: &Outcome,
     create: bool,
 ) -> bool {
     // The only copy of the answer: repeated while the bucket has no leader
     // (an election, a partition), for up to `STORE_SYNC_FOR`.
-    let stored = (|| adopt(&ctx.job_state, &ctx.state_commit, env, attempt, unanswered, status, outcome, create))
+    let stored = (|| adopt(&ctx.job_state, &ctx.state_commit, env, ran, status, outcome, create))
         .retry(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(200))
