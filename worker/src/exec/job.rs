@@ -302,10 +302,13 @@ async fn execute(
             let stored = if let Some((mut record, revision)) = record {
                 record.unanswered_calls = unanswered;
                 record.ledger = Some(ran.ledger.clone());
-                match state::finish(&ctx.job_state, &ctx.state_commit, env, record, revision, status, &outcome).await {
-                    Ok(state::Finish::Stored) => true,
-                    Ok(state::Finish::Lost) => return lost(ctx, &outcome),
-                    Err(e) => {
+                let finish =
+                    state::finish_repeated(&ctx.job_state, &ctx.state_commit, env, &record, revision, status, &outcome);
+                match with_progress(ctx, &message, finish).await {
+                    None => return Exit::Stayed,
+                    Some(Ok(state::Finish::Stored)) => true,
+                    Some(Ok(state::Finish::Lost)) => return lost(ctx, &outcome),
+                    Some(Err(e)) => {
                         tracing::warn!(error = %e, "cannot store the job's outcome; retrying in 1 s");
                         let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                         return Exit::Stayed;

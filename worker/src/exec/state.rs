@@ -199,6 +199,35 @@ pub enum Finish {
 
 /// Stores the outcome (the provider's answer, or the error), if the state is
 /// still at `revision`, the one this run's `begin` wrote.
+/// How long a run repeats storing its outcome while the write fails.
+const FINISH_FOR: Duration = Duration::from_secs(15);
+
+/// [`finish`], repeated while the write fails (the bucket electing a leader,
+/// a lost acknowledgement — a repeat of a write that landed finds it as this
+/// run's own) for up to [`FINISH_FOR`]: a job handed back for a failed write
+/// is run again, and its provider called (and paid) again. The caller keeps
+/// the job's delivery alive meanwhile.
+pub async fn finish_repeated(
+    store: &kv::Store,
+    commit: &GroupCommit,
+    env: &Envelope,
+    record: &JobRecord,
+    revision: u64,
+    status: JobStatus,
+    outcome: &Outcome,
+) -> Result<Finish, StateError> {
+    (|| finish(store, commit, env, record.clone(), revision, status, outcome))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(2))
+                .with_total_delay(Some(FINISH_FOR))
+                .without_max_times(),
+        )
+        .notify(|error, _| tracing::info!(%error, "storing the job's outcome failed; retrying"))
+        .await
+}
+
 pub async fn finish(
     store: &kv::Store,
     commit: &GroupCommit,
