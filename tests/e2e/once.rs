@@ -260,16 +260,7 @@ async fn a_job_ended_without_its_event_is_recorded_from_its_state_by_the_redeliv
     assert_eq!((row.prompt_tokens, row.completion_tokens, row.upstream_status), (Some(7), Some(11), Some(200)));
     assert_eq!(row.attempts, 1, "the attempt that ran it, not the redelivery");
     assert_eq!(stack.mock.requests().await, 0, "a job with its outcome is not run again");
-    let got: serde_json::Value = stack
-        .http
-        .get(format!("{}/v1/jobs/{id}", stack.base))
-        .bearer_auth(&stack.key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: serde_json::Value = stack.get_job(&stack.key, &id.to_string()).await.json().await.unwrap();
     assert_eq!(got["result"]["choices"][0]["message"]["content"], "stored before the event was lost", "{got}");
     assert!(got.get("ledger").is_none(), "the ledger's note is not shown: {got}");
     // The job-state loop of the ledger saw the completed state too; the
@@ -317,21 +308,12 @@ async fn a_job_left_in_progress_is_carried_on_by_its_own_message_whatever_its_de
     let mut stack = Stack::start().await;
     stack.worker.take().unwrap().shutdown().await;
     let (own, _) = left_in_progress(&stack, &Stack::job_body("its own message"), true).await;
-    let (_, _) = left_in_progress(&stack, &Stack::job_body("another message"), false).await;
+    left_in_progress(&stack, &Stack::job_body("another message"), false).await;
 
     stack.worker = Some(WorkerHandle::start(stack.config.clone()).await);
     let row = stack.ledger_row(own, "completed").await;
     assert_eq!(row.attempts, 2, "the run cut short, and the one that carried it on");
-    let got: serde_json::Value = stack
-        .http
-        .get(format!("{}/v1/jobs/{own}", stack.base))
-        .bearer_auth(&stack.key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: serde_json::Value = stack.get_job(&stack.key, &own.to_string()).await.json().await.unwrap();
     assert_eq!(got["status"], "completed", "{got}");
     assert!(got.get("message_seq").is_none(), "the queue's sequence is not shown: {got}");
     // The second job's message is not the one that runs it: dropped, not run.

@@ -110,13 +110,17 @@ pub async fn run(ctx: Arc<JobContext>, message: jetstream::Message, lease: Optio
             return None;
         }
     };
-    let attempt = message.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+    let delivery = match message.info() {
+        Ok(info) => state::Delivery { attempt: info.delivered.max(1) as u32, seq: Some(info.stream_sequence) },
+        Err(_) => state::Delivery { attempt: 1, seq: None },
+    };
+    let attempt = delivery.attempt;
     let span = tracing::info_span!(
         "job", job_id = %env.job_id, tenant = %env.tenant, pool = %env.pool, attempt,
         request_id = %env.request_id, traceparent = env.traceparent.as_deref().unwrap_or("")
     );
     let tenant = ctx.tenants.get(env.tenant).name.clone();
-    match execute(&ctx, message, &env, attempt, &tenant, lease).instrument(span).await {
+    match execute(&ctx, message, &env, delivery, &tenant, lease).instrument(span).await {
         Exit::Stayed => None,
         Exit::Left { tokens, refund, ran } => {
             release(&ctx, &env, tokens, refund);
@@ -154,10 +158,11 @@ async fn execute(
     ctx: &JobContext,
     message: jetstream::Message,
     env: &Envelope,
-    mut attempt: u32,
+    delivery: state::Delivery,
     tenant: &str,
     lease: Option<Lease>,
 ) -> Exit {
+    let mut attempt = delivery.attempt;
     let started = Instant::now();
     let started_ms = now_ms();
     if attempt == 1 {
@@ -173,7 +178,6 @@ async fn execute(
     // `in_progress` on a redelivery), never once cancelled.
     let mut record = None;
     if env.reply.is_none() || env.kept {
-        let delivery = state::Delivery { attempt, seq: message.info().ok().map(|i| i.stream_sequence) };
         match state::begin(&ctx.job_state, &ctx.state_commit, env, delivery, remaining.is_zero()).await {
             Ok(Begin::Run(r, revision)) => {
                 // The run's number is the state's count of runs begun: a job

@@ -199,6 +199,17 @@ pub enum Finish {
 
 /// Stores the outcome (the provider's answer, or the error), if the state is
 /// still at `revision`, the one this run's `begin` wrote.
+/// The backoff of a state write a run must not give up on at the first
+/// failure (the bucket electing a leader): from 200 ms to 2 s between tries,
+/// for up to `total`.
+fn repeated_for(total: Duration) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(2))
+        .with_total_delay(Some(total))
+        .without_max_times()
+}
+
 /// How long a run repeats storing its outcome while the write fails.
 const FINISH_FOR: Duration = Duration::from_secs(15);
 
@@ -217,13 +228,7 @@ pub async fn finish_repeated(
     outcome: &Outcome,
 ) -> Result<Finish, StateError> {
     (|| finish(store, commit, env, record.clone(), revision, status, outcome))
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(2))
-                .with_total_delay(Some(FINISH_FOR))
-                .without_max_times(),
-        )
+        .retry(repeated_for(FINISH_FOR))
         .notify(|error, _| tracing::info!(%error, "storing the job's outcome failed; retrying"))
         .await
 }
@@ -367,13 +372,7 @@ pub(crate) async fn store_sync(
     // The only copy of the answer: repeated while the bucket has no leader
     // (an election, a partition), for up to `STORE_SYNC_FOR`.
     let stored = (|| adopt(&ctx.job_state, &ctx.state_commit, env, ran, status, outcome, create))
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(2))
-                .with_total_delay(Some(STORE_SYNC_FOR))
-                .without_max_times(),
-        )
+        .retry(repeated_for(STORE_SYNC_FOR))
         .notify(|error, _| tracing::info!(%error, "storing a synchronous job's outcome failed; retrying"))
         .await;
     match stored {
